@@ -1,0 +1,38 @@
+"""Sessions: tests (the default CI run), lint, typecheck, bench."""
+
+from __future__ import annotations
+
+import nox
+
+nox.options.sessions = ["tests"]
+nox.options.reuse_existing_virtualenvs = True
+nox.options.error_on_missing_interpreters = False
+
+PYTHON = ["3.11", "3.12", "3.13"]
+
+
+@nox.session(python=False)
+def tests(session: nox.Session) -> None:
+    """The default suite, in the interpreter nox runs on (as CI does)."""
+    session.run("python", "-m", "pip", "install", "-q", "-e", ".[test]", external=True)
+    session.run("python", "-m", "pytest", *session.posargs, external=True)
+
+
+@nox.session(python=PYTHON)
+def tests_matrix(session: nox.Session) -> None:
+    """The suite on every supported Python found on the machine."""
+    session.install("-e", ".[test]")
+    session.run("pytest", *session.posargs)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    session.install("ruff")
+    session.run("ruff", "check", "trio_drain", "tests", "noxfile.py")
+    session.run("ruff", "format", "--check", "--diff", "trio_drain", "tests", success_codes=[0, 1])
+
+
+@nox.session
+def typecheck(session: nox.Session) -> None:
+    session.install("-e", ".[test]", "mypy")
+    session.run("mypy")

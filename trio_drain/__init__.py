@@ -1,0 +1,38 @@
+"""trio-drain: durable message delivery from a local outbox to brokers, for Trio.
+
+    async with trio_drain.open_outbox("outbox.db") as outbox:
+        await outbox.accept(trio_drain.SendRequest(mesh="alpha", target_spec="*", payload=b"hi"))
+"""
+
+from ._config import DrainConfig as DrainConfig
+from ._errors import BrokerError as BrokerError
+from ._errors import BrokerUnavailable as BrokerUnavailable
+from ._errors import ConfigError as ConfigError
+from ._errors import CorruptDatabase as CorruptDatabase
+from ._errors import HandshakeError as HandshakeError
+from ._errors import InvalidRequest as InvalidRequest
+from ._errors import InvalidTransition as InvalidTransition
+from ._errors import SchemaError as SchemaError
+from ._errors import StoreClosed as StoreClosed
+from ._errors import StoreError as StoreError
+from ._errors import StoreUnavailable as StoreUnavailable
+from ._errors import TrioDrainError as TrioDrainError
+from ._errors import UnknownRow as UnknownRow
+from ._fingerprint import canonical_json as canonical_json
+from ._fingerprint import request_fingerprint as request_fingerprint
+from ._model import AcceptOutcome as AcceptOutcome
+from ._model import OutboxRow as OutboxRow
+from ._model import OutcomeKind as OutcomeKind
+from ._model import Priority as Priority
+from ._model import SendRequest as SendRequest
+from ._model import Status as Status
+from ._outbox import Outbox as Outbox
+from ._outbox import open_outbox as open_outbox
+from ._routing import Broker as Broker
+from ._routing import BrokerRegistry as BrokerRegistry
+from ._routing import OutgoingMessage as OutgoingMessage
+from ._routing import SendResult as SendResult
+from ._version import __version__ as __version__
+from ._worker import DrainWorker as DrainWorker
+from ._worker import RouteStatistics as RouteStatistics
+from ._worker import WorkerStatistics as WorkerStatistics

@@ -1,0 +1,97 @@
+"""DrainConfig: the worker's tunables, in seconds as floats."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import attrs
+
+from ._errors import ConfigError
+from ._lifecycle import RetryPolicy
+
+
+def _positive(instance: object, attribute: attrs.Attribute[Any], value: float) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"{attribute.name} must be a positive number, got {value!r}")
+
+
+def _positive_int(instance: object, attribute: attrs.Attribute[Any], value: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"{attribute.name} must be a positive integer, got {value!r}")
+
+
+@attrs.frozen(kw_only=True)
+class DrainConfig:
+    """How a `DrainWorker` schedules, retries and bounds its work.
+
+    Attributes:
+        max_inflight: sends outstanding at once (a `trio.CapacityLimiter`).
+        batch_size: most rows claimed in one statement.
+        poll_interval: longest sleep between looks at the outbox, the
+            backstop for rows written by other processes.
+        lease: how long a claim holds a row before another worker may take it
+            back. Must exceed `ack_timeout`.
+        ack_timeout: longest wait for a broker's ack before the send counts
+            as a transient `ack_timeout` failure.
+        max_attempts: tries before a transient failure becomes `dead`.
+        backoff_base: first retry delay; doubles per attempt, with jitter.
+        backoff_cap: longest retry delay.
+        route_retry: delay before a row whose route was down is looked at again.
+        max_age: pending rows older than this go `dead` ("expired") unsent:
+            brokers dedupe for 24 hours, so a resend after that could apply twice.
+        maintenance_interval: how often expired leases and stale rows are swept.
+    """
+
+    max_inflight: int = attrs.field(default=64, validator=_positive_int)
+    batch_size: int = attrs.field(default=128, validator=_positive_int)
+    poll_interval: float = attrs.field(default=0.5, validator=_positive)
+    lease: float = attrs.field(default=60.0, validator=_positive)
+    ack_timeout: float = attrs.field(default=15.0, validator=_positive)
+    max_attempts: int = attrs.field(default=25, validator=_positive_int)
+    backoff_base: float = attrs.field(default=0.5, validator=_positive)
+    backoff_cap: float = attrs.field(default=30.0, validator=_positive)
+    route_retry: float = attrs.field(default=0.25, validator=_positive)
+    max_age: float = attrs.field(default=23 * 3600.0, validator=_positive)
+    maintenance_interval: float = attrs.field(default=5.0, validator=_positive)
+
+    def __attrs_post_init__(self) -> None:
+        if self.lease <= self.ack_timeout:
+            raise ConfigError(
+                f"lease ({self.lease}s) must be longer than ack_timeout ({self.ack_timeout}s),"
+                " or another worker could take a row back while its ack is still awaited"
+            )
+        if self.backoff_cap < self.backoff_base:
+            raise ConfigError("backoff_cap must be at least backoff_base")
+
+    @classmethod
+    def seed_schedule(cls, **overrides: Any) -> DrainConfig:
+        """The seed daemon's schedule: one send at a time, batches of 32."""
+        return cls(**{"max_inflight": 1, "batch_size": 32, **overrides})
+
+    @classmethod
+    def from_mapping(cls, data: dict[str, Any]) -> DrainConfig:
+        """Build from a `[drain]` table, rejecting unknown keys."""
+        known = {a.name for a in attrs.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown [drain] setting(s): {', '.join(unknown)}")
+        try:
+            return cls(**data)
+        except TypeError as exc:
+            raise ConfigError(str(exc)) from None
+
+    @property
+    def policy(self) -> RetryPolicy:
+        return RetryPolicy(
+            max_attempts=self.max_attempts,
+            backoff_base_ms=_ms(self.backoff_base),
+            backoff_cap_ms=_ms(self.backoff_cap),
+            route_retry_ms=_ms(self.route_retry),
+            lease_ms=_ms(self.lease),
+            max_age_ms=_ms(self.max_age),
+        )
+
+
+def _ms(seconds: float) -> int:
+    return max(1, round(seconds * 1000))

@@ -1,0 +1,67 @@
+"""The error vocabulary of trio-drain.
+
+Every error the library raises on purpose derives from :class:`TrioDrainError`,
+so a host application can catch the whole family with one clause. Foreign
+exceptions (sqlite3, psycopg, wsproto) are translated at the boundary where
+they occur and never reach callers raw.
+"""
+
+from __future__ import annotations
+
+
+class TrioDrainError(Exception):
+    """Base class of every error trio-drain raises on purpose."""
+
+
+class InvalidRequest(TrioDrainError, ValueError):
+    """A `SendRequest` (or another argument) failed validation.
+
+    Nothing was written and no id was consumed.
+    """
+
+
+class ConfigError(TrioDrainError, ValueError):
+    """A configuration value is missing, malformed or out of range."""
+
+
+class StoreError(TrioDrainError):
+    """The outbox store failed (I/O error, lock timeout, full disk, ...)."""
+
+
+class StoreClosed(StoreError):
+    """The outbox was used after it was closed."""
+
+
+class StoreUnavailable(StoreError):
+    """The store cannot be reached right now (a transient condition)."""
+
+
+class CorruptDatabase(StoreError):
+    """The database file failed its integrity check or is not a database.
+
+    The file was left untouched.
+    """
+
+
+class SchemaError(StoreError):
+    """The database holds a schema this version cannot use (e.g. newer)."""
+
+
+class UnknownRow(TrioDrainError, LookupError):
+    """No outbox row has the given id."""
+
+
+class InvalidTransition(TrioDrainError):
+    """The requested operation is not allowed from the row's current state."""
+
+
+class BrokerError(TrioDrainError):
+    """Base class of broker and transport errors."""
+
+
+class BrokerUnavailable(BrokerError):
+    """The broker connection is not open; nothing was sent."""
+
+
+class HandshakeError(BrokerError):
+    """The broker refused our hello or did not answer it in time."""

@@ -1,0 +1,276 @@
+"""The row state machine, as pure functions with no I/O.
+
+Every decision about where a row goes next is made here, from the row and
+the event, and returned as a value. Stores persist these decisions (with a
+fenced lease token on every transition out of ``inflight``); the worker
+drives them; transports deliver. Nothing in this module knows about SQL,
+sockets or the clock: times are passed in as integer milliseconds.
+
+    (none)   --accept-------------------------> pending
+    pending  --claim (due, not expired)-------> inflight   attempts + 1, lease
+    inflight --broker ack---------------------> done
+    inflight --transient error----------------> pending    backoff(attempts)
+    inflight --transient error at cap---------> dead       "max_attempts: <error>"
+    inflight --permanent error----------------> dead
+    inflight --route unavailable--------------> pending    attempt given back
+    inflight --no broker for the mesh---------> dead       "no_broker_for_mesh:<mesh>"
+    inflight --lease expired------------------> pending    (store sweep)
+    inflight --cancelled before the send------> pending    attempt given back
+    pending  --older than max_age-------------> dead       "expired" (store sweep)
+    pending, inflight, dead --requeue---------> aborted    + a new pending row
+    pending, dead --drop----------------------> aborted
+    done     --retention passed---------------> (deleted)  (store sweep)
+"""
+
+from __future__ import annotations
+
+import attrs
+
+from ._errors import InvalidTransition
+from ._model import AcceptOutcome, OutboxRow, OutcomeKind, Status
+
+#: last_error of rows swept to dead by age.
+EXPIRED = "expired"
+#: last_error of rows whose lease expired and were put back.
+LEASE_EXPIRED = "lease_expired"
+#: last_error of rows given back because their route was not open.
+ROUTE_UNAVAILABLE = "route_unavailable"
+#: last_error of rows handed back when the worker stopped.
+WORKER_STOPPED = "worker_stopped"
+
+REQUEUEABLE = frozenset({Status.PENDING, Status.INFLIGHT, Status.DEAD})
+DROPPABLE = frozenset({Status.PENDING, Status.DEAD})
+
+
+@attrs.frozen(kw_only=True)
+class RetryPolicy:
+    """The numbers the state machine needs, in integer milliseconds."""
+
+    max_attempts: int = 25
+    backoff_base_ms: int = 500
+    backoff_cap_ms: int = 30_000
+    route_retry_ms: int = 250
+    lease_ms: int = 60_000
+    max_age_ms: int = 23 * 3600 * 1000
+
+
+def backoff_ms(attempts: int, *, base_ms: int, cap_ms: int, jitter: float) -> int:
+    """Delay before the next try after `attempts` failed tries.
+
+    Exponential in `attempts` (base, 2 base, 4 base, ...) with "equal
+    jitter": a uniformly random point in the upper half of the step, so
+    retries of rows that failed together spread out but never shrink below
+    half the step. Never above `cap_ms`.
+
+    Args:
+        attempts: tries made so far (at least 1 after a claim).
+        jitter: a number in [0, 1], normally `random.random()`.
+    """
+    exponent = min(max(attempts - 1, 0), 40)
+    step = min(cap_ms, base_ms * (1 << exponent))
+    half = step / 2
+    return max(1, min(cap_ms, int(half + half * jitter)))
+
+
+@attrs.frozen(kw_only=True)
+class Completion:
+    """A transition out of ``inflight``, applied only under `lease_token`.
+
+    A store writes every field to the row with id `row_id`, clears the lease,
+    and does so only while the row is still ``inflight`` under `lease_token`;
+    otherwise it changes nothing and reports the completion as stale.
+    """
+
+    row_id: str
+    lease_token: str
+    status: Status
+    attempts: int
+    next_attempt_at: int
+    last_error: str | None = None
+    delivered_at: int | None = None
+    broker_message_id: str | None = None
+
+
+def _require_inflight(row: OutboxRow) -> str:
+    if row.status is not Status.INFLIGHT or row.lease_token is None:
+        raise ValueError(f"row {row.id} is not a claimed row")
+    return row.lease_token
+
+
+def on_ack(row: OutboxRow, *, broker_message_id: str, now: int) -> Completion:
+    """The broker accepted (or deduped) the row."""
+    return Completion(
+        row_id=row.id,
+        lease_token=_require_inflight(row),
+        status=Status.DONE,
+        attempts=row.attempts,
+        next_attempt_at=row.next_attempt_at,
+        delivered_at=now,
+        broker_message_id=broker_message_id,
+        last_error=None,
+    )
+
+
+def on_error(
+    row: OutboxRow, *, error: str, permanent: bool, now: int, policy: RetryPolicy, jitter: float
+) -> Completion:
+    """The send failed: dead if permanent or at the attempt cap, else back off."""
+    token = _require_inflight(row)
+    if permanent:
+        return Completion(
+            row_id=row.id, lease_token=token, status=Status.DEAD,
+            attempts=row.attempts, next_attempt_at=row.next_attempt_at, last_error=error,
+        )
+    if row.attempts >= policy.max_attempts:
+        return Completion(
+            row_id=row.id, lease_token=token, status=Status.DEAD,
+            attempts=row.attempts, next_attempt_at=row.next_attempt_at,
+            last_error=f"max_attempts: {error}",
+        )
+    delay = backoff_ms(
+        row.attempts, base_ms=policy.backoff_base_ms, cap_ms=policy.backoff_cap_ms, jitter=jitter
+    )
+    return Completion(
+        row_id=row.id, lease_token=token, status=Status.PENDING,
+        attempts=row.attempts, next_attempt_at=now + delay, last_error=error,
+    )
+
+
+def on_route_unavailable(row: OutboxRow, *, now: int, policy: RetryPolicy) -> Completion:
+    """The route's socket is not open: nothing left, so the attempt is given back.
+
+    An outage never kills a message (only `max_age` does).
+    """
+    return Completion(
+        row_id=row.id, lease_token=_require_inflight(row), status=Status.PENDING,
+        attempts=max(row.attempts - 1, 0), next_attempt_at=now + policy.route_retry_ms,
+        last_error=ROUTE_UNAVAILABLE,
+    )
+
+
+def on_no_broker(row: OutboxRow) -> Completion:
+    """No broker is registered for the row's mesh: the row can never go out."""
+    return Completion(
+        row_id=row.id, lease_token=_require_inflight(row), status=Status.DEAD,
+        attempts=row.attempts, next_attempt_at=row.next_attempt_at,
+        last_error=f"no_broker_for_mesh:{row.mesh if row.mesh is not None else 'null'}",
+    )
+
+
+def on_released(row: OutboxRow, *, sent: bool, now: int) -> Completion:
+    """The worker stopped while holding the row: hand it back at once.
+
+    If the send never started the attempt is given back; if it may have
+    left, the attempt stands and the broker's dedupe absorbs the resend.
+    """
+    return Completion(
+        row_id=row.id, lease_token=_require_inflight(row), status=Status.PENDING,
+        attempts=row.attempts if sent else max(row.attempts - 1, 0),
+        next_attempt_at=now, last_error=WORKER_STOPPED if sent else row.last_error,
+    )
+
+
+def is_claimable(row: OutboxRow, *, now: int, policy: RetryPolicy) -> bool:
+    """Whether a claim at `now` may take the row."""
+    return (
+        row.status is Status.PENDING
+        and row.next_attempt_at <= now
+        and not is_expired(row, now=now, policy=policy)
+    )
+
+
+def is_expired(row: OutboxRow, *, now: int, policy: RetryPolicy) -> bool:
+    """A pending row older than max_age must never be sent."""
+    return row.status is Status.PENDING and row.enqueued_at < now - policy.max_age_ms
+
+
+def lease_is_expired(row: OutboxRow, *, now: int) -> bool:
+    """An inflight row whose lease ran out (or that never had one: seed rows)."""
+    return row.status is Status.INFLIGHT and (
+        row.lease_expires_at is None or row.lease_expires_at <= now
+    )
+
+
+# -- operator actions ---------------------------------------------------------
+
+
+def requeued(
+    row: OutboxRow, *, now: int, new_id: str, new_client_message_id: str, by: str
+) -> tuple[OutboxRow, OutboxRow]:
+    """Abort `row` and make its pending successor (fresh client_message_id,
+    same payload, fingerprint and routing). Returns (aborted row, successor).
+
+    Raises:
+        InvalidTransition: the row is done or already aborted.
+    """
+    if row.status not in REQUEUEABLE:
+        raise InvalidTransition(f"cannot requeue a {row.status.value} row ({row.id})")
+    successor = attrs.evolve(
+        row, id=new_id, client_message_id=new_client_message_id, enqueued_at=now,
+        attempts=0, next_attempt_at=now, status=Status.PENDING, last_error=None,
+        delivered_at=None, broker_message_id=None, aborted_at=None, aborted_by=None,
+        superseded_by=None, lease_expires_at=None, lease_token=None,
+    )
+    aborted = attrs.evolve(
+        row, status=Status.ABORTED, aborted_at=now, aborted_by=by, superseded_by=new_id,
+        lease_expires_at=None, lease_token=None,
+    )
+    return aborted, successor
+
+
+def dropped(row: OutboxRow, *, now: int, by: str = "operator") -> OutboxRow:
+    """Abort a pending or dead row with no successor.
+
+    Raises:
+        InvalidTransition: the row is inflight, done or already aborted.
+    """
+    if row.status not in DROPPABLE:
+        raise InvalidTransition(f"cannot drop a {row.status.value} row ({row.id})")
+    return attrs.evolve(row, status=Status.ABORTED, aborted_at=now, aborted_by=by)
+
+
+# -- idempotent accept -------------------------------------------------------
+
+_CODES = {
+    OutcomeKind.ACCEPTED_PENDING: 202,
+    OutcomeKind.ACCEPTED_INFLIGHT: 202,
+    OutcomeKind.ACCEPTED_DONE: 200,
+    OutcomeKind.CONFLICT: 409,
+}
+
+
+def decide_accept(
+    existing: OutboxRow | None, *, client_message_id: str, fingerprint: bytes
+) -> AcceptOutcome:
+    """The idempotency table of section 3 of the spec.
+
+    `existing` is the row already holding `client_message_id`, if any. When
+    it is None the caller inserts a new row and the outcome is
+    `accepted_pending` with `inserted=True`.
+    """
+    if existing is None:
+        return _outcome(OutcomeKind.ACCEPTED_PENDING, client_message_id, inserted=True)
+    common = {"row_id": existing.id, "broker_message_id": existing.broker_message_id}
+    if existing.request_fingerprint != fingerprint:
+        return _outcome(
+            OutcomeKind.CONFLICT, client_message_id,
+            reason=f"outbox_{existing.status.value}_fingerprint_mismatch",
+            fingerprint_prefix=existing.request_fingerprint[:8].hex(), **common,
+        )
+    if existing.status is Status.PENDING:
+        return _outcome(OutcomeKind.ACCEPTED_PENDING, client_message_id, **common)
+    if existing.status is Status.INFLIGHT:
+        return _outcome(OutcomeKind.ACCEPTED_INFLIGHT, client_message_id, **common)
+    if existing.status is Status.DONE:
+        return _outcome(OutcomeKind.ACCEPTED_DONE, client_message_id, **common)
+    return _outcome(
+        OutcomeKind.CONFLICT, client_message_id,
+        reason=f"outbox_{existing.status.value}_fingerprint_match",
+        fingerprint_prefix=existing.request_fingerprint[:8].hex(), **common,
+    )
+
+
+def _outcome(kind: OutcomeKind, client_message_id: str, **fields: object) -> AcceptOutcome:
+    return AcceptOutcome(
+        kind=kind, code=_CODES[kind], client_message_id=client_message_id, **fields  # type: ignore[arg-type]
+    )

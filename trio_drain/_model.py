@@ -1,0 +1,162 @@
+"""Value objects passed around the library: requests, rows and outcomes."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from typing import Any
+
+import attrs
+
+
+class Status(str, enum.Enum):
+    """The five states of an outbox row (see the lifecycle module)."""
+
+    PENDING = "pending"
+    INFLIGHT = "inflight"
+    DONE = "done"
+    DEAD = "dead"
+    ABORTED = "aborted"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class Priority(str, enum.Enum):
+    """Delivery priority. Rows are claimed `now` first, then `next`, then `low`."""
+
+    NOW = "now"
+    NEXT = "next"
+    LOW = "low"
+
+    def __str__(self) -> str:
+        return self.value
+
+    @property
+    def rank(self) -> int:
+        """Claim order: lower ranks are claimed first."""
+        return _PRIORITY_RANK[self]
+
+
+_PRIORITY_RANK = {Priority.NOW: 0, Priority.NEXT: 1, Priority.LOW: 2}
+
+#: The status values, in lifecycle order.
+STATUSES: tuple[str, ...] = tuple(s.value for s in Status)
+
+
+class DestinationKind(str, enum.Enum):
+    TOPIC = "topic"
+    DM = "dm"
+    QUEUE = "queue"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@attrs.frozen(kw_only=True)
+class SendRequest:
+    """What a host application asks the outbox to deliver.
+
+    Only `payload` is required. `destination_kind` and `destination_ref` are
+    derived from `target_spec` when omitted; `client_message_id` is minted
+    when omitted. `nonce` and `ciphertext` (both base64 text) are sent as
+    stored when the host encrypted the message itself.
+    """
+
+    payload: bytes
+    mesh: str | None = None
+    target_spec: str | None = None
+    priority: str = "next"
+    destination_kind: str | None = None
+    destination_ref: str | None = None
+    reply_to_id: str | None = None
+    meta: Mapping[str, Any] | None = None
+    client_message_id: str | None = None
+    nonce: str | None = None
+    ciphertext: str | None = None
+    sender_session_pubkey: str | None = None
+
+
+@attrs.frozen(kw_only=True)
+class OutboxRow:
+    """One outbox row, every column under its schema name.
+
+    Times are integer milliseconds since the epoch.
+    """
+
+    id: str
+    client_message_id: str
+    request_fingerprint: bytes
+    payload: bytes
+    enqueued_at: int
+    attempts: int
+    next_attempt_at: int
+    status: Status
+    last_error: str | None = None
+    delivered_at: int | None = None
+    broker_message_id: str | None = None
+    aborted_at: int | None = None
+    aborted_by: str | None = None
+    superseded_by: str | None = None
+    mesh: str | None = None
+    target_spec: str | None = None
+    nonce: str | None = None
+    ciphertext: str | None = None
+    priority: str | None = None
+    sender_session_pubkey: str | None = None
+    lease_expires_at: int | None = None
+    lease_token: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-friendly dict: bytes become hex (fingerprint) or text."""
+        d = attrs.asdict(self, recurse=False)
+        d["status"] = self.status.value
+        d["request_fingerprint"] = self.request_fingerprint.hex()
+        try:
+            d["payload"] = self.payload.decode("utf-8")
+        except UnicodeDecodeError:
+            d["payload"] = None
+            d["payload_hex"] = self.payload.hex()
+        d["lease_token"] = None if self.lease_token is None else "<set>"
+        return d
+
+
+class OutcomeKind(str, enum.Enum):
+    ACCEPTED_PENDING = "accepted_pending"
+    ACCEPTED_INFLIGHT = "accepted_inflight"
+    ACCEPTED_DONE = "accepted_done"
+    CONFLICT = "conflict"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@attrs.frozen(kw_only=True)
+class AcceptOutcome:
+    """The answer to `accept`: what the outbox did with the request.
+
+    Attributes:
+        kind: one of `accepted_pending`, `accepted_inflight`, `accepted_done`,
+            `conflict`.
+        code: the HTTP-style status code (202, 200 or 409).
+        client_message_id: the request's id (minted if the caller gave none).
+        row_id: the id of the outbox row holding that client_message_id.
+        reason: why a conflict is one, e.g. `outbox_dead_fingerprint_match`.
+        fingerprint_prefix: on conflicts, the first 8 bytes (hex) of the stored
+            row's fingerprint.
+        broker_message_id: the broker's id, where one is known.
+        inserted: whether this call wrote a new row.
+    """
+
+    kind: OutcomeKind
+    code: int
+    client_message_id: str
+    row_id: str | None = None
+    reason: str | None = None
+    fingerprint_prefix: str | None = None
+    broker_message_id: str | None = None
+    inserted: bool = False
+
+    @property
+    def accepted(self) -> bool:
+        return self.kind is not OutcomeKind.CONFLICT

@@ -1,0 +1,1 @@
+"""Storage back ends for the outbox, behind one interface (`OutboxBackend`)."""

@@ -1,0 +1,101 @@
+"""The interface every outbox back end implements.
+
+Back ends persist the decisions of the lifecycle module; they decide
+nothing themselves. Every time is an integer of milliseconds passed in by
+the caller, so the same back end runs under a fake clock in tests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+import attrs
+
+from .._model import AcceptOutcome, OutboxRow, Status
+from .._lifecycle import Completion
+
+#: Columns of the outbox table that OutboxRow carries, in order.
+COLUMNS: tuple[str, ...] = tuple(a.name for a in attrs.fields(OutboxRow))
+
+
+@attrs.frozen
+class RouteFilter:
+    """Routes whose rows a claim must leave alone (their socket is down).
+
+    Attributes:
+        sessions: sender session public keys whose session socket is down.
+        meshes: mesh slugs whose mesh socket is down (rows without a session).
+        null_mesh: rows with neither a session nor a mesh are routed to the
+            only mesh broker, and that one is down.
+    """
+
+    sessions: frozenset[str] = frozenset()
+    meshes: frozenset[str] = frozenset()
+    null_mesh: bool = False
+
+    def __bool__(self) -> bool:
+        return bool(self.sessions or self.meshes or self.null_mesh)
+
+    def blocks(self, row: OutboxRow) -> bool:
+        if row.sender_session_pubkey is not None:
+            return row.sender_session_pubkey in self.sessions
+        if row.mesh is not None:
+            return row.mesh in self.meshes
+        return self.null_mesh
+
+
+NO_FILTER = RouteFilter()
+
+
+class OutboxBackend(Protocol):
+    """What a storage back end provides. All methods are safe to call
+    concurrently from many Trio tasks; none blocks the Trio thread."""
+
+    async def accept_many(self, rows: Sequence[OutboxRow]) -> list[AcceptOutcome]:
+        """Insert each prepared pending row unless its client_message_id exists,
+        applying the idempotency table, all in one transaction."""
+
+    async def claim(
+        self, *, now: int, limit: int, lease_ms: int, max_age_ms: int, token: str,
+        exclude: RouteFilter = NO_FILTER,
+    ) -> list[OutboxRow]:
+        """Move up to `limit` due, unexpired, pending rows to inflight under
+        `token`, highest priority and oldest first, and return them."""
+
+    async def complete(self, completions: Sequence[Completion]) -> list[bool]:
+        """Apply each completion if its row is still inflight under its token.
+        Returns, per completion, whether it applied (False: stale lease)."""
+
+    async def recover_expired_leases(self, *, now: int) -> int:
+        """Put inflight rows whose lease ran out back to pending."""
+
+    async def expire_stale(self, *, now: int, max_age_ms: int) -> int:
+        """Move pending rows older than max_age to dead ("expired")."""
+
+    async def next_due_at(
+        self, *, now: int, max_age_ms: int, exclude: RouteFilter = NO_FILTER
+    ) -> int | None:
+        """The earliest next_attempt_at of a claimable-in-future pending row."""
+
+    async def get(self, row_id: str) -> OutboxRow | None: ...
+
+    async def get_by_client_id(self, client_message_id: str) -> OutboxRow | None: ...
+
+    async def list(
+        self, *, status: Status | None, limit: int, before: int | None = None
+    ) -> list[OutboxRow]:
+        """Rows newest first (by enqueued_at), optionally of one status."""
+
+    async def counts(self) -> dict[str, int]: ...
+
+    async def requeue(
+        self, row_id: str, *, now: int, new_id: str, new_client_message_id: str, by: str
+    ) -> OutboxRow:
+        """Abort the row and insert its pending successor; return the successor."""
+
+    async def drop(self, row_id: str, *, now: int, by: str) -> OutboxRow: ...
+
+    async def prune(self, *, delivered_before: int) -> int: ...
+
+    async def aclose(self) -> None: ...

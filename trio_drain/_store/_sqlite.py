@@ -1,0 +1,598 @@
+"""The SQLite back end: one file, WAL, group commit, no blocking call on Trio.
+
+Threading model: one write connection and one read connection, each used
+only through `trio.to_thread.run_sync` under its own limiter of one, so a
+connection is never used by two threads at once (`check_same_thread=False`
+is safe under that rule). Writes are never abandoned on cancellation.
+
+Group commit: every write is an operation queued for the writer. Whichever
+caller takes the write lock first runs every queued operation in one
+transaction (each inside a savepoint, so one failing operation does not
+undo the others) and commits once. Under `synchronous=FULL` that turns N
+concurrent `accept` calls into one fsync instead of N.
+
+Only what a caller was promised needs an fsync: accepted rows and operator
+actions. The worker's claims and completions commit without one, since
+losing them to a power cut is harmless (the row is claimed again, or sent
+again and deduped by the broker). A batch is fsynced if any of its
+operations needs it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, Generic, Literal, TypeVar
+
+import attrs
+import trio
+
+from .. import _lifecycle
+from .._errors import (
+    CorruptDatabase,
+    SchemaError,
+    StoreClosed,
+    StoreError,
+    StoreUnavailable,
+    UnknownRow,
+)
+from .._lifecycle import Completion
+from .._model import AcceptOutcome, OutboxRow, Status
+from ._base import COLUMNS, NO_FILTER, RouteFilter
+
+T = TypeVar("T")
+
+SCHEMA_VERSION = 1
+_SELECT = "SELECT " + ", ".join(COLUMNS) + " FROM outbox"
+_INSERT = (
+    "INSERT INTO outbox (" + ", ".join(COLUMNS) + ") VALUES (" + ", ".join("?" * len(COLUMNS)) + ")"
+)
+
+# The table as the seed's daemon wrote it, plus the lease columns.
+_CREATE_TABLE = """
+CREATE TABLE IF NOT EXISTS outbox (
+    id                    TEXT PRIMARY KEY,
+    client_message_id     TEXT NOT NULL UNIQUE,
+    request_fingerprint   BLOB NOT NULL,
+    payload               BLOB NOT NULL,
+    enqueued_at           INTEGER NOT NULL,
+    attempts              INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at       INTEGER NOT NULL,
+    status                TEXT NOT NULL
+        CHECK (status IN ('pending', 'inflight', 'done', 'dead', 'aborted')),
+    last_error            TEXT,
+    delivered_at          INTEGER,
+    broker_message_id     TEXT,
+    aborted_at            INTEGER,
+    aborted_by            TEXT,
+    superseded_by         TEXT,
+    mesh                  TEXT,
+    target_spec           TEXT,
+    nonce                 TEXT,
+    ciphertext            TEXT,
+    priority              TEXT,
+    sender_session_pubkey TEXT,
+    lease_expires_at      INTEGER,
+    lease_token           TEXT
+)
+"""
+
+# Columns a table written by an older daemon may lack, added in place.
+_ADDED_COLUMNS = {
+    "mesh": "TEXT",
+    "target_spec": "TEXT",
+    "nonce": "TEXT",
+    "ciphertext": "TEXT",
+    "priority": "TEXT",
+    "sender_session_pubkey": "TEXT",
+    "lease_expires_at": "INTEGER",
+    "lease_token": "TEXT",
+}
+
+_MIGRATION_1 = [
+    # Claim order as a column, so one partial index serves the claim query.
+    "ALTER TABLE outbox ADD COLUMN priority_rank INTEGER GENERATED ALWAYS AS"
+    " (CASE priority WHEN 'now' THEN 0 WHEN 'low' THEN 2 ELSE 1 END) VIRTUAL",
+    "CREATE INDEX IF NOT EXISTS outbox_claim ON outbox (priority_rank, enqueued_at)"
+    " WHERE status = 'pending'",
+    "CREATE INDEX IF NOT EXISTS outbox_due ON outbox (next_attempt_at) WHERE status = 'pending'",
+    "CREATE INDEX IF NOT EXISTS outbox_lease ON outbox (lease_expires_at)"
+    " WHERE status = 'inflight'",
+    "CREATE INDEX IF NOT EXISTS outbox_status_enqueued ON outbox (status, enqueued_at)",
+]
+
+Durability = Literal["full", "normal"]
+
+
+# -- errors ----------------------------------------------------------------------
+
+
+def _translate(exc: sqlite3.Error) -> StoreError:
+    text = str(exc)
+    lowered = text.lower()
+    if "malformed" in lowered or "not a database" in lowered or "corrupt" in lowered:
+        return CorruptDatabase(f"the outbox database is corrupt: {text}")
+    if "locked" in lowered or "busy" in lowered:
+        return StoreUnavailable(f"the outbox database is busy (another writer holds it): {text}")
+    if "full" in lowered:
+        return StoreUnavailable(f"the outbox database cannot grow (disk or page limit full): {text}")
+    if "readonly" in lowered or "read-only" in lowered:
+        return StoreUnavailable(f"the outbox database is read-only: {text}")
+    return StoreError(f"outbox database error: {text}")
+
+
+@contextlib.contextmanager
+def _translated() -> Iterator[None]:
+    try:
+        yield
+    except sqlite3.Error as exc:
+        raise _translate(exc) from exc
+
+
+# -- row mapping -----------------------------------------------------------------
+
+
+def _row(values: Sequence[Any]) -> OutboxRow:
+    fields = dict(zip(COLUMNS, values, strict=True))
+    fields["status"] = Status(fields["status"])
+    fields["request_fingerprint"] = bytes(fields["request_fingerprint"])
+    fields["payload"] = bytes(fields["payload"])
+    return OutboxRow(**fields)
+
+
+def _values(row: OutboxRow) -> tuple[Any, ...]:
+    return tuple(row.status.value if c == "status" else getattr(row, c) for c in COLUMNS)
+
+
+def _route_clause(exclude: RouteFilter) -> tuple[str, list[Any]]:
+    """SQL that leaves out rows of blocked routes (mirrors RouteFilter.blocks)."""
+    parts: list[str] = []
+    params: list[Any] = []
+    if exclude.sessions:
+        marks = ", ".join("?" * len(exclude.sessions))
+        parts.append(f"(sender_session_pubkey IS NULL OR sender_session_pubkey NOT IN ({marks}))")
+        params.extend(sorted(exclude.sessions))
+    if exclude.meshes:
+        marks = ", ".join("?" * len(exclude.meshes))
+        parts.append(
+            f"(sender_session_pubkey IS NOT NULL OR mesh IS NULL OR mesh NOT IN ({marks}))"
+        )
+        params.extend(sorted(exclude.meshes))
+    if exclude.null_mesh:
+        parts.append("(sender_session_pubkey IS NOT NULL OR mesh IS NOT NULL)")
+    return "".join(" AND " + p for p in parts), params
+
+
+# -- group commit ------------------------------------------------------------------
+
+
+@attrs.define(eq=False)
+class _Op(Generic[T]):
+    fn: Callable[[sqlite3.Connection], T]
+    durable: bool
+    taken: bool = False
+    value: Any = None
+    error: BaseException | None = None
+
+    def result(self) -> T:
+        if self.error is not None:
+            raise self.error
+        return self.value  # type: ignore[no-any-return]
+
+
+class _GroupCommitter:
+    """Runs queued write operations together, one transaction per batch."""
+
+    def __init__(self, conn: sqlite3.Connection, *, durable: bool) -> None:
+        self._conn = conn
+        self._durable = durable  # whether the connection may fsync at all
+        self._synchronous = "FULL" if durable else "NORMAL"
+        self._queue: list[_Op[Any]] = []
+        self._lock = trio.Lock()
+        self._limiter = trio.CapacityLimiter(1)
+        self.batches = 0
+        self.operations = 0
+
+    async def submit(self, fn: Callable[[sqlite3.Connection], T], *, durable: bool) -> T:
+        op: _Op[T] = _Op(fn, durable and self._durable)
+        self._queue.append(op)
+        try:
+            async with self._lock:
+                if not op.taken:
+                    batch, self._queue = self._queue, []
+                    for queued in batch:
+                        queued.taken = True
+                    await trio.to_thread.run_sync(self._run_batch, batch, limiter=self._limiter)
+        except BaseException:
+            # Cancelled while waiting for the lock: withdraw the operation if
+            # no batch has taken it yet, so nothing is written behind our back.
+            if not op.taken:
+                self._queue.remove(op)
+            raise
+        return op.result()
+
+    def _run_batch(self, batch: list[_Op[Any]]) -> None:
+        conn = self._conn
+        try:
+            synchronous = "FULL" if any(op.durable for op in batch) else "NORMAL"
+            if synchronous != self._synchronous:
+                conn.execute(f"PRAGMA synchronous = {synchronous}")
+                self._synchronous = synchronous
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                for op in batch:
+                    conn.execute("SAVEPOINT op")
+                    try:
+                        op.value = op.fn(conn)
+                    except Exception as exc:
+                        conn.execute("ROLLBACK TO op")
+                        op.error = _translate(exc) if isinstance(exc, sqlite3.Error) else exc
+                    conn.execute("RELEASE op")
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.rollback()
+                raise
+        except sqlite3.Error as exc:
+            error = _translate(exc)
+            for op in batch:
+                op.value, op.error = None, error
+        self.batches += 1
+        self.operations += len(batch)
+
+
+# -- the back end ------------------------------------------------------------------
+
+
+class SqliteBackend:
+    """An outbox in one SQLite file. Build it with `SqliteBackend.open`."""
+
+    def __init__(
+        self, path: Path, writer: sqlite3.Connection, reader: sqlite3.Connection, *, durability: Durability
+    ) -> None:
+        self.path = path
+        self.durability = durability
+        self._writer = writer
+        self._reader = reader
+        self._committer = _GroupCommitter(writer, durable=durability == "full")
+        self._read_limiter = trio.CapacityLimiter(1)
+        self._closed = False
+
+    # -- opening
+
+    @classmethod
+    async def open(cls, path: str | os.PathLike[str], *, durability: Durability = "full") -> SqliteBackend:
+        if durability not in ("full", "normal"):
+            raise StoreError(f"durability must be 'full' or 'normal', got {durability!r}")
+        return await trio.to_thread.run_sync(cls._open_sync, Path(path), durability)
+
+    @classmethod
+    def _open_sync(cls, path: Path, durability: Durability) -> SqliteBackend:
+        if path.exists():
+            if path.is_dir():
+                raise StoreError(f"{path} is a directory, not an outbox database")
+            _check_integrity(path)
+        else:
+            if not path.parent.is_dir():
+                raise StoreError(f"cannot create {path}: folder {path.parent} does not exist")
+            # Created by us, 0600, before SQLite opens it; SQLite gives the WAL
+            # and shared-memory files the same mode.
+            try:
+                os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+            except FileExistsError:
+                pass
+            except OSError as exc:
+                raise StoreError(f"cannot create {path}: {exc.strerror}") from None
+        writer = reader = None
+        try:
+            with _translated():
+                writer = _connect(path, durability)
+                _migrate(writer)
+                reader = _connect(path, durability)
+        except BaseException:
+            for conn in (writer, reader):
+                if conn is not None:
+                    conn.close()
+            raise
+        return cls(path, writer, reader, durability=durability)
+
+    # -- plumbing
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreClosed("the outbox is closed")
+
+    async def _write(self, fn: Callable[[sqlite3.Connection], T], *, durable: bool = True) -> T:
+        self._check_open()
+        return await self._committer.submit(fn, durable=durable)
+
+    async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        self._check_open()
+
+        def run() -> T:
+            with _translated():
+                return fn(self._reader)
+
+        return await trio.to_thread.run_sync(run, limiter=self._read_limiter)
+
+    @property
+    def commit_statistics(self) -> tuple[int, int]:
+        """(transactions committed, write operations in them)."""
+        return self._committer.batches, self._committer.operations
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        # Wait out a batch in progress; it is never abandoned.
+        with trio.CancelScope(shield=True):
+            async with self._committer._lock:
+                def close() -> None:
+                    self._writer.close()
+                    self._reader.close()
+
+                await trio.to_thread.run_sync(close)
+
+    # -- accept
+
+    async def accept_many(self, rows: Sequence[OutboxRow]) -> list[AcceptOutcome]:
+        def op(conn: sqlite3.Connection) -> list[AcceptOutcome]:
+            outcomes = []
+            for row in rows:
+                found = conn.execute(
+                    _SELECT + " WHERE client_message_id = ?", (row.client_message_id,)
+                ).fetchone()
+                existing = None if found is None else _row(found)
+                outcome = _lifecycle.decide_accept(
+                    existing, client_message_id=row.client_message_id,
+                    fingerprint=row.request_fingerprint,
+                )
+                if outcome.inserted:
+                    conn.execute(_INSERT, _values(row))
+                    outcome = attrs.evolve(outcome, row_id=row.id)
+                outcomes.append(outcome)
+            return outcomes
+
+        return await self._write(op)
+
+    # -- the worker's side
+
+    async def claim(
+        self, *, now: int, limit: int, lease_ms: int, max_age_ms: int, token: str,
+        exclude: RouteFilter = NO_FILTER,
+    ) -> list[OutboxRow]:
+        clause, params = _route_clause(exclude)
+        # INDEXED BY pins the claim index: the planner would otherwise often
+        # pick outbox_due and sort the whole backlog.
+        sql = (
+            "UPDATE outbox SET status = 'inflight', attempts = attempts + 1,"
+            " lease_token = ?, lease_expires_at = ?"
+            " WHERE id IN (SELECT id FROM outbox INDEXED BY outbox_claim"
+            "  WHERE status = 'pending' AND next_attempt_at <= ? AND enqueued_at >= ?"
+            + clause
+            + "  ORDER BY priority_rank, enqueued_at LIMIT ?)"
+            " RETURNING " + ", ".join(COLUMNS) + ", priority_rank"
+        )
+        args = [token, now + lease_ms, now, now - max_age_ms, *params, limit]
+
+        def op(conn: sqlite3.Connection) -> list[OutboxRow]:
+            found = conn.execute(sql, args).fetchall()
+            found.sort(key=lambda r: (r[-1], r[COLUMNS.index("enqueued_at")]))
+            return [_row(r[:-1]) for r in found]
+
+        return await self._write(op, durable=False)
+
+    async def complete(self, completions: Sequence[Completion]) -> list[bool]:
+        sql = (
+            "UPDATE outbox SET status = ?, attempts = ?, next_attempt_at = ?, last_error = ?,"
+            " delivered_at = ?, broker_message_id = ?, lease_token = NULL, lease_expires_at = NULL"
+            " WHERE id = ? AND status = 'inflight' AND lease_token = ?"
+        )
+
+        def op(conn: sqlite3.Connection) -> list[bool]:
+            applied = []
+            for c in completions:
+                cur = conn.execute(sql, (
+                    c.status.value, c.attempts, c.next_attempt_at, c.last_error,
+                    c.delivered_at, c.broker_message_id, c.row_id, c.lease_token,
+                ))
+                applied.append(cur.rowcount == 1)
+            return applied
+
+        return await self._write(op, durable=False)
+
+    async def recover_expired_leases(self, *, now: int) -> int:
+        def op(conn: sqlite3.Connection) -> int:
+            return conn.execute(
+                "UPDATE outbox SET status = 'pending', next_attempt_at = ?, last_error = ?,"
+                " lease_token = NULL, lease_expires_at = NULL"
+                " WHERE status = 'inflight' AND (lease_expires_at IS NULL OR lease_expires_at <= ?)",
+                (now, _lifecycle.LEASE_EXPIRED, now),
+            ).rowcount
+
+        return await self._write(op, durable=False)
+
+    async def expire_stale(self, *, now: int, max_age_ms: int) -> int:
+        def op(conn: sqlite3.Connection) -> int:
+            return conn.execute(
+                "UPDATE outbox SET status = 'dead', last_error = ?"
+                " WHERE status = 'pending' AND enqueued_at < ?",
+                (_lifecycle.EXPIRED, now - max_age_ms),
+            ).rowcount
+
+        return await self._write(op, durable=False)
+
+    async def next_due_at(
+        self, *, now: int, max_age_ms: int, exclude: RouteFilter = NO_FILTER
+    ) -> int | None:
+        clause, params = _route_clause(exclude)
+        sql = (
+            "SELECT next_attempt_at FROM outbox INDEXED BY outbox_due"
+            " WHERE status = 'pending' AND enqueued_at >= ?" + clause
+            + " ORDER BY next_attempt_at LIMIT 1"
+        )
+
+        def op(conn: sqlite3.Connection) -> int | None:
+            found = conn.execute(sql, [now - max_age_ms, *params]).fetchone()
+            return None if found is None else int(found[0])
+
+        return await self._read(op)
+
+    # -- reading
+
+    async def get(self, row_id: str) -> OutboxRow | None:
+        def op(conn: sqlite3.Connection) -> OutboxRow | None:
+            found = conn.execute(_SELECT + " WHERE id = ?", (row_id,)).fetchone()
+            return None if found is None else _row(found)
+
+        return await self._read(op)
+
+    async def get_by_client_id(self, client_message_id: str) -> OutboxRow | None:
+        def op(conn: sqlite3.Connection) -> OutboxRow | None:
+            found = conn.execute(
+                _SELECT + " WHERE client_message_id = ?", (client_message_id,)
+            ).fetchone()
+            return None if found is None else _row(found)
+
+        return await self._read(op)
+
+    async def list(
+        self, *, status: Status | None, limit: int, before: int | None = None
+    ) -> list[OutboxRow]:
+        where, args = [], []
+        if status is not None:
+            where.append("status = ?")
+            args.append(status.value)
+        if before is not None:
+            where.append("enqueued_at < ?")
+            args.append(before)
+        sql = _SELECT + (" WHERE " + " AND ".join(where) if where else "")
+        sql += " ORDER BY enqueued_at DESC, id DESC LIMIT ?"
+
+        def op(conn: sqlite3.Connection) -> list[OutboxRow]:
+            return [_row(r) for r in conn.execute(sql, [*args, limit])]
+
+        return await self._read(op)
+
+    async def counts(self) -> dict[str, int]:
+        def op(conn: sqlite3.Connection) -> dict[str, int]:
+            counts = dict.fromkeys((s.value for s in Status), 0)
+            for status, n in conn.execute("SELECT status, count(*) FROM outbox GROUP BY status"):
+                counts[status] = n
+            return counts
+
+        return await self._read(op)
+
+    # -- operator actions
+
+    def _locked_row(self, conn: sqlite3.Connection, row_id: str) -> OutboxRow:
+        found = conn.execute(_SELECT + " WHERE id = ?", (row_id,)).fetchone()
+        if found is None:
+            raise UnknownRow(f"no outbox row has id {row_id!r}")
+        return _row(found)
+
+    async def requeue(
+        self, row_id: str, *, now: int, new_id: str, new_client_message_id: str, by: str
+    ) -> OutboxRow:
+        def op(conn: sqlite3.Connection) -> OutboxRow:
+            aborted, successor = _lifecycle.requeued(
+                self._locked_row(conn, row_id), now=now, new_id=new_id,
+                new_client_message_id=new_client_message_id, by=by,
+            )
+            conn.execute(_INSERT, _values(successor))
+            _write_aborted(conn, aborted)
+            return successor
+
+        return await self._write(op)
+
+    async def drop(self, row_id: str, *, now: int, by: str) -> OutboxRow:
+        def op(conn: sqlite3.Connection) -> OutboxRow:
+            aborted = _lifecycle.dropped(self._locked_row(conn, row_id), now=now, by=by)
+            _write_aborted(conn, aborted)
+            return aborted
+
+        return await self._write(op)
+
+    async def prune(self, *, delivered_before: int) -> int:
+        def op(conn: sqlite3.Connection) -> int:
+            return conn.execute(
+                "DELETE FROM outbox WHERE status = 'done' AND delivered_at < ?",
+                (delivered_before,),
+            ).rowcount
+
+        return await self._write(op)
+
+
+def _write_aborted(conn: sqlite3.Connection, row: OutboxRow) -> None:
+    conn.execute(
+        "UPDATE outbox SET status = 'aborted', aborted_at = ?, aborted_by = ?, superseded_by = ?,"
+        " lease_token = NULL, lease_expires_at = NULL WHERE id = ?",
+        (row.aborted_at, row.aborted_by, row.superseded_by, row.id),
+    )
+
+
+# -- opening, checking, migrating -------------------------------------------------------
+
+
+def _connect(path: Path, durability: Durability) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=5.0)
+    conn.execute("PRAGMA busy_timeout = 5000")
+    mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+    if str(mode).lower() != "wal":
+        conn.close()
+        raise StoreError(f"{path}: cannot switch to WAL journal mode (got {mode})")
+    conn.execute(f"PRAGMA synchronous = {'FULL' if durability == 'full' else 'NORMAL'}")
+    return conn
+
+
+def _check_integrity(path: Path) -> None:
+    """Refuse a corrupt file, reading it without writing a byte."""
+    try:
+        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot open {path}: {exc}") from None
+    try:
+        result = [r[0] for r in conn.execute("PRAGMA quick_check")]
+    except sqlite3.DatabaseError as exc:
+        raise CorruptDatabase(f"{path} is not a usable SQLite database: {exc}") from None
+    finally:
+        conn.close()
+    if result != ["ok"]:
+        raise CorruptDatabase(f"{path} failed its integrity check: {'; '.join(result[:3])}")
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Create or upgrade the schema in one transaction.
+
+    The version lives in its own table rather than `PRAGMA user_version`,
+    which the seed's daemon may use for its other tables.
+    """
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        conn.execute("CREATE TABLE IF NOT EXISTS trio_drain_schema (version INTEGER NOT NULL)")
+        found = conn.execute("SELECT version FROM trio_drain_schema").fetchone()
+        version = 0 if found is None else int(found[0])
+        if version > SCHEMA_VERSION:
+            raise SchemaError(
+                f"the outbox schema is version {version}; this trio-drain knows up to"
+                f" {SCHEMA_VERSION}: upgrade trio-drain"
+            )
+        if version < 1:
+            conn.execute(_CREATE_TABLE)
+            present = {r[1] for r in conn.execute("PRAGMA table_xinfo(outbox)")}
+            for column, kind in _ADDED_COLUMNS.items():
+                if column not in present:
+                    conn.execute(f"ALTER TABLE outbox ADD COLUMN {column} {kind}")
+            for statement in _MIGRATION_1:
+                if "priority_rank" in statement and "ALTER" in statement and "priority_rank" in present:
+                    continue
+                conn.execute(statement)
+            conn.execute("DELETE FROM trio_drain_schema")
+            conn.execute("INSERT INTO trio_drain_schema (version) VALUES (?)", (SCHEMA_VERSION,))
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.rollback()
+        raise

@@ -1,0 +1,119 @@
+"""Validation of SendRequests, before anything is written."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from collections.abc import Mapping
+
+from ._errors import InvalidRequest
+from ._fingerprint import canonical_json, derive_destination, request_fingerprint
+from ._ids import uuid7
+from ._model import DestinationKind, OutboxRow, Priority, SendRequest, Status
+
+DEFAULT_MAX_PAYLOAD = 1024 * 1024
+MAX_ID_LENGTH = 256
+MAX_TARGET_LENGTH = 1024
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+_PRIORITIES = frozenset(p.value for p in Priority)
+_KINDS = frozenset(k.value for k in DestinationKind)
+
+
+def _text(name: str, value: object, *, max_length: int, optional: bool = True) -> str | None:
+    if value is None:
+        if optional:
+            return None
+        raise InvalidRequest(f"{name} is required")
+    if not isinstance(value, str):
+        raise InvalidRequest(f"{name} must be a string, got {type(value).__name__}")
+    if not value.strip():
+        raise InvalidRequest(f"{name} must not be empty")
+    if len(value) > max_length:
+        raise InvalidRequest(f"{name} is longer than {max_length} characters")
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+        raise InvalidRequest(f"{name} must not contain control characters")
+    return value
+
+
+def _base64(name: str, value: str | None) -> None:
+    if value is None:
+        return
+    try:
+        base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidRequest(f"{name} must be base64 text") from None
+
+
+def prepare_row(req: SendRequest, *, now: int, max_payload: int = DEFAULT_MAX_PAYLOAD) -> OutboxRow:
+    """Validate `req` and build the pending row `accept` would insert.
+
+    Raises:
+        InvalidRequest: the request is malformed; nothing has been written.
+    """
+    if not isinstance(req, SendRequest):
+        raise InvalidRequest(f"expected a SendRequest, got {type(req).__name__}")
+    if not isinstance(req.payload, (bytes, bytearray, memoryview)):
+        raise InvalidRequest(f"payload must be bytes, got {type(req.payload).__name__}")
+    payload = bytes(req.payload)
+    if len(payload) > max_payload:
+        raise InvalidRequest(f"payload is {len(payload)} bytes, over the {max_payload}-byte limit")
+    priority = req.priority.value if isinstance(req.priority, Priority) else req.priority
+    if priority not in _PRIORITIES:
+        raise InvalidRequest(f"priority must be one of now, next, low; got {req.priority!r}")
+    mesh = _text("mesh", req.mesh, max_length=MAX_ID_LENGTH)
+    target_spec = _text("target_spec", req.target_spec, max_length=MAX_TARGET_LENGTH)
+    reply_to_id = _text("reply_to_id", req.reply_to_id, max_length=MAX_ID_LENGTH)
+    client_message_id = _text("client_message_id", req.client_message_id, max_length=MAX_ID_LENGTH)
+
+    kind, ref = req.destination_kind, req.destination_ref
+    if (kind is None) != (ref is None):
+        raise InvalidRequest("destination_kind and destination_ref go together")
+    if kind is None or ref is None:
+        kind, ref = derive_destination(target_spec if target_spec is not None else "*")
+    else:
+        kind = kind.value if isinstance(kind, DestinationKind) else kind
+        if kind not in _KINDS:
+            raise InvalidRequest(f"destination_kind must be topic, dm or queue; got {kind!r}")
+        _text("destination_ref", ref, max_length=MAX_TARGET_LENGTH, optional=False)
+
+    if req.meta is not None:
+        if not isinstance(req.meta, Mapping):
+            raise InvalidRequest(f"meta must be a JSON object, got {type(req.meta).__name__}")
+        canonical_json(dict(req.meta))  # raises InvalidRequest
+
+    if (req.nonce is None) != (req.ciphertext is None):
+        raise InvalidRequest("nonce and ciphertext go together")
+    _base64("nonce", _text("nonce", req.nonce, max_length=1024))
+    if req.ciphertext is not None:
+        if not isinstance(req.ciphertext, str):
+            raise InvalidRequest("ciphertext must be base64 text")
+        _base64("ciphertext", req.ciphertext)
+        if len(req.ciphertext) > 2 * max_payload:
+            raise InvalidRequest(f"ciphertext is over the {max_payload}-byte limit")
+        if target_spec is None:
+            raise InvalidRequest("a request with ciphertext needs a target_spec")
+    session = req.sender_session_pubkey
+    if session is not None and (not isinstance(session, str) or not _HEX64.fullmatch(session)):
+        raise InvalidRequest("sender_session_pubkey must be 64 lowercase hex characters")
+
+    fingerprint = request_fingerprint(
+        destination_kind=kind, destination_ref=ref, payload=payload, priority=priority,
+        reply_to_id=reply_to_id, meta=req.meta,
+    )
+    return OutboxRow(
+        id=uuid7(),
+        client_message_id=client_message_id if client_message_id is not None else uuid7(),
+        request_fingerprint=fingerprint,
+        payload=payload,
+        enqueued_at=now,
+        attempts=0,
+        next_attempt_at=now,
+        status=Status.PENDING,
+        mesh=mesh,
+        target_spec=target_spec,
+        nonce=req.nonce,
+        ciphertext=req.ciphertext,
+        priority=priority,
+        sender_session_pubkey=session,
+    )
