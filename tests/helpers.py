@@ -1,0 +1,125 @@
+"""Test doubles shared across the suite: a fake clock, a fake broker, a portal."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import attrs
+import trio
+
+from trio_drain import BrokerUnavailable, OutgoingMessage, SendResult
+
+T = TypeVar("T")
+
+
+@attrs.define
+class FakeClock:
+    """Wall-clock milliseconds that only move when a test says so."""
+
+    now: int = 1_700_000_000_000
+
+    def __call__(self) -> int:
+        return self.now
+
+    def advance(self, ms: int) -> None:
+        self.now += ms
+
+
+Script = Callable[[OutgoingMessage], "SendResult | Exception | None"]
+
+
+class FakeBroker:
+    """An in-memory broker that dedupes on client_message_id like the real one.
+
+    `script` may return a SendResult to answer with, an exception to raise,
+    or None for the default (ack, or duplicate ack for a seen id).
+    """
+
+    def __init__(self, *, is_open: bool = True, delay: float = 0.0, script: Script | None = None) -> None:
+        self._open = is_open
+        self.delay = delay
+        self.script = script
+        self.received: list[OutgoingMessage] = []
+        self.accepted: dict[str, str] = {}  # client_message_id -> broker message id
+        self.concurrent = 0
+        self.max_concurrent = 0
+        self.arrivals: list[float] = []  # trio.current_time() when each send arrived
+        self._listeners: list[Callable[[], None]] = []
+
+    def is_open(self) -> bool:
+        return self._open
+
+    def set_open(self, value: bool) -> None:
+        self._open = value
+        if value:
+            for callback in self._listeners:
+                callback()
+
+    def add_open_listener(self, callback: Callable[[], None]) -> None:
+        self._listeners.append(callback)
+
+    async def send(self, message: OutgoingMessage) -> SendResult:
+        if not self._open:
+            raise BrokerUnavailable("fake broker is closed")
+        self.received.append(message)
+        self.arrivals.append(trio.current_time())
+        self.concurrent += 1
+        self.max_concurrent = max(self.max_concurrent, self.concurrent)
+        try:
+            if self.delay:
+                await trio.sleep(self.delay)
+            answer = self.script(message) if self.script is not None else None
+            if isinstance(answer, Exception):
+                raise answer
+            if answer is not None:
+                if answer.ok:
+                    self.accepted.setdefault(message.client_message_id, answer.message_id or "")
+                return answer
+            cmid = message.client_message_id
+            if cmid in self.accepted:
+                return SendResult.acked(self.accepted[cmid], duplicate=True)
+            self.accepted[cmid] = f"b-{len(self.accepted)}"
+            return SendResult.acked(self.accepted[cmid])
+        finally:
+            self.concurrent -= 1
+
+
+class TrioPortal:
+    """A Trio loop on a background thread, callable from synchronous code.
+
+    Hypothesis rules are synchronous; they reach async code through this.
+    """
+
+    def __init__(self) -> None:
+        self._ready = threading.Event()
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._stop: trio.Event | None = None
+        self._thread = threading.Thread(target=trio.run, args=(self._main,), daemon=True)
+
+    async def _main(self) -> None:
+        self._stop = trio.Event()
+        self._token = trio.lowlevel.current_trio_token()
+        self._ready.set()
+        await self._stop.wait()
+
+    def __enter__(self) -> TrioPortal:
+        self._thread.start()
+        self._ready.wait()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self._stop is not None
+        trio.from_thread.run_sync(self._stop.set, trio_token=self._token)
+        self._thread.join()
+
+    def run(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+        return trio.from_thread.run(fn, *args, trio_token=self._token)
+
+
+async def wait_until(predicate: Callable[[], Awaitable[bool]], *, timeout: float = 10.0) -> None:
+    """Poll `predicate` until it holds; fail the test after `timeout` seconds."""
+    with trio.fail_after(timeout):
+        while not await predicate():
+            await trio.sleep(0.005)

@@ -1,0 +1,179 @@
+"""Idempotent accept against a real SQLite file (section 3 of the spec)."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import attrs
+import pytest
+import trio
+
+from trio_drain import (
+    InvalidRequest,
+    Outbox,
+    OutcomeKind,
+    SendRequest,
+    Status,
+    open_outbox,
+    request_fingerprint,
+)
+
+REQ = SendRequest(mesh="alpha", target_spec="#general", payload=b"hi", client_message_id="m-1")
+
+
+async def test_a_new_request_is_inserted_pending(outbox: Outbox) -> None:
+    outcome = await outbox.accept(REQ)
+    assert (outcome.kind, outcome.code, outcome.inserted) == (OutcomeKind.ACCEPTED_PENDING, 202, True)
+    row = await outbox.get_by_client_id("m-1")
+    assert row is not None
+    assert (row.status, row.attempts, row.mesh, row.target_spec, row.priority) == (
+        Status.PENDING, 0, "alpha", "#general", "next")
+    assert row.next_attempt_at == row.enqueued_at
+    assert row.request_fingerprint == request_fingerprint(
+        destination_kind="topic", destination_ref="general", payload=b"hi")
+    assert outcome.row_id == row.id
+
+
+async def test_the_same_request_again_is_accepted_without_a_second_row(outbox: Outbox) -> None:
+    first = await outbox.accept(REQ)
+    again = await outbox.accept(REQ)
+    assert (again.kind, again.code, again.inserted, again.row_id) == (
+        OutcomeKind.ACCEPTED_PENDING, 202, False, first.row_id)
+    assert (await outbox.counts())["pending"] == 1
+
+
+async def test_a_different_request_under_the_same_id_conflicts(outbox: Outbox) -> None:
+    first = await outbox.accept(REQ)
+    row = await outbox.get_by_client_id("m-1")
+    assert row is not None
+    outcome = await outbox.accept(attrs.evolve(REQ, payload=b"other"))
+    assert (outcome.kind, outcome.code, outcome.reason) == (
+        OutcomeKind.CONFLICT, 409, "outbox_pending_fingerprint_mismatch")
+    assert outcome.fingerprint_prefix == row.request_fingerprint[:8].hex()
+    assert outcome.row_id == first.row_id
+    stored = await outbox.get_by_client_id("m-1")
+    assert stored is not None and stored.payload == b"hi"
+
+
+async def test_a_done_row_answers_200_with_the_broker_message_id(clocked_outbox: Outbox) -> None:
+    ob = clocked_outbox
+    await ob.accept(REQ)
+    (row,) = await ob.claim(limit=1, lease_ms=1000, max_age_ms=10**9, token="t")
+    from trio_drain import _lifecycle as lc
+    await ob.complete([lc.on_ack(row, broker_message_id="b-42", now=ob.clock())])
+    outcome = await ob.accept(REQ)
+    assert (outcome.kind, outcome.code, outcome.broker_message_id) == (OutcomeKind.ACCEPTED_DONE, 200, "b-42")
+
+
+async def test_an_inflight_row_answers_accepted_inflight(clocked_outbox: Outbox) -> None:
+    await clocked_outbox.accept(REQ)
+    await clocked_outbox.claim(limit=1, lease_ms=1000, max_age_ms=10**9, token="t")
+    assert (await clocked_outbox.accept(REQ)).kind is OutcomeKind.ACCEPTED_INFLIGHT
+
+
+async def test_a_dropped_row_conflicts_and_its_id_is_never_released(outbox: Outbox) -> None:
+    outcome = await outbox.accept(REQ)
+    assert outcome.row_id is not None
+    await outbox.drop(outcome.row_id)
+    again = await outbox.accept(REQ)
+    assert (again.kind, again.reason) == (OutcomeKind.CONFLICT, "outbox_aborted_fingerprint_match")
+    assert sum((await outbox.counts()).values()) == 1
+
+
+async def test_ids_are_minted_sortable_when_none_is_given(outbox: Outbox) -> None:
+    outcomes = [await outbox.accept(attrs.evolve(REQ, client_message_id=None)) for _ in range(5)]
+    ids = [o.client_message_id for o in outcomes]
+    assert len(set(ids)) == 5
+    assert ids == sorted(ids)
+    assert all(uuid.UUID(i).version == 7 for i in ids)
+
+
+async def test_accept_many_is_one_transaction_and_sees_its_own_rows(outbox: Outbox) -> None:
+    reqs = [attrs.evolve(REQ, client_message_id=f"m-{i}") for i in range(100)]
+    outcomes = await outbox.accept_many([*reqs, reqs[0], attrs.evolve(reqs[1], payload=b"x")])
+    assert [o.kind for o in outcomes[:100]] == [OutcomeKind.ACCEPTED_PENDING] * 100
+    assert outcomes[100].kind is OutcomeKind.ACCEPTED_PENDING and not outcomes[100].inserted
+    assert outcomes[101].kind is OutcomeKind.CONFLICT
+    assert (await outbox.counts())["pending"] == 100
+
+
+async def test_concurrent_accepts_of_one_id_make_one_row(outbox: Outbox) -> None:
+    results = []
+
+    async def one() -> None:
+        results.append(await outbox.accept(REQ))
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(20):
+            nursery.start_soon(one)
+    assert sum(r.inserted for r in results) == 1
+    assert {r.row_id for r in results} == {results[0].row_id}
+    assert (await outbox.counts())["pending"] == 1
+
+
+async def test_concurrent_accepts_share_commits(outbox: Outbox) -> None:
+    backend = outbox.backend
+    before = backend.commit_statistics  # type: ignore[attr-defined]
+
+    async def one(i: int) -> None:
+        await outbox.accept(attrs.evolve(REQ, client_message_id=f"c-{i}"))
+
+    async with trio.open_nursery() as nursery:
+        for i in range(64):
+            nursery.start_soon(one, i)
+    batches, ops = (a - b for a, b in zip(backend.commit_statistics, before, strict=True))  # type: ignore[attr-defined]
+    assert ops == 64
+    assert batches < 64, "64 concurrent accepts should have shared at least one commit"
+    assert (await outbox.counts())["pending"] == 64
+
+
+BAD = [
+    ("priority", attrs.evolve(REQ, priority="urgent"), "priority"),
+    ("oversized payload", attrs.evolve(REQ, payload=b"x" * (1024 * 1024 + 1)), "limit"),
+    ("empty target", attrs.evolve(REQ, target_spec=""), "target_spec"),
+    ("blank target", attrs.evolve(REQ, target_spec="   "), "target_spec"),
+    ("non-JSON meta", attrs.evolve(REQ, meta={"a": object()}), "meta"),
+    ("meta not an object", attrs.evolve(REQ, meta=[1, 2]), "meta"),  # type: ignore[arg-type]
+    ("NaN in meta", attrs.evolve(REQ, meta={"a": float("nan")}), "meta"),
+    ("payload not bytes", attrs.evolve(REQ, payload="hi"), "payload"),  # type: ignore[arg-type]
+    ("nonce without ciphertext", attrs.evolve(REQ, nonce="AAAA"), "nonce"),
+    ("ciphertext not base64", attrs.evolve(REQ, nonce="AAAA", ciphertext="not base64!"), "ciphertext"),
+    ("bad session key", attrs.evolve(REQ, sender_session_pubkey="xyz"), "sender_session_pubkey"),
+    ("empty client id", attrs.evolve(REQ, client_message_id=""), "client_message_id"),
+    ("control chars in id", attrs.evolve(REQ, client_message_id="a\nb"), "client_message_id"),
+    ("bad destination kind", attrs.evolve(REQ, destination_kind="room", destination_ref="x"), "destination_kind"),
+    ("half a destination", attrs.evolve(REQ, destination_kind="topic"), "destination"),
+]
+
+
+@pytest.mark.parametrize(("case", "request_", "message"), BAD, ids=[b[0] for b in BAD])
+async def test_bad_requests_are_refused_and_write_nothing(
+    outbox: Outbox, case: str, request_: SendRequest, message: str
+) -> None:
+    with pytest.raises(InvalidRequest, match=message):
+        await outbox.accept(request_)
+    assert sum((await outbox.counts()).values()) == 0
+    # The id was not consumed: a good request under it goes through.
+    assert (await outbox.accept(REQ)).inserted
+
+
+async def test_one_bad_request_in_accept_many_writes_none(outbox: Outbox) -> None:
+    with pytest.raises(InvalidRequest):
+        await outbox.accept_many([attrs.evolve(REQ, client_message_id="ok"), attrs.evolve(REQ, priority="x")])
+    assert sum((await outbox.counts()).values()) == 0
+
+
+async def test_list_rejects_unknown_status_and_bad_limits(outbox: Outbox) -> None:
+    with pytest.raises(InvalidRequest, match="unknown status"):
+        await outbox.list("stuck")
+    with pytest.raises(InvalidRequest, match="limit"):
+        await outbox.list(limit=0)
+
+
+async def test_a_row_is_durable_once_accept_returns(db_path: Path) -> None:
+    async with open_outbox(db_path) as ob:
+        await ob.accept(REQ)
+    async with open_outbox(db_path) as ob:
+        row = await ob.get_by_client_id("m-1")
+        assert row is not None and row.payload == b"hi"

@@ -1,0 +1,154 @@
+"""The row state machine as pure functions: backoff, transitions, idempotency."""
+
+from __future__ import annotations
+
+import attrs
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from trio_drain import InvalidTransition, OutboxRow, OutcomeKind, Status
+from trio_drain import _lifecycle as lc
+
+POLICY = lc.RetryPolicy(max_attempts=5, backoff_base_ms=500, backoff_cap_ms=30_000)
+
+
+def claimed_row(**changes: object) -> OutboxRow:
+    row = OutboxRow(
+        id="r1", client_message_id="m-1", request_fingerprint=b"\x01" * 32, payload=b"x",
+        enqueued_at=0, attempts=1, next_attempt_at=0, status=Status.INFLIGHT,
+        lease_token="t", lease_expires_at=60_000, mesh="alpha",
+    )
+    return attrs.evolve(row, **changes)
+
+
+@given(
+    attempts=st.integers(1, 200),
+    base=st.integers(1, 10_000),
+    extra=st.integers(0, 100_000),
+    jitter=st.floats(0, 1),
+)
+def test_backoff_never_exceeds_the_cap_and_is_positive(attempts: int, base: int, extra: int, jitter: float) -> None:
+    cap = base + extra
+    delay = lc.backoff_ms(attempts, base_ms=base, cap_ms=cap, jitter=jitter)
+    assert 1 <= delay <= cap
+
+
+@given(attempts=st.integers(1, 30), jitter=st.floats(0, 1))
+def test_backoff_lies_in_the_upper_half_of_the_exponential_step(attempts: int, jitter: float) -> None:
+    step = min(30_000, 500 * 2 ** (attempts - 1))
+    delay = lc.backoff_ms(attempts, base_ms=500, cap_ms=30_000, jitter=jitter)
+    assert step // 2 <= delay <= step
+
+
+@given(a=st.integers(1, 6), jitter=st.floats(0, 1))
+def test_backoff_grows_with_attempts_below_the_cap(a: int, jitter: float) -> None:
+    # The slowest try after a+1 failures waits at least as long as the
+    # fastest... of the step before: steps double, jitter spans half a step.
+    low_next = lc.backoff_ms(a + 1, base_ms=500, cap_ms=10**9, jitter=0.0)
+    high_now = lc.backoff_ms(a, base_ms=500, cap_ms=10**9, jitter=1.0)
+    assert low_next >= high_now
+
+
+def test_ack_moves_to_done_keeping_attempts_and_clearing_the_error() -> None:
+    c = lc.on_ack(claimed_row(last_error="x"), broker_message_id="b-9", now=123)
+    assert (c.status, c.attempts, c.delivered_at, c.broker_message_id, c.last_error) == (
+        Status.DONE, 1, 123, "b-9", None)
+    assert c.lease_token == "t"
+
+
+def test_transient_error_backs_off_and_records_the_error() -> None:
+    c = lc.on_error(claimed_row(attempts=2), error="boom", permanent=False, now=1000, policy=POLICY, jitter=0.5)
+    assert c.status is Status.PENDING
+    assert c.last_error == "boom"
+    assert 1000 + 500 <= c.next_attempt_at <= 1000 + 1000
+
+
+def test_transient_error_at_the_attempt_cap_is_dead_with_max_attempts_prefix() -> None:
+    c = lc.on_error(claimed_row(attempts=5), error="boom", permanent=False, now=0, policy=POLICY, jitter=0.5)
+    assert (c.status, c.last_error) == (Status.DEAD, "max_attempts: boom")
+
+
+def test_permanent_error_is_dead_with_the_brokers_error() -> None:
+    c = lc.on_error(claimed_row(), error="forbidden", permanent=True, now=0, policy=POLICY, jitter=0.5)
+    assert (c.status, c.last_error) == (Status.DEAD, "forbidden")
+
+
+def test_route_unavailable_gives_the_attempt_back() -> None:
+    c = lc.on_route_unavailable(claimed_row(attempts=3), now=100, policy=POLICY)
+    assert (c.status, c.attempts, c.next_attempt_at) == (Status.PENDING, 2, 100 + POLICY.route_retry_ms)
+
+
+@pytest.mark.parametrize(("mesh", "error"), [("beta", "no_broker_for_mesh:beta"), (None, "no_broker_for_mesh:null")])
+def test_no_broker_is_dead_naming_the_mesh(mesh: str | None, error: str) -> None:
+    c = lc.on_no_broker(claimed_row(mesh=mesh))
+    assert (c.status, c.last_error) == (Status.DEAD, error)
+
+
+def test_release_before_the_send_gives_the_attempt_back_and_after_keeps_it() -> None:
+    before = lc.on_released(claimed_row(attempts=4), sent=False, now=7)
+    after = lc.on_released(claimed_row(attempts=4), sent=True, now=7)
+    assert (before.status, before.attempts, before.next_attempt_at) == (Status.PENDING, 3, 7)
+    assert (after.status, after.attempts, after.last_error) == (Status.PENDING, 4, lc.WORKER_STOPPED)
+
+
+def test_transitions_out_of_inflight_refuse_an_unclaimed_row() -> None:
+    with pytest.raises(ValueError):
+        lc.on_ack(claimed_row(status=Status.PENDING, lease_token=None), broker_message_id="b", now=0)
+
+
+def test_claimability_requires_due_and_unexpired() -> None:
+    pol = lc.RetryPolicy(max_age_ms=1000)
+    row = claimed_row(status=Status.PENDING, lease_token=None, next_attempt_at=50, enqueued_at=0)
+    assert not lc.is_claimable(row, now=49, policy=pol)
+    assert lc.is_claimable(row, now=50, policy=pol)
+    assert not lc.is_claimable(row, now=1001, policy=pol)
+    assert lc.is_expired(row, now=1001, policy=pol)
+
+
+@pytest.mark.parametrize("status", list(Status))
+def test_requeue_and_drop_are_allowed_exactly_from_the_specified_states(status: Status) -> None:
+    row = claimed_row(status=status)
+    if status in (Status.PENDING, Status.INFLIGHT, Status.DEAD):
+        aborted, successor = lc.requeued(row, now=5, new_id="r2", new_client_message_id="m-2", by="op")
+        assert (aborted.status, aborted.superseded_by, aborted.aborted_by) == (Status.ABORTED, "r2", "op")
+        assert (successor.status, successor.attempts, successor.client_message_id) == (Status.PENDING, 0, "m-2")
+        assert (successor.payload, successor.request_fingerprint, successor.mesh) == (row.payload, row.request_fingerprint, row.mesh)
+    else:
+        with pytest.raises(InvalidTransition):
+            lc.requeued(row, now=5, new_id="r2", new_client_message_id="m-2", by="op")
+    if status in (Status.PENDING, Status.DEAD):
+        assert lc.dropped(row, now=5).status is Status.ABORTED
+    else:
+        with pytest.raises(InvalidTransition):
+            lc.dropped(row, now=5)
+
+
+# The idempotency table of the spec, written out independently.
+EXPECTED = {
+    (Status.PENDING, True): (OutcomeKind.ACCEPTED_PENDING, 202, None),
+    (Status.INFLIGHT, True): (OutcomeKind.ACCEPTED_INFLIGHT, 202, None),
+    (Status.DONE, True): (OutcomeKind.ACCEPTED_DONE, 200, None),
+    (Status.DEAD, True): (OutcomeKind.CONFLICT, 409, "outbox_dead_fingerprint_match"),
+    (Status.ABORTED, True): (OutcomeKind.CONFLICT, 409, "outbox_aborted_fingerprint_match"),
+}
+
+
+@given(status=st.sampled_from(list(Status)), same=st.booleans(), fp=st.binary(min_size=32, max_size=32))
+def test_the_idempotency_table(status: Status, same: bool, fp: bytes) -> None:
+    existing = claimed_row(status=status, request_fingerprint=fp, broker_message_id="b-1")
+    asked = fp if same else bytes(b ^ 0xFF for b in fp)
+    outcome = lc.decide_accept(existing, client_message_id="m-1", fingerprint=asked)
+    kind, code, reason = EXPECTED.get(
+        (status, same), (OutcomeKind.CONFLICT, 409, f"outbox_{status.value}_fingerprint_mismatch")
+    )
+    assert (outcome.kind, outcome.code, outcome.reason) == (kind, code, reason)
+    assert not outcome.inserted
+    assert outcome.broker_message_id == "b-1"
+    if kind is OutcomeKind.CONFLICT:
+        assert outcome.fingerprint_prefix == fp[:8].hex()
+
+
+def test_no_existing_row_means_insert() -> None:
+    outcome = lc.decide_accept(None, client_message_id="m-1", fingerprint=b"x" * 32)
+    assert (outcome.kind, outcome.code, outcome.inserted) == (OutcomeKind.ACCEPTED_PENDING, 202, True)
