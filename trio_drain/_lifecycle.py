@@ -14,7 +14,7 @@ sockets or the clock: times are passed in as integer milliseconds.
     inflight --permanent error----------------> dead
     inflight --route unavailable--------------> pending    attempt given back
     inflight --no broker for the mesh---------> dead       "no_broker_for_mesh:<mesh>"
-    inflight --lease expired------------------> pending    (store sweep)
+    inflight --lease expired------------------> pending    (store sweep; dead at the cap)
     inflight --cancelled before the send------> pending    attempt given back
     pending  --older than max_age-------------> dead       "expired" (store sweep)
     pending, inflight, dead --requeue---------> aborted    + a new pending row
@@ -33,6 +33,9 @@ from ._model import AcceptOutcome, OutboxRow, OutcomeKind, Status
 EXPIRED = "expired"
 #: last_error of rows whose lease expired and were put back.
 LEASE_EXPIRED = "lease_expired"
+#: last_error of rows whose lease expired after their last allowed attempt:
+#: lease expiry counts as a transient failure, so the cap applies.
+LEASE_EXPIRED_AT_CAP = f"max_attempts: {LEASE_EXPIRED}"
 #: last_error of rows given back because their route was not open.
 ROUTE_UNAVAILABLE = "route_unavailable"
 #: last_error of rows handed back when the worker stopped.

@@ -178,8 +178,8 @@ class Outbox:
     async def complete(self, completions: Sequence[Completion]) -> list[bool]:
         return await self.backend.complete(completions)
 
-    async def recover_expired_leases(self) -> int:
-        return await self.backend.recover_expired_leases(now=self.clock())
+    async def recover_expired_leases(self, *, max_attempts: int = 25) -> int:
+        return await self.backend.recover_expired_leases(now=self.clock(), max_attempts=max_attempts)
 
     async def expire_stale(self, *, max_age_ms: int) -> int:
         return await self.backend.expire_stale(now=self.clock(), max_age_ms=max_age_ms)

@@ -239,7 +239,7 @@ class DrainWorker:
             await self._wake_receive.receive()
 
     async def _maintain(self) -> None:
-        recovered = await self.outbox.recover_expired_leases()
+        recovered = await self.outbox.recover_expired_leases(max_attempts=self._policy.max_attempts)
         expired = await self.outbox.expire_stale(max_age_ms=self._policy.max_age_ms)
         if recovered:
             log.warning("recovered %d row(s) whose lease expired", recovered)

@@ -67,8 +67,10 @@ class OutboxBackend(Protocol):
         """Apply each completion if its row is still inflight under its token.
         Returns, per completion, whether it applied (False: stale lease)."""
 
-    async def recover_expired_leases(self, *, now: int) -> int:
-        """Put inflight rows whose lease ran out back to pending."""
+    async def recover_expired_leases(self, *, now: int, max_attempts: int) -> int:
+        """Put inflight rows whose lease ran out back to pending, or to dead
+        (`LEASE_EXPIRED_AT_CAP`) if they have used every attempt. Returns
+        the rows moved."""
 
     async def expire_stale(self, *, now: int, max_age_ms: int) -> int:
         """Move pending rows older than max_age to dead ("expired")."""

@@ -404,14 +404,22 @@ class SqliteBackend:
 
         return await self._write(op, durable=False)
 
-    async def recover_expired_leases(self, *, now: int) -> int:
+    async def recover_expired_leases(self, *, now: int, max_attempts: int) -> int:
+        expired = "status = 'inflight' AND (lease_expires_at IS NULL OR lease_expires_at <= ?)"
+
         def op(conn: sqlite3.Connection) -> int:
-            return conn.execute(
-                "UPDATE outbox SET status = 'pending', next_attempt_at = ?, last_error = ?,"
+            dead = conn.execute(
+                "UPDATE outbox SET status = 'dead', last_error = ?,"
                 " lease_token = NULL, lease_expires_at = NULL"
-                " WHERE status = 'inflight' AND (lease_expires_at IS NULL OR lease_expires_at <= ?)",
+                f" WHERE {expired} AND attempts >= ?",
+                (_lifecycle.LEASE_EXPIRED_AT_CAP, now, max_attempts),
+            ).rowcount
+            back = conn.execute(
+                "UPDATE outbox SET status = 'pending', next_attempt_at = ?, last_error = ?,"
+                f" lease_token = NULL, lease_expires_at = NULL WHERE {expired}",
                 (now, _lifecycle.LEASE_EXPIRED, now),
             ).rowcount
+            return int(dead + back)
 
         return await self._write(op, durable=False)
 

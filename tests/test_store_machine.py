@@ -1,0 +1,241 @@
+"""A hypothesis state machine drives a real SQLite outbox against a simple model.
+
+Two workers claim and complete rows while accepts, clock jumps (forwards and
+backwards), lease expiry, max-age sweeps, requeues and drops interleave.
+After every step the store must agree with the model, and the invariants
+hold: each row in exactly one state, attempts never above the cap, no
+client_message_id ever freed, a stale lease changing nothing.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import attrs
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from trio_drain import InvalidTransition, OutboxRow, OutcomeKind, SendRequest, Status
+from trio_drain import _lifecycle as lc
+from trio_drain._outbox import Outbox
+from trio_drain._store._sqlite import SqliteBackend
+from trio_drain._validate import prepare_row
+
+from .helpers import FakeClock, TrioPortal
+from .strategies import send_requests
+
+POLICY = lc.RetryPolicy(
+    max_attempts=3, backoff_base_ms=100, backoff_cap_ms=400, route_retry_ms=50, lease_ms=1000,
+    max_age_ms=20_000,
+)
+RANK = {"now": 0, "next": 1, "low": 2}
+
+
+@attrs.define
+class ModelRow:
+    id: str
+    client_message_id: str
+    fingerprint: bytes
+    rank: int
+    enqueued_at: int
+    status: Status = Status.PENDING
+    attempts: int = 0
+    next_attempt_at: int = 0
+    lease_token: str | None = None
+    lease_expires_at: int | None = None
+
+
+class OutboxMachine(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.folder = tempfile.mkdtemp(prefix="trio-drain-machine-")
+        self.portal = TrioPortal().__enter__()
+        self.clock = FakeClock()
+        backend = self.portal.run(
+            lambda: SqliteBackend.open(Path(self.folder) / "outbox.db", durability="normal")
+        )
+        self.outbox = Outbox(backend, clock=self.clock)
+        self.model: dict[str, ModelRow] = {}
+        self.by_client_id: dict[str, str] = {}
+        self.held: dict[str, list[OutboxRow]] = {"A": [], "B": []}
+        self.tokens = 0
+
+    def teardown(self) -> None:
+        self.portal.run(self.outbox.aclose)
+        self.portal.__exit__(None, None, None)
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    def call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        async def go() -> Any:
+            return await fn(*args, **kwargs)
+
+        return self.portal.run(go)
+
+    # -- rules
+
+    @rule(request=send_requests())
+    def accept(self, request: SendRequest) -> None:
+        outcome = self.call(self.outbox.accept, request)
+        fingerprint = prepare_row(request, now=0).request_fingerprint
+        existing_id = self.by_client_id.get(outcome.client_message_id)
+        if existing_id is None:
+            assert outcome.inserted and outcome.kind is OutcomeKind.ACCEPTED_PENDING
+            assert outcome.row_id is not None
+            self.model[outcome.row_id] = ModelRow(
+                id=outcome.row_id, client_message_id=outcome.client_message_id, fingerprint=fingerprint,
+                rank=RANK[request.priority], enqueued_at=self.clock.now, next_attempt_at=self.clock.now,
+            )
+            self.by_client_id[outcome.client_message_id] = outcome.row_id
+        else:
+            row = self.model[existing_id]
+            assert not outcome.inserted
+            assert outcome.row_id == existing_id
+            if row.fingerprint != fingerprint:
+                expected = (OutcomeKind.CONFLICT, f"outbox_{row.status.value}_fingerprint_mismatch")
+            else:
+                expected = {
+                    Status.PENDING: (OutcomeKind.ACCEPTED_PENDING, None),
+                    Status.INFLIGHT: (OutcomeKind.ACCEPTED_INFLIGHT, None),
+                    Status.DONE: (OutcomeKind.ACCEPTED_DONE, None),
+                    Status.DEAD: (OutcomeKind.CONFLICT, "outbox_dead_fingerprint_match"),
+                    Status.ABORTED: (OutcomeKind.CONFLICT, "outbox_aborted_fingerprint_match"),
+                }[row.status]
+            assert (outcome.kind, outcome.reason) == expected
+        self.clock.advance(1)
+
+    @rule(worker=st.sampled_from("AB"), limit=st.integers(1, 4))
+    def claim(self, worker: str, limit: int) -> None:
+        self.tokens += 1
+        token = f"{worker}{self.tokens}"
+        rows = self.call(self.outbox.claim, limit=limit, lease_ms=POLICY.lease_ms,
+                         max_age_ms=POLICY.max_age_ms, token=token)
+        now = self.clock.now
+        eligible = {
+            r.id: r for r in self.model.values()
+            if r.status is Status.PENDING and r.next_attempt_at <= now
+            and r.enqueued_at >= now - POLICY.max_age_ms
+        }
+        assert len(rows) == min(limit, len(eligible))
+        claimed_keys = []
+        for row in rows:
+            assert row.id in eligible, "claimed a row that was not claimable"
+            claimed_keys.append((eligible[row.id].rank, eligible[row.id].enqueued_at))
+        unclaimed = [(r.rank, r.enqueued_at) for i, r in eligible.items() if i not in {x.id for x in rows}]
+        if claimed_keys and unclaimed:
+            assert max(claimed_keys) <= min(unclaimed), "claim skipped a row that comes first"
+        for row in rows:
+            m = self.model[row.id]
+            m.status, m.attempts, m.lease_token = Status.INFLIGHT, m.attempts + 1, token
+            m.lease_expires_at = now + POLICY.lease_ms
+            assert row.attempts == m.attempts
+        self.held[worker].extend(rows)
+
+    @precondition(lambda self: self.held["A"] or self.held["B"])
+    @rule(
+        worker=st.sampled_from("AB"),
+        index=st.integers(0, 50),
+        event=st.sampled_from(["ack", "transient", "permanent", "unavailable", "no_broker",
+                               "released_unsent", "released_sent"]),
+    )
+    def complete(self, worker: str, index: int, event: str) -> None:
+        held = self.held[worker]
+        if not held:
+            return
+        row = held.pop(index % len(held))
+        now = self.clock.now
+        completion = {
+            "ack": lambda: lc.on_ack(row, broker_message_id="b", now=now),
+            "transient": lambda: lc.on_error(row, error="e", permanent=False, now=now, policy=POLICY, jitter=0.5),
+            "permanent": lambda: lc.on_error(row, error="e", permanent=True, now=now, policy=POLICY, jitter=0.5),
+            "unavailable": lambda: lc.on_route_unavailable(row, now=now, policy=POLICY),
+            "no_broker": lambda: lc.on_no_broker(row),
+            "released_unsent": lambda: lc.on_released(row, sent=False, now=now),
+            "released_sent": lambda: lc.on_released(row, sent=True, now=now),
+        }[event]()
+        (applied,) = self.call(self.outbox.complete, [completion])
+        m = self.model[row.id]
+        fresh = m.status is Status.INFLIGHT and m.lease_token == row.lease_token
+        assert applied == fresh, "a stale lease changed a row, or a live one was refused"
+        if applied:
+            m.status, m.attempts, m.next_attempt_at = completion.status, completion.attempts, completion.next_attempt_at
+            m.lease_token = m.lease_expires_at = None
+
+    @rule(ms=st.sampled_from([1, 60, 400, 999, 1000, 5000, 30_000, -500]))
+    def clock_jumps(self, ms: int) -> None:
+        self.clock.advance(ms)
+
+    @rule()
+    def recover_leases(self) -> None:
+        moved = self.call(self.outbox.recover_expired_leases, max_attempts=POLICY.max_attempts)
+        now = self.clock.now
+        expected = 0
+        for m in self.model.values():
+            if m.status is Status.INFLIGHT and m.lease_expires_at is not None and m.lease_expires_at <= now:
+                expected += 1
+                m.status = Status.DEAD if m.attempts >= POLICY.max_attempts else Status.PENDING
+                if m.status is Status.PENDING:
+                    m.next_attempt_at = now
+                m.lease_token = m.lease_expires_at = None
+        assert moved == expected
+
+    @rule()
+    def expire_stale(self) -> None:
+        moved = self.call(self.outbox.expire_stale, max_age_ms=POLICY.max_age_ms)
+        cutoff = self.clock.now - POLICY.max_age_ms
+        expected = [m for m in self.model.values() if m.status is Status.PENDING and m.enqueued_at < cutoff]
+        for m in expected:
+            m.status = Status.DEAD
+        assert moved == len(expected)
+
+    @precondition(lambda self: self.model)
+    @rule(data=st.data(), action=st.sampled_from(["requeue", "drop"]))
+    def operator(self, data: st.DataObject, action: str) -> None:
+        row_id = data.draw(st.sampled_from(sorted(self.model)))
+        m = self.model[row_id]
+        allowed = lc.REQUEUEABLE if action == "requeue" else lc.DROPPABLE
+        try:
+            result = self.call(getattr(self.outbox, action), row_id)
+        except InvalidTransition:
+            assert m.status not in allowed
+            return
+        assert m.status in allowed
+        m.status, m.lease_token, m.lease_expires_at = Status.ABORTED, None, None
+        if action == "requeue":
+            self.model[result.id] = ModelRow(
+                id=result.id, client_message_id=result.client_message_id, fingerprint=m.fingerprint,
+                rank=m.rank, enqueued_at=self.clock.now, next_attempt_at=self.clock.now,
+            )
+            self.by_client_id[result.client_message_id] = result.id
+
+    # -- invariants
+
+    @invariant()
+    def store_matches_model(self) -> None:
+        rows = self.call(self.outbox.list, limit=10_000)
+        assert len(rows) == len(self.model), "a row appeared or vanished"
+        for row in rows:
+            m = self.model[row.id]
+            assert (row.status, row.attempts, row.lease_token) == (m.status, m.attempts, m.lease_token)
+            assert row.client_message_id == m.client_message_id
+            assert row.attempts <= POLICY.max_attempts
+        # No client_message_id is ever freed, and each names one row.
+        assert {r.client_message_id for r in rows} == set(self.by_client_id)
+
+    @invariant()
+    def counts_partition_the_rows(self) -> None:
+        counts = self.call(self.outbox.counts)
+        assert set(counts) == {s.value for s in Status}
+        assert sum(counts.values()) == len(self.model)
+        for status in Status:
+            assert counts[status.value] == sum(m.status is status for m in self.model.values())
+
+
+OutboxMachine.TestCase.settings = settings(
+    max_examples=60, stateful_step_count=40, deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+TestOutboxMachine = OutboxMachine.TestCase
