@@ -118,8 +118,11 @@ class TrioPortal:
         return trio.from_thread.run(fn, *args, trio_token=self._token)
 
 
-async def wait_until(predicate: Callable[[], Awaitable[bool]], *, timeout: float = 10.0) -> None:
-    """Poll `predicate` until it holds; fail the test after `timeout` seconds."""
-    with trio.fail_after(timeout):
-        while not await predicate():
+async def wait_until(predicate: Callable[[], Awaitable[bool]], *, seconds: float = 10.0) -> None:
+    """Poll `predicate` until it holds; fail the test after `seconds`.
+
+    Polling (not an Event) because the state watched is often in the database.
+    """
+    with trio.fail_after(seconds):
+        while not await predicate():  # noqa: ASYNC110
             await trio.sleep(0.005)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import attrs
 import pytest
 from hypothesis import given
@@ -13,7 +15,7 @@ from trio_drain import _lifecycle as lc
 POLICY = lc.RetryPolicy(max_attempts=5, backoff_base_ms=500, backoff_cap_ms=30_000)
 
 
-def claimed_row(**changes: object) -> OutboxRow:
+def claimed_row(**changes: Any) -> OutboxRow:
     row = OutboxRow(
         id="r1", client_message_id="m-1", request_fingerprint=b"\x01" * 32, payload=b"x",
         enqueued_at=0, attempts=1, next_attempt_at=0, status=Status.INFLIGHT,

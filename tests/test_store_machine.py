@@ -94,6 +94,7 @@ class OutboxMachine(RuleBasedStateMachine):
             row = self.model[existing_id]
             assert not outcome.inserted
             assert outcome.row_id == existing_id
+            expected: tuple[OutcomeKind, str | None]
             if row.fingerprint != fingerprint:
                 expected = (OutcomeKind.CONFLICT, f"outbox_{row.status.value}_fingerprint_mismatch")
             else:

@@ -9,7 +9,7 @@ from typing import Any
 import attrs
 
 
-class Status(str, enum.Enum):
+class Status(enum.StrEnum):
     """The five states of an outbox row (see the lifecycle module)."""
 
     PENDING = "pending"
@@ -18,19 +18,13 @@ class Status(str, enum.Enum):
     DEAD = "dead"
     ABORTED = "aborted"
 
-    def __str__(self) -> str:
-        return self.value
 
-
-class Priority(str, enum.Enum):
+class Priority(enum.StrEnum):
     """Delivery priority. Rows are claimed `now` first, then `next`, then `low`."""
 
     NOW = "now"
     NEXT = "next"
     LOW = "low"
-
-    def __str__(self) -> str:
-        return self.value
 
     @property
     def rank(self) -> int:
@@ -44,13 +38,10 @@ _PRIORITY_RANK = {Priority.NOW: 0, Priority.NEXT: 1, Priority.LOW: 2}
 STATUSES: tuple[str, ...] = tuple(s.value for s in Status)
 
 
-class DestinationKind(str, enum.Enum):
+class DestinationKind(enum.StrEnum):
     TOPIC = "topic"
     DM = "dm"
     QUEUE = "queue"
-
-    def __str__(self) -> str:
-        return self.value
 
 
 @attrs.frozen(kw_only=True)
@@ -121,14 +112,11 @@ class OutboxRow:
         return d
 
 
-class OutcomeKind(str, enum.Enum):
+class OutcomeKind(enum.StrEnum):
     ACCEPTED_PENDING = "accepted_pending"
     ACCEPTED_INFLIGHT = "accepted_inflight"
     ACCEPTED_DONE = "accepted_done"
     CONFLICT = "conflict"
-
-    def __str__(self) -> str:
-        return self.value
 
 
 @attrs.frozen(kw_only=True)

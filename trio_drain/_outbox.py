@@ -16,7 +16,7 @@ from ._errors import ConfigError, InvalidRequest
 from ._ids import uuid7
 from ._lifecycle import Completion
 from ._model import AcceptOutcome, OutboxRow, SendRequest, Status
-from ._store._base import NO_FILTER, OutboxBackend, RouteFilter
+from ._store._base import NO_FILTER, Applied, OutboxBackend, Outcomes, RouteFilter, Rows
 from ._store._sqlite import Durability, SqliteBackend
 from ._validate import DEFAULT_MAX_PAYLOAD, prepare_row
 
@@ -69,7 +69,7 @@ class Outbox:
         (outcome,) = await self.accept_many([request])
         return outcome
 
-    async def accept_many(self, requests: Sequence[SendRequest]) -> list[AcceptOutcome]:
+    async def accept_many(self, requests: Sequence[SendRequest]) -> Outcomes:
         """Accept several requests in one transaction: all are written or none.
 
         Every request is validated before anything is written.
@@ -107,7 +107,7 @@ class Outbox:
 
     async def list(
         self, status: Status | str | None = None, *, limit: int = 100, before: int | None = None
-    ) -> list[OutboxRow]:
+    ) -> Rows:
         """Rows newest first, optionally only those of one status.
 
         Args:
@@ -169,13 +169,13 @@ class Outbox:
     async def claim(
         self, *, limit: int, lease_ms: int, max_age_ms: int, token: str,
         exclude: RouteFilter = NO_FILTER,
-    ) -> list[OutboxRow]:
+    ) -> Rows:
         return await self.backend.claim(
             now=self.clock(), limit=limit, lease_ms=lease_ms, max_age_ms=max_age_ms,
             token=token, exclude=exclude,
         )
 
-    async def complete(self, completions: Sequence[Completion]) -> list[bool]:
+    async def complete(self, completions: Sequence[Completion]) -> Applied:
         return await self.backend.complete(completions)
 
     async def recover_expired_leases(self, *, max_attempts: int = 25) -> int:

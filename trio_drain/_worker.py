@@ -144,7 +144,7 @@ class DrainWorker:
             **self._counts,
             in_flight=self._limiter.borrowed_tokens,
             blocked_routes=tuple(sorted(self._blocked.values())),
-            per_route={name: RouteStatistics(**c) for name, c in self._per_route.items()},  # type: ignore[arg-type]
+            per_route={name: RouteStatistics(**c) for name, c in self._per_route.items()},
         )
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

@@ -12,8 +12,12 @@ from typing import Protocol
 
 import attrs
 
-from .._model import AcceptOutcome, OutboxRow, Status
 from .._lifecycle import Completion
+from .._model import AcceptOutcome, OutboxRow, Status
+
+Rows = list[OutboxRow]
+Outcomes = list[AcceptOutcome]
+Applied = list[bool]
 
 #: Columns of the outbox table that OutboxRow carries, in order.
 COLUMNS: tuple[str, ...] = tuple(a.name for a in attrs.fields(OutboxRow))
@@ -52,18 +56,18 @@ class OutboxBackend(Protocol):
     """What a storage back end provides. All methods are safe to call
     concurrently from many Trio tasks; none blocks the Trio thread."""
 
-    async def accept_many(self, rows: Sequence[OutboxRow]) -> list[AcceptOutcome]:
+    async def accept_many(self, rows: Sequence[OutboxRow]) -> Outcomes:
         """Insert each prepared pending row unless its client_message_id exists,
         applying the idempotency table, all in one transaction."""
 
     async def claim(
         self, *, now: int, limit: int, lease_ms: int, max_age_ms: int, token: str,
         exclude: RouteFilter = NO_FILTER,
-    ) -> list[OutboxRow]:
+    ) -> Rows:
         """Move up to `limit` due, unexpired, pending rows to inflight under
         `token`, highest priority and oldest first, and return them."""
 
-    async def complete(self, completions: Sequence[Completion]) -> list[bool]:
+    async def complete(self, completions: Sequence[Completion]) -> Applied:
         """Apply each completion if its row is still inflight under its token.
         Returns, per completion, whether it applied (False: stale lease)."""
 
@@ -86,7 +90,7 @@ class OutboxBackend(Protocol):
 
     async def list(
         self, *, status: Status | None, limit: int, before: int | None = None
-    ) -> list[OutboxRow]:
+    ) -> Rows:
         """Rows newest first (by enqueued_at), optionally of one status."""
 
     async def counts(self) -> dict[str, int]: ...

@@ -40,8 +40,8 @@ from .._errors import (
     UnknownRow,
 )
 from .._lifecycle import Completion
-from .._model import AcceptOutcome, OutboxRow, Status
-from ._base import COLUMNS, NO_FILTER, RouteFilter
+from .._model import OutboxRow, Status
+from ._base import COLUMNS, NO_FILTER, Applied, Outcomes, RouteFilter, Rows
 
 T = TypeVar("T")
 
@@ -338,8 +338,8 @@ class SqliteBackend:
 
     # -- accept
 
-    async def accept_many(self, rows: Sequence[OutboxRow]) -> list[AcceptOutcome]:
-        def op(conn: sqlite3.Connection) -> list[AcceptOutcome]:
+    async def accept_many(self, rows: Sequence[OutboxRow]) -> Outcomes:
+        def op(conn: sqlite3.Connection) -> Outcomes:
             outcomes = []
             for row in rows:
                 found = conn.execute(
@@ -363,7 +363,7 @@ class SqliteBackend:
     async def claim(
         self, *, now: int, limit: int, lease_ms: int, max_age_ms: int, token: str,
         exclude: RouteFilter = NO_FILTER,
-    ) -> list[OutboxRow]:
+    ) -> Rows:
         clause, params = _route_clause(exclude)
         # INDEXED BY pins the claim index: the planner would otherwise often
         # pick outbox_due and sort the whole backlog.
@@ -378,21 +378,21 @@ class SqliteBackend:
         )
         args = [token, now + lease_ms, now, now - max_age_ms, *params, limit]
 
-        def op(conn: sqlite3.Connection) -> list[OutboxRow]:
+        def op(conn: sqlite3.Connection) -> Rows:
             found = conn.execute(sql, args).fetchall()
             found.sort(key=lambda r: (r[-1], r[COLUMNS.index("enqueued_at")]))
             return [_row(r[:-1]) for r in found]
 
         return await self._write(op, durable=False)
 
-    async def complete(self, completions: Sequence[Completion]) -> list[bool]:
+    async def complete(self, completions: Sequence[Completion]) -> Applied:
         sql = (
             "UPDATE outbox SET status = ?, attempts = ?, next_attempt_at = ?, last_error = ?,"
             " delivered_at = ?, broker_message_id = ?, lease_token = NULL, lease_expires_at = NULL"
             " WHERE id = ? AND status = 'inflight' AND lease_token = ?"
         )
 
-        def op(conn: sqlite3.Connection) -> list[bool]:
+        def op(conn: sqlite3.Connection) -> Applied:
             applied = []
             for c in completions:
                 cur = conn.execute(sql, (
@@ -469,8 +469,9 @@ class SqliteBackend:
 
     async def list(
         self, *, status: Status | None, limit: int, before: int | None = None
-    ) -> list[OutboxRow]:
-        where, args = [], []
+    ) -> Rows:
+        where: list[str] = []
+        args: list[object] = []
         if status is not None:
             where.append("status = ?")
             args.append(status.value)
@@ -480,7 +481,7 @@ class SqliteBackend:
         sql = _SELECT + (" WHERE " + " AND ".join(where) if where else "")
         sql += " ORDER BY enqueued_at DESC, id DESC LIMIT ?"
 
-        def op(conn: sqlite3.Connection) -> list[OutboxRow]:
+        def op(conn: sqlite3.Connection) -> Rows:
             return [_row(r) for r in conn.execute(sql, [*args, limit])]
 
         return await self._read(op)

@@ -1,0 +1,349 @@
+"""The drain worker against an in-memory fake broker and a real SQLite outbox."""
+
+from __future__ import annotations
+
+import statistics as stats
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import attrs
+import pytest
+import trio
+
+from trio_drain import (
+    BrokerRegistry,
+    DrainConfig,
+    DrainWorker,
+    Outbox,
+    OutgoingMessage,
+    SendRequest,
+    SendResult,
+    Status,
+    TrioDrainError,
+    open_outbox,
+)
+
+from .helpers import FakeBroker, wait_until
+
+SESSION = "cd" * 32
+FAST = DrainConfig(
+    poll_interval=0.05, backoff_base=0.01, backoff_cap=0.05, route_retry=0.02, lease=5.0,
+    ack_timeout=1.0, maintenance_interval=0.2, max_inflight=16, batch_size=16,
+)
+
+
+def req(cid: str, **kw: Any) -> SendRequest:
+    fields: dict[str, Any] = {"mesh": "alpha", "target_spec": "#t", "payload": cid.encode(), "client_message_id": cid}
+    fields.update(kw)
+    return SendRequest(**fields)
+
+
+@attrs.define
+class Rig:
+    outbox: Outbox
+    registry: BrokerRegistry
+    broker: FakeBroker
+    nursery: trio.Nursery
+
+    async def start(self, config: DrainConfig = FAST) -> DrainWorker:
+        worker = DrainWorker(self.outbox, self.registry, config)
+        await self.nursery.start(worker.run)
+        return worker
+
+    async def settled(self, n: int, *, seconds: float = 10.0) -> dict[str, int]:
+        """Wait until n rows are done, dead or aborted; return the counts."""
+        async def check() -> bool:
+            c = await self.outbox.counts()
+            return c["done"] + c["dead"] + c["aborted"] >= n
+
+        await wait_until(check, seconds=seconds)
+        return await self.outbox.counts()
+
+
+@pytest.fixture
+async def rig(db_path: Path) -> AsyncIterator[Rig]:
+    async with open_outbox(db_path, durability="normal") as outbox, trio.open_nursery() as nursery:
+        registry, broker = BrokerRegistry(), FakeBroker()
+        registry.set_mesh("alpha", broker)
+        yield Rig(outbox, registry, broker, nursery)
+        nursery.cancel_scope.cancel()
+
+
+async def test_rows_are_delivered_many_at_a_time_and_end_done(rig: Rig) -> None:
+    rig.broker.delay = 0.01
+    await rig.outbox.accept_many([req(f"m-{i}") for i in range(200)])
+    worker = await rig.start()
+    assert (await rig.settled(200))["done"] == 200
+    assert 1 < rig.broker.max_concurrent <= FAST.max_inflight
+    assert sorted(m.client_message_id for m in rig.broker.received) == sorted(f"m-{i}" for i in range(200))
+    s = worker.statistics()
+    assert (s.claimed, s.sent, s.acked, s.dead, s.retried, s.in_flight) == (200, 200, 200, 0, 0, 0)
+    assert s.per_route["mesh:alpha"].acked == 200
+    row = await rig.outbox.get_by_client_id("m-7")
+    assert row is not None and row.broker_message_id and row.delivered_at and row.lease_token is None
+
+
+async def test_max_inflight_bounds_sends_outstanding(rig: Rig) -> None:
+    rig.broker.delay = 0.02
+    await rig.outbox.accept_many([req(f"m-{i}") for i in range(40)])
+    await rig.start(attrs.evolve(FAST, max_inflight=3))
+    await rig.settled(40)
+    assert rig.broker.max_concurrent == 3
+
+
+async def test_transient_errors_are_retried_with_backoff_until_acked(rig: Rig) -> None:
+    failures = {"m-1": 2}
+
+    def script(m: OutgoingMessage) -> SendResult | None:
+        if failures.get(m.client_message_id, 0) > 0:
+            failures[m.client_message_id] -= 1
+            return SendResult.failed("rate_limited", permanent=False)
+        return None
+
+    rig.broker.script = script
+    await rig.outbox.accept(req("m-1"))
+    worker = await rig.start()
+    await rig.settled(1)
+    row = await rig.outbox.get_by_client_id("m-1")
+    assert row is not None and (row.status, row.attempts, row.last_error) == (Status.DONE, 3, None)
+    assert worker.statistics().retried == 2
+    gaps = [b - a for a, b in zip(rig.broker.arrivals, rig.broker.arrivals[1:], strict=False)]
+    assert all(g >= 0.004 for g in gaps), gaps  # at least half the 10 ms backoff step
+
+
+async def test_permanent_errors_go_dead_with_the_brokers_error(rig: Rig) -> None:
+    rig.broker.script = lambda m: SendResult.failed("payload_too_large", permanent=True)
+    await rig.outbox.accept(req("m-1"))
+    worker = await rig.start()
+    await rig.settled(1)
+    row = await rig.outbox.get_by_client_id("m-1")
+    assert row is not None and (row.status, row.attempts, row.last_error) == (Status.DEAD, 1, "payload_too_large")
+    assert worker.statistics().dead == 1
+
+
+async def test_transient_errors_at_the_attempt_cap_go_dead(rig: Rig) -> None:
+    rig.broker.script = lambda m: SendResult.failed("busy", permanent=False)
+    await rig.outbox.accept(req("m-1"))
+    await rig.start(attrs.evolve(FAST, max_attempts=3))
+    await rig.settled(1)
+    row = await rig.outbox.get_by_client_id("m-1")
+    assert row is not None and (row.status, row.attempts, row.last_error) == (Status.DEAD, 3, "max_attempts: busy")
+    assert len(rig.broker.received) == 3
+
+
+async def test_a_missing_ack_is_a_transient_ack_timeout(rig: Rig) -> None:
+    calls = []
+
+    def script(m: OutgoingMessage) -> SendResult | None:
+        calls.append(m)
+        return None
+
+    rig.broker.delay = 0.3
+    rig.broker.script = script
+    await rig.outbox.accept(req("m-1"))
+    await rig.start(attrs.evolve(FAST, ack_timeout=0.1, max_attempts=2))
+    await rig.settled(1)
+    row = await rig.outbox.get_by_client_id("m-1")
+    assert row is not None and (row.status, row.last_error) == (Status.DEAD, "max_attempts: ack_timeout")
+
+
+async def test_a_broker_that_raises_is_a_transient_failure_not_a_crash(rig: Rig) -> None:
+    seen = []
+
+    def script(m: OutgoingMessage) -> SendResult | Exception | None:
+        seen.append(m)
+        return RuntimeError("bug in broker") if len(seen) == 1 else None
+
+    rig.broker.script = script
+    await rig.outbox.accept(req("m-1"))
+    await rig.start()
+    await rig.settled(1)
+    row = await rig.outbox.get_by_client_id("m-1")
+    assert row is not None and (row.status, row.attempts) == (Status.DONE, 2)
+
+
+async def test_rows_for_unknown_meshes_go_dead_and_null_mesh_uses_the_only_broker(rig: Rig) -> None:
+    await rig.outbox.accept_many([req("gamma", mesh="gamma"), req("null", mesh=None)])
+    await rig.start()
+    await rig.settled(2)
+    gamma = await rig.outbox.get_by_client_id("gamma")
+    null = await rig.outbox.get_by_client_id("null")
+    assert gamma is not None and (gamma.status, gamma.last_error) == (Status.DEAD, "no_broker_for_mesh:gamma")
+    assert null is not None and null.status is Status.DONE
+    rig.registry.set_mesh("beta", FakeBroker())
+    await rig.outbox.accept(req("null-2", mesh=None))
+    await rig.settled(3)
+    null2 = await rig.outbox.get_by_client_id("null-2")
+    assert null2 is not None and (null2.status, null2.last_error) == (Status.DEAD, "no_broker_for_mesh:null")
+
+
+async def test_session_rows_wait_for_their_session_socket_and_never_use_the_mesh(rig: Rig) -> None:
+    session = FakeBroker(is_open=False)
+    rig.registry.set_session(SESSION, session)
+    await rig.outbox.accept_many([req("s-1", sender_session_pubkey=SESSION), req("plain")])
+    worker = await rig.start()
+    await rig.settled(1)  # the plain row
+    await trio.sleep(0.3)
+    row = await rig.outbox.get_by_client_id("s-1")
+    assert row is not None and (row.status, row.attempts) == (Status.PENDING, 0)
+    assert [m.client_message_id for m in rig.broker.received] == ["plain"]
+    assert worker.statistics().blocked_routes == (f"session:{SESSION[:12]}",)
+    session.set_open(True)
+    await rig.settled(2, seconds=1.0)
+    assert [m.client_message_id for m in session.received] == ["s-1"]
+
+
+async def test_an_outage_burns_no_attempts_and_does_not_spin(rig: Rig) -> None:
+    rig.broker.set_open(False)
+    await rig.outbox.accept_many([req(f"m-{i}") for i in range(300)])
+    worker = await rig.start()
+    await trio.sleep(0.5)
+    s = worker.statistics()
+    # The first look at the route finds it closed; after that its rows are
+    # left alone, so a handful of claims at most, not one per poll per row.
+    assert s.claimed <= FAST.batch_size
+    assert (await rig.outbox.counts())["pending"] == 300
+    assert all(r.attempts == 0 for r in await rig.outbox.list(limit=300))
+    started = trio.current_time()
+    rig.broker.set_open(True)
+    await rig.settled(300, seconds=5.0)
+    assert trio.current_time() - started < 1.0
+    assert worker.statistics().sent == 300
+
+
+async def test_a_socket_closing_before_the_send_gives_the_row_back(rig: Rig) -> None:
+    from trio_drain import BrokerUnavailable
+
+    calls = []
+
+    def script(m: OutgoingMessage) -> SendResult | Exception | None:
+        calls.append(m)
+        return BrokerUnavailable("closed under us") if len(calls) == 1 else None
+
+    rig.broker.script = script
+    await rig.outbox.accept(req("m-1"))
+    worker = await rig.start()
+    await rig.settled(1)
+    row = await rig.outbox.get_by_client_id("m-1")
+    assert row is not None and (row.status, row.attempts) == (Status.DONE, 1)
+    assert worker.statistics().given_back == 1
+
+
+async def test_cancelling_mid_send_hands_every_row_back_to_pending(rig: Rig) -> None:
+    rig.broker.delay = 10.0  # the acks never come before we cancel
+    await rig.outbox.accept_many([req(f"m-{i}") for i in range(10)])
+    with trio.CancelScope() as scope:
+        async with trio.open_nursery() as nursery:
+            worker = DrainWorker(rig.outbox, rig.registry, FAST)
+            await nursery.start(worker.run)
+            await wait_until(lambda: _true_after(len(rig.broker.received) == 10))
+            scope.cancel()
+    rows = await rig.outbox.list(limit=10)
+    assert {r.status for r in rows} == {Status.PENDING}
+    # They left, so the attempt stands; the broker's dedupe absorbs the resend.
+    assert {(r.attempts, r.last_error, r.lease_token) for r in rows} == {(1, "worker_stopped", None)}
+
+
+async def test_rows_claimed_but_not_yet_sent_when_cancelled_get_their_attempt_back(rig: Rig) -> None:
+    await rig.outbox.accept_many([req(f"m-{i}") for i in range(5)])
+    worker = DrainWorker(rig.outbox, rig.registry, FAST)
+    real_claim = rig.outbox.claim
+
+    async with trio.open_nursery() as nursery:
+        async def claim_then_cancel(**kw: Any) -> Any:
+            rows = await real_claim(**kw)
+            nursery.cancel_scope.cancel()  # stop arrives between claim and send
+            return rows
+
+        rig.outbox.claim = claim_then_cancel  # type: ignore[method-assign]
+        nursery.start_soon(worker.run)
+    rig.outbox.claim = real_claim  # type: ignore[method-assign]
+    rows = await rig.outbox.list(limit=10)
+    assert rig.broker.received == []
+    assert {(r.status, r.attempts) for r in rows} == {(Status.PENDING, 0)}
+    assert worker.statistics().given_back == 5
+
+
+async def test_expired_leases_are_recovered_when_the_worker_starts(rig: Rig) -> None:
+    await rig.outbox.accept(req("m-1"))
+    # A previous worker claimed it and died; its 1 ms lease has run out.
+    await rig.outbox.claim(limit=1, lease_ms=1, max_age_ms=10**9, token="dead-worker")
+    await trio.sleep(0.01)
+    await rig.start()
+    await rig.settled(1)
+    row = await rig.outbox.get_by_client_id("m-1")
+    assert row is not None and (row.status, row.attempts) == (Status.DONE, 2)
+
+
+async def test_the_worker_sleeps_until_the_next_row_is_due_not_a_poll_interval(rig: Rig) -> None:
+    first: list[OutgoingMessage] = []
+
+    def script(m: OutgoingMessage) -> SendResult | None:
+        if not first:
+            first.append(m)
+            return SendResult.failed("later", permanent=False)
+        return None
+
+    rig.broker.script = script
+    await rig.outbox.accept(req("m-1"))
+    await rig.start(attrs.evolve(FAST, poll_interval=30.0, backoff_base=0.2, backoff_cap=0.2))
+    await rig.settled(1, seconds=2.0)
+    gap = rig.broker.arrivals[1] - rig.broker.arrivals[0]
+    assert 0.1 <= gap < 1.0
+
+
+async def test_rows_from_another_process_are_found_by_the_poll_backstop(rig: Rig, db_path: Path) -> None:
+    await rig.start(attrs.evolve(FAST, poll_interval=0.1))
+    async with open_outbox(db_path) as other:  # another connection: no wakeup reaches the worker
+        await other.accept(req("m-1"))
+    await rig.settled(1, seconds=2.0)
+
+
+async def test_an_accept_wakes_an_idle_worker_at_once(rig: Rig) -> None:
+    await rig.start(attrs.evolve(FAST, poll_interval=30.0))
+    await trio.sleep(0.05)  # let it go idle
+    latencies = []
+    for i in range(30):
+        t0 = trio.current_time()
+        await rig.outbox.accept(req(f"m-{i}"))
+        await wait_until(_arrived(rig.broker, i + 1))
+        latencies.append(rig.broker.arrivals[-1] - t0)
+    # Loose bounds: this proves the wakeup path; the benchmark measures speed.
+    assert stats.median(latencies) < 0.1
+
+
+async def test_wake_never_blocks_and_coalesces(rig: Rig) -> None:
+    worker = DrainWorker(rig.outbox, rig.registry, FAST)
+    for _ in range(1000):
+        worker.wake()
+
+
+async def test_a_worker_cannot_run_twice_at_once(rig: Rig) -> None:
+    worker = await rig.start()
+    with pytest.raises(TrioDrainError, match="already running"):
+        await worker.run()
+
+
+async def test_statistics_are_a_frozen_snapshot(rig: Rig) -> None:
+    worker = await rig.start()
+    snapshot = worker.statistics()
+    await rig.outbox.accept(req("m-1"))
+    await rig.settled(1)
+    assert snapshot.acked == 0 and worker.statistics().acked == 1
+    with pytest.raises(attrs.exceptions.FrozenInstanceError):
+        snapshot.acked = 5  # type: ignore[misc]
+
+
+def _arrived(broker: FakeBroker, n: int) -> Callable[[], Awaitable[bool]]:
+    async def check() -> bool:
+        await trio.lowlevel.checkpoint()
+        return len(broker.arrivals) >= n
+
+    return check
+
+
+async def _true_after(value: bool) -> bool:
+    await trio.lowlevel.checkpoint()
+    return value
+
