@@ -20,6 +20,9 @@ from ._errors import TrioDrainError as TrioDrainError
 from ._errors import UnknownRow as UnknownRow
 from ._fingerprint import canonical_json as canonical_json
 from ._fingerprint import request_fingerprint as request_fingerprint
+from ._identity import MeshIdentity as MeshIdentity
+from ._identity import SessionIdentity as SessionIdentity
+from ._identity import generate_secret_key as generate_secret_key
 from ._model import AcceptOutcome as AcceptOutcome
 from ._model import OutboxRow as OutboxRow
 from ._model import OutcomeKind as OutcomeKind
@@ -28,6 +31,9 @@ from ._model import SendRequest as SendRequest
 from ._model import Status as Status
 from ._outbox import Outbox as Outbox
 from ._outbox import open_outbox as open_outbox
+from ._reference_broker import BrokerServer as BrokerServer
+from ._reference_broker import Faults as Faults
+from ._reference_broker import serve_broker as serve_broker
 from ._routing import Broker as Broker
 from ._routing import BrokerRegistry as BrokerRegistry
 from ._routing import OutgoingMessage as OutgoingMessage
@@ -36,3 +42,4 @@ from ._version import __version__ as __version__
 from ._worker import DrainWorker as DrainWorker
 from ._worker import RouteStatistics as RouteStatistics
 from ._worker import WorkerStatistics as WorkerStatistics
+from ._ws_broker import WebSocketBroker as WebSocketBroker

@@ -1,0 +1,169 @@
+"""Mesh and session identities, and the signed hello frames (section 5).
+
+Secret keys are 128 hex characters in libsodium's layout: the 32-byte seed
+followed by the 32-byte public key. Signatures are detached ed25519 (PyNaCl).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from typing import Any
+
+import attrs
+from nacl.exceptions import BadSignatureError
+from nacl.signing import SigningKey, VerifyKey
+
+from ._errors import ConfigError
+
+ATTESTATION_LIFETIME_MS = 12 * 3600 * 1000
+ATTEST_PREFIX = "claudemesh-session-attest"
+SESSION_HELLO_PREFIX = "claudemesh-session-hello"
+
+
+def signing_key(secret_hex: str, *, what: str = "secret key") -> SigningKey:
+    """Parse a 128-hex libsodium secret key, checking its public half.
+
+    Raises:
+        ConfigError: malformed, or the public half does not match the seed.
+    """
+    if not isinstance(secret_hex, str):
+        raise ConfigError(f"{what} must be a hex string")
+    text = secret_hex.strip()
+    try:
+        raw = bytes.fromhex(text)
+    except ValueError:
+        raise ConfigError(f"{what} is not hex") from None
+    if len(raw) != 64:
+        raise ConfigError(f"{what} must be 128 hex characters (seed + public key), got {len(text)}")
+    key = SigningKey(raw[:32])
+    if bytes(key.verify_key) != raw[32:]:
+        raise ConfigError(f"{what} is inconsistent: its public half does not match its seed")
+    return key
+
+
+def generate_secret_key() -> str:
+    """A fresh 128-hex secret key (seed + public key)."""
+    key = SigningKey.generate()
+    return (bytes(key) + bytes(key.verify_key)).hex()
+
+
+def public_key_hex(secret_hex: str) -> str:
+    return bytes(signing_key(secret_hex).verify_key).hex()
+
+
+def sign(key: SigningKey, text: str) -> str:
+    return key.sign(text.encode()).signature.hex()
+
+
+def verify(pubkey_hex: str, text: str, signature_hex: str) -> bool:
+    """Whether `signature_hex` is pubkey's ed25519 signature of `text`."""
+    try:
+        VerifyKey(bytes.fromhex(pubkey_hex)).verify(text.encode(), bytes.fromhex(signature_hex))
+    except (BadSignatureError, ValueError, TypeError):
+        return False
+    return True
+
+
+def _process_fields(display_name: str | None) -> dict[str, Any]:
+    host = socket.gethostname()
+    return {"sessionId": str(uuid.uuid4()), "pid": os.getpid(), "hostname": host}
+
+
+@attrs.frozen(kw_only=True, repr=False)
+class MeshIdentity:
+    """A mesh member: who a mesh connection says it is.
+
+    The secret key never appears in a repr, a log line or an error message.
+    """
+
+    mesh_id: str
+    member_id: str
+    secret_key: str
+    display_name: str | None = None
+    _key: SigningKey = attrs.field(init=False, eq=False)
+
+    def __attrs_post_init__(self) -> None:
+        object.__setattr__(self, "_key", signing_key(self.secret_key, what="mesh secret_key"))
+
+    def __repr__(self) -> str:
+        return f"MeshIdentity(mesh_id={self.mesh_id!r}, member_id={self.member_id!r}, pubkey={self.pubkey[:12]}…)"
+
+    @property
+    def pubkey(self) -> str:
+        return bytes(self._key.verify_key).hex()
+
+    def hello(self, now_ms: int) -> dict[str, Any]:
+        """The signed `hello` frame for a connection opened at `now_ms`."""
+        signed = f"{self.mesh_id}|{self.member_id}|{self.pubkey}|{now_ms}"
+        fields = _process_fields(self.display_name)
+        return {
+            "type": "hello",
+            "meshId": self.mesh_id,
+            "memberId": self.member_id,
+            "pubkey": self.pubkey,
+            "timestamp": now_ms,
+            "signature": sign(self._key, signed),
+            **fields,
+            "peerType": "ai",
+            "channel": "trio-drain",
+            "displayName": self.display_name or f"trio-drain@{fields['hostname']}",
+        }
+
+
+@attrs.frozen(kw_only=True, repr=False)
+class SessionIdentity:
+    """A session key attested by its parent member, for a session connection."""
+
+    mesh_id: str
+    parent_member_id: str
+    parent_secret_key: str
+    session_secret_key: str
+    _parent: SigningKey = attrs.field(init=False, eq=False)
+    _session: SigningKey = attrs.field(init=False, eq=False)
+
+    def __attrs_post_init__(self) -> None:
+        object.__setattr__(self, "_parent", signing_key(self.parent_secret_key, what="parent_secret_key"))
+        object.__setattr__(self, "_session", signing_key(self.session_secret_key, what="session_secret_key"))
+
+    def __repr__(self) -> str:
+        return (f"SessionIdentity(mesh_id={self.mesh_id!r}, parent_member_id={self.parent_member_id!r},"
+                f" session_pubkey={self.session_pubkey[:12]}…)")
+
+    @property
+    def parent_pubkey(self) -> str:
+        return bytes(self._parent.verify_key).hex()
+
+    @property
+    def session_pubkey(self) -> str:
+        return bytes(self._session.verify_key).hex()
+
+    def attestation(self, now_ms: int) -> dict[str, Any]:
+        """A fresh parent attestation of the session key (12 h lifetime)."""
+        expires = now_ms + ATTESTATION_LIFETIME_MS
+        signed = f"{ATTEST_PREFIX}|{self.parent_pubkey}|{self.session_pubkey}|{expires}"
+        return {
+            "sessionPubkey": self.session_pubkey,
+            "parentMemberPubkey": self.parent_pubkey,
+            "expiresAt": expires,
+            "signature": sign(self._parent, signed),
+        }
+
+    def hello(self, now_ms: int) -> dict[str, Any]:
+        """The signed `session_hello` frame, with an attestation minted now."""
+        signed = f"{SESSION_HELLO_PREFIX}|{self.mesh_id}|{self.parent_pubkey}|{self.session_pubkey}|{now_ms}"
+        return {
+            "type": "session_hello",
+            "meshId": self.mesh_id,
+            "parentMemberId": self.parent_member_id,
+            "parentMemberPubkey": self.parent_pubkey,
+            "sessionPubkey": self.session_pubkey,
+            "parentAttestation": self.attestation(now_ms),
+            "timestamp": now_ms,
+            "signature": sign(self._session, signed),
+            **_process_fields(None),
+        }
+
+
+Identity = MeshIdentity | SessionIdentity

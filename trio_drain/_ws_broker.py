@@ -1,0 +1,297 @@
+"""WebSocketBroker: one long-lived connection to a broker, reconnecting forever.
+
+Run it in a nursery (``await nursery.start(broker.run)``). It connects,
+sends the signed hello, waits up to 5 s for ``hello_ack``, then reads
+frames continuously, matching acks to outstanding sends by id. Pings go out
+every `ping_interval`; a pong missing for `pong_timeout` means a dead
+(half-open) connection, which is dropped and redialled. Every outstanding
+send on a connection that closes fails as transient `broker_disconnected`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import re
+import ssl
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import trio
+import trio_websocket
+
+from ._errors import BrokerUnavailable, HandshakeError
+from ._identity import Identity, MeshIdentity
+from ._routing import OutgoingMessage, SendResult
+
+log = logging.getLogger("trio_drain.broker")
+
+RECONNECT_BACKOFF: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
+HELLO_TIMEOUT = 5.0
+ACK_TIMEOUT = 15.0
+MAX_FRAME = 4 * 1024 * 1024
+_PERMANENT_TEXT = re.compile(r"payload_too_large|forbidden|not_found|invalid|schema|auth|signature", re.I)
+
+
+def classify_ack(frame: dict[str, Any]) -> SendResult:
+    """The SendResult an `ack` frame stands for.
+
+    An ack is an error when it carries an `error` or says `queued: false`.
+    An error is permanent if the frame says `"permanent": true`; without that
+    field (older brokers) when the error text matches the permanent pattern.
+    """
+    error = frame.get("error")
+    if not error and frame.get("queued", True) is not False:
+        return SendResult.acked(str(frame.get("messageId") or ""), duplicate=frame.get("duplicate") is True)
+    text = str(error or "not_queued")
+    permanent = frame.get("permanent")
+    if not isinstance(permanent, bool):
+        permanent = bool(_PERMANENT_TEXT.search(text))
+    code = frame.get("code")
+    return SendResult.failed(text, permanent=permanent, code=None if code is None else str(code))
+
+
+class _Waiter:
+    __slots__ = ("event", "result")
+
+    def __init__(self) -> None:
+        self.event = trio.Event()
+        self.result: SendResult | None = None
+
+    def resolve(self, result: SendResult) -> None:
+        if self.result is None:
+            self.result = result
+            self.event.set()
+
+
+class WebSocketBroker:
+    """A broker connection, mesh (`MeshIdentity`) or session (`SessionIdentity`).
+
+    Args:
+        url: ``ws://`` or ``wss://`` (certificates verified by default).
+        identity: who to say we are in the hello.
+        on_push: called with every frame that is not an ack or hello answer.
+        ssl_context: for ``wss://``; default is the system's verifying context.
+        ping_interval: seconds between keepalive pings.
+        pong_timeout: seconds a pong may take before the connection is dead.
+        ack_timeout: seconds an ack may take before a send fails `ack_timeout`.
+        reconnect_backoff: delays between connection attempts (jittered ±20%).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        identity: Identity,
+        *,
+        on_push: Callable[[dict[str, Any]], None] | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+        ping_interval: float = 5.0,
+        pong_timeout: float = 5.0,
+        hello_timeout: float = HELLO_TIMEOUT,
+        ack_timeout: float = ACK_TIMEOUT,
+        reconnect_backoff: Sequence[float] = RECONNECT_BACKOFF,
+        clock: Callable[[], int] | None = None,
+    ) -> None:
+        self.url = url
+        self.identity = identity
+        self.on_push = on_push
+        self.ssl_context = ssl_context
+        self.ping_interval = ping_interval
+        self.pong_timeout = pong_timeout
+        self.hello_timeout = hello_timeout
+        self.ack_timeout = ack_timeout
+        self.reconnect_backoff = tuple(reconnect_backoff)
+        self._clock = clock or (lambda: time.time_ns() // 1_000_000)
+        self._ws: trio_websocket.WebSocketConnection | None = None
+        self._open = False
+        self._pending: dict[str, list[_Waiter]] = {}
+        self._listeners: list[Callable[[], None]] = []
+        self.connects = 0
+        self.last_error: str | None = None
+        self.presence_id: str | None = None
+
+    def __repr__(self) -> str:
+        kind = "mesh" if isinstance(self.identity, MeshIdentity) else "session"
+        return f"<WebSocketBroker {kind} {self.url} {'open' if self._open else 'closed'}>"
+
+    # -- the Broker protocol
+
+    def is_open(self) -> bool:
+        """Whether the hello was acknowledged and the socket is still up."""
+        return self._open
+
+    def add_open_listener(self, callback: Callable[[], None]) -> None:
+        """Call `callback` each time a connection's hello is acknowledged."""
+        self._listeners.append(callback)
+
+    async def send(self, message: OutgoingMessage) -> SendResult:
+        """Send one message and wait for its ack.
+
+        Raises:
+            BrokerUnavailable: the connection is not open; nothing was sent.
+        """
+        ws = self._ws
+        if not self._open or ws is None:
+            raise BrokerUnavailable(f"broker connection to {self.url} is not open")
+        waiter = _Waiter()
+        key = message.client_message_id
+        self._pending.setdefault(key, []).append(waiter)
+        try:
+            try:
+                await ws.send_message(json.dumps(message.to_frame(), separators=(",", ":")))
+            except trio_websocket.ConnectionClosed:
+                raise BrokerUnavailable(f"broker connection to {self.url} closed") from None
+            with trio.move_on_after(self.ack_timeout):
+                await waiter.event.wait()
+            return waiter.result or SendResult.failed("ack_timeout", permanent=False)
+        finally:
+            waiters = self._pending.get(key)
+            if waiters is not None:
+                waiters.remove(waiter)
+                if not waiters:
+                    del self._pending[key]
+
+    # -- the connection
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Connect and stay connected until cancelled.
+
+        `nursery.start` returns after the first attempt, successful or not
+        (`is_open()` tells which); the connection is retried forever.
+        """
+        attempt = 0
+        started = False
+
+        def opened() -> None:
+            nonlocal started, attempt
+            attempt = 0
+            if not started:
+                started = True
+                task_status.started()
+
+        while True:
+            try:
+                await self._connect_once(opened)
+            except HandshakeError as exc:
+                self.last_error = str(exc)
+                log.warning("broker %s refused the hello: %s", self.url, exc)
+            except (OSError, trio_websocket.HandshakeError, trio_websocket.ConnectionClosed,
+                    trio.BrokenResourceError) as exc:
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                log.warning("broker %s: connection failed: %s", self.url, self.last_error)
+            finally:
+                self._closed()
+            if not started:
+                task_status.started()
+                started = True
+            delay = self.reconnect_backoff[min(attempt, len(self.reconnect_backoff) - 1)]
+            attempt += 1
+            await trio.sleep(delay * random.uniform(0.8, 1.2))
+
+    async def _connect_once(self, opened: Callable[[], None]) -> None:
+        ssl_arg: ssl.SSLContext | None = self.ssl_context
+        if self.url.startswith("wss://") and ssl_arg is None:
+            ssl_arg = ssl.create_default_context()
+        async with trio_websocket.open_websocket_url(
+            self.url, ssl_arg, max_message_size=MAX_FRAME,
+            connect_timeout=self.hello_timeout, disconnect_timeout=2.0,
+        ) as ws:
+            await self._hello(ws)
+            self._ws = ws
+            self._open = True
+            self.connects += 1
+            self.last_error = None
+            log.info("broker %s: connected (presence %s)", self.url, self.presence_id)
+            opened()
+            for callback in list(self._listeners):
+                callback()
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._keepalive, ws, nursery.cancel_scope)
+                    await self._read_frames(ws)
+                    nursery.cancel_scope.cancel()
+            finally:
+                self._closed()  # at once, not after the close handshake
+
+    async def _hello(self, ws: trio_websocket.WebSocketConnection) -> None:
+        await ws.send_message(json.dumps(self.identity.hello(self._clock())))
+        with trio.move_on_after(self.hello_timeout):
+            while True:
+                frame = _parse(await ws.get_message())
+                if frame is None:
+                    continue
+                if frame.get("type") == "hello_ack":
+                    self.presence_id = str(frame.get("presenceId", ""))
+                    return
+                if frame.get("type") == "error":
+                    raise HandshakeError(f"{frame.get('code', 'error')}: {frame.get('message', '')}")
+                self._push(frame)
+        raise HandshakeError(f"no hello_ack within {self.hello_timeout}s")
+
+    async def _read_frames(self, ws: trio_websocket.WebSocketConnection) -> None:
+        while True:
+            try:
+                raw = await ws.get_message()
+            except trio_websocket.ConnectionClosed as exc:
+                log.warning("broker %s closed the connection: %s", self.url, exc.reason)
+                return
+            frame = _parse(raw)
+            if frame is None:
+                log.warning("broker %s sent a frame that is not a JSON object; ignored", self.url)
+                continue
+            if frame.get("type") == "ack":
+                waiters = self._pending.get(str(frame.get("id")))
+                if not waiters:
+                    log.info("broker %s acked an id we are not waiting for: %.80s", self.url, frame.get("id"))
+                    continue
+                result = classify_ack(frame)
+                for waiter in list(waiters):
+                    waiter.resolve(result)
+            elif frame.get("type") == "error":
+                log.warning("broker %s error: %s %s", self.url, frame.get("code"), frame.get("message"))
+            else:
+                self._push(frame)
+
+    async def _keepalive(self, ws: trio_websocket.WebSocketConnection, scope: trio.CancelScope) -> None:
+        while True:
+            await trio.sleep(self.ping_interval)
+            with trio.move_on_after(self.pong_timeout) as ping_scope:
+                try:
+                    await ws.ping()
+                except trio_websocket.ConnectionClosed:
+                    return
+            if ping_scope.cancelled_caught:
+                log.warning("broker %s: no pong within %ss; dropping the connection", self.url, self.pong_timeout)
+                scope.cancel()
+                return
+
+    def _push(self, frame: dict[str, Any]) -> None:
+        if self.on_push is None:
+            return
+        try:
+            self.on_push(frame)
+        except Exception:
+            log.exception("on_push callback failed")
+
+    def _closed(self) -> None:
+        was_open = self._open
+        self._open = False
+        self._ws = None
+        failure = SendResult.failed("broker_disconnected", permanent=False)
+        for waiters in list(self._pending.values()):
+            for waiter in waiters:
+                waiter.resolve(failure)
+        if was_open:
+            log.warning("broker %s: disconnected", self.url)
+
+
+def _parse(raw: str | bytes) -> dict[str, Any] | None:
+    if isinstance(raw, bytes):
+        return None
+    try:
+        frame = json.loads(raw)
+    except ValueError:
+        return None
+    return frame if isinstance(frame, dict) else None
