@@ -327,7 +327,8 @@ class _Handler:
         Returns the ack (None for a dropped one) and, for a new acceptance on
         a persistent broker, the record to write before acking.
         """
-        ack, record = self._answer(mesh, f)
+        answer, record = self._answer(mesh, f)
+        ack: dict[str, Any] | None = answer
         drop = self.state.faults.drop_ack_rate
         if ack is not None and ack.get("queued") and drop and self.rng.random() < drop:
             self.stats.dropped_acks += 1

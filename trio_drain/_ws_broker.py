@@ -283,7 +283,8 @@ class WebSocketBroker:
         for waiters in list(self._pending.values()):
             for waiter in waiters:
                 waiter.resolve(failure)
-        if was_open:
+        stopping = trio.current_effective_deadline() == float("-inf")
+        if was_open and not stopping:
             log.warning("broker %s: disconnected", self.url)
 
 

@@ -1,0 +1,444 @@
+"""The `trio-drain` command line.
+
+Every error a user can cause ends in one line on stderr and exit status 2
+(usage, config) or 1 (runtime); never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import tempfile
+import tomllib
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+import trio
+
+from ._config import DrainConfig
+from ._errors import ConfigError, TrioDrainError
+from ._identity import MeshIdentity, generate_secret_key, public_key_hex, signing_key
+from ._model import OutboxRow, SendRequest, Status
+from ._outbox import Outbox, open_outbox, parse_target
+from ._reference_broker import Faults, load_members, serve_broker
+from ._routing import BrokerRegistry
+from ._version import __version__
+from ._worker import DrainWorker
+from ._ws_broker import WebSocketBroker
+
+log = logging.getLogger("trio_drain.cli")
+EXIT_RUNTIME, EXIT_USAGE = 1, 2
+
+
+class UsageError(TrioDrainError):
+    """A command-line or config mistake (exit status 2)."""
+
+
+# -- output helpers ---------------------------------------------------------
+
+
+def _console() -> Any:
+    from rich.console import Console
+
+    return Console(stderr=False, highlight=False)
+
+
+def _print_json(value: Any) -> None:
+    sys.stdout.write(json.dumps(value, indent=None, sort_keys=True, default=str) + "\n")
+
+
+def _rows_table(rows: Sequence[OutboxRow]) -> None:
+    from rich.table import Table
+
+    table = Table("id", "client_message_id", "status", "attempts", "mesh", "target", "last_error")
+    for r in rows:
+        table.add_row(r.id, r.client_message_id, r.status.value, str(r.attempts), r.mesh or "-",
+                      r.target_spec or "-", (r.last_error or "")[:60])
+    _console().print(table)
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"ts": round(record.created, 3), "level": record.levelname.lower(), "logger": record.name,
+                 "msg": record.getMessage()}
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def _setup_logging(level: str, fmt: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger("trio_drain")
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+# -- opening things ------------------------------------------------------------
+
+
+def _existing_db(db: str) -> str:
+    """Commands that inspect an outbox must not create one by mistake."""
+    kind, location = parse_target(db)
+    if kind == "sqlite" and not Path(location).exists():
+        raise UsageError(f"no outbox database at {location}")
+    return db
+
+
+def _load_config(path: str) -> tuple[DrainConfig, list[dict[str, Any]]]:
+    try:
+        data = tomllib.loads(Path(path).read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config {path} is not valid TOML: {exc}") from None
+    unknown = sorted(set(data) - {"drain", "mesh"})
+    if unknown:
+        raise ConfigError(f"config {path}: unknown section(s) {', '.join(unknown)}")
+    drain = data.get("drain", {})
+    if not isinstance(drain, dict):
+        raise ConfigError("config: [drain] must be a table")
+    meshes = data.get("mesh", [])
+    if not isinstance(meshes, list) or not meshes:
+        raise ConfigError(f"config {path}: at least one [[mesh]] is required")
+    base = Path(path).parent
+    for m in meshes:
+        if not isinstance(m, dict):
+            raise ConfigError("config: each [[mesh]] must be a table")
+        missing = [k for k in ("slug", "mesh_id", "member_id", "broker_url") if not isinstance(m.get(k), str) or not m[k]]
+        if missing:
+            raise ConfigError(f"config: [[mesh]] {m.get('slug', '?')} is missing {', '.join(missing)}")
+        if not str(m["broker_url"]).startswith(("ws://", "wss://")):
+            raise ConfigError(f"config: broker_url of {m['slug']} must start with ws:// or wss://")
+        if "secret_key_file" in m:
+            key_path = base / str(m["secret_key_file"])
+            try:
+                m["secret_key"] = key_path.read_text().strip()
+            except OSError as exc:
+                raise ConfigError(f"config: cannot read secret_key_file {key_path}: {exc.strerror}") from None
+        if "secret_key" not in m:
+            raise ConfigError(f"config: [[mesh]] {m['slug']} needs secret_key or secret_key_file")
+        signing_key(str(m["secret_key"]), what=f"secret key of mesh {m['slug']}")
+    return DrainConfig.from_mapping(drain), meshes
+
+
+async def _wait_for_signal() -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            log.info("received %s; shutting down", signal.Signals(signum).name)
+            return
+
+
+# -- commands --------------------------------------------------------------------------
+
+
+async def cmd_run(args: argparse.Namespace) -> int:
+    config, meshes = _load_config(args.config)
+    async with open_outbox(_existing_db(args.db)) as outbox, trio.open_nursery() as nursery:
+        registry = BrokerRegistry()
+        for m in meshes:
+            identity = MeshIdentity(mesh_id=m["mesh_id"], member_id=m["member_id"], secret_key=m["secret_key"])
+            broker = WebSocketBroker(m["broker_url"], identity)
+            await nursery.start(broker.run)
+            if not broker.is_open():
+                log.warning("broker for mesh %s at %s is not reachable yet (%s); will keep trying",
+                            m["slug"], m["broker_url"], broker.last_error)
+            registry.set_mesh(m["slug"], broker)
+        worker = DrainWorker(outbox, registry, config)
+        await nursery.start(worker.run)
+        log.info("draining %s", outbox.description)
+        await _wait_for_signal()
+        nursery.cancel_scope.cancel()
+    counts = await _counts_after(args.db)
+    log.info("stopped; outbox now %s", counts)
+    return 0
+
+
+async def _counts_after(db: str) -> dict[str, int]:
+    async with open_outbox(db) as outbox:
+        return await outbox.counts()
+
+
+async def cmd_send(args: argparse.Namespace) -> int:
+    async with open_outbox(args.db) as outbox:
+        outcome = await outbox.accept(SendRequest(
+            mesh=args.mesh, target_spec=args.to, payload=args.message.encode(), priority=args.priority,
+            client_message_id=args.client_id,
+        ))
+    fields = {"kind": outcome.kind.value, "code": outcome.code, "client_message_id": outcome.client_message_id,
+              "row_id": outcome.row_id, "reason": outcome.reason, "broker_message_id": outcome.broker_message_id}
+    if args.json:
+        _print_json(fields)
+    else:
+        print(f"{outcome.kind.value} ({outcome.code}) {outcome.client_message_id}"
+              + (f": {outcome.reason}" if outcome.reason else ""))
+    return 0 if outcome.accepted else EXIT_RUNTIME
+
+
+async def cmd_outbox(args: argparse.Namespace) -> int:
+    async with open_outbox(_existing_db(args.db)) as outbox:
+        status: int = await _OUTBOX_ACTIONS[args.action](outbox, args)
+        return status
+
+
+async def _find(outbox: Outbox, ident: str) -> OutboxRow:
+    row = await outbox.get(ident) or await outbox.get_by_client_id(ident)
+    if row is None:
+        raise TrioDrainError(f"no outbox row with id or client_message_id {ident!r}")
+    return row
+
+
+async def _outbox_list(outbox: Outbox, args: argparse.Namespace) -> int:
+    rows = await outbox.list(args.status, limit=args.limit)
+    if args.json:
+        _print_json([r.to_dict() for r in rows])
+    else:
+        _rows_table(rows)
+    return 0
+
+
+async def _outbox_inspect(outbox: Outbox, args: argparse.Namespace) -> int:
+    row = await _find(outbox, args.id)
+    if args.json:
+        _print_json(row.to_dict())
+    else:
+        for key, value in row.to_dict().items():
+            print(f"{key:>22}: {value}")
+    return 0
+
+
+async def _outbox_requeue(outbox: Outbox, args: argparse.Namespace) -> int:
+    successor = await outbox.requeue((await _find(outbox, args.id)).id)
+    if args.json:
+        _print_json(successor.to_dict())
+    else:
+        print(f"requeued as {successor.id} (client_message_id {successor.client_message_id})")
+    return 0
+
+
+async def _outbox_drop(outbox: Outbox, args: argparse.Namespace) -> int:
+    row = await outbox.drop((await _find(outbox, args.id)).id)
+    if args.json:
+        _print_json(row.to_dict())
+    else:
+        print(f"dropped {row.id}")
+    return 0
+
+
+async def _outbox_prune(outbox: Outbox, args: argparse.Namespace) -> int:
+    deleted = await outbox.prune(args.older_than)
+    if args.json:
+        _print_json({"deleted": deleted})
+    else:
+        print(f"deleted {deleted} done row(s)")
+    return 0
+
+
+async def _outbox_stats(outbox: Outbox, args: argparse.Namespace) -> int:
+    counts = await outbox.counts()
+    if args.json:
+        _print_json(counts)
+    else:
+        from rich.table import Table
+
+        table = Table("status", "rows")
+        for status, n in counts.items():
+            table.add_row(status, str(n))
+        _console().print(table)
+    return 0
+
+
+_OUTBOX_ACTIONS: dict[str, Callable[[Outbox, argparse.Namespace], Any]] = {
+    "list": _outbox_list, "inspect": _outbox_inspect, "requeue": _outbox_requeue,
+    "drop": _outbox_drop, "prune": _outbox_prune, "stats": _outbox_stats,
+}
+
+
+async def cmd_broker_serve(args: argparse.Namespace) -> int:
+    members = None if args.open else load_members(args.members)
+    faults = Faults(ack_delay=args.ack_delay, drop_ack_rate=args.drop_ack_rate,
+                    transient_error_rate=args.transient_error_rate, disconnect_every=args.disconnect_every)
+    async with trio.open_nursery() as nursery:
+        try:
+            server = await nursery.start(lambda task_status: serve_broker(
+                host=args.host, port=args.port, db=args.db, members=members, open_mode=args.open,
+                max_payload=args.max_payload, faults=faults, task_status=task_status))
+        except OSError as exc:
+            raise TrioDrainError(f"cannot listen on {args.host}:{args.port}: {exc.strerror}") from None
+        print(f"reference broker listening on {server.url}", flush=True)
+        await _wait_for_signal()
+        nursery.cancel_scope.cancel()
+    return 0
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    secret = generate_secret_key()
+    pubkey = public_key_hex(secret)
+    if args.out:
+        path = Path(args.out)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            raise UsageError(f"{path} exists; refusing to overwrite a key") from None
+        except OSError as exc:
+            raise TrioDrainError(f"cannot write {path}: {exc.strerror}") from None
+        with os.fdopen(fd, "w") as f:
+            f.write(secret + "\n")
+        print(pubkey)
+    else:
+        _print_json({"public_key": pubkey, "secret_key": secret})
+    return 0
+
+
+async def cmd_demo(args: argparse.Namespace) -> int:
+    from ._demo import run_demo
+
+    folder = None
+    db = args.db
+    if db is None:
+        folder = tempfile.mkdtemp(prefix="trio-drain-demo-")
+        db = str(Path(folder) / "outbox.db")
+    elif os.path.exists(db):  # noqa: ASYNC240 (one stat before anything starts)
+        raise UsageError(f"{db} exists; the demo wants a fresh outbox (pick another --db)")
+    return await run_demo(db=db, messages=args.messages, max_inflight=args.max_inflight,
+                          progress=sys.stdout.isatty())
+
+
+# -- parsing ---------------------------------------------------------------------------------
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def _rate(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError("must be between 0 and 1")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError("must not be negative")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="trio-drain", description="Durable outbox delivery to brokers.")
+    parser.add_argument("--version", action="version", version=f"trio-drain {__version__}")
+    parser.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--log-format", default="text", choices=["text", "json"])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    demo = sub.add_parser("demo", help="drain N messages to a local reference broker")
+    demo.add_argument("--messages", type=_positive_int, default=10_000)
+    demo.add_argument("--max-inflight", type=_positive_int, default=64)
+    demo.add_argument("--db", help="outbox file to create (default: a temp folder)")
+
+    broker = sub.add_parser("broker", help="the reference broker")
+    broker_sub = broker.add_subparsers(dest="broker_command", required=True, metavar="ACTION")
+    serve = broker_sub.add_parser("serve", help="serve the reference broker")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8765)
+    serve.add_argument("--db", help="SQLite file keeping accepted ids (dedupe survives restarts)")
+    who = serve.add_mutually_exclusive_group(required=True)
+    who.add_argument("--members", help='JSON file: {"meshId": {"memberId": "pubkey hex"}}')
+    who.add_argument("--open", action="store_true", help="accept any correctly signed hello")
+    serve.add_argument("--max-payload", type=_positive_int, default=1024 * 1024)
+    serve.add_argument("--ack-delay", type=_seconds, default=0.0, help="fault: seconds before each ack")
+    serve.add_argument("--drop-ack-rate", type=_rate, default=0.0, help="fault: share of acks never sent")
+    serve.add_argument("--transient-error-rate", type=_rate, default=0.0, help="fault: share of transient errors")
+    serve.add_argument("--disconnect-every", type=int, default=0, help="fault: drop a connection every N sends")
+
+    run = sub.add_parser("run", help="drain an outbox until SIGINT/SIGTERM")
+    run.add_argument("--db", required=True)
+    run.add_argument("--config", required=True, help="TOML file with [drain] and [[mesh]] tables")
+
+    send = sub.add_parser("send", help="accept one message into an outbox")
+    send.add_argument("--db", required=True)
+    send.add_argument("--mesh", required=True)
+    send.add_argument("--to", required=True, help="target spec: *, #topic, @group or a 64-hex pubkey")
+    send.add_argument("--priority", default="next", choices=["now", "next", "low"])
+    send.add_argument("--client-id")
+    send.add_argument("--json", action="store_true")
+    send.add_argument("message")
+
+    outbox = sub.add_parser("outbox", help="inspect and repair an outbox")
+    outbox_sub = outbox.add_subparsers(dest="action", required=True, metavar="ACTION")
+    for name, helptext in [("list", "rows, newest first"), ("inspect", "one row"), ("requeue", "abort and enqueue a fresh copy"),
+                           ("drop", "abort a pending or dead row"), ("prune", "delete old done rows"),
+                           ("stats", "rows per status")]:
+        p = outbox_sub.add_parser(name, help=helptext)
+        p.add_argument("--db", required=True)
+        p.add_argument("--json", action="store_true")
+        if name in ("inspect", "requeue", "drop"):
+            p.add_argument("id", help="row id or client_message_id")
+        if name == "list":
+            p.add_argument("--status", choices=[s.value for s in Status])
+            p.add_argument("--limit", type=_positive_int, default=50)
+        if name == "prune":
+            p.add_argument("--older-than", type=_seconds, default=7 * 24 * 3600.0, help="seconds (default 7 days)")
+
+    keygen = sub.add_parser("keygen", help="make an ed25519 key pair")
+    keygen.add_argument("--out", help="write the secret key here (mode 0600) and print the public key")
+    return parser
+
+
+def _fail(message: str, status: int) -> NoReturn:
+    sys.stderr.write(f"trio-drain: error: {message}\n")
+    raise SystemExit(status)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.log_level, args.log_format)
+    commands: dict[str, Callable[[argparse.Namespace], Any]] = {
+        "run": cmd_run, "send": cmd_send, "outbox": cmd_outbox, "broker": cmd_broker_serve, "demo": cmd_demo,
+    }
+    try:
+        status = cmd_keygen(args) if args.command == "keygen" else trio.run(commands[args.command], args)
+    except (UsageError, ConfigError) as exc:
+        _fail(str(exc), EXIT_USAGE)
+    except TrioDrainError as exc:
+        _fail(str(exc), EXIT_RUNTIME)
+    except KeyboardInterrupt:
+        _fail("interrupted", EXIT_RUNTIME)
+    except BaseExceptionGroup as group:
+        # A nursery may wrap one of our errors; report the first we own.
+        for leaf in _leaves(group):
+            if isinstance(leaf, (UsageError, ConfigError)):
+                _fail(str(leaf), EXIT_USAGE)
+            if isinstance(leaf, TrioDrainError):
+                _fail(str(leaf), EXIT_RUNTIME)
+        raise
+    raise SystemExit(status)
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    out: list[BaseException] = []
+    for exc in group.exceptions:
+        out.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return out
+

@@ -1,0 +1,86 @@
+"""`trio-drain demo`: the whole path on embedded defaults, with a progress bar."""
+
+from __future__ import annotations
+
+import time
+
+import trio
+
+from ._config import DrainConfig
+from ._identity import MeshIdentity, generate_secret_key
+from ._lifecycle import Completion
+from ._model import SendRequest, Status
+from ._outbox import open_outbox
+from ._reference_broker import serve_broker
+from ._routing import BrokerRegistry
+from ._worker import DrainWorker
+from ._ws_broker import WebSocketBroker
+
+CHUNK = 5_000
+
+
+async def run_demo(*, db: str, messages: int, max_inflight: int, progress: bool) -> int:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.table import Table
+
+    console = Console()
+    async with trio.open_nursery() as nursery:
+        server = await nursery.start(lambda task_status: serve_broker(open_mode=True, task_status=task_status))
+        identity = MeshIdentity(mesh_id="mesh-demo", member_id="demo", secret_key=generate_secret_key())
+        broker = WebSocketBroker(server.url, identity)
+        await nursery.start(broker.run)
+        if not broker.is_open():
+            raise RuntimeError(f"the demo broker did not answer: {broker.last_error}")
+        registry = BrokerRegistry()
+        registry.set_mesh("demo", broker)
+
+        async with open_outbox(db) as outbox:
+            accept_started = time.perf_counter()
+            for start in range(0, messages, CHUNK):
+                await outbox.accept_many([
+                    SendRequest(mesh="demo", target_spec="#demo", payload=f"message {i}".encode(),
+                                client_message_id=f"demo-{i:08d}")
+                    for i in range(start, min(start + CHUNK, messages))
+                ])
+            accept_seconds = time.perf_counter() - accept_started
+
+            finished = trio.Event()
+            settled = 0
+
+            def on_completion(c: Completion) -> None:
+                nonlocal settled
+                if c.status is not Status.PENDING:
+                    settled += 1
+                    if settled >= messages:
+                        finished.set()
+
+            worker = DrainWorker(outbox, registry, DrainConfig(max_inflight=max_inflight))
+            worker.on_completion = on_completion
+            started = time.perf_counter()
+            await nursery.start(worker.run)
+            with Progress(TextColumn("draining"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                          console=console, disable=not progress, transient=False) as bar:
+                task = bar.add_task("drain", total=messages)
+                while not finished.is_set():
+                    with trio.move_on_after(0.1):
+                        await finished.wait()
+                    bar.update(task, completed=settled)
+            seconds = time.perf_counter() - started
+            counts = await outbox.counts()
+            stats = worker.statistics()
+        nursery.cancel_scope.cancel()
+
+    table = Table(title=f"trio-drain demo: {messages:,} messages, max_inflight {max_inflight}")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    table.add_row("delivered (done)", f"{counts['done']:,}")
+    table.add_row("duplicates at the broker", f"{server.statistics.duplicates:,}")
+    table.add_row("dead", f"{counts['dead']:,}")
+    table.add_row("accepted in", f"{accept_seconds:.2f} s ({messages / max(accept_seconds, 1e-9):,.0f} rows/s)")
+    table.add_row("drained in", f"{seconds:.2f} s")
+    table.add_row("messages/s", f"{messages / max(seconds, 1e-9):,.0f}")
+    table.add_row("retried", f"{stats.retried:,}")
+    table.add_row("outbox", db)
+    console.print(table)
+    return 0 if counts["done"] == messages else 1
