@@ -214,6 +214,12 @@ class WebSocketBroker:
                     nursery.cancel_scope.cancel()
             finally:
                 self._closed()  # at once, not after the close handshake
+                # trio-websocket's client waits for the server to close TCP and
+                # can leave its socket open when the peer vanished; close it.
+                stream = getattr(ws, "_stream", None)
+                if stream is not None:
+                    with trio.CancelScope(shield=True):
+                        await stream.aclose()
 
     async def _hello(self, ws: trio_websocket.WebSocketConnection) -> None:
         await ws.send_message(json.dumps(self.identity.hello(self._clock())))

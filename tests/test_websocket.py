@@ -1,0 +1,351 @@
+"""WebSocketBroker against the reference broker and scripted servers, on loopback."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+import trio_websocket
+
+from trio_drain import (
+    BrokerRegistry,
+    DrainConfig,
+    DrainWorker,
+    Faults,
+    MeshIdentity,
+    Outbox,
+    OutgoingMessage,
+    SendRequest,
+    SessionIdentity,
+    Status,
+    WebSocketBroker,
+    generate_secret_key,
+    open_outbox,
+    serve_broker,
+)
+from trio_drain._identity import public_key_hex
+from trio_drain._ws_broker import classify_ack
+
+from .helpers import wait_until
+
+PARENT = generate_secret_key()
+SESSION = generate_secret_key()
+MEMBERS = {"mesh-alpha": {"member-1": public_key_hex(PARENT)}}
+FAST = DrainConfig(poll_interval=0.05, backoff_base=0.01, backoff_cap=0.05, route_retry=0.02, lease=5.0,
+                   ack_timeout=1.0, maintenance_interval=0.2)
+
+
+def mesh_identity(secret: str = PARENT, member: str = "member-1") -> MeshIdentity:
+    return MeshIdentity(mesh_id="mesh-alpha", member_id=member, secret_key=secret)
+
+
+def quick(url: str, identity: Any, **kw: Any) -> WebSocketBroker:
+    kw.setdefault("reconnect_backoff", (0.05,))
+    kw.setdefault("hello_timeout", 2.0)
+    return WebSocketBroker(url, identity, **kw)
+
+
+async def start_broker(nursery: trio.Nursery, **kw: Any) -> Any:
+    kw.setdefault("members", MEMBERS)
+    return await nursery.start(lambda task_status: serve_broker(task_status=task_status, **kw))
+
+
+async def drained(outbox: Outbox, n: int, seconds: float = 15.0) -> dict[str, int]:
+    async def check() -> bool:
+        c = await outbox.counts()
+        return c["done"] + c["dead"] >= n
+
+    await wait_until(check, seconds=seconds)
+    return await outbox.counts()
+
+
+@pytest.fixture
+async def outbox(tmp_path: Path) -> AsyncIterator[Outbox]:
+    async with open_outbox(tmp_path / "o.db", durability="normal") as ob:
+        yield ob
+
+
+def reqs(n: int, **kw: Any) -> list[SendRequest]:
+    return [SendRequest(mesh="alpha", target_spec="#t", payload=f"p{i}".encode(), client_message_id=f"m-{i}", **kw)
+            for i in range(n)]
+
+
+async def test_rows_drain_end_to_end_through_a_mesh_connection(outbox: Outbox) -> None:
+    async with trio.open_nursery() as nursery:
+        server = await start_broker(nursery)
+        broker = quick(server.url, mesh_identity())
+        await nursery.start(broker.run)
+        assert broker.is_open() and broker.presence_id
+        registry = BrokerRegistry()
+        registry.set_mesh("alpha", broker)
+        await outbox.accept_many(reqs(300))
+        await nursery.start(DrainWorker(outbox, registry, FAST).run)
+        assert (await drained(outbox, 300))["done"] == 300
+        assert {cid for (_, cid) in server.accepted()} == {f"m-{i}" for i in range(300)}
+        row = await outbox.get_by_client_id("m-5")
+        assert row is not None and row.broker_message_id == server.accepted()[("mesh-alpha", "m-5")][1]
+        nursery.cancel_scope.cancel()
+
+
+async def test_session_rows_leave_only_on_their_session_socket(outbox: Outbox) -> None:
+    async with trio.open_nursery() as nursery:
+        mesh_server = await start_broker(nursery)
+        session_server = await start_broker(nursery)
+        mesh = quick(mesh_server.url, mesh_identity())
+        ident = SessionIdentity(mesh_id="mesh-alpha", parent_member_id="member-1", parent_secret_key=PARENT,
+                                session_secret_key=SESSION)
+        session = quick(session_server.url, ident)
+        await nursery.start(mesh.run)
+        await nursery.start(session.run)
+        assert session.is_open(), session.last_error
+        registry = BrokerRegistry()
+        registry.set_mesh("alpha", mesh)
+        registry.set_session(ident.session_pubkey, session)
+        await outbox.accept_many([
+            *reqs(5),
+            *[SendRequest(mesh="alpha", target_spec="#t", payload=b"s", client_message_id=f"s-{i}",
+                          sender_session_pubkey=ident.session_pubkey) for i in range(5)],
+        ])
+        await nursery.start(DrainWorker(outbox, registry, FAST).run)
+        await drained(outbox, 10)
+        assert {cid for (_, cid) in session_server.accepted()} == {f"s-{i}" for i in range(5)}
+        assert {cid for (_, cid) in mesh_server.accepted()} == {f"m-{i}" for i in range(5)}
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize(
+    ("identity", "clock", "reason"),
+    [
+        (lambda: mesh_identity(member="stranger"), None, "not_a_member"),
+        (lambda: mesh_identity(secret=generate_secret_key()), None, "not_a_member"),
+        (lambda: mesh_identity(), lambda: time.time_ns() // 1_000_000 - 120_000, "timestamp_skew"),
+    ],
+    ids=["unknown member", "wrong key", "clock skew"],
+)
+async def test_the_broker_refuses_bad_hellos(identity: Callable[[], MeshIdentity], clock: Any, reason: str) -> None:
+    async with trio.open_nursery() as nursery:
+        server = await start_broker(nursery)
+        broker = quick(server.url, identity(), clock=clock)
+        await nursery.start(broker.run)
+        assert not broker.is_open()
+        assert broker.last_error is not None and reason in broker.last_error
+        assert server.statistics.hellos_rejected >= 1
+        nursery.cancel_scope.cancel()
+
+
+async def raw_hello(url: str, frame: dict[str, Any]) -> dict[str, Any]:
+    async with trio_websocket.open_websocket_url(url) as ws:
+        await ws.send_message(json.dumps(frame))
+        answer: dict[str, Any] = json.loads(await ws.get_message())
+        return answer
+
+
+async def test_forged_and_expired_session_hellos_are_refused() -> None:
+    ident = SessionIdentity(mesh_id="mesh-alpha", parent_member_id="member-1", parent_secret_key=PARENT,
+                            session_secret_key=SESSION)
+    now = time.time_ns() // 1_000_000
+    good = ident.hello(now)
+    expired = ident.hello(now)
+    expired["parentAttestation"]["expiresAt"] = now - 1
+    forged = ident.hello(now)
+    forged["signature"] = "00" * 64
+    other = SessionIdentity(mesh_id="mesh-alpha", parent_member_id="member-1", parent_secret_key=PARENT,
+                            session_secret_key=generate_secret_key()).hello(now)
+    swapped = dict(good, parentAttestation=other["parentAttestation"])
+    async with trio.open_nursery() as nursery:
+        server = await start_broker(nursery)
+        assert (await raw_hello(server.url, good))["type"] == "hello_ack"
+        assert (await raw_hello(server.url, expired))["code"] == "attestation_expired"
+        assert (await raw_hello(server.url, forged))["code"] == "bad_signature"
+        assert (await raw_hello(server.url, swapped))["code"] == "bad_attestation"
+        assert (await raw_hello(server.url, {"type": "hello"}))["code"] == "bad_hello"
+        nursery.cancel_scope.cancel()
+
+
+async def send_one(url: str, cid: str, fingerprint: str, ciphertext: str = "aGk=") -> Any:
+    broker = quick(url, mesh_identity())
+    async with trio.open_nursery() as nursery:
+        await nursery.start(broker.run)
+        result = await broker.send(OutgoingMessage(
+            client_message_id=cid, request_fingerprint=fingerprint, target_spec="*", priority="next",
+            nonce="bm9uY2U=", ciphertext=ciphertext))
+        nursery.cancel_scope.cancel()
+    return result
+
+
+async def test_dedupe_survives_a_broker_restart(tmp_path: Path) -> None:
+    db = tmp_path / "broker.db"
+    async with trio.open_nursery() as nursery:
+        server = await start_broker(nursery, db=db)
+        first = await send_one(server.url, "m-1", "aa")
+        nursery.cancel_scope.cancel()
+    async with trio.open_nursery() as nursery:
+        server = await start_broker(nursery, db=db)
+        again = await send_one(server.url, "m-1", "aa")
+        reused = await send_one(server.url, "m-1", "bb")
+        nursery.cancel_scope.cancel()
+    assert first.ok and not first.duplicate
+    assert again.ok and again.duplicate and again.message_id == first.message_id
+    assert (reused.ok, reused.permanent, reused.error) == (False, True, "idempotency_key_reused")
+
+
+async def test_oversized_payloads_are_a_permanent_error(outbox: Outbox) -> None:
+    async with trio.open_nursery() as nursery:
+        server = await start_broker(nursery, max_payload=100)
+        big = await send_one(server.url, "m-1", "aa", ciphertext="QUFB" * 100)
+        nursery.cancel_scope.cancel()
+    assert (big.ok, big.permanent, big.error) == (False, True, "payload_too_large")
+
+
+@pytest.mark.parametrize(
+    "faults",
+    [Faults(transient_error_rate=0.3), Faults(disconnect_every=40), Faults(drop_ack_rate=0.05),
+     Faults(ack_delay=0.05)],
+    ids=["transient errors", "disconnects", "dropped acks", "ack delay"],
+)
+async def test_everything_drains_through_injected_faults_and_nothing_dies(outbox: Outbox, faults: Faults) -> None:
+    async with trio.open_nursery() as nursery:
+        server = await start_broker(nursery, faults=faults)
+        broker = quick(server.url, mesh_identity())
+        await nursery.start(broker.run)
+        registry = BrokerRegistry()
+        registry.set_mesh("alpha", broker)
+        await outbox.accept_many(reqs(200))
+        config = DrainConfig(poll_interval=0.05, backoff_base=0.01, backoff_cap=0.05, route_retry=0.02,
+                             lease=5.0, ack_timeout=0.3, maintenance_interval=0.2, max_attempts=50)
+        await nursery.start(DrainWorker(outbox, registry, config).run)
+        counts = await drained(outbox, 200, seconds=30)
+        assert counts["done"] == 200 and counts["dead"] == 0
+        assert len(server.accepted()) == 200  # exactly-once effect at the broker
+        nursery.cancel_scope.cancel()
+
+
+# -- a scripted misbehaving server ---------------------------------------------------
+
+
+async def scripted(nursery: trio.Nursery, script: Callable[[trio_websocket.WebSocketConnection], Any]) -> str:
+    async def handler(request: trio_websocket.WebSocketRequest) -> None:
+        ws = await request.accept()
+        try:
+            await script(ws)
+        except trio_websocket.ConnectionClosed:
+            pass
+
+    server = await nursery.start(trio_websocket.serve_websocket, handler, "127.0.0.1", 0, None)
+    return f"ws://127.0.0.1:{server.port}/ws"
+
+
+async def test_no_hello_ack_means_close_and_reconnect() -> None:
+    async def silent(ws: trio_websocket.WebSocketConnection) -> None:
+        await ws.get_message()
+        await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+        url = await scripted(nursery, silent)
+        broker = quick(url, mesh_identity(), hello_timeout=0.3)
+        with trio.fail_after(5):
+            await nursery.start(broker.run)
+        assert not broker.is_open()
+        assert broker.last_error is not None and "hello_ack" in broker.last_error
+        nursery.cancel_scope.cancel()
+
+
+async def test_garbage_frames_and_unknown_acks_are_survived() -> None:
+    async def chaotic(ws: trio_websocket.WebSocketConnection) -> None:
+        await ws.get_message()
+        await ws.send_message(b"\x00binary")
+        await ws.send_message(json.dumps({"type": "hello_ack", "presenceId": "p"}))
+        send = json.loads(await ws.get_message())
+        for junk in ["not json", "[1,2]", '{"type":"ack","id":"nobody"}', '{"type":"push","x":1}', b"\xff"]:
+            await ws.send_message(junk)
+        await ws.send_message(json.dumps({"type": "ack", "id": send["id"], "messageId": "b-1", "queued": True}))
+        await trio.sleep_forever()
+
+    pushes: list[dict[str, Any]] = []
+    async with trio.open_nursery() as nursery:
+        url = await scripted(nursery, chaotic)
+        broker = quick(url, mesh_identity(), on_push=pushes.append)
+        await nursery.start(broker.run)
+        result = await broker.send(OutgoingMessage(client_message_id="m-1", request_fingerprint="aa",
+                                                   target_spec="*", priority="next", nonce="", ciphertext=""))
+        assert (result.ok, result.message_id) == (True, "b-1")
+        assert pushes == [{"type": "push", "x": 1}]
+        assert broker.is_open()
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_close_fails_outstanding_sends_as_broker_disconnected() -> None:
+    async def hang_up(ws: trio_websocket.WebSocketConnection) -> None:
+        await ws.get_message()
+        await ws.send_message(json.dumps({"type": "hello_ack", "presenceId": "p"}))
+        await ws.get_message()
+        await ws.aclose()
+
+    async with trio.open_nursery() as nursery:
+        url = await scripted(nursery, hang_up)
+        broker = quick(url, mesh_identity(), reconnect_backoff=(10.0,))
+        await nursery.start(broker.run)
+        result = await broker.send(OutgoingMessage(client_message_id="m-1", request_fingerprint="aa",
+                                                   target_spec="*", priority="next", nonce="", ciphertext=""))
+        assert (result.ok, result.error, result.permanent) == (False, "broker_disconnected", False)
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize(
+    ("frame", "ok", "permanent"),
+    [
+        ({"type": "ack", "id": "c", "messageId": "b", "queued": True}, True, False),
+        ({"type": "ack", "id": "c", "messageId": "", "queued": False, "error": "forbidden", "permanent": False}, False, False),
+        ({"type": "ack", "id": "c", "messageId": "", "queued": False, "error": "busy", "permanent": True}, False, True),
+        ({"type": "ack", "id": "c", "messageId": "", "queued": False, "error": "Payload_Too_Large"}, False, True),
+        ({"type": "ack", "id": "c", "messageId": "", "queued": False, "error": "rate limited"}, False, False),
+        ({"type": "ack", "id": "c", "messageId": "", "queued": False}, False, False),
+    ],
+)
+def test_error_acks_are_classified_by_the_permanent_field_then_the_text(frame: dict[str, Any], ok: bool, permanent: bool) -> None:
+    result = classify_ack(frame)
+    assert (result.ok, result.permanent) == (ok, permanent)
+
+
+def test_identities_never_show_secret_keys() -> None:
+    ident = SessionIdentity(mesh_id="m", parent_member_id="u", parent_secret_key=PARENT, session_secret_key=SESSION)
+    for text in (repr(ident), repr(mesh_identity()), str(mesh_identity())):
+        assert PARENT not in text and SESSION not in text and PARENT[:64] not in text
+
+
+async def test_rows_wait_out_an_outage_and_drain_when_the_broker_returns(tmp_path: Path, outbox: Outbox) -> None:
+    db = tmp_path / "b.db"
+    async with trio.open_nursery() as nursery:
+        first = trio.CancelScope()
+
+        async def serve_until_cancelled(port: int, task_status: Any) -> None:
+            with first:
+                await serve_broker(members=MEMBERS, db=db, port=port, task_status=task_status)
+
+        server = await nursery.start(serve_until_cancelled, 0)
+        port = server.port
+        broker = quick(server.url, mesh_identity(), reconnect_backoff=(0.1,))
+        await nursery.start(broker.run)
+        registry = BrokerRegistry()
+        registry.set_mesh("alpha", broker)
+        worker = DrainWorker(outbox, registry, FAST)
+        await nursery.start(worker.run)
+        first.cancel()
+        await wait_until(lambda: _now(not broker.is_open()))
+        await outbox.accept_many(reqs(100))
+        await trio.sleep(0.5)
+        rows = await outbox.list(limit=100)
+        assert {(r.status, r.attempts) for r in rows} == {(Status.PENDING, 0)}
+        await nursery.start(lambda task_status: serve_broker(members=MEMBERS, db=db, port=port, task_status=task_status))
+        assert (await drained(outbox, 100, seconds=10))["done"] == 100
+        nursery.cancel_scope.cancel()
+
+
+async def _now(value: bool) -> bool:
+    await trio.lowlevel.checkpoint()
+    return value
