@@ -261,7 +261,8 @@ async def test_garbage_frames_and_unknown_acks_are_survived() -> None:
         await ws.send_message(b"\x00binary")
         await ws.send_message(json.dumps({"type": "hello_ack", "presenceId": "p"}))
         send = json.loads(await ws.get_message())
-        for junk in ["not json", "[1,2]", '{"type":"ack","id":"nobody"}', '{"type":"push","x":1}', b"\xff"]:
+        junk_frames: list[str | bytes] = ["not json", "[1,2]", '{"type":"ack","id":"nobody"}', '{"type":"push","x":1}', b"\xff"]
+        for junk in junk_frames:
             await ws.send_message(junk)
         await ws.send_message(json.dumps({"type": "ack", "id": send["id"], "messageId": "b-1", "queued": True}))
         await trio.sleep_forever()

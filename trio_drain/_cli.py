@@ -106,6 +106,7 @@ def _load_config(path: str) -> tuple[DrainConfig, list[dict[str, Any]]]:
     drain = data.get("drain", {})
     if not isinstance(drain, dict):
         raise ConfigError("config: [drain] must be a table")
+    config = DrainConfig.from_mapping(drain)
     meshes = data.get("mesh", [])
     if not isinstance(meshes, list) or not meshes:
         raise ConfigError(f"config {path}: at least one [[mesh]] is required")
@@ -127,7 +128,7 @@ def _load_config(path: str) -> tuple[DrainConfig, list[dict[str, Any]]]:
         if "secret_key" not in m:
             raise ConfigError(f"config: [[mesh]] {m['slug']} needs secret_key or secret_key_file")
         signing_key(str(m["secret_key"]), what=f"secret key of mesh {m['slug']}")
-    return DrainConfig.from_mapping(drain), meshes
+    return config, meshes
 
 
 async def _wait_for_signal() -> None:
