@@ -203,3 +203,41 @@ def test_broker_serve_rejects_a_malformed_members_file(tmp_path: Path) -> None:
     assert_clean_error(run("broker", "serve", "--members", str(members), "--port", "0"), 2, "members file")
 
 
+
+
+def test_run_with_an_unreachable_broker_fails_in_one_line(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    db = tmp_path / "o.db"
+    run("send", "--db", str(db), "--mesh", "alpha", "--to", "*", "x")
+    config = write_config(tmp_path / "c.toml", f"ws://127.0.0.1:{port}/ws", generate_secret_key())
+    result = run("run", "--db", str(db), "--config", str(config))
+    assert_clean_error(result, 1, "cannot reach the broker of mesh alpha")
+    assert counts(db)["pending"] == 1
+
+
+def test_json_logs_are_one_object_per_line_and_hold_no_secret(tmp_path: Path) -> None:
+    broker, url = start_broker(tmp_path)
+    secret = generate_secret_key()
+    db = tmp_path / "o.db"
+    try:
+        run("send", "--db", str(db), "--mesh", "alpha", "--to", "*", "x")
+        config = write_config(tmp_path / "c.toml", url, secret)
+        worker = subprocess.Popen([*CLI, "--log-format", "json", "--log-level", "debug", "run", "--db", str(db),
+                                   "--config", str(config)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 20
+        while counts(db)["done"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        worker.send_signal(signal.SIGTERM)
+        _, err = worker.communicate(timeout=30)
+    finally:
+        broker.send_signal(signal.SIGTERM)
+        broker.communicate(timeout=30)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines, "debug logging should have said something"
+    entries = [json.loads(line) for line in lines]
+    assert all({"ts", "level", "logger", "msg"} <= set(e) for e in entries)
+    assert secret not in err and secret[:64] not in err

@@ -350,3 +350,29 @@ async def test_rows_wait_out_an_outage_and_drain_when_the_broker_returns(tmp_pat
 async def _now(value: bool) -> bool:
     await trio.lowlevel.checkpoint()
     return value
+
+
+async def test_an_acceptance_is_persisted_even_if_the_sender_hangs_up_before_the_ack(tmp_path: Path) -> None:
+    # Regression: closing the connection used to cancel the pending write,
+    # leaving an in-memory dedupe entry that a restart forgot.
+    db = tmp_path / "broker.db"
+    async with trio.open_nursery() as nursery:
+        server = await start_broker(nursery, db=db)
+        hello = mesh_identity().hello(time.time_ns() // 1_000_000)
+        for burst in range(5):  # a burst of sends, then hang up before the acks
+            async with trio_websocket.open_websocket_url(server.url) as ws:
+                await ws.send_message(json.dumps(hello))
+                await ws.get_message()
+                for i in range(100):
+                    frame = OutgoingMessage(
+                        client_message_id=f"m-{burst}-{i}", request_fingerprint="aa", target_spec="*",
+                        priority="next", nonce="bm9uY2U=", ciphertext="aGk=").to_frame()
+                    await ws.send_message(json.dumps(frame))
+        accepted_before = set(server.accepted())
+        await trio.sleep(0.2)
+        nursery.cancel_scope.cancel()
+    async with trio.open_nursery() as nursery:
+        server = await start_broker(nursery, db=db)
+        assert set(server.accepted()) == accepted_before  # everything it entered, it kept
+        assert len(accepted_before) == 500
+        nursery.cancel_scope.cancel()

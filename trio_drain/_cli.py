@@ -150,8 +150,11 @@ async def cmd_run(args: argparse.Namespace) -> int:
             broker = WebSocketBroker(m["broker_url"], identity)
             await nursery.start(broker.run)
             if not broker.is_open():
-                log.warning("broker for mesh %s at %s is not reachable yet (%s); will keep trying",
-                            m["slug"], m["broker_url"], broker.last_error)
+                # A typo'd URL or a refused key should not look like a running
+                # drain. Later outages are waited out (rows stay pending).
+                raise TrioDrainError(
+                    f"cannot reach the broker of mesh {m['slug']} at {m['broker_url']}: {broker.last_error}"
+                )
             registry.set_mesh(m["slug"], broker)
         worker = DrainWorker(outbox, registry, config)
         await nursery.start(worker.run)

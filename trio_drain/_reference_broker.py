@@ -98,6 +98,9 @@ class _Ledger:
 
     def __init__(self, path: Path | None) -> None:
         self.entries: dict[tuple[str, str], tuple[str, str]] = {}
+        # Acceptances still being written: a resend of one must wait for it,
+        # or we would ack a duplicate of something a crash could forget.
+        self.unwritten: dict[tuple[str, str], trio.Event] = {}
         self._committer: _GroupCommitter | None = None
         self._conn: sqlite3.Connection | None = None
         if path is not None:
@@ -292,11 +295,13 @@ class _Handler:
                     continue
                 sends += 1
                 ack, record = self._decide(mesh, frame)
-                if record is None and self.state.faults.ack_delay <= 0:
+                key = (mesh, str(frame.get("client_message_id")))
+                wait_for = key if record is None and key in self.state.ledger.unwritten else None
+                if record is None and wait_for is None and self.state.faults.ack_delay <= 0:
                     if ack is not None:
                         await _send_quietly(ws, ack)
                 else:
-                    nursery.start_soon(self._finish, ws, ack, record)
+                    nursery.start_soon(self._finish, ws, ack, record, wait_for)
                 every = self.state.faults.disconnect_every
                 if every and sends % every == 0:
                     self.stats.disconnects += 1
@@ -305,17 +310,33 @@ class _Handler:
             nursery.cancel_scope.cancel()
 
     async def _finish(
-        self, ws: trio_websocket.WebSocketConnection, ack: dict[str, Any] | None, record: _Record | None
+        self, ws: trio_websocket.WebSocketConnection, ack: dict[str, Any] | None, record: _Record | None,
+        wait_for: tuple[str, str] | None,
     ) -> None:
-        """Persist an acceptance (sharing commits with concurrent ones), then ack."""
+        """Persist an acceptance (sharing commits with concurrent ones), then ack.
+
+        The write is shielded: a connection closing must not cancel the
+        persistence of something already entered in the dedupe table.
+        """
+        ledger = self.state.ledger
         if record is not None:
+            key = (record[0], record[1])
+            written = ledger.unwritten[key] = trio.Event()
             try:
-                await self.state.ledger.record(*record)
+                with trio.CancelScope(shield=True):
+                    await ledger.record(*record)
             except Exception as exc:
-                self.state.ledger.entries.pop((record[0], record[1]), None)
+                ledger.entries.pop(key, None)
                 self.stats.accepted -= 1
                 log.error("cannot persist %s: %s", record[1], exc)
                 ack = _error(record[5], "storage_unavailable", "unavailable", False)
+            finally:
+                del ledger.unwritten[key]
+                written.set()
+        elif wait_for is not None and wait_for in ledger.unwritten:
+            await ledger.unwritten[wait_for].wait()
+            if wait_for not in ledger.entries:  # the original failed to persist
+                ack = None if ack is None else _error(ack["id"], "storage_unavailable", "unavailable", False)
         if self.state.faults.ack_delay > 0:
             await trio.sleep(self.state.faults.ack_delay)
         if ack is not None:

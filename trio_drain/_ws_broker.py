@@ -175,12 +175,15 @@ class WebSocketBroker:
             try:
                 await self._connect_once(opened)
             except HandshakeError as exc:
-                self.last_error = str(exc)
-                log.warning("broker %s refused the hello: %s", self.url, exc)
+                self.last_error = f"hello refused: {exc}"
+                # The first attempt's outcome is the caller's to report
+                # (nursery.start returns with is_open() False).
+                log.log(logging.WARNING if started else logging.INFO, "broker %s: %s", self.url, self.last_error)
             except (OSError, trio_websocket.HandshakeError, trio_websocket.ConnectionClosed,
                     trio.BrokenResourceError) as exc:
-                self.last_error = f"{type(exc).__name__}: {exc}"
-                log.warning("broker %s: connection failed: %s", self.url, self.last_error)
+                self.last_error = describe_failure(exc)
+                log.log(logging.WARNING if started else logging.INFO,
+                        "broker %s: connection failed: %s", self.url, self.last_error)
             finally:
                 self._closed()
             if not started:
@@ -292,6 +295,21 @@ class WebSocketBroker:
         stopping = trio.current_effective_deadline() == float("-inf")
         if was_open and not stopping:
             log.warning("broker %s: disconnected", self.url)
+
+
+def describe_failure(exc: BaseException) -> str:
+    """A one-line reason for a failed connection (trio-websocket's own
+    HandshakeError often has no message of its own, only a cause)."""
+    if isinstance(exc, trio_websocket.ConnectionRejected):
+        return f"rejected with HTTP {exc.status_code}"
+    if isinstance(exc, trio_websocket.ConnectionTimeout):
+        return "timed out connecting"
+    cause = exc.__cause__ or exc.__context__
+    if not str(exc) and cause is not None:
+        return describe_failure(cause)
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror.lower() if exc.strerror else str(exc)
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
 def _parse(raw: str | bytes) -> dict[str, Any] | None:
