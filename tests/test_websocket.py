@@ -376,3 +376,44 @@ async def test_an_acceptance_is_persisted_even_if_the_sender_hangs_up_before_the
         assert set(server.accepted()) == accepted_before  # everything it entered, it kept
         assert len(accepted_before) == 500
         nursery.cancel_scope.cancel()
+
+
+async def test_a_half_open_connection_is_noticed_within_the_pong_deadline() -> None:
+    from .proxy import FaultProxy
+
+    async with trio.open_nursery() as nursery:
+        server = await start_broker(nursery)
+        proxy = await nursery.start(FaultProxy(server.port).run)
+        broker = quick(proxy.url, mesh_identity(), ping_interval=0.2, pong_timeout=0.3,
+                       reconnect_backoff=(0.1,))
+        await nursery.start(broker.run)
+        assert broker.is_open()
+        proxy.blackhole = True
+        cut = trio.current_time()
+        await wait_until(lambda: _now(not broker.is_open()), seconds=3)
+        assert trio.current_time() - cut <= 0.2 + 0.3 + 0.5  # ping interval + pong deadline + slack
+        proxy.blackhole = False
+        await wait_until(lambda: _now(broker.is_open()), seconds=5)
+        assert broker.connects == 2
+        nursery.cancel_scope.cancel()
+
+
+async def test_reset_connections_are_redialled_and_rows_drain(outbox: Outbox) -> None:
+    from .proxy import FaultProxy
+
+    async with trio.open_nursery() as nursery:
+        server = await start_broker(nursery)
+        proxy = await nursery.start(FaultProxy(server.port, latency=0.002).run)
+        broker = quick(proxy.url, mesh_identity(), reconnect_backoff=(0.05,))
+        await nursery.start(broker.run)
+        registry = BrokerRegistry()
+        registry.set_mesh("alpha", broker)
+        await outbox.accept_many(reqs(300))
+        await nursery.start(DrainWorker(outbox, registry, FAST).run)
+        for _ in range(3):
+            await trio.sleep(0.1)
+            proxy.reset_all()
+        counts = await drained(outbox, 300)
+        assert counts == {"pending": 0, "inflight": 0, "done": 300, "dead": 0, "aborted": 0}
+        assert len(server.accepted()) == 300
+        nursery.cancel_scope.cancel()
