@@ -36,3 +36,13 @@ def lint(session: nox.Session) -> None:
 def typecheck(session: nox.Session) -> None:
     session.install("-e", ".[test]", "mypy")
     session.run("mypy")
+
+
+@nox.session(python=False)
+def bench(session: nox.Session) -> None:
+    """The section 9 benchmark: prints a table, writes bench-results/bench.json.
+
+    `nox -s bench -- --quick --runs 1` for a fast look.
+    """
+    session.run("python", "-m", "pip", "install", "-q", "-e", ".[test]", external=True)
+    session.run("python", "-m", "tests.benchmark", *session.posargs, external=True)

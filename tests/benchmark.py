@@ -1,0 +1,341 @@
+"""The benchmark of section 9 of the spec: `nox -s bench` (never a timed test).
+
+Every figure is a median over several runs, and every target is checked as a
+ratio or percentile measured in the same run, because these machines are
+shared and noisy. Prints a table and writes JSON.
+
+    python -m tests.benchmark [--quick] [--runs N] [--out bench-results/bench.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import signal
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from trio_drain import (
+    BrokerRegistry,
+    DrainConfig,
+    DrainWorker,
+    MeshIdentity,
+    OutgoingMessage,
+    SendRequest,
+    SendResult,
+    WebSocketBroker,
+    generate_secret_key,
+    open_outbox,
+)
+
+IDENTITY = MeshIdentity(mesh_id="mesh-bench", member_id="bench", secret_key=generate_secret_key())
+
+
+# -- a broker in its own process ---------------------------------------------------------------
+
+
+class BrokerProcess:
+    def __init__(self, *args: str) -> None:
+        self.args = args
+        self.proc: subprocess.Popen[str] | None = None
+        self.url = ""
+
+    def start(self, port: int = 0) -> BrokerProcess:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "trio_drain", "broker", "serve", "--open", "--port", str(port), *self.args],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        )
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if "listening on" not in line:
+            raise RuntimeError(f"broker did not start: {line!r}")
+        self.url = line.split()[-1]
+        return self
+
+    @property
+    def port(self) -> int:
+        return int(self.url.rsplit(":", 1)[1].split("/")[0])
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(timeout=30)
+            self.proc = None
+
+    def __enter__(self) -> BrokerProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+async def connected(nursery: trio.Nursery, url: str) -> WebSocketBroker:
+    broker = WebSocketBroker(url, IDENTITY, reconnect_backoff=(0.2,))
+    await nursery.start(broker.run)
+    if not broker.is_open():
+        raise RuntimeError(f"cannot connect to {url}: {broker.last_error}")
+    return broker
+
+
+# -- measurements ----------------------------------------------------------------------------------
+
+
+async def ceiling(url: str, n: int, window: int = 64) -> float:
+    """Round trips a second: pipelined sends and acks on one connection, no database."""
+    messages = [OutgoingMessage(client_message_id=f"c-{time.time_ns()}-{i}", request_fingerprint="ab" * 32,
+                                target_spec="#bench", priority="next", nonce="bm9uY2U=",
+                                ciphertext="aGVsbG8gd29ybGQ=") for i in range(n)]
+    async with trio.open_nursery() as nursery:
+        broker = await connected(nursery, url)
+        it = iter(messages)
+
+        async def sender() -> None:
+            for message in it:
+                result = await broker.send(message)
+                assert result.ok, result
+
+        started = time.perf_counter()
+        async with trio.open_nursery() as senders:
+            for _ in range(window):
+                senders.start_soon(sender)
+        elapsed = time.perf_counter() - started
+        nursery.cancel_scope.cancel()
+    return n / elapsed
+
+
+async def fill(db: str, n: int, *, mesh: str = "bench") -> None:
+    async with open_outbox(db, durability="normal") as outbox:
+        for start in range(0, n, 10_000):
+            await outbox.accept_many([
+                SendRequest(mesh=mesh, target_spec="#bench", payload=b"hello world",
+                            client_message_id=f"r-{i:09d}")
+                for i in range(start, min(start + 10_000, n))
+            ])
+
+
+async def drain_rate(url: str, db: str, n: int, config: DrainConfig) -> float:
+    """Rows a second for a worker draining a backlog of n rows."""
+    async with open_outbox(db) as outbox, trio.open_nursery() as nursery:
+        broker = await connected(nursery, url)
+        registry = BrokerRegistry()
+        registry.set_mesh("bench", broker)
+        worker = DrainWorker(outbox, registry, config)
+        done = trio.Event()
+        settled = 0
+
+        def on_completion(c: Any) -> None:
+            nonlocal settled
+            settled += 1
+            if settled >= n:
+                done.set()
+
+        worker.on_completion = on_completion
+        started = time.perf_counter()
+        nursery.start_soon(worker.run)
+        await done.wait()
+        elapsed = time.perf_counter() - started
+        counts = await outbox.counts()
+        assert counts["done"] == n, counts
+        nursery.cancel_scope.cancel()
+    return n / elapsed
+
+
+def raw_commit_rate(folder: str, n: int) -> float:
+    """Single-row INSERT + COMMIT per row under WAL + synchronous=FULL: the disk's pace."""
+    conn = sqlite3.connect(Path(folder) / "raw.db", isolation_level=None)
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("PRAGMA synchronous = FULL")
+    conn.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, v BLOB)")
+    started = time.perf_counter()
+    for i in range(n):
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("INSERT INTO t (v) VALUES (?)", (b"hello world",))
+        conn.execute("COMMIT")
+    elapsed = time.perf_counter() - started
+    conn.close()
+    return n / elapsed
+
+
+async def accept_rates(folder: str, n: int) -> dict[str, float]:
+    out: dict[str, float] = {}
+    async with open_outbox(Path(folder) / "accept.db") as outbox:
+        started = time.perf_counter()
+        for i in range(n):
+            await outbox.accept(SendRequest(mesh="bench", target_spec="#b", payload=b"x", client_message_id=f"one-{i}"))
+        out["one_caller"] = n / (time.perf_counter() - started)
+
+        callers, per_caller = 64, max(1, n // 8)
+
+        async def caller(k: int) -> None:
+            for i in range(per_caller):
+                await outbox.accept(SendRequest(mesh="bench", target_spec="#b", payload=b"x",
+                                                client_message_id=f"many-{k}-{i}"))
+
+        started = time.perf_counter()
+        async with trio.open_nursery() as nursery:
+            for k in range(callers):
+                nursery.start_soon(caller, k)
+        out["concurrent_64"] = callers * per_caller / (time.perf_counter() - started)
+
+        batch = [SendRequest(mesh="bench", target_spec="#b", payload=b"x", client_message_id=f"batch-{i}")
+                 for i in range(50_000)]
+        started = time.perf_counter()
+        for start in range(0, len(batch), 10_000):
+            await outbox.accept_many(batch[start:start + 10_000])
+        out["accept_many"] = len(batch) / (time.perf_counter() - started)
+    return out
+
+
+class _ArrivalBroker:
+    """In-process broker that stamps arrival times (wake-to-send has no wire in it)."""
+
+    def __init__(self) -> None:
+        self.arrivals: dict[str, float] = {}
+        self.arrived = trio.Event()
+
+    def is_open(self) -> bool:
+        return True
+
+    async def send(self, message: OutgoingMessage) -> SendResult:
+        self.arrivals[message.client_message_id] = time.perf_counter()
+        self.arrived.set()
+        return SendResult.acked("b")
+
+
+async def wake_latency(folder: str, samples: int) -> list[float]:
+    """Seconds from `accept` returning to the broker's send being called, on an idle worker."""
+    latencies = []
+    async with open_outbox(Path(folder) / "wake.db") as outbox, trio.open_nursery() as nursery:
+        broker = _ArrivalBroker()
+        registry = BrokerRegistry()
+        registry.set_mesh("bench", broker)
+        await nursery.start(DrainWorker(outbox, registry, DrainConfig(poll_interval=60.0)).run)
+        for i in range(samples):
+            await trio.sleep(0.01)  # idle again
+            broker.arrived = trio.Event()
+            await outbox.accept(SendRequest(mesh="bench", target_spec="#b", payload=b"x", client_message_id=f"w-{i}"))
+            returned = time.perf_counter()
+            await broker.arrived.wait()
+            latencies.append(broker.arrivals[f"w-{i}"] - returned)
+        nursery.cancel_scope.cancel()
+    return latencies
+
+
+def percentile(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
+
+
+# -- the run ----------------------------------------------------------------------------------
+
+
+async def median_of(runs: int, fn: Callable[[], Awaitable[float]]) -> tuple[float, list[float]]:
+    values = [await fn() for _ in range(runs)]
+    return statistics.median(values), values
+
+
+async def main(args: argparse.Namespace) -> dict[str, Any]:
+    quick = args.quick
+    runs = args.runs
+    backlog = 20_000 if quick else 100_000
+    results: dict[str, Any] = {
+        "machine": {"cores": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+        "quick": quick, "runs": runs,
+    }
+    with tempfile.TemporaryDirectory(prefix="trio-drain-bench-") as folder, BrokerProcess() as broker:
+        ceil, ceil_runs = await median_of(runs, lambda: ceiling(broker.url, 20_000 if quick else 50_000))
+        results["ceiling_rps"] = {"median": ceil, "runs": ceil_runs}
+
+        async def one_drain() -> float:
+            db = str(Path(folder) / f"drain-{time.time_ns()}.db")
+            await fill(db, backlog)
+            return await drain_rate(broker.url, db, backlog, DrainConfig(max_inflight=64, batch_size=128))
+
+        rate, rate_runs = await median_of(runs, one_drain)
+        results["drain_rps"] = {"median": rate, "runs": rate_runs, "backlog": backlog,
+                                "ratio_to_ceiling": rate / ceil, "target": 0.7}
+
+        raw = statistics.median([raw_commit_rate(tempfile.mkdtemp(dir=folder), 500 if quick else 2000)
+                                 for _ in range(runs)])
+        accepts = [await accept_rates(tempfile.mkdtemp(dir=folder), 500 if quick else 2000) for _ in range(runs)]
+        acc = {k: statistics.median(a[k] for a in accepts) for k in accepts[0]}
+        results["accept"] = {
+            "raw_full_commit_rps": raw, **{f"{k}_rps": v for k, v in acc.items()},
+            "one_caller_ratio_to_raw": acc["one_caller"] / raw, "one_caller_target": 0.5,
+            "concurrent_ratio_to_one": acc["concurrent_64"] / acc["one_caller"], "concurrent_target": 5.0,
+            "accept_many_target_rps": 50_000,
+        }
+
+    with tempfile.TemporaryDirectory(prefix="trio-drain-bench-") as folder, \
+            BrokerProcess("--ack-delay", "0.001") as delayed:
+        seed_n, ours_n = (1_000, 10_000) if quick else (3_000, 30_000)
+
+        async def seed() -> float:
+            db = str(Path(folder) / f"seed-{time.time_ns()}.db")
+            await fill(db, seed_n)
+            return await drain_rate(delayed.url, db, seed_n, DrainConfig.seed_schedule())
+
+        async def ours() -> float:
+            db = str(Path(folder) / f"ours-{time.time_ns()}.db")
+            await fill(db, ours_n)
+            return await drain_rate(delayed.url, db, ours_n, DrainConfig(max_inflight=64, batch_size=128))
+
+        seed_rate, seed_runs = await median_of(runs, seed)
+        our_rate, our_runs = await median_of(runs, ours)
+        results["seed_schedule_1ms"] = {"seed_rps": seed_rate, "ours_rps": our_rate, "ratio": our_rate / seed_rate,
+                                        "target": 30.0, "seed_runs": seed_runs, "our_runs": our_runs}
+
+        lat = await wake_latency(folder, 100 if quick else 300)
+        results["wake_to_send_ms"] = {"p50": percentile(lat, 50) * 1000, "p99": percentile(lat, 99) * 1000,
+                                      "samples": len(lat), "target_p50": 1.0, "target_p99": 5.0}
+    results["max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return results
+
+
+def print_table(r: dict[str, Any]) -> None:
+    rows = [
+        ("transport ceiling (round trips/s, window 64)", f"{r['ceiling_rps']['median']:,.0f}", ""),
+        (f"drain {r['drain_rps']['backlog']:,} rows (rows/s)", f"{r['drain_rps']['median']:,.0f}",
+         f"{r['drain_rps']['ratio_to_ceiling']:.2f} of ceiling (target >= 0.7)"),
+        ("raw single-row FULL commits (/s)", f"{r['accept']['raw_full_commit_rps']:,.0f}", ""),
+        ("accept, one caller (/s)", f"{r['accept']['one_caller_rps']:,.0f}",
+         f"{r['accept']['one_caller_ratio_to_raw']:.2f} of raw (target >= 0.5)"),
+        ("accept, 64 callers (/s)", f"{r['accept']['concurrent_64_rps']:,.0f}",
+         f"{r['accept']['concurrent_ratio_to_one']:.1f}x one caller (target >= 5)"),
+        ("accept_many (rows/s)", f"{r['accept']['accept_many_rps']:,.0f}", "target >= 50,000"),
+        ("seed schedule, 1 ms ack delay (rows/s)", f"{r['seed_schedule_1ms']['seed_rps']:,.0f}", ""),
+        ("ours, 1 ms ack delay (rows/s)", f"{r['seed_schedule_1ms']['ours_rps']:,.0f}",
+         f"{r['seed_schedule_1ms']['ratio']:.1f}x the seed (target >= 30)"),
+        ("wake-to-send p50 / p99 (ms)", f"{r['wake_to_send_ms']['p50']:.2f} / {r['wake_to_send_ms']['p99']:.2f}",
+         "target < 1 / < 5"),
+    ]
+    width = max(len(a) for a, _, _ in rows)
+    print(f"machine: {r['machine']['cores']} cores, Python {r['machine']['python']}; "
+          f"median of {r['runs']} run(s){' (quick)' if r['quick'] else ''}")
+    for name, value, note in rows:
+        print(f"  {name:<{width}}  {value:>14}  {note}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--out", default="bench-results/bench.json")
+    ns = parser.parse_args()
+    res = trio.run(main, ns)
+    print_table(res)
+    Path(ns.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(ns.out).write_text(json.dumps(res, indent=2))
+    print(f"written to {ns.out}")
