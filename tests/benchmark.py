@@ -159,7 +159,7 @@ def raw_commit_rate(folder: str, n: int) -> float:
     conn.execute("PRAGMA synchronous = FULL")
     conn.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, v BLOB)")
     started = time.perf_counter()
-    for i in range(n):
+    for _ in range(n):
         conn.execute("BEGIN IMMEDIATE")
         conn.execute("INSERT INTO t (v) VALUES (?)", (b"hello world",))
         conn.execute("COMMIT")
@@ -235,7 +235,7 @@ async def wake_latency(folder: str, samples: int) -> list[float]:
 
 def percentile(values: list[float], p: float) -> float:
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
+    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
 
 
 # -- the run ----------------------------------------------------------------------------------
