@@ -23,6 +23,7 @@ import attrs
 import trio
 
 from . import _lifecycle
+from ._completer import BatchCompleter
 from ._config import DrainConfig
 from ._errors import BrokerUnavailable, StoreError, TrioDrainError
 from ._ids import new_token
@@ -41,9 +42,6 @@ from ._routing import (
 from ._store._base import RouteFilter
 
 log = logging.getLogger("trio_drain.worker")
-
-#: Longest a shielded cleanup write may take after cancellation.
-CLEANUP_TIMEOUT = 10.0
 
 
 @attrs.frozen(kw_only=True)
@@ -118,6 +116,7 @@ class DrainWorker:
         self._rng = rng if rng is not None else random.Random()
         self._wake_send, self._wake_receive = trio.open_memory_channel[None](1)
         self._limiter = trio.CapacityLimiter(self.config.max_inflight)
+        self._completer = BatchCompleter(outbox)
         # Blocked routes: (kind, key) as understood by BrokerRegistry.
         self._blocked: dict[tuple[str, str | None], str] = {}
         self._running = False
@@ -157,8 +156,16 @@ class DrainWorker:
         try:
             await self._maintain()
             async with trio.open_nursery() as nursery:
-                task_status.started()
-                await self._loop(nursery)
+                # The completer outlives every delivery: it stops only when
+                # closed, after the deliveries nursery has exited and every
+                # cancelled delivery has queued its row's hand-back.
+                await nursery.start(self._completer.run)
+                try:
+                    async with trio.open_nursery() as deliveries:
+                        task_status.started()
+                        await self._loop(deliveries)
+                finally:
+                    self._completer.close()
         finally:
             self.outbox.remove_listener(self.wake)
             self.registry.remove_listener(self.wake)
@@ -268,14 +275,16 @@ class DrainWorker:
     # -- one row
 
     async def _deliver(self, row: OutboxRow, slot: object) -> None:
-        sent = False
+        sent = submitted = False
         try:
             route = self.registry.resolve(row)
             if isinstance(route, NoBroker):
                 log.warning("no broker for mesh %s: row %s is dead", row.mesh, row.id)
+                submitted = True
                 await self._finish(_lifecycle.on_no_broker(row), "mesh:" + str(row.mesh))
                 return
             if isinstance(route, Unavailable):
+                submitted = True
                 await self._give_back(row, route)
                 return
             message = outgoing_message(row)
@@ -284,6 +293,7 @@ class DrainWorker:
             result = await self._send(route, message)
             if result is None:  # nothing left: the socket closed under us
                 sent = False
+                submitted = True
                 await self._give_back(row, self.registry.unavailable_route(row))
                 return
             now = self.outbox.clock()
@@ -298,19 +308,14 @@ class DrainWorker:
                 )
                 if completion.status is Status.DEAD:
                     log.warning("row %s is dead: %s", row.id, completion.last_error)
+            submitted = True
             await self._finish(completion, route.name)
         except trio.Cancelled:
-            with trio.move_on_after(CLEANUP_TIMEOUT, shield=True):
-                try:
-                    applied = await self.outbox.complete(
-                        [_lifecycle.on_released(row, sent=sent, now=self.outbox.clock())]
-                    )
-                except StoreError as exc:
-                    log.error("cannot hand row %s back (%s); it stays inflight until"
-                              " its lease expires", row.id, exc)
-                else:
-                    if applied[0] and not sent:
-                        self._counts["given_back"] += 1
+            if not submitted:
+                # Hand the row back; the completer writes it before it stops.
+                self._completer.submit_nowait(_lifecycle.on_released(row, sent=sent, now=self.outbox.clock()))
+                if not sent:
+                    self._counts["given_back"] += 1
             raise
         finally:
             self._limiter.release_on_behalf_of(slot)
@@ -334,20 +339,9 @@ class DrainWorker:
         await self._finish(completion, route.name, given_back=True)
 
     async def _finish(self, completion: Completion, route_name: str, *, given_back: bool = False) -> None:
-        # Shielded so a completion that is being written is never withdrawn
-        # halfway by a cancellation (which would resend an acked row).
-        applied: bool | None = None
-        with trio.move_on_after(CLEANUP_TIMEOUT, shield=True):
-            try:
-                (applied,) = await self.outbox.complete([completion])
-            except StoreError as exc:
-                log.error("cannot record the outcome of row %s (%s); it stays inflight"
-                          " until its lease expires", completion.row_id, exc)
-                return
+        applied = await self._completer.complete(completion)
         if applied is None:
-            log.error("recording the outcome of row %s took over %ss; it stays inflight"
-                      " until its lease expires", completion.row_id, CLEANUP_TIMEOUT)
-            return
+            return  # the completer logged it; the lease will bring the row back
         if not applied:
             self._counts["stale"] += 1
             log.warning("row %s: lease was taken over; completion ignored", completion.row_id)

@@ -1,0 +1,114 @@
+"""Batched completions: many rows' outcomes recorded in one transaction.
+
+Delivery tasks hand their `Completion` to the completer and wait for the
+batch it lands in. The completer collects completions for up to
+`max_delay` seconds or `max_batch` rows, whichever comes first, then writes
+them with one `Outbox.complete` call (one transaction, one thread hop), in
+the manner of River's batch completer. Waiting for the flush keeps
+`max_inflight` honest: a send slot is only free once its row has left
+`inflight` in the database.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import trio
+
+from ._errors import StoreError
+from ._lifecycle import Completion
+from ._outbox import Outbox
+
+log = logging.getLogger("trio_drain.worker")
+
+#: Longest the final flush may take once the worker is stopping.
+FLUSH_TIMEOUT = 10.0
+
+
+class _Batch:
+    __slots__ = ("applied", "completions", "flushed")
+
+    def __init__(self) -> None:
+        self.completions: list[Completion] = []
+        self.flushed = trio.Event()
+        self.applied: list[bool] | None = None  # None: the write failed
+
+
+class BatchCompleter:
+    """Collects completions and writes them in batches until closed.
+
+    `run` ignores cancellation from outside: it stops only after `close()`,
+    once everything queued is written (within `FLUSH_TIMEOUT`), so the
+    hand-backs that cancelled deliveries queue on their way out are never
+    dropped. The owner must call `close()` (the worker does, in a finally).
+    """
+
+    def __init__(self, outbox: Outbox, *, max_batch: int = 512, max_delay: float = 0.002) -> None:
+        self.outbox = outbox
+        self.max_batch = max_batch
+        self.max_delay = max_delay
+        self._batch = _Batch()
+        self._ready = trio.Event()  # the current batch has something in it
+        self._full = trio.Event()  # the current batch reached max_batch
+        self._closing = False
+        self._scope: trio.CancelScope | None = None
+        self.flushes = 0
+
+    def submit_nowait(self, completion: Completion) -> _Batch:
+        """Queue `completion` for the next batch without waiting for it."""
+        batch = self._batch
+        batch.completions.append(completion)
+        self._ready.set()
+        if len(batch.completions) >= self.max_batch:
+            self._full.set()
+        return batch
+
+    async def complete(self, completion: Completion) -> bool | None:
+        """Queue `completion` and wait until its batch is written.
+
+        Returns whether it applied (False: its lease had been taken over), or
+        None if the batch could not be written (the row stays inflight until
+        its lease expires).
+        """
+        batch = self.submit_nowait(completion)
+        index = len(batch.completions) - 1
+        await batch.flushed.wait()
+        return None if batch.applied is None else batch.applied[index]
+
+    def close(self) -> None:
+        """Write what is queued, then stop `run` (within FLUSH_TIMEOUT)."""
+        self._closing = True
+        self._ready.set()
+        if self._scope is not None:
+            self._scope.deadline = min(self._scope.deadline, trio.current_time() + FLUSH_TIMEOUT)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        with trio.CancelScope(shield=True) as self._scope:
+            task_status.started()
+            while True:
+                await self._ready.wait()
+                if not self._closing:
+                    with trio.move_on_after(self.max_delay):
+                        await self._full.wait()
+                await self._flush()
+                if self._closing and not self._batch.completions:
+                    return
+        if self._batch.completions:
+            log.error("stopping with %d outcome(s) unwritten after %ss; those rows stay inflight until"
+                      " their lease expires", len(self._batch.completions), FLUSH_TIMEOUT)
+
+    async def _flush(self) -> None:
+        batch = self._batch
+        if not batch.completions:
+            return
+        self._batch = _Batch()
+        self._ready = trio.Event()
+        self._full = trio.Event()
+        try:
+            batch.applied = await self.outbox.complete(batch.completions)
+        except StoreError as exc:
+            log.error("cannot record %d outcome(s) (%s); those rows stay inflight until their"
+                      " lease expires", len(batch.completions), exc)
+        finally:
+            self.flushes += 1
+            batch.flushed.set()
