@@ -417,3 +417,23 @@ async def test_reset_connections_are_redialled_and_rows_drain(outbox: Outbox) ->
         assert counts == {"pending": 0, "inflight": 0, "done": 300, "dead": 0, "aborted": 0}
         assert len(server.accepted()) == 300
         nursery.cancel_scope.cancel()
+
+
+async def test_an_ack_that_never_comes_is_a_transient_ack_timeout() -> None:
+    async def mute(ws: trio_websocket.WebSocketConnection) -> None:
+        await ws.get_message()
+        await ws.send_message(json.dumps({"type": "hello_ack", "presenceId": "p"}))
+        while True:
+            await ws.get_message()  # read, never ack
+
+    async with trio.open_nursery() as nursery:
+        url = await scripted(nursery, mute)
+        broker = quick(url, mesh_identity(), ack_timeout=0.3)
+        await nursery.start(broker.run)
+        started = trio.current_time()
+        result = await broker.send(OutgoingMessage(client_message_id="m-1", request_fingerprint="aa",
+                                                   target_spec="*", priority="next", nonce="", ciphertext=""))
+        assert (result.ok, result.error, result.permanent) == (False, "ack_timeout", False)
+        assert 0.3 <= trio.current_time() - started < 1.0
+        assert broker.is_open()
+        nursery.cancel_scope.cancel()

@@ -54,9 +54,10 @@ def classify_ack(frame: dict[str, Any]) -> SendResult:
 
 
 class _Waiter:
-    __slots__ = ("event", "result")
+    __slots__ = ("deadline", "event", "result")
 
-    def __init__(self) -> None:
+    def __init__(self, deadline: float) -> None:
+        self.deadline = deadline
         self.event = trio.Event()
         self.result: SendResult | None = None
 
@@ -135,7 +136,9 @@ class WebSocketBroker:
         ws = self._ws
         if not self._open or ws is None:
             raise BrokerUnavailable(f"broker connection to {self.url} is not open")
-        waiter = _Waiter()
+        # The ack deadline is enforced by one sweeper per connection rather
+        # than a cancel scope per send: this is the hot path.
+        waiter = _Waiter(trio.current_time() + self.ack_timeout)
         key = message.client_message_id
         self._pending.setdefault(key, []).append(waiter)
         try:
@@ -143,9 +146,9 @@ class WebSocketBroker:
                 await ws.send_message(json.dumps(message.to_frame(), separators=(",", ":")))
             except trio_websocket.ConnectionClosed:
                 raise BrokerUnavailable(f"broker connection to {self.url} closed") from None
-            with trio.move_on_after(self.ack_timeout):
-                await waiter.event.wait()
-            return waiter.result or SendResult.failed("ack_timeout", permanent=False)
+            await waiter.event.wait()
+            assert waiter.result is not None
+            return waiter.result
         finally:
             waiters = self._pending.get(key)
             if waiters is not None:
@@ -213,6 +216,7 @@ class WebSocketBroker:
             try:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._keepalive, ws, nursery.cancel_scope)
+                    nursery.start_soon(self._expire_acks)
                     await self._read_frames(ws)
                     nursery.cancel_scope.cancel()
             finally:
@@ -275,6 +279,17 @@ class WebSocketBroker:
                 log.warning("broker %s: no pong within %ss; dropping the connection", self.url, self.pong_timeout)
                 scope.cancel()
                 return
+
+    async def _expire_acks(self) -> None:
+        """Fail sends whose ack is overdue, as transient `ack_timeout`."""
+        timeout = SendResult.failed("ack_timeout", permanent=False)
+        while True:
+            await trio.sleep(min(1.0, self.ack_timeout / 4))
+            now = trio.current_time()
+            for waiters in list(self._pending.values()):
+                for waiter in waiters:
+                    if waiter.deadline <= now:
+                        waiter.resolve(timeout)
 
     def _push(self, frame: dict[str, Any]) -> None:
         if self.on_push is None:
