@@ -2,7 +2,8 @@
 
 Delivery tasks hand their `Completion` to the completer and wait for the
 batch it lands in. The completer collects completions for up to
-`max_delay` seconds or `max_batch` rows, whichever comes first, then writes
+`max_delay` seconds, or until `max_batch` rows or every send still in flight
+has reported, whichever comes first, then writes
 them with one `Outbox.complete` call (one transaction, one thread hop), in
 the manner of River's batch completer. Waiting for the flush keeps
 `max_inflight` honest: a send slot is only free once its row has left
@@ -12,6 +13,7 @@ the manner of River's batch completer. Waiting for the flush keeps
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import trio
 
@@ -43,8 +45,14 @@ class BatchCompleter:
     dropped. The owner must call `close()` (the worker does, in a finally).
     """
 
-    def __init__(self, outbox: Outbox, *, max_batch: int = 512, max_delay: float = 0.002) -> None:
+    def __init__(
+        self, outbox: Outbox, *, max_batch: int = 512, max_delay: float = 0.002,
+        in_flight: Callable[[], int] = lambda: 0,
+    ) -> None:
         self.outbox = outbox
+        # Sends still outstanding: once that many completions are queued,
+        # nobody else will add to the batch soon, so waiting is pure latency.
+        self.in_flight = in_flight
         self.max_batch = max_batch
         self.max_delay = max_delay
         self._batch = _Batch()
@@ -59,7 +67,7 @@ class BatchCompleter:
         batch = self._batch
         batch.completions.append(completion)
         self._ready.set()
-        if len(batch.completions) >= self.max_batch:
+        if len(batch.completions) >= min(self.max_batch, self.in_flight()):
             self._full.set()
         return batch
 

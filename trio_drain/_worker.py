@@ -116,7 +116,7 @@ class DrainWorker:
         self._rng = rng if rng is not None else random.Random()
         self._wake_send, self._wake_receive = trio.open_memory_channel[None](1)
         self._limiter = trio.CapacityLimiter(self.config.max_inflight)
-        self._completer = BatchCompleter(outbox)
+        self._completer = BatchCompleter(outbox, in_flight=lambda: self._limiter.borrowed_tokens)
         # Blocked routes: (kind, key) as understood by BrokerRegistry.
         self._blocked: dict[tuple[str, str | None], str] = {}
         self._running = False

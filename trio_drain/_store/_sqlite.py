@@ -223,14 +223,23 @@ class _GroupCommitter:
                 self._synchronous = synchronous
             conn.execute("BEGIN IMMEDIATE")
             try:
-                for op in batch:
-                    conn.execute("SAVEPOINT op")
+                if len(batch) == 1:  # no neighbour to protect: skip the savepoint
+                    op = batch[0]
                     try:
                         op.value = op.fn(conn)
                     except Exception as exc:
-                        conn.execute("ROLLBACK TO op")
+                        conn.rollback()
                         op.error = _translate(exc) if isinstance(exc, sqlite3.Error) else exc
-                    conn.execute("RELEASE op")
+                        return
+                else:
+                    for op in batch:
+                        conn.execute("SAVEPOINT op")
+                        try:
+                            op.value = op.fn(conn)
+                        except Exception as exc:
+                            conn.execute("ROLLBACK TO op")
+                            op.error = _translate(exc) if isinstance(exc, sqlite3.Error) else exc
+                        conn.execute("RELEASE op")
                 conn.execute("COMMIT")
             except BaseException:
                 if conn.in_transaction:
@@ -240,8 +249,9 @@ class _GroupCommitter:
             error = _translate(exc)
             for op in batch:
                 op.value, op.error = None, error
-        self.batches += 1
-        self.operations += len(batch)
+        finally:
+            self.batches += 1
+            self.operations += len(batch)
 
 
 # -- the back end ------------------------------------------------------------------
@@ -339,21 +349,25 @@ class SqliteBackend:
     # -- accept
 
     async def accept_many(self, rows: Sequence[OutboxRow]) -> Outcomes:
+        insert = _INSERT.replace("INSERT INTO", "INSERT OR IGNORE INTO", 1)
+
         def op(conn: sqlite3.Connection) -> Outcomes:
             outcomes = []
             for row in rows:
+                # Try the insert first: a new id (the common case) costs one
+                # statement; only an id already present needs the lookup.
+                if conn.execute(insert, _values(row)).rowcount == 1:
+                    outcomes.append(_lifecycle.decide_accept(
+                        None, client_message_id=row.client_message_id, fingerprint=row.request_fingerprint))
+                    outcomes[-1] = attrs.evolve(outcomes[-1], row_id=row.id)
+                    continue
                 found = conn.execute(
                     _SELECT + " WHERE client_message_id = ?", (row.client_message_id,)
                 ).fetchone()
-                existing = None if found is None else _row(found)
-                outcome = _lifecycle.decide_accept(
-                    existing, client_message_id=row.client_message_id,
-                    fingerprint=row.request_fingerprint,
-                )
-                if outcome.inserted:
-                    conn.execute(_INSERT, _values(row))
-                    outcome = attrs.evolve(outcome, row_id=row.id)
-                outcomes.append(outcome)
+                if found is None:  # ignored for another reason: the row id collided
+                    raise StoreError(f"could not insert row {row.id}")
+                outcomes.append(_lifecycle.decide_accept(
+                    _row(found), client_message_id=row.client_message_id, fingerprint=row.request_fingerprint))
             return outcomes
 
         return await self._write(op)
