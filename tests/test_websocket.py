@@ -29,6 +29,7 @@ from trio_drain import (
     serve_broker,
 )
 from trio_drain._identity import public_key_hex
+from trio_drain._transport import TRANSPORTS
 from trio_drain._ws_broker import classify_ack
 
 from .helpers import wait_until
@@ -44,7 +45,18 @@ def mesh_identity(secret: str = PARENT, member: str = "member-1") -> MeshIdentit
     return MeshIdentity(mesh_id="mesh-alpha", member_id=member, secret_key=secret)
 
 
+TRANSPORT = {"name": "wsproto"}
+
+
+@pytest.fixture(autouse=True, params=TRANSPORTS)
+def transport(request: pytest.FixtureRequest) -> str:
+    """Every test here runs over each client transport."""
+    TRANSPORT["name"] = request.param
+    return str(request.param)
+
+
 def quick(url: str, identity: Any, **kw: Any) -> WebSocketBroker:
+    kw.setdefault("transport", TRANSPORT["name"])
     kw.setdefault("reconnect_backoff", (0.05,))
     kw.setdefault("hello_timeout", 2.0)
     return WebSocketBroker(url, identity, **kw)

@@ -20,11 +20,11 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import trio
-import trio_websocket
 
 from ._errors import BrokerUnavailable, HandshakeError
 from ._identity import Identity, MeshIdentity
 from ._routing import OutgoingMessage, SendResult
+from ._transport import Connection, TransportClosed, TransportName, TransportRejected, open_connection
 
 log = logging.getLogger("trio_drain.broker")
 
@@ -79,6 +79,8 @@ class WebSocketBroker:
         pong_timeout: seconds a pong may take before the connection is dead.
         ack_timeout: seconds an ack may take before a send fails `ack_timeout`.
         reconnect_backoff: delays between connection attempts (jittered ±20%).
+        transport: ``"wsproto"`` (default; wsproto on a Trio stream with
+            coalesced writes) or ``"trio-websocket"``.
     """
 
     def __init__(
@@ -94,8 +96,10 @@ class WebSocketBroker:
         ack_timeout: float = ACK_TIMEOUT,
         reconnect_backoff: Sequence[float] = RECONNECT_BACKOFF,
         clock: Callable[[], int] | None = None,
+        transport: TransportName = "wsproto",
     ) -> None:
         self.url = url
+        self.transport = transport
         self.identity = identity
         self.on_push = on_push
         self.ssl_context = ssl_context
@@ -105,7 +109,7 @@ class WebSocketBroker:
         self.ack_timeout = ack_timeout
         self.reconnect_backoff = tuple(reconnect_backoff)
         self._clock = clock or (lambda: time.time_ns() // 1_000_000)
-        self._ws: trio_websocket.WebSocketConnection | None = None
+        self._ws: Connection | None = None
         self._open = False
         self._pending: dict[str, list[_Waiter]] = {}
         self._listeners: list[Callable[[], None]] = []
@@ -144,7 +148,7 @@ class WebSocketBroker:
         try:
             try:
                 await ws.send_message(json.dumps(message.to_frame(), separators=(",", ":")))
-            except trio_websocket.ConnectionClosed:
+            except TransportClosed:
                 raise BrokerUnavailable(f"broker connection to {self.url} closed") from None
             await waiter.event.wait()
             assert waiter.result is not None
@@ -182,9 +186,8 @@ class WebSocketBroker:
                 # The first attempt's outcome is the caller's to report
                 # (nursery.start returns with is_open() False).
                 log.log(logging.WARNING if started else logging.INFO, "broker %s: %s", self.url, self.last_error)
-            except (OSError, trio_websocket.HandshakeError, trio_websocket.ConnectionClosed,
-                    trio.BrokenResourceError) as exc:
-                self.last_error = describe_failure(exc)
+            except (TransportRejected, TransportClosed, OSError, trio.BrokenResourceError) as exc:
+                self.last_error = str(exc) or type(exc).__name__
                 log.log(logging.WARNING if started else logging.INFO,
                         "broker %s: connection failed: %s", self.url, self.last_error)
             finally:
@@ -199,10 +202,10 @@ class WebSocketBroker:
     async def _connect_once(self, opened: Callable[[], None]) -> None:
         ssl_arg: ssl.SSLContext | None = self.ssl_context
         if self.url.startswith("wss://") and ssl_arg is None:
-            ssl_arg = ssl.create_default_context()
-        async with trio_websocket.open_websocket_url(
-            self.url, ssl_arg, max_message_size=MAX_FRAME,
-            connect_timeout=self.hello_timeout, disconnect_timeout=2.0,
+            ssl_arg = ssl.create_default_context()  # verifies certificates
+        async with open_connection(
+            self.url, transport=self.transport, ssl_context=ssl_arg, max_message_size=MAX_FRAME,
+            connect_timeout=self.hello_timeout,
         ) as ws:
             await self._hello(ws)
             self._ws = ws
@@ -221,14 +224,8 @@ class WebSocketBroker:
                     nursery.cancel_scope.cancel()
             finally:
                 self._closed()  # at once, not after the close handshake
-                # trio-websocket's client waits for the server to close TCP and
-                # can leave its socket open when the peer vanished; close it.
-                stream = getattr(ws, "_stream", None)
-                if stream is not None:
-                    with trio.CancelScope(shield=True):
-                        await stream.aclose()
 
-    async def _hello(self, ws: trio_websocket.WebSocketConnection) -> None:
+    async def _hello(self, ws: Connection) -> None:
         await ws.send_message(json.dumps(self.identity.hello(self._clock())))
         with trio.move_on_after(self.hello_timeout):
             while True:
@@ -243,12 +240,12 @@ class WebSocketBroker:
                 self._push(frame)
         raise HandshakeError(f"no hello_ack within {self.hello_timeout}s")
 
-    async def _read_frames(self, ws: trio_websocket.WebSocketConnection) -> None:
+    async def _read_frames(self, ws: Connection) -> None:
         while True:
             try:
                 raw = await ws.get_message()
-            except trio_websocket.ConnectionClosed as exc:
-                log.warning("broker %s closed the connection: %s", self.url, exc.reason)
+            except TransportClosed as exc:
+                log.warning("broker %s: connection closed: %s", self.url, exc)
                 return
             frame = _parse(raw)
             if frame is None:
@@ -267,13 +264,13 @@ class WebSocketBroker:
             else:
                 self._push(frame)
 
-    async def _keepalive(self, ws: trio_websocket.WebSocketConnection, scope: trio.CancelScope) -> None:
+    async def _keepalive(self, ws: Connection, scope: trio.CancelScope) -> None:
         while True:
             await trio.sleep(self.ping_interval)
             with trio.move_on_after(self.pong_timeout) as ping_scope:
                 try:
                     await ws.ping()
-                except trio_websocket.ConnectionClosed:
+                except TransportClosed:
                     return
             if ping_scope.cancelled_caught:
                 log.warning("broker %s: no pong within %ss; dropping the connection", self.url, self.pong_timeout)
@@ -310,21 +307,6 @@ class WebSocketBroker:
         stopping = trio.current_effective_deadline() == float("-inf")
         if was_open and not stopping:
             log.warning("broker %s: disconnected", self.url)
-
-
-def describe_failure(exc: BaseException) -> str:
-    """A one-line reason for a failed connection (trio-websocket's own
-    HandshakeError often has no message of its own, only a cause)."""
-    if isinstance(exc, trio_websocket.ConnectionRejected):
-        return f"rejected with HTTP {exc.status_code}"
-    if isinstance(exc, trio_websocket.ConnectionTimeout):
-        return "timed out connecting"
-    cause = exc.__cause__ or exc.__context__
-    if not str(exc) and cause is not None:
-        return describe_failure(cause)
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror.lower() if exc.strerror else str(exc)
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
 def _parse(raw: str | bytes) -> dict[str, Any] | None:

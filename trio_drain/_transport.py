@@ -1,0 +1,335 @@
+"""WebSocket client transports behind one small seam.
+
+`WebSocketBroker` needs little of a WebSocket: connect, send a text frame,
+read the next message, ping and wait for the pong, close. Two transports
+provide it:
+
+- ``"trio-websocket"``: the trio-websocket library.
+- ``"wsproto"``: wsproto driven directly on a Trio stream, with write
+  coalescing: frames queued while a write is in progress go out together in
+  one ``send_all``, so a pipelined burst of sends costs one syscall rather
+  than one each.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import ssl
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Literal, Protocol
+from urllib.parse import urlsplit
+
+import trio
+import trio_websocket
+import wsproto
+from wsproto.events import (
+    AcceptConnection,
+    BytesMessage,
+    CloseConnection,
+    Ping,
+    Pong,
+    RejectConnection,
+    RejectData,
+    Request,
+    TextMessage,
+)
+
+TransportName = Literal["wsproto", "trio-websocket"]
+TRANSPORTS: tuple[TransportName, ...] = ("wsproto", "trio-websocket")
+
+
+class TransportClosed(Exception):
+    """The connection is closed (by either side, or because the stream broke)."""
+
+
+class TransportRejected(Exception):
+    """The server refused the WebSocket handshake, or the connection failed."""
+
+
+class Connection(Protocol):
+    async def send_message(self, message: str) -> None:
+        """Queue one text frame. Raises TransportClosed if closed."""
+
+    async def get_message(self) -> str | bytes:
+        """The next whole message. Raises TransportClosed once closed."""
+
+    async def ping(self) -> None:
+        """Send a ping and wait for its pong. Raises TransportClosed."""
+
+
+def open_connection(
+    url: str, *, transport: TransportName, ssl_context: ssl.SSLContext | None, max_message_size: int,
+    connect_timeout: float,
+) -> AbstractAsyncContextManager[Connection]:
+    if transport == "trio-websocket":
+        return _trio_websocket(url, ssl_context, max_message_size, connect_timeout)
+    if transport == "wsproto":
+        return _wsproto(url, ssl_context, max_message_size, connect_timeout)
+    raise ValueError(f"unknown transport {transport!r}; choose one of {', '.join(TRANSPORTS)}")
+
+
+# -- trio-websocket ----------------------------------------------------------------------------
+
+
+class _TrioWebsocketConnection:
+    def __init__(self, ws: trio_websocket.WebSocketConnection) -> None:
+        self._ws = ws
+
+    async def send_message(self, message: str) -> None:
+        try:
+            await self._ws.send_message(message)
+        except trio_websocket.ConnectionClosed:
+            raise TransportClosed(str(self._ws.closed)) from None
+
+    async def get_message(self) -> str | bytes:
+        try:
+            return await self._ws.get_message()
+        except trio_websocket.ConnectionClosed as exc:
+            raise TransportClosed(str(exc.reason)) from None
+
+    async def ping(self) -> None:
+        try:
+            await self._ws.ping()
+        except trio_websocket.ConnectionClosed as exc:
+            raise TransportClosed(str(exc.reason)) from None
+
+
+@asynccontextmanager
+async def _trio_websocket(
+    url: str, ssl_context: ssl.SSLContext | None, max_message_size: int, connect_timeout: float
+) -> AsyncIterator[Connection]:
+    entered = body_done = False
+    stream: trio.abc.AsyncResource | None = None
+    try:
+        async with trio_websocket.open_websocket_url(
+            url, ssl_context, max_message_size=max_message_size, connect_timeout=connect_timeout,
+            disconnect_timeout=2.0,
+        ) as ws:
+            entered = True
+            stream = getattr(ws, "_stream", None)
+            yield _TrioWebsocketConnection(ws)
+            body_done = True
+    except (OSError, trio_websocket.HandshakeError) as exc:
+        if body_done:
+            return  # the close handshake failed (e.g. DisconnectionTimeout): we are leaving anyway
+        if entered:
+            raise
+        raise TransportRejected(_describe(exc)) from None
+    finally:
+        # trio-websocket's client waits for the server to close TCP and can
+        # leave its socket open when the peer vanished; close it ourselves.
+        if stream is not None:
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
+
+
+# -- wsproto on a Trio stream ----------------------------------------------------------------------
+
+
+class _WsprotoConnection:
+    """A client WebSocket over a Trio stream, frames coalesced on write."""
+
+    def __init__(self, stream: trio.abc.Stream, ws: wsproto.WSConnection, max_message_size: int) -> None:
+        self._stream = stream
+        self._ws = ws
+        self._max = max_message_size
+        self._out = bytearray()
+        self._out_ready = trio.Event()
+        self._drained = trio.Event()
+        self._drained.set()
+        self._send_messages, self._messages = trio.open_memory_channel[str | bytes](math.inf)
+        self._pings: dict[bytes, trio.Event] = {}
+        self._closed: str | None = None
+        self._parts: list[str | bytes] = []
+        self._part_size = 0
+
+    # -- the seam
+
+    async def send_message(self, message: str) -> None:
+        self._check_open()
+        self._queue(self._ws.send(TextMessage(data=message)))
+        if len(self._out) > 4 * 1024 * 1024:  # backpressure on a slow peer
+            await self._drained.wait()
+        else:
+            await trio.lowlevel.checkpoint()
+
+    async def get_message(self) -> str | bytes:
+        try:
+            return await self._messages.receive()
+        except (trio.EndOfChannel, trio.ClosedResourceError):
+            raise TransportClosed(self._closed or "closed") from None
+
+    async def ping(self) -> None:
+        self._check_open()
+        payload = os.urandom(8)
+        pong = self._pings[payload] = trio.Event()
+        self._queue(self._ws.send(Ping(payload=payload)))
+        await pong.wait()
+        self._check_open()
+
+    # -- plumbing
+
+    def _check_open(self) -> None:
+        if self._closed is not None:
+            raise TransportClosed(self._closed)
+
+    def _queue(self, data: bytes) -> None:
+        self._out += data
+        self._drained = trio.Event() if self._drained.is_set() else self._drained
+        self._out_ready.set()
+
+    async def writer(self) -> None:
+        while True:
+            await self._out_ready.wait()
+            self._out_ready = trio.Event()
+            data, self._out = bytes(self._out), bytearray()
+            try:
+                await self._stream.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self._close("the connection broke while writing")
+                return
+            if not self._out:
+                self._drained.set()
+
+    async def reader(self) -> None:
+        try:
+            while self._closed is None:
+                try:
+                    data = await self._stream.receive_some(65536)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    data = b""
+                if not data:
+                    self._close("the peer closed the TCP connection")
+                    return
+                self._ws.receive_data(bytes(data))
+                self._handle_events()
+        except wsproto.utilities.RemoteProtocolError as exc:
+            self._close(f"protocol error: {exc}")
+
+    def _handle_events(self) -> None:
+        for event in self._ws.events():
+            if isinstance(event, (TextMessage, BytesMessage)):
+                self._parts.append(bytes(event.data) if isinstance(event.data, bytearray) else event.data)
+                self._part_size += len(event.data)
+                if self._part_size > self._max:
+                    self._queue(self._ws.send(CloseConnection(code=1009, reason="message too big")))
+                    self._close(f"message over {self._max} bytes")
+                    return
+                if event.message_finished:
+                    first = self._parts[0]
+                    whole = "".join(self._parts) if isinstance(first, str) else b"".join(self._parts)  # type: ignore[arg-type]
+                    self._parts, self._part_size = [], 0
+                    self._send_messages.send_nowait(whole)
+            elif isinstance(event, Ping):
+                self._queue(self._ws.send(event.response()))
+            elif isinstance(event, Pong):
+                # A pong answers its ping and every ping sent before it.
+                for payload in list(self._pings):
+                    self._pings.pop(payload).set()
+                    if payload == event.payload:
+                        break
+            elif isinstance(event, CloseConnection):
+                if self._ws.state is wsproto.connection.ConnectionState.REMOTE_CLOSING:
+                    self._queue(self._ws.send(event.response()))
+                self._close(f"closed by the peer: {event.code} {event.reason or ''}".strip())
+
+    def _close(self, reason: str) -> None:
+        if self._closed is None:
+            self._closed = reason
+            self._send_messages.close()
+            for pong in self._pings.values():
+                pong.set()
+            self._pings.clear()
+
+    async def aclose(self) -> None:
+        if self._closed is None and self._ws.state is wsproto.connection.ConnectionState.OPEN:
+            self._queue(self._ws.send(CloseConnection(code=1000)))
+            self._close("closed by us")
+        with trio.move_on_after(1.0):
+            if self._out:
+                await self._stream.send_all(bytes(self._out))
+        await self._stream.aclose()
+
+
+@asynccontextmanager
+async def _wsproto(
+    url: str, ssl_context: ssl.SSLContext | None, max_message_size: int, connect_timeout: float
+) -> AsyncIterator[Connection]:
+    parts = urlsplit(url)
+    if parts.scheme not in ("ws", "wss") or not parts.hostname:
+        raise TransportRejected(f"not a ws:// or wss:// URL: {url}")
+    secure = parts.scheme == "wss"
+    port = parts.port or (443 if secure else 80)
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    host_header = parts.netloc.rsplit("@", 1)[-1]
+    stream: trio.abc.Stream
+    with trio.move_on_after(connect_timeout) as scope:
+        try:
+            stream = await trio.open_tcp_stream(parts.hostname, port)
+            if secure:
+                stream = trio.SSLStream(stream, ssl_context or ssl.create_default_context(),
+                                        server_hostname=parts.hostname)
+                await stream.do_handshake()
+        except (OSError, trio.BrokenResourceError, ssl.SSLError) as exc:
+            raise TransportRejected(_describe(exc)) from None
+        ws = wsproto.WSConnection(wsproto.ConnectionType.CLIENT)
+        try:
+            await stream.send_all(ws.send(Request(host=host_header, target=target)))
+            await _await_accept(stream, ws)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
+            raise
+    if scope.cancelled_caught:
+        raise TransportRejected("timed out connecting")
+    connection = _WsprotoConnection(stream, ws, max_message_size)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(connection.reader)
+            nursery.start_soon(connection.writer)
+            try:
+                yield connection
+            finally:
+                nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        # The reader and writer handle their own failures, so whatever is in
+        # the group came from the caller's body: hand it back unwrapped.
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise
+    finally:
+        with trio.CancelScope(shield=True):
+            await connection.aclose()
+
+
+async def _await_accept(stream: trio.abc.Stream, ws: wsproto.WSConnection) -> None:
+    while True:
+        try:
+            data = await stream.receive_some(65536)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise TransportRejected(_describe(exc)) from None
+        if not data:
+            raise TransportRejected("the server closed the connection during the handshake")
+        ws.receive_data(bytes(data))
+        for event in ws.events():
+            if isinstance(event, AcceptConnection):
+                return
+            if isinstance(event, (RejectConnection, RejectData)):
+                status = getattr(event, "status_code", "?")
+                raise TransportRejected(f"rejected with HTTP {status}")
+
+
+def _describe(exc: BaseException) -> str:
+    """A one-line reason for a failed connection."""
+    if isinstance(exc, trio_websocket.ConnectionRejected):
+        return f"rejected with HTTP {exc.status_code}"
+    if isinstance(exc, trio_websocket.ConnectionTimeout):
+        return "timed out connecting"
+    cause = exc.__cause__ or exc.__context__
+    if not str(exc) and cause is not None:
+        return _describe(cause)
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror.lower()
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
