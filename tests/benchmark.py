@@ -41,6 +41,8 @@ from trio_drain import (
 )
 from trio_drain._transport import TransportName
 
+from .helpers import wait_until
+
 IDENTITY = MeshIdentity(mesh_id="mesh-bench", member_id="bench", secret_key=generate_secret_key())
 
 
@@ -234,6 +236,72 @@ async def wake_latency(folder: str, samples: int) -> list[float]:
     return latencies
 
 
+async def outage(folder: str, rows: int, seconds: float) -> dict[str, float]:
+    """A broker outage of `seconds` with `rows` waiting: the worker's CPU share
+    during it, attempts burned, and how fast it drains once the broker is back."""
+    db = str(Path(folder) / "outage.db")
+    broker_proc = BrokerProcess().start()
+    port = broker_proc.port
+    async with open_outbox(db) as outbox, trio.open_nursery() as nursery:
+        broker = WebSocketBroker(broker_proc.url, IDENTITY, reconnect_backoff=(0.5, 1.0))
+        await nursery.start(broker.run)
+        registry = BrokerRegistry()
+        registry.set_mesh("bench", broker)
+        await nursery.start(DrainWorker(outbox, registry, DrainConfig()).run)
+        broker_proc.stop()
+        await wait_until(lambda: _now(not broker.is_open()))
+        await fill(db, rows)
+        await trio.sleep(1.0)  # let the worker notice and settle
+        cpu0, wall0 = time.process_time(), time.perf_counter()
+        await trio.sleep(seconds)
+        cpu_share = (time.process_time() - cpu0) / (time.perf_counter() - wall0)
+        attempts = sum(r.attempts for r in await outbox.list(limit=min(rows, 10_000)))
+        back = trio.Event()
+        broker.add_open_listener(back.set)
+        broker_proc.start(port)
+        returned = time.perf_counter()
+        await back.wait()
+        reconnected = time.perf_counter()
+
+        async def all_done() -> bool:
+            return (await outbox.counts())["done"] >= rows
+
+        await wait_until(all_done, seconds=120)
+        drained = time.perf_counter()
+        nursery.cancel_scope.cancel()
+    broker_proc.stop()
+    return {"rows": rows, "seconds": seconds, "cpu_share": cpu_share, "attempts_burned": attempts,
+            "reconnect_s": reconnected - returned, "drain_after_reconnect_s": drained - reconnected}
+
+
+async def big_backlog(folder: str, rows: int) -> dict[str, float]:
+    """Claim cost with a small and a huge pending backlog, and memory."""
+    from trio_drain import _lifecycle
+
+    async def claim_cost(db: str, cycles: int = 40) -> float:
+        times = []
+        async with open_outbox(db, durability="normal") as outbox:
+            for k in range(cycles):
+                t = time.perf_counter()
+                claimed = await outbox.claim(limit=128, lease_ms=60_000, max_age_ms=10**12, token=f"t{k}")
+                times.append(time.perf_counter() - t)
+                await outbox.complete([_lifecycle.on_ack(r, broker_message_id="b", now=0) for r in claimed])
+        return statistics.median(times)
+
+    small, large = str(Path(folder) / "small.db"), str(Path(folder) / "large.db")
+    await fill(small, 10_000)
+    await fill(large, rows)
+    small_cost, large_cost = await claim_cost(small), await claim_cost(large)
+    return {"rows": rows, "claim_ms_10k": small_cost * 1000, "claim_ms_large": large_cost * 1000,
+            "ratio": large_cost / small_cost,
+            "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+async def _now(value: bool) -> bool:
+    await trio.lowlevel.checkpoint()
+    return value
+
+
 def percentile(values: list[float], p: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
@@ -304,6 +372,10 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         lat = await wake_latency(folder, 100 if quick else 300)
         results["wake_to_send_ms"] = {"p50": percentile(lat, 50) * 1000, "p99": percentile(lat, 99) * 1000,
                                       "samples": len(lat), "target_p50": 1.0, "target_p99": 5.0}
+    with tempfile.TemporaryDirectory(prefix="trio-drain-bench-") as folder:
+        results["outage"] = await outage(folder, 10_000, 10.0 if quick else 60.0)
+    with tempfile.TemporaryDirectory(prefix="trio-drain-bench-") as folder:
+        results["backlog"] = await big_backlog(folder, 100_000 if quick else 1_000_000)
     results["max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return results
 
@@ -326,6 +398,15 @@ def print_table(r: dict[str, Any]) -> None:
          f"{r['seed_schedule_1ms']['ratio']:.1f}x the seed (target >= 30)"),
         ("wake-to-send p50 / p99 (ms)", f"{r['wake_to_send_ms']['p50']:.2f} / {r['wake_to_send_ms']['p99']:.2f}",
          "target < 1 / < 5"),
+        (f"outage of {r['outage']['seconds']:.0f} s, {r['outage']['rows']:,} rows: worker CPU",
+         f"{r['outage']['cpu_share'] * 100:.1f}%", "target < 5%"),
+        ("  attempts burned during the outage", f"{r['outage']['attempts_burned']}", "target 0"),
+        ("  drained after the broker's return (s)",
+         f"{r['outage']['drain_after_reconnect_s']:.2f} (+{r['outage']['reconnect_s']:.2f} reconnect)", "target < 2"),
+        (f"claim of 128 rows, 10k vs {r['backlog']['rows']:,} pending (ms)",
+         f"{r['backlog']['claim_ms_10k']:.2f} / {r['backlog']['claim_ms_large']:.2f}",
+         f"{r['backlog']['ratio']:.2f}x (target: flat)"),
+        ("peak memory of the benchmark process (MB)", f"{r['max_rss_mb']:.0f}", "target < 150 with 1M pending"),
     ]
     width = max(len(a) for a, _, _ in rows)
     print(f"machine: {r['machine']['cores']} cores, Python {r['machine']['python']}; "
