@@ -249,7 +249,7 @@ async def outage(folder: str, rows: int, seconds: float) -> dict[str, float]:
         registry.set_mesh("bench", broker)
         await nursery.start(DrainWorker(outbox, registry, DrainConfig()).run)
         broker_proc.stop()
-        await wait_until(lambda: _now(not broker.is_open()))
+        await wait_until(lambda: not broker.is_open())
         await fill(db, rows)
         await trio.sleep(1.0)  # let the worker notice and settle
         cpu0, wall0 = time.process_time(), time.perf_counter()
@@ -295,11 +295,6 @@ async def big_backlog(folder: str, rows: int) -> dict[str, float]:
     return {"rows": rows, "claim_ms_10k": small_cost * 1000, "claim_ms_large": large_cost * 1000,
             "ratio": large_cost / small_cost,
             "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-
-
-async def _now(value: bool) -> bool:
-    await trio.lowlevel.checkpoint()
-    return value
 
 
 def percentile(values: list[float], p: float) -> float:

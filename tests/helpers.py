@@ -118,11 +118,16 @@ class TrioPortal:
         return trio.from_thread.run(fn, *args, trio_token=self._token)
 
 
-async def wait_until(predicate: Callable[[], Awaitable[bool]], *, seconds: float = 10.0) -> None:
-    """Poll `predicate` until it holds; fail the test after `seconds`.
+async def wait_until(predicate: Callable[[], Awaitable[bool] | bool], *, seconds: float = 10.0) -> None:
+    """Poll `predicate` (plain or async) until it holds; fail after `seconds`.
 
     Polling (not an Event) because the state watched is often in the database.
     """
     with trio.fail_after(seconds):
-        while not await predicate():  # noqa: ASYNC110
+        while True:
+            result = predicate()
+            if not isinstance(result, bool):
+                result = await result
+            if result:
+                return
             await trio.sleep(0.005)

@@ -349,7 +349,7 @@ async def test_rows_wait_out_an_outage_and_drain_when_the_broker_returns(tmp_pat
         worker = DrainWorker(outbox, registry, FAST)
         await nursery.start(worker.run)
         first.cancel()
-        await wait_until(lambda: _now(not broker.is_open()))
+        await wait_until(lambda: not broker.is_open())
         await outbox.accept_many(reqs(100))
         await trio.sleep(0.5)
         rows = await outbox.list(limit=100)
@@ -357,11 +357,6 @@ async def test_rows_wait_out_an_outage_and_drain_when_the_broker_returns(tmp_pat
         await nursery.start(lambda task_status: serve_broker(members=MEMBERS, db=db, port=port, task_status=task_status))
         assert (await drained(outbox, 100, seconds=10))["done"] == 100
         nursery.cancel_scope.cancel()
-
-
-async def _now(value: bool) -> bool:
-    await trio.lowlevel.checkpoint()
-    return value
 
 
 async def test_an_acceptance_is_persisted_even_if_the_sender_hangs_up_before_the_ack(tmp_path: Path) -> None:
@@ -402,10 +397,10 @@ async def test_a_half_open_connection_is_noticed_within_the_pong_deadline() -> N
         assert broker.is_open()
         proxy.blackhole = True
         cut = trio.current_time()
-        await wait_until(lambda: _now(not broker.is_open()), seconds=3)
+        await wait_until(lambda: not broker.is_open(), seconds=3)
         assert trio.current_time() - cut <= 0.2 + 0.3 + 0.5  # ping interval + pong deadline + slack
         proxy.blackhole = False
-        await wait_until(lambda: _now(broker.is_open()), seconds=5)
+        await wait_until(lambda: broker.is_open(), seconds=5)
         assert broker.connects == 2
         nursery.cancel_scope.cancel()
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import statistics as stats
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -237,7 +238,7 @@ async def test_cancelling_mid_send_hands_every_row_back_to_pending(rig: Rig) -> 
         async with trio.open_nursery() as nursery:
             worker = DrainWorker(rig.outbox, rig.registry, FAST)
             await nursery.start(worker.run)
-            await wait_until(lambda: _true_after(len(rig.broker.received) == 10))
+            await wait_until(lambda: len(rig.broker.received) == 10)
             scope.cancel()
     rows = await rig.outbox.list(limit=10)
     assert {r.status for r in rows} == {Status.PENDING}
@@ -307,7 +308,7 @@ async def test_an_accept_wakes_an_idle_worker_at_once(rig: Rig) -> None:
     for i in range(30):
         t0 = trio.current_time()
         await rig.outbox.accept(req(f"m-{i}"))
-        await wait_until(_arrived(rig.broker, i + 1))
+        await wait_until(functools.partial(_arrived, rig.broker, i + 1))
         latencies.append(rig.broker.arrivals[-1] - t0)
     # Loose bounds: this proves the wakeup path; the benchmark measures speed.
     assert stats.median(latencies) < 0.1
@@ -335,15 +336,5 @@ async def test_statistics_are_a_frozen_snapshot(rig: Rig) -> None:
         snapshot.acked = 5  # type: ignore[misc]
 
 
-def _arrived(broker: FakeBroker, n: int) -> Callable[[], Awaitable[bool]]:
-    async def check() -> bool:
-        await trio.lowlevel.checkpoint()
-        return len(broker.arrivals) >= n
-
-    return check
-
-
-async def _true_after(value: bool) -> bool:
-    await trio.lowlevel.checkpoint()
-    return value
-
+def _arrived(broker: FakeBroker, n: int) -> bool:
+    return len(broker.arrivals) >= n

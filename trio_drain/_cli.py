@@ -52,6 +52,14 @@ def _print_json(value: Any) -> None:
     sys.stdout.write(json.dumps(value, indent=None, sort_keys=True, default=str) + "\n")
 
 
+def _emit(args: argparse.Namespace, value: Any, text: str) -> None:
+    """Print `value` as JSON under --json, else one line of text."""
+    if args.json:
+        _print_json(value)
+    else:
+        print(text)
+
+
 def _rows_table(rows: Sequence[OutboxRow]) -> None:
     from rich.table import Table
 
@@ -179,11 +187,8 @@ async def cmd_send(args: argparse.Namespace) -> int:
         ))
     fields = {"kind": outcome.kind.value, "code": outcome.code, "client_message_id": outcome.client_message_id,
               "row_id": outcome.row_id, "reason": outcome.reason, "broker_message_id": outcome.broker_message_id}
-    if args.json:
-        _print_json(fields)
-    else:
-        print(f"{outcome.kind.value} ({outcome.code}) {outcome.client_message_id}"
-              + (f": {outcome.reason}" if outcome.reason else ""))
+    _emit(args, fields, f"{outcome.kind.value} ({outcome.code}) {outcome.client_message_id}"
+          + (f": {outcome.reason}" if outcome.reason else ""))
     return 0 if outcome.accepted else EXIT_RUNTIME
 
 
@@ -221,28 +226,20 @@ async def _outbox_inspect(outbox: Outbox, args: argparse.Namespace) -> int:
 
 async def _outbox_requeue(outbox: Outbox, args: argparse.Namespace) -> int:
     successor = await outbox.requeue((await _find(outbox, args.id)).id)
-    if args.json:
-        _print_json(successor.to_dict())
-    else:
-        print(f"requeued as {successor.id} (client_message_id {successor.client_message_id})")
+    _emit(args, successor.to_dict(),
+          f"requeued as {successor.id} (client_message_id {successor.client_message_id})")
     return 0
 
 
 async def _outbox_drop(outbox: Outbox, args: argparse.Namespace) -> int:
     row = await outbox.drop((await _find(outbox, args.id)).id)
-    if args.json:
-        _print_json(row.to_dict())
-    else:
-        print(f"dropped {row.id}")
+    _emit(args, row.to_dict(), f"dropped {row.id}")
     return 0
 
 
 async def _outbox_prune(outbox: Outbox, args: argparse.Namespace) -> int:
     deleted = await outbox.prune(args.older_than)
-    if args.json:
-        _print_json({"deleted": deleted})
-    else:
-        print(f"deleted {deleted} done row(s)")
+    _emit(args, {"deleted": deleted}, f"deleted {deleted} done row(s)")
     return 0
 
 
