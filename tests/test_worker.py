@@ -338,3 +338,13 @@ async def test_statistics_are_a_frozen_snapshot(rig: Rig) -> None:
 
 def _arrived(broker: FakeBroker, n: int) -> bool:
     return len(broker.arrivals) >= n
+
+
+async def test_a_broker_promising_a_longer_ack_timeout_still_gets_the_workers(rig: Rig) -> None:
+    rig.broker.ack_timeout = 30.0  # type: ignore[attr-defined]
+    rig.broker.delay = 5.0
+    await rig.outbox.accept(req("m-1"))
+    await rig.start(attrs.evolve(FAST, ack_timeout=0.1, max_attempts=1))
+    await rig.settled(1, seconds=3.0)
+    row = await rig.outbox.get_by_client_id("m-1")
+    assert row is not None and row.last_error == "max_attempts: ack_timeout"

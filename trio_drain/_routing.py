@@ -81,7 +81,9 @@ class Broker(Protocol):
     `BrokerUnavailable` if nothing could be written (the socket is not open);
     once the frame may have left it must answer with a `SendResult` (a lost
     connection is the transient failure `broker_disconnected`). The worker
-    bounds each send with its own ack timeout.
+    bounds each send with its own ack timeout, unless the broker has an
+    `ack_timeout` attribute (seconds) no longer than the worker's: then the
+    broker promises to answer `ack_timeout` itself by then.
 
     A broker may also offer `add_open_listener(callback)`: the registry then
     wakes the worker whenever that broker's connection (re)opens.
