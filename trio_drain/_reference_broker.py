@@ -29,6 +29,7 @@ import trio_websocket
 
 from . import _identity
 from ._errors import ConfigError
+from ._routing import encode_json
 from ._store._sqlite import _GroupCommitter
 
 log = logging.getLogger("trio_drain.reference_broker")
@@ -399,6 +400,6 @@ def _error(ack_id: Any, error: str, code: str, permanent: bool) -> dict[str, Any
 
 async def _send_quietly(ws: trio_websocket.WebSocketConnection, frame: dict[str, Any]) -> None:
     try:
-        await ws.send_message(json.dumps(frame, separators=(",", ":")))
+        await ws.send_message(encode_json(frame))
     except trio_websocket.ConnectionClosed:
         pass

@@ -14,6 +14,7 @@ A row goes out through exactly one broker connection, chosen in this order
 from __future__ import annotations
 
 import base64
+import json
 import os
 import re
 from collections.abc import Callable
@@ -24,6 +25,9 @@ import attrs
 from ._model import OutboxRow
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
+# One compact encoder, built once: json.dumps with non-default separators
+# builds a new encoder on every call, which shows on the send path.
+encode_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
 
 @attrs.frozen(kw_only=True)
@@ -36,6 +40,10 @@ class OutgoingMessage:
     priority: str
     nonce: str
     ciphertext: str
+
+    def to_json(self) -> str:
+        """The `send` frame as compact JSON text."""
+        return encode_json(self.to_frame())
 
     def to_frame(self) -> dict[str, object]:
         return {

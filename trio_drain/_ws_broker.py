@@ -147,7 +147,7 @@ class WebSocketBroker:
         self._pending.setdefault(key, []).append(waiter)
         try:
             try:
-                await ws.send_message(json.dumps(message.to_frame(), separators=(",", ":")))
+                await ws.send_message(message.to_json())
             except TransportClosed:
                 raise BrokerUnavailable(f"broker connection to {self.url} closed") from None
             await waiter.event.wait()
