@@ -154,3 +154,15 @@ def test_the_idempotency_table(status: Status, same: bool, fp: bytes) -> None:
 def test_no_existing_row_means_insert() -> None:
     outcome = lc.decide_accept(None, client_message_id="m-1", fingerprint=b"x" * 32)
     assert (outcome.kind, outcome.code, outcome.inserted) == (OutcomeKind.ACCEPTED_PENDING, 202, True)
+
+
+def test_minted_ids_are_valid_increasing_uuid7s() -> None:
+    import uuid
+
+    from trio_drain._ids import uuid7
+
+    ids = [uuid7() for _ in range(2000)]
+    assert ids == sorted(ids) and len(set(ids)) == 2000
+    for text in ids[:50]:
+        parsed = uuid.UUID(text)
+        assert (parsed.version, parsed.variant, str(parsed)) == (7, uuid.RFC_4122, text)

@@ -243,16 +243,16 @@ _CODES = {
 
 
 def decide_accept(
-    existing: OutboxRow | None, *, client_message_id: str, fingerprint: bytes
+    existing: OutboxRow | None, *, client_message_id: str, fingerprint: bytes, new_row_id: str | None = None
 ) -> AcceptOutcome:
     """The idempotency table of section 3 of the spec.
 
     `existing` is the row already holding `client_message_id`, if any. When
-    it is None the caller inserts a new row and the outcome is
+    it is None the caller inserts a new row (`new_row_id`) and the outcome is
     `accepted_pending` with `inserted=True`.
     """
     if existing is None:
-        return _outcome(OutcomeKind.ACCEPTED_PENDING, client_message_id, inserted=True)
+        return _outcome(OutcomeKind.ACCEPTED_PENDING, client_message_id, inserted=True, row_id=new_row_id)
     common = {"row_id": existing.id, "broker_message_id": existing.broker_message_id}
     if existing.request_fingerprint != fingerprint:
         return _outcome(

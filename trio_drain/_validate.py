@@ -16,6 +16,7 @@ DEFAULT_MAX_PAYLOAD = 1024 * 1024
 MAX_ID_LENGTH = 256
 MAX_TARGET_LENGTH = 1024
 _HEX64 = re.compile(r"[0-9a-f]{64}")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _PRIORITIES = frozenset(p.value for p in Priority)
 _KINDS = frozenset(k.value for k in DestinationKind)
 
@@ -31,7 +32,7 @@ def _text(name: str, value: object, *, max_length: int, optional: bool = True) -
         raise InvalidRequest(f"{name} must not be empty")
     if len(value) > max_length:
         raise InvalidRequest(f"{name} is longer than {max_length} characters")
-    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+    if _CONTROL.search(value):
         raise InvalidRequest(f"{name} must not contain control characters")
     return value
 
