@@ -303,11 +303,9 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 async def cmd_demo(args: argparse.Namespace) -> int:
     from ._demo import run_demo
 
-    folder = None
     db = args.db
     if db is None:
-        folder = tempfile.mkdtemp(prefix="trio-drain-demo-")
-        db = str(Path(folder) / "outbox.db")
+        db = str(Path(tempfile.mkdtemp(prefix="trio-drain-demo-")) / "outbox.db")
     elif os.path.exists(db):  # noqa: ASYNC240 (one stat before anything starts)
         raise UsageError(f"{db} exists; the demo wants a fresh outbox (pick another --db)")
     return await run_demo(db=db, messages=args.messages, max_inflight=args.max_inflight,

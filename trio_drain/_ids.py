@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 import threading
-import time
+
+from ._clock import wall_clock_ms
 
 _lock = threading.Lock()
 _last = 0
@@ -18,7 +19,7 @@ def uuid7() -> str:
     """
     global _last
     with _lock:
-        ms = time.time_ns() // 1_000_000
+        ms = wall_clock_ms()
         # 74 random-but-monotonic bits below the timestamp.
         candidate = (ms << 74) | int.from_bytes(os.urandom(10), "big") >> 6
         if candidate <= _last:

@@ -7,11 +7,11 @@ complete, sweeps) that `DrainWorker` drives.
 
 from __future__ import annotations
 
-import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+from ._clock import wall_clock_ms
 from ._errors import ConfigError, InvalidRequest
 from ._ids import uuid7
 from ._lifecycle import Completion
@@ -23,10 +23,6 @@ from ._validate import DEFAULT_MAX_PAYLOAD, prepare_row
 #: Most rows `list` returns at once.
 MAX_LIST_LIMIT = 10_000
 DEFAULT_RETENTION = 7 * 24 * 3600.0
-
-
-def wall_clock_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 class Outbox:
@@ -178,7 +174,7 @@ class Outbox:
     async def complete(self, completions: Sequence[Completion]) -> Applied:
         return await self.backend.complete(completions)
 
-    async def recover_expired_leases(self, *, max_attempts: int = 25) -> int:
+    async def recover_expired_leases(self, *, max_attempts: int) -> int:
         return await self.backend.recover_expired_leases(now=self.clock(), max_attempts=max_attempts)
 
     async def expire_stale(self, *, max_age_ms: int) -> int:

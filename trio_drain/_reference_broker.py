@@ -17,7 +17,6 @@ import logging
 import random
 import re
 import sqlite3
-import time
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
@@ -28,6 +27,7 @@ import trio
 import trio_websocket
 
 from . import _identity
+from ._clock import wall_clock_ms
 from ._errors import ConfigError
 from ._routing import encode_json
 from ._store._sqlite import _GroupCommitter
@@ -37,8 +37,6 @@ log = logging.getLogger("trio_drain.reference_broker")
 MAX_SKEW_MS = 60_000
 DEFAULT_MAX_PAYLOAD = 1024 * 1024
 _HEX64 = re.compile(r"[0-9a-f]{64}")
-# (mesh, client id, fingerprint, message id, target, ack id)
-_Record = tuple[str, str, str, str, str, Any]
 
 
 @attrs.frozen(kw_only=True)
@@ -57,6 +55,22 @@ class Faults:
     drop_ack_rate: float = 0.0
     transient_error_rate: float = 0.0
     disconnect_every: int = 0
+
+
+@attrs.frozen
+class _Acceptance:
+    """One send the broker took, to persist before it is acked."""
+
+    mesh: str
+    client_message_id: str
+    fingerprint: str
+    message_id: str
+    target: str
+    ack_id: Any  # the send frame's id, echoed in the ack
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.mesh, self.client_message_id)
 
 
 @attrs.define
@@ -124,13 +138,11 @@ class _Ledger:
     def persistent(self) -> bool:
         return self._committer is not None
 
-    async def record(
-        self, mesh: str, cid: str, fingerprint: str, message_id: str, target: str, _ack_id: Any = None
-    ) -> None:
+    async def record(self, a: _Acceptance) -> None:
         """Persist one acceptance before it is acked (concurrent calls share a commit)."""
         if self._committer is None:
             return
-        row = (mesh, cid, fingerprint, message_id, target, time.time_ns() // 1_000_000)
+        row = (a.mesh, a.client_message_id, a.fingerprint, a.message_id, a.target, wall_clock_ms())
 
         def insert(conn: sqlite3.Connection) -> None:
             conn.execute("INSERT OR IGNORE INTO accepted VALUES (?, ?, ?, ?, ?, ?)", row)
@@ -241,7 +253,7 @@ class _Handler:
         return None
 
     def _check_hello(self, f: dict[str, Any]) -> tuple[str, str] | None:
-        now = time.time_ns() // 1_000_000
+        now = wall_clock_ms()
         kind = f.get("type")
         if kind not in ("hello", "session_hello"):
             return ("bad_hello", "first frame must be hello or session_hello")
@@ -311,7 +323,7 @@ class _Handler:
             nursery.cancel_scope.cancel()
 
     async def _finish(
-        self, ws: trio_websocket.WebSocketConnection, ack: dict[str, Any] | None, record: _Record | None,
+        self, ws: trio_websocket.WebSocketConnection, ack: dict[str, Any] | None, record: _Acceptance | None,
         wait_for: tuple[str, str] | None,
     ) -> None:
         """Persist an acceptance (sharing commits with concurrent ones), then ack.
@@ -321,16 +333,16 @@ class _Handler:
         """
         ledger = self.state.ledger
         if record is not None:
-            key = (record[0], record[1])
+            key = record.key
             written = ledger.unwritten[key] = trio.Event()
             try:
                 with trio.CancelScope(shield=True):
-                    await ledger.record(*record)
+                    await ledger.record(record)
             except Exception as exc:
                 ledger.entries.pop(key, None)
                 self.stats.accepted -= 1
-                log.error("cannot persist %s: %s", record[1], exc)
-                ack = _error(record[5], "storage_unavailable", "unavailable", False)
+                log.error("cannot persist %s: %s", record.client_message_id, exc)
+                ack = _error(record.ack_id, "storage_unavailable", "unavailable", False)
             finally:
                 del ledger.unwritten[key]
                 written.set()
@@ -343,7 +355,7 @@ class _Handler:
         if ack is not None:
             await _send_quietly(ws, ack)
 
-    def _decide(self, mesh: str, f: dict[str, Any]) -> tuple[dict[str, Any] | None, _Record | None]:
+    def _decide(self, mesh: str, f: dict[str, Any]) -> tuple[dict[str, Any] | None, _Acceptance | None]:
         """The answer to one send, decided at once so racing resends dedupe.
 
         Returns the ack (None for a dropped one) and, for a new acceptance on
@@ -357,7 +369,7 @@ class _Handler:
             ack = None
         return ack, record
 
-    def _answer(self, mesh: str, f: dict[str, Any]) -> tuple[dict[str, Any], _Record | None]:
+    def _answer(self, mesh: str, f: dict[str, Any]) -> tuple[dict[str, Any], _Acceptance | None]:
         cid, fp = f.get("client_message_id"), f.get("request_fingerprint")
         ack_id = f.get("id", cid)
         if not isinstance(cid, str) or not cid or not isinstance(fp, str):
@@ -389,8 +401,9 @@ class _Handler:
         entries[(mesh, cid)] = (fp, message_id)  # at once, so a racing resend is a duplicate
         self.stats.accepted += 1
         ack = {"type": "ack", "id": ack_id, "messageId": message_id, "queued": True}
-        record = (mesh, cid, fp, message_id, str(f.get("targetSpec")), ack_id) if self.state.ledger.persistent else None
-        return ack, record
+        if not self.state.ledger.persistent:
+            return ack, None
+        return ack, _Acceptance(mesh, cid, fp, message_id, str(f.get("targetSpec")), ack_id)
 
 
 def _error(ack_id: Any, error: str, code: str, permanent: bool) -> dict[str, Any]:

@@ -148,7 +148,9 @@ class BrokerRegistry:
         self._meshes: dict[str, Broker] = {}
         self._sessions: dict[str, Broker] = {}
         self._listeners: list[Callable[[], None]] = []
-        self._subscribed: set[int] = set()
+        # Brokers whose openings we listen to; by identity, since ids are
+        # reused after garbage collection and brokers need not be hashable.
+        self._subscribed: list[Broker] = []
 
     # -- registration
 
@@ -196,8 +198,8 @@ class BrokerRegistry:
 
     def _subscribe(self, broker: Broker) -> None:
         add = getattr(broker, "add_open_listener", None)
-        if add is not None and id(broker) not in self._subscribed:
-            self._subscribed.add(id(broker))
+        if add is not None and not any(b is broker for b in self._subscribed):
+            self._subscribed.append(broker)
             add(self._changed)
 
     def _changed(self) -> None:

@@ -88,6 +88,11 @@ class WorkerStatistics:
 
 
 _RouteField = Literal["sent", "acked", "duplicates", "retried", "dead", "unavailable"]
+_ROUTE_FIELDS = tuple(a.name for a in attrs.fields(RouteStatistics))
+# The worker-wide counters: every int field of WorkerStatistics but the live ones.
+_WORKER_COUNTERS = tuple(
+    a.name for a in attrs.fields(WorkerStatistics) if a.type in (int, "int") and a.name != "in_flight"
+)
 
 
 class DrainWorker:
@@ -120,9 +125,7 @@ class DrainWorker:
         # Blocked routes: (kind, key) as understood by BrokerRegistry.
         self._blocked: dict[tuple[str, str | None], str] = {}
         self._running = False
-        self._counts: dict[str, int] = dict.fromkeys(
-            ("claimed", "sent", "acked", "duplicates", "retried", "dead", "given_back", "stale"), 0
-        )
+        self._counts: dict[str, int] = dict.fromkeys(_WORKER_COUNTERS, 0)
         self._per_route: dict[str, dict[str, int]] = {}
         #: Called with each row that reached a final state or was rescheduled;
         #: used by the CLI for progress. Must not block.
@@ -372,7 +375,7 @@ class DrainWorker:
     def _count(self, field: _RouteField, route_name: str) -> None:
         if field in self._counts:
             self._counts[field] += 1
-        per = self._per_route.setdefault(
-            route_name, dict.fromkeys(("sent", "acked", "duplicates", "retried", "dead", "unavailable"), 0)
-        )
+        per = self._per_route.get(route_name)
+        if per is None:  # once per route, not once per row
+            per = self._per_route[route_name] = dict.fromkeys(_ROUTE_FIELDS, 0)
         per[field] += 1

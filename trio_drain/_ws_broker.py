@@ -15,12 +15,12 @@ import logging
 import random
 import re
 import ssl
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import trio
 
+from ._clock import wall_clock_ms
 from ._errors import BrokerUnavailable, HandshakeError
 from ._identity import Identity, MeshIdentity
 from ._routing import OutgoingMessage, SendResult
@@ -108,7 +108,7 @@ class WebSocketBroker:
         self.hello_timeout = hello_timeout
         self.ack_timeout = ack_timeout
         self.reconnect_backoff = tuple(reconnect_backoff)
-        self._clock = clock or (lambda: time.time_ns() // 1_000_000)
+        self._clock = clock or wall_clock_ms
         self._ws: Connection | None = None
         self._open = False
         self._pending: dict[str, list[_Waiter]] = {}

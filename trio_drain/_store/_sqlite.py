@@ -93,10 +93,12 @@ _ADDED_COLUMNS = {
     "lease_token": "TEXT",
 }
 
-_MIGRATION_1 = [
-    # Claim order as a column, so one partial index serves the claim query.
+# Claim order as a column, so one partial index serves the claim query.
+_ADD_PRIORITY_RANK = (
     "ALTER TABLE outbox ADD COLUMN priority_rank INTEGER GENERATED ALWAYS AS"
-    " (CASE priority WHEN 'now' THEN 0 WHEN 'low' THEN 2 ELSE 1 END) VIRTUAL",
+    " (CASE priority WHEN 'now' THEN 0 WHEN 'low' THEN 2 ELSE 1 END) VIRTUAL"
+)
+_INDEXES = [
     "CREATE INDEX IF NOT EXISTS outbox_claim ON outbox (priority_rank, enqueued_at)"
     " WHERE status = 'pending'",
     "CREATE INDEX IF NOT EXISTS outbox_due ON outbox (next_attempt_at) WHERE status = 'pending'",
@@ -614,9 +616,9 @@ def _migrate(conn: sqlite3.Connection) -> None:
             for column, kind in _ADDED_COLUMNS.items():
                 if column not in present:
                     conn.execute(f"ALTER TABLE outbox ADD COLUMN {column} {kind}")
-            for statement in _MIGRATION_1:
-                if "priority_rank" in statement and "ALTER" in statement and "priority_rank" in present:
-                    continue
+            if "priority_rank" not in present:
+                conn.execute(_ADD_PRIORITY_RANK)
+            for statement in _INDEXES:
                 conn.execute(statement)
             conn.execute("DELETE FROM trio_drain_schema")
             conn.execute("INSERT INTO trio_drain_schema (version) VALUES (?)", (SCHEMA_VERSION,))
