@@ -147,6 +147,19 @@ def counts(db: Path) -> dict[str, int]:
     return json.loads(run("outbox", "stats", "--db", str(db), "--json").stdout)  # type: ignore[no-any-return]
 
 
+def start_run(db: Path, config: Path, *flags: str) -> subprocess.Popen[str]:
+    """`trio-drain [flags] run` as a background process."""
+    return subprocess.Popen([*CLI, *flags, "run", "--db", str(db), "--config", str(config)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_done(db: Path, n: int, seconds: float) -> None:
+    """Poll the outbox until n rows are done (or give up after `seconds`)."""
+    deadline = time.monotonic() + seconds
+    while counts(db)["done"] < n and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 def test_sigterm_during_a_drain_loses_nothing(tmp_path: Path) -> None:
     broker, url = start_broker(tmp_path, "--ack-delay", "0.005")
     db = tmp_path / "o.db"
@@ -163,11 +176,8 @@ def test_sigterm_during_a_drain_loses_nothing(tmp_path: Path) -> None:
 
         trio.run(fill)
         config = write_config(tmp_path / "c.toml", url, generate_secret_key())
-        worker = subprocess.Popen([*CLI, "run", "--db", str(db), "--config", str(config)],
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        deadline = time.monotonic() + 30
-        while counts(db)["done"] < 300 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        worker = start_run(db, config)
+        wait_for_done(db, 300, seconds=30)
         worker.send_signal(signal.SIGTERM)
         _, err = worker.communicate(timeout=30)
         assert worker.returncode == 0, err
@@ -177,11 +187,8 @@ def test_sigterm_during_a_drain_loses_nothing(tmp_path: Path) -> None:
         assert after["done"] + after["pending"] == 3003
         assert after["done"] < 3003, "stopped before the end, so the test means something"
         # A second run finishes the job: nothing was lost.
-        worker = subprocess.Popen([*CLI, "run", "--db", str(db), "--config", str(config)],
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        deadline = time.monotonic() + 60
-        while counts(db)["done"] < 3003 and time.monotonic() < deadline:
-            time.sleep(0.1)
+        worker = start_run(db, config)
+        wait_for_done(db, 3003, seconds=60)
         worker.send_signal(signal.SIGINT)
         worker.communicate(timeout=30)
         assert counts(db)["done"] == 3003
@@ -226,11 +233,8 @@ def test_json_logs_are_one_object_per_line_and_hold_no_secret(tmp_path: Path) ->
     try:
         run("send", "--db", str(db), "--mesh", "alpha", "--to", "*", "x")
         config = write_config(tmp_path / "c.toml", url, secret)
-        worker = subprocess.Popen([*CLI, "--log-format", "json", "--log-level", "debug", "run", "--db", str(db),
-                                   "--config", str(config)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        deadline = time.monotonic() + 20
-        while counts(db)["done"] < 1 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        worker = start_run(db, config, "--log-format", "json", "--log-level", "debug")
+        wait_for_done(db, 1, seconds=20)
         worker.send_signal(signal.SIGTERM)
         _, err = worker.communicate(timeout=30)
     finally:
