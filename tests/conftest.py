@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -8,6 +8,10 @@ import pytest
 from trio_drain import Outbox, open_outbox
 
 from .helpers import FakeClock
+from .pg import PostgresServer, find_binaries
+
+#: Every back end the store tests run against.
+BACKENDS = ("sqlite", "postgresql")
 
 
 @pytest.fixture
@@ -20,15 +24,42 @@ def db_path(tmp_path: Path) -> Path:
     return tmp_path / "outbox.db"
 
 
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PostgresServer]:
+    """One real PostgreSQL server for the whole run (initdb + pg_ctl, loopback)."""
+    bindir = find_binaries()
+    if bindir is None:
+        pytest.skip("PostgreSQL is not installed (no initdb); .ci/run installs the postgresql package")
+    server = PostgresServer(bindir).start()
+    try:
+        yield server
+    finally:
+        server.destroy()
+
+
 @pytest.fixture
-async def outbox(db_path: Path) -> AsyncIterator[Outbox]:
-    """A real SQLite outbox in a temp folder, at the default durability."""
-    async with open_outbox(db_path) as ob:
+def pg_url(pg_server: PostgresServer) -> str:
+    """A fresh, empty database on the test server."""
+    return pg_server.create_database()
+
+
+@pytest.fixture(params=BACKENDS)
+def outbox_target(request: pytest.FixtureRequest, db_path: Path) -> str:
+    """Where a test's outbox lives: a SQLite file, or a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        return str(db_path)
+    return str(request.getfixturevalue("pg_url"))
+
+
+@pytest.fixture
+async def outbox(outbox_target: str) -> AsyncIterator[Outbox]:
+    """A real outbox (each back end in turn), at the default durability."""
+    async with open_outbox(outbox_target) as ob:
         yield ob
 
 
 @pytest.fixture
-async def clocked_outbox(db_path: Path, clock: FakeClock) -> AsyncIterator[Outbox]:
-    """A real SQLite outbox whose wall clock only moves when the test says."""
-    async with open_outbox(db_path, clock=clock, durability="normal") as ob:
+async def clocked_outbox(outbox_target: str, clock: FakeClock) -> AsyncIterator[Outbox]:
+    """A real outbox (each back end in turn) whose clock only moves when the test says."""
+    async with open_outbox(outbox_target, clock=clock, durability="normal") as ob:
         yield ob

@@ -8,27 +8,13 @@ import signal
 import sqlite3
 import stat
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from trio_drain._identity import generate_secret_key
 
-CLI = [sys.executable, "-m", "trio_drain"]
-
-
-def run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout)
-
-
-def assert_clean_error(result: subprocess.CompletedProcess[str], status: int, fragment: str) -> None:
-    assert result.returncode == status, result.stderr
-    assert "Traceback" not in result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert fragment in lines[0]
+from .procs import assert_clean_error, counts, run, start_broker, start_run, wait_for_done, write_config
 
 
 def test_version() -> None:
@@ -74,14 +60,6 @@ def test_bad_arguments_are_usage_errors(tmp_path: Path) -> None:
     assert_clean_error(run("send", "--db", str(tmp_path / "o.db"), "--mesh", "a", "--to", "", "x"), 1, "target_spec")
     unknown = run("outbox", "inspect", "--db", str(tmp_path / "o.db"), "nope")
     assert_clean_error(unknown, 1, "no outbox row")
-
-
-def write_config(path: Path, url: str, secret: str, extra: str = "") -> Path:
-    path.write_text(
-        f'{extra}[drain]\nmax_inflight = 16\npoll_interval = 0.05\n\n[[mesh]]\nslug = "alpha"\nmesh_id = "mesh-alpha"\n'
-        f'member_id = "member-1"\nbroker_url = "{url}"\nsecret_key = "{secret}"\n'
-    )
-    return path
 
 
 @pytest.mark.parametrize(
@@ -132,32 +110,6 @@ def test_demo_drains_every_message_and_exits_0(tmp_path: Path) -> None:
     assert "delivered" in result.stdout and "300" in result.stdout
     conn = sqlite3.connect(tmp_path / "demo.db")
     assert conn.execute("SELECT count(*) FROM outbox WHERE status = 'done'").fetchone()[0] == 300
-
-
-def start_broker(tmp_path: Path, *extra: str) -> tuple[subprocess.Popen[str], str]:
-    proc = subprocess.Popen([*CLI, "broker", "serve", "--open", "--port", "0", "--db", str(tmp_path / "broker.db"), *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    assert "listening on" in line, proc.stderr.read() if proc.stderr else ""
-    return proc, line.split()[-1]
-
-
-def counts(db: Path) -> dict[str, int]:
-    return json.loads(run("outbox", "stats", "--db", str(db), "--json").stdout)  # type: ignore[no-any-return]
-
-
-def start_run(db: Path, config: Path, *flags: str) -> subprocess.Popen[str]:
-    """`trio-drain [flags] run` as a background process."""
-    return subprocess.Popen([*CLI, *flags, "run", "--db", str(db), "--config", str(config)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def wait_for_done(db: Path, n: int, seconds: float) -> None:
-    """Poll the outbox until n rows are done (or give up after `seconds`)."""
-    deadline = time.monotonic() + seconds
-    while counts(db)["done"] < n and time.monotonic() < deadline:
-        time.sleep(0.05)
 
 
 def test_sigterm_during_a_drain_loses_nothing(tmp_path: Path) -> None:

@@ -1,11 +1,10 @@
-"""The drain worker against an in-memory fake broker and a real SQLite outbox."""
+"""The drain worker against an in-memory fake broker and a real outbox (each back end)."""
 
 from __future__ import annotations
 
 import functools
 import statistics as stats
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import attrs
@@ -63,8 +62,8 @@ class Rig:
 
 
 @pytest.fixture
-async def rig(db_path: Path) -> AsyncIterator[Rig]:
-    async with open_outbox(db_path, durability="normal") as outbox, trio.open_nursery() as nursery:
+async def rig(outbox_target: str) -> AsyncIterator[Rig]:
+    async with open_outbox(outbox_target, durability="normal") as outbox, trio.open_nursery() as nursery:
         registry, broker = BrokerRegistry(), FakeBroker()
         registry.set_mesh("alpha", broker)
         yield Rig(outbox, registry, broker, nursery)
@@ -294,9 +293,9 @@ async def test_the_worker_sleeps_until_the_next_row_is_due_not_a_poll_interval(r
     assert 0.1 <= gap < 1.0
 
 
-async def test_rows_from_another_process_are_found_by_the_poll_backstop(rig: Rig, db_path: Path) -> None:
+async def test_rows_from_another_process_are_found_by_the_poll_backstop(rig: Rig, outbox_target: str) -> None:
     await rig.start(attrs.evolve(FAST, poll_interval=0.1))
-    async with open_outbox(db_path) as other:  # another connection: no wakeup reaches the worker
+    async with open_outbox(outbox_target) as other:  # another connection: no wakeup reaches the worker
         await other.accept(req("m-1"))
     await rig.settled(1, seconds=2.0)
 

@@ -272,7 +272,8 @@ async def cmd_broker_serve(args: argparse.Namespace) -> int:
         try:
             server = await nursery.start(lambda task_status: serve_broker(
                 host=args.host, port=args.port, db=args.db, members=members, open_mode=args.open,
-                max_payload=args.max_payload, faults=faults, task_status=task_status))
+                max_payload=args.max_payload, faults=faults, receipts=args.receipts,
+                task_status=task_status))
         except OSError as exc:
             raise TrioDrainError(f"cannot listen on {args.host}:{args.port}: {exc.strerror}") from None
         print(f"reference broker listening on {server.url}", flush=True)
@@ -362,6 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--drop-ack-rate", type=_rate, default=0.0, help="fault: share of acks never sent")
     serve.add_argument("--transient-error-rate", type=_rate, default=0.0, help="fault: share of transient errors")
     serve.add_argument("--disconnect-every", type=int, default=0, help="fault: drop a connection every N sends")
+    serve.add_argument("--receipts", help="append every send received to this file (counts transmissions)")
 
     run = sub.add_parser("run", help="drain an outbox until SIGINT/SIGTERM")
     run.add_argument("--db", required=True)

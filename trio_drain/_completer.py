@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import trio
 
-from ._errors import StoreError
+from ._errors import StoreError, StoreUnavailable
 from ._lifecycle import Completion
 from ._outbox import Outbox
 
@@ -25,6 +25,8 @@ log = logging.getLogger("trio_drain.worker")
 
 #: Longest the final flush may take once the worker is stopping.
 FLUSH_TIMEOUT = 10.0
+#: First and longest wait between tries when the outbox is unavailable.
+RETRY_DELAY = (0.05, 2.0)
 
 
 class _Batch:
@@ -112,11 +114,27 @@ class BatchCompleter:
         self._batch = _Batch()
         self._ready = trio.Event()
         self._full = trio.Event()
+        delay = RETRY_DELAY[0]
         try:
-            batch.applied = await self.outbox.complete(batch.completions)
-        except StoreError as exc:
-            log.error("cannot record %d outcome(s) (%s); those rows stay inflight until their"
-                      " lease expires", len(batch.completions), exc)
+            while True:
+                try:
+                    batch.applied = await self.outbox.complete(batch.completions)
+                    return
+                except StoreUnavailable as exc:
+                    # A lost connection or a busy database: worth waiting
+                    # for (until the worker stops), since the alternative
+                    # is leaving the rows inflight for a whole lease.
+                    log.warning("cannot record %d outcome(s) yet (%s); retrying in %.2fs",
+                                len(batch.completions), exc, delay)
+                    await trio.sleep(delay)
+                    delay = min(delay * 2, RETRY_DELAY[1])
+                except StoreError as exc:
+                    log.error("cannot record %d outcome(s) (%s); those rows stay inflight until"
+                              " their lease expires", len(batch.completions), exc)
+                    return
         finally:
+            if batch.applied is None and self._scope is not None and self._scope.cancel_called:
+                log.error("stopped before %d outcome(s) could be recorded; those rows stay"
+                          " inflight until their lease expires", len(batch.completions))
             self.flushes += 1
             batch.flushed.set()

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import NoReturn
 
 from ._clock import wall_clock_ms
 from ._errors import ConfigError, InvalidRequest
@@ -185,6 +186,11 @@ class Outbox:
             now=self.clock(), max_age_ms=max_age_ms, exclude=exclude
         )
 
+    async def watch(self, wake: Callable[[], None]) -> NoReturn:
+        """Call `wake` whenever another process may have added rows (PostgreSQL
+        LISTEN/NOTIFY); runs until cancelled. `DrainWorker` runs this."""
+        await self.backend.watch(wake)
+
     async def aclose(self) -> None:
         await self.backend.aclose()
 
@@ -243,12 +249,15 @@ async def open_outbox(
     backend: OutboxBackend
     if kind == "sqlite":
         backend = await SqliteBackend.open(location, durability=durability)
+        description = f"sqlite:{location}"
     else:
-        raise ConfigError("the PostgreSQL back end is not available in this version")
-    outbox = Outbox(
-        backend, clock=clock or wall_clock_ms, max_payload=max_payload,
-        description=f"{kind}:{location}" if kind == "sqlite" else kind,
-    )
+        # Imported here: SQLite users do not pay for loading psycopg.
+        from ._store._postgres import PostgresBackend
+
+        backend = await PostgresBackend.open(location, durability=durability)
+        description = backend.where
+    outbox = Outbox(backend, clock=clock or wall_clock_ms, max_payload=max_payload,
+                    description=description)
     try:
         yield outbox
     finally:

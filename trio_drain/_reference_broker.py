@@ -14,6 +14,7 @@ import base64
 import binascii
 import json
 import logging
+import os
 import random
 import re
 import sqlite3
@@ -182,6 +183,7 @@ async def serve_broker(
     open_mode: bool = False,
     max_payload: int = DEFAULT_MAX_PAYLOAD,
     faults: Faults = Faults(),
+    receipts: str | Path | None = None,
     task_status: trio.TaskStatus[BrokerServer] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the reference broker until cancelled.
@@ -193,12 +195,18 @@ async def serve_broker(
         members: mesh id -> {member id -> pubkey hex}; required unless `open_mode`.
         open_mode: accept any correctly signed hello.
         db: SQLite file keeping what was accepted, so dedupe survives restarts.
+        receipts: a file to which every send frame received is appended, as
+            one ``meshId<TAB>client_message_id`` line, written at once (it
+            survives the broker being killed). For counting transmissions
+            in tests; it costs a write per frame.
     """
     if members is None and not open_mode:
         raise ConfigError("the broker needs a members file, or open mode")
     ledger = await trio.to_thread.run_sync(_Ledger, None if db is None else Path(db))
     server_state = BrokerServer(host, port, BrokerStatistics(), ledger, faults)
     handler = _Handler(server_state, dict(members or {}), open_mode, max_payload)
+    if receipts is not None:
+        handler.receipts_fd = os.open(receipts, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
     try:
         async with trio.open_nursery() as nursery:
             server = await nursery.start(
@@ -209,6 +217,8 @@ async def serve_broker(
             task_status.started(server_state)
     finally:
         ledger.close()
+        if handler.receipts_fd is not None:
+            os.close(handler.receipts_fd)
 
 
 class _Handler:
@@ -220,6 +230,7 @@ class _Handler:
         self.open_mode = open_mode
         self.max_payload = max_payload
         self.rng = random.Random()
+        self.receipts_fd: int | None = None
 
     async def handle(self, request: trio_websocket.WebSocketRequest) -> None:
         ws = await request.accept()
@@ -307,6 +318,8 @@ class _Handler:
                 if not isinstance(frame, dict) or frame.get("type") != "send":
                     continue
                 sends += 1
+                if self.receipts_fd is not None:
+                    os.write(self.receipts_fd, f"{mesh}\t{frame.get('client_message_id')}\n".encode())
                 ack, record = self._decide(mesh, frame)
                 key = (mesh, str(frame.get("client_message_id")))
                 wait_for = key if record is None and key in self.state.ledger.unwritten else None

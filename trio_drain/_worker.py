@@ -165,6 +165,7 @@ class DrainWorker:
                 await nursery.start(self._completer.run)
                 try:
                     async with trio.open_nursery() as deliveries:
+                        deliveries.start_soon(self.outbox.watch, self.wake)
                         task_status.started()
                         await self._loop(deliveries)
                 finally:
@@ -204,6 +205,8 @@ class DrainWorker:
                 log.error("outbox unavailable (%s); retrying in %.1fs", exc, delay)
                 await trio.sleep(delay)
                 continue
+            if failures:
+                log.warning("outbox available again after %d failed attempt(s)", failures)
             failures = 0
             self._counts["claimed"] += len(rows)
             for row, slot in zip(rows, slots, strict=False):
@@ -237,9 +240,13 @@ class DrainWorker:
 
     async def _sleep_until_due(self, next_maintenance: float) -> None:
         timeout = min(self.config.poll_interval, next_maintenance - trio.current_time())
-        due = await self.outbox.next_due_at(
-            max_age_ms=self._policy.max_age_ms, exclude=self._route_filter()
-        )
+        try:
+            due = await self.outbox.next_due_at(
+                max_age_ms=self._policy.max_age_ms, exclude=self._route_filter()
+            )
+        except StoreError as exc:  # the next claim reports it and backs off
+            log.debug("cannot read the next due time (%s)", exc)
+            due = None
         if due is not None:
             timeout = min(timeout, (due - self.outbox.clock()) / 1000)
         if timeout <= 0:

@@ -7,8 +7,8 @@ the caller, so the same back end runs under a fake clock in tests.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Protocol
+from collections.abc import Callable, Sequence
+from typing import NoReturn, Protocol
 
 import attrs
 
@@ -83,6 +83,10 @@ class OutboxBackend(Protocol):
         self, *, now: int, max_age_ms: int, exclude: RouteFilter = NO_FILTER
     ) -> int | None:
         """The earliest next_attempt_at of a claimable-in-future pending row."""
+
+    async def watch(self, wake: Callable[[], None]) -> NoReturn:
+        """Call `wake` when another process may have added rows; runs until
+        cancelled. A back end without cross-process notifications sleeps."""
 
     async def get(self, row_id: str) -> OutboxRow | None: ...
 

@@ -26,7 +26,7 @@ import os
 import sqlite3
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Generic, Literal, TypeVar
+from typing import Any, Generic, Literal, NoReturn, TypeVar
 
 import attrs
 import trio
@@ -469,6 +469,11 @@ class SqliteBackend:
             return None if found is None else int(found[0])
 
         return await self._read(op)
+
+    async def watch(self, wake: Callable[[], None]) -> NoReturn:
+        """SQLite has no cross-process notifications: the poll interval finds
+        rows other processes write."""
+        await trio.sleep_forever()
 
     # -- reading
 
