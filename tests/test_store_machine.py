@@ -1,4 +1,5 @@
-"""A hypothesis state machine drives a real SQLite outbox against a simple model.
+"""A hypothesis state machine drives a real outbox (SQLite, then PostgreSQL)
+against a simple model.
 
 Two workers claim and complete rows while accepts, clock jumps (forwards and
 backwards), lease expiry, max-age sweeps, requeues and drops interleave.
@@ -11,10 +12,13 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import attrs
+import pytest
+import trio
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
@@ -22,6 +26,8 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from trio_drain import InvalidTransition, OutboxRow, OutcomeKind, SendRequest, Status
 from trio_drain import _lifecycle as lc
 from trio_drain._outbox import Outbox
+from trio_drain._store._base import OutboxBackend
+from trio_drain._store._postgres import PostgresBackend
 from trio_drain._store._sqlite import SqliteBackend
 from trio_drain._validate import prepare_row
 
@@ -55,14 +61,14 @@ class OutboxMachine(RuleBasedStateMachine):
         self.folder = tempfile.mkdtemp(prefix="trio-drain-machine-")
         self.portal = TrioPortal().__enter__()
         self.clock = FakeClock()
-        backend = self.portal.run(
-            lambda: SqliteBackend.open(Path(self.folder) / "outbox.db", durability="normal")
-        )
-        self.outbox = Outbox(backend, clock=self.clock)
+        self.outbox = Outbox(self.portal.run(self.open_backend), clock=self.clock)
         self.model: dict[str, ModelRow] = {}
         self.by_client_id: dict[str, str] = {}
         self.held: dict[str, list[OutboxRow]] = {"A": [], "B": []}
         self.tokens = 0
+
+    async def open_backend(self) -> OutboxBackend:
+        return await SqliteBackend.open(Path(self.folder) / "outbox.db", durability="normal")
 
     def teardown(self) -> None:
         self.portal.run(self.outbox.aclose)
@@ -169,6 +175,13 @@ class OutboxMachine(RuleBasedStateMachine):
     def clock_jumps(self, ms: int) -> None:
         self.clock.advance(ms)
 
+    @precondition(lambda self: self.held["A"] or self.held["B"])
+    @rule()
+    def leases_run_out(self) -> None:
+        """The quickest way to a stale lease: let held leases expire, recover them."""
+        self.clock.advance(POLICY.lease_ms)
+        self.recover_leases()
+
     @rule()
     def recover_leases(self) -> None:
         moved = self.call(self.outbox.recover_expired_leases, max_attempts=POLICY.max_attempts)
@@ -240,3 +253,27 @@ OutboxMachine.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow],
 )
 TestOutboxMachine = OutboxMachine.TestCase
+
+
+class PostgresOutboxMachine(OutboxMachine):
+    """The same machine over the PostgreSQL back end, a fresh database each run."""
+
+    new_database: Callable[[], str] | None = None  # set by the fixture below
+
+    async def open_backend(self) -> OutboxBackend:
+        assert self.new_database is not None
+        url = await trio.to_thread.run_sync(self.new_database)
+        return await PostgresBackend.open(url, durability="normal")
+
+
+PostgresOutboxMachine.TestCase.settings = settings(
+    max_examples=60, stateful_step_count=40, deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+TestPostgresOutboxMachine = PostgresOutboxMachine.TestCase
+
+
+@pytest.fixture(autouse=True)
+def _postgres_for_the_machine(request: pytest.FixtureRequest) -> None:
+    if request.cls is TestPostgresOutboxMachine:
+        PostgresOutboxMachine.new_database = request.getfixturevalue("pg_server").create_database
