@@ -88,10 +88,20 @@ def test_no_broker_is_dead_naming_the_mesh(mesh: str | None, error: str) -> None
 
 
 def test_release_before_the_send_gives_the_attempt_back_and_after_keeps_it() -> None:
-    before = lc.on_released(claimed_row(attempts=4), sent=False, now=7)
-    after = lc.on_released(claimed_row(attempts=4), sent=True, now=7)
+    before = lc.on_released(claimed_row(attempts=4), sent=False, now=7, policy=POLICY)
+    after = lc.on_released(claimed_row(attempts=4), sent=True, now=7, policy=POLICY)
     assert (before.status, before.attempts, before.next_attempt_at) == (Status.PENDING, 3, 7)
     assert (after.status, after.attempts, after.last_error) == (Status.PENDING, 4, lc.WORKER_STOPPED)
+
+
+def test_a_release_after_the_last_allowed_send_is_dead_not_a_new_attempt() -> None:
+    # Found by the store state machine: handed back at the cap, the row was
+    # claimed once more and went past max_attempts.
+    cap = POLICY.max_attempts
+    after = lc.on_released(claimed_row(attempts=cap), sent=True, now=7, policy=POLICY)
+    assert (after.status, after.attempts, after.last_error) == (Status.DEAD, cap, lc.WORKER_STOPPED_AT_CAP)
+    before = lc.on_released(claimed_row(attempts=cap), sent=False, now=7, policy=POLICY)
+    assert (before.status, before.attempts) == (Status.PENDING, cap - 1)
 
 
 def test_transitions_out_of_inflight_refuse_an_unclaimed_row() -> None:

@@ -160,8 +160,8 @@ class OutboxMachine(RuleBasedStateMachine):
             "permanent": lambda: lc.on_error(row, error="e", permanent=True, now=now, policy=POLICY, jitter=0.5),
             "unavailable": lambda: lc.on_route_unavailable(row, now=now, policy=POLICY),
             "no_broker": lambda: lc.on_no_broker(row),
-            "released_unsent": lambda: lc.on_released(row, sent=False, now=now),
-            "released_sent": lambda: lc.on_released(row, sent=True, now=now),
+            "released_unsent": lambda: lc.on_released(row, sent=False, now=now, policy=POLICY),
+            "released_sent": lambda: lc.on_released(row, sent=True, now=now, policy=POLICY),
         }[event]()
         (applied,) = self.call(self.outbox.complete, [completion])
         m = self.model[row.id]

@@ -40,6 +40,8 @@ LEASE_EXPIRED_AT_CAP = f"max_attempts: {LEASE_EXPIRED}"
 ROUTE_UNAVAILABLE = "route_unavailable"
 #: last_error of rows handed back when the worker stopped.
 WORKER_STOPPED = "worker_stopped"
+#: ... and of rows whose last allowed attempt may have left when it stopped.
+WORKER_STOPPED_AT_CAP = f"max_attempts: {WORKER_STOPPED}"
 
 REQUEUEABLE = frozenset({Status.PENDING, Status.INFLIGHT, Status.DEAD})
 DROPPABLE = frozenset({Status.PENDING, Status.DEAD})
@@ -160,14 +162,22 @@ def on_no_broker(row: OutboxRow) -> Completion:
     )
 
 
-def on_released(row: OutboxRow, *, sent: bool, now: int) -> Completion:
+def on_released(row: OutboxRow, *, sent: bool, now: int, policy: RetryPolicy) -> Completion:
     """The worker stopped while holding the row: hand it back at once.
 
     If the send never started the attempt is given back; if it may have
     left, the attempt stands and the broker's dedupe absorbs the resend.
+    A row whose last allowed attempt may have left is dead, like a lease
+    expiring at the cap: another claim would exceed max_attempts.
     """
+    token = _require_inflight(row)
+    if sent and row.attempts >= policy.max_attempts:
+        return Completion(
+            row_id=row.id, lease_token=token, status=Status.DEAD, attempts=row.attempts,
+            next_attempt_at=row.next_attempt_at, last_error=WORKER_STOPPED_AT_CAP,
+        )
     return Completion(
-        row_id=row.id, lease_token=_require_inflight(row), status=Status.PENDING,
+        row_id=row.id, lease_token=token, status=Status.PENDING,
         attempts=row.attempts if sent else max(row.attempts - 1, 0),
         next_attempt_at=now, last_error=WORKER_STOPPED if sent else row.last_error,
     )

@@ -323,7 +323,8 @@ class DrainWorker:
         except trio.Cancelled:
             if not submitted:
                 # Hand the row back; the completer writes it before it stops.
-                self._completer.submit_nowait(_lifecycle.on_released(row, sent=sent, now=self.outbox.clock()))
+                self._completer.submit_nowait(_lifecycle.on_released(
+                    row, sent=sent, now=self.outbox.clock(), policy=self._policy))
                 if not sent:
                     self._counts["given_back"] += 1
             raise
