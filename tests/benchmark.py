@@ -297,6 +297,86 @@ async def big_backlog(folder: str, rows: int) -> dict[str, float]:
             "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
+# -- several drain processes on one outbox, per back end ------------------------------------------
+
+
+def write_run_config(path: Path, url: str) -> Path:
+    path.write_text(
+        "[drain]\nmax_inflight = 64\nbatch_size = 128\npoll_interval = 0.2\n\n"
+        f'[[mesh]]\nslug = "bench"\nmesh_id = "mesh-bench"\nmember_id = "bench"\n'
+        f'broker_url = "{url}"\nsecret_key = "{generate_secret_key()}"\n'
+    )
+    return path
+
+
+async def processes_rate(target: str, config: Path, n: int, workers: int) -> float:
+    """Rows a second for `workers` `trio-drain run` processes sharing one outbox.
+
+    Timed from the first row done to the last, so interpreter start-up is
+    not counted.
+    """
+    await fill(target, n)
+    procs = [
+        subprocess.Popen([sys.executable, "-m", "trio_drain", "run", "--db", target, "--config", str(config)],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        for _ in range(workers)
+    ]
+    try:
+        async with open_outbox(target) as outbox:
+            first: tuple[float, int] | None = None
+            deadline = time.monotonic() + 600
+            while time.monotonic() < deadline:
+                done = (await outbox.counts())["done"]
+                now = time.perf_counter()
+                if first is None and done > 0:
+                    first = (now, done)
+                if done >= n:
+                    break
+                if all(p.poll() is not None for p in procs):
+                    raise RuntimeError("every drain process exited: " + (procs[0].communicate()[1] or ""))
+                await trio.sleep(0.02)
+            else:
+                raise RuntimeError(f"{workers} worker(s) did not drain {n} rows in time")
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        for p in procs:
+            p.communicate(timeout=60)
+    assert first is not None
+    return (n - first[1]) / (now - first[0])
+
+
+async def backends(folder: str, broker_url: str, n: int, runs: int) -> dict[str, Any]:
+    """Rows/s with 1, 2 and 4 drain processes, on SQLite and on PostgreSQL."""
+    from .pg import PostgresServer, find_binaries
+
+    config = write_run_config(Path(folder) / "run.toml", broker_url)
+    results: dict[str, Any] = {"rows": n, "workers": [1, 2, 4]}
+    bindir = find_binaries()
+    server = PostgresServer(bindir, fsync=True).start() if bindir is not None else None
+    try:
+        for backend in ("sqlite", "postgresql"):
+            if backend == "postgresql" and server is None:
+                results[backend] = "skipped: PostgreSQL is not installed"
+                continue
+            per: dict[str, Any] = {}
+            for workers in (1, 2, 4):
+                def target() -> str:
+                    if backend == "sqlite":
+                        return str(Path(folder) / f"procs-{time.time_ns()}.db")
+                    assert server is not None
+                    return server.create_database()
+
+                rate, values = await median_of(
+                    runs, lambda: processes_rate(target(), config, n, workers))  # noqa: B023
+                per[str(workers)] = {"median": rate, "runs": values}
+            results[backend] = per
+    finally:
+        if server is not None:
+            server.destroy()
+    return results
+
+
 def percentile(values: list[float], p: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
@@ -316,8 +396,12 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     backlog = 20_000 if quick else 100_000
     results: dict[str, Any] = {
         "machine": {"cores": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
-        "quick": quick, "runs": runs,
+        "quick": quick, "runs": runs, "only": args.only,
     }
+    if args.only == "backends":
+        with tempfile.TemporaryDirectory(prefix="trio-drain-bench-") as folder, BrokerProcess() as broker:
+            results["backends"] = await backends(folder, broker.url, 10_000 if quick else 30_000, runs)
+        return results
     with tempfile.TemporaryDirectory(prefix="trio-drain-bench-") as folder, BrokerProcess() as broker:
         n_ceiling = 20_000 if quick else 50_000
         ceil, ceil_runs = await median_of(runs, lambda: ceiling(broker.url, n_ceiling))
@@ -371,11 +455,29 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         results["outage"] = await outage(folder, 10_000, 10.0 if quick else 60.0)
     with tempfile.TemporaryDirectory(prefix="trio-drain-bench-") as folder:
         results["backlog"] = await big_backlog(folder, 100_000 if quick else 1_000_000)
+    with tempfile.TemporaryDirectory(prefix="trio-drain-bench-") as folder, BrokerProcess() as broker:
+        results["backends"] = await backends(folder, broker.url, 10_000 if quick else 30_000, runs)
     results["max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return results
 
 
+def backend_rows(r: dict[str, Any]) -> list[tuple[str, str, str]]:
+    b = r["backends"]
+    rows = []
+    for workers in b["workers"]:
+        cells = []
+        for backend in ("sqlite", "postgresql"):
+            per = b[backend]
+            cells.append(f"{per[str(workers)]['median']:,.0f}" if isinstance(per, dict) else "-")
+        rows.append((f"{workers} drain process(es), {b['rows']:,} rows: SQLite / PostgreSQL (rows/s)",
+                     " / ".join(cells), ""))
+    return rows
+
+
 def print_table(r: dict[str, Any]) -> None:
+    if r.get("only") == "backends":
+        print_rows(r, backend_rows(r))
+        return
     rows = [
         ("ceiling: trio-websocket round trips/s (window 64)", f"{r['ceiling_rps']['median']:,.0f}", "the reference"),
         ("same over the wsproto transport (the default)", f"{r['ceiling_wsproto_rps']['median']:,.0f}",
@@ -402,7 +504,12 @@ def print_table(r: dict[str, Any]) -> None:
          f"{r['backlog']['claim_ms_10k']:.2f} / {r['backlog']['claim_ms_large']:.2f}",
          f"{r['backlog']['ratio']:.2f}x (target: flat)"),
         ("peak memory of the benchmark process (MB)", f"{r['max_rss_mb']:.0f}", "target < 150 with 1M pending"),
+        *backend_rows(r),
     ]
+    print_rows(r, rows)
+
+
+def print_rows(r: dict[str, Any], rows: list[tuple[str, str, str]]) -> None:
     width = max(len(a) for a, _, _ in rows)
     print(f"machine: {r['machine']['cores']} cores, Python {r['machine']['python']}; "
           f"median of {r['runs']} run(s){' (quick)' if r['quick'] else ''}")
@@ -415,6 +522,8 @@ if __name__ == "__main__":
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--out", default="bench-results/bench.json")
+    parser.add_argument("--only", choices=["all", "backends"], default="all",
+                        help="backends: only the drain processes per back end")
     ns = parser.parse_args()
     res = trio.run(main, ns)
     print_table(res)
