@@ -309,6 +309,14 @@ def write_run_config(path: Path, url: str) -> Path:
     return path
 
 
+def spawn_drains(target: str, config: Path, workers: int) -> list[subprocess.Popen[str]]:
+    return [
+        subprocess.Popen([sys.executable, "-m", "trio_drain", "run", "--db", target, "--config", str(config)],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        for _ in range(workers)
+    ]
+
+
 async def processes_rate(target: str, config: Path, n: int, workers: int) -> float:
     """Rows a second for `workers` `trio-drain run` processes sharing one outbox.
 
@@ -316,11 +324,7 @@ async def processes_rate(target: str, config: Path, n: int, workers: int) -> flo
     not counted.
     """
     await fill(target, n)
-    procs = [
-        subprocess.Popen([sys.executable, "-m", "trio_drain", "run", "--db", target, "--config", str(config)],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        for _ in range(workers)
-    ]
+    procs = spawn_drains(target, config, workers)
     try:
         async with open_outbox(target) as outbox:
             first: tuple[float, int] | None = None
@@ -361,7 +365,7 @@ async def backends(folder: str, broker_url: str, n: int, runs: int) -> dict[str,
                 continue
             per: dict[str, Any] = {}
             for workers in (1, 2, 4):
-                def target() -> str:
+                def target(backend: str = backend) -> str:
                     if backend == "sqlite":
                         return str(Path(folder) / f"procs-{time.time_ns()}.db")
                     assert server is not None
