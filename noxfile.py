@@ -1,4 +1,4 @@
-"""Sessions: tests (the default CI run), lint, typecheck, bench."""
+"""Sessions: tests (the default CI run), lint, typecheck, bench, crash, soak."""
 
 from __future__ import annotations
 
@@ -46,3 +46,14 @@ def bench(session: nox.Session) -> None:
     """
     session.run("python", "-m", "pip", "install", "-q", "-e", ".[test]", external=True)
     session.run("python", "-m", "tests.benchmark", *session.posargs, external=True)
+
+
+@nox.session(python=False)
+def crash(session: nox.Session) -> None:
+    """The long crash loop: `trio-drain run` SIGKILLed many times (30 by
+    default; `nox -s crash -- 50` for more), the broker killed now and then,
+    every id accounted for."""
+    kills = session.posargs[0] if session.posargs else "30"
+    session.run("python", "-m", "pip", "install", "-q", "-e", ".[test]", external=True)
+    session.run("python", "-m", "pytest", "-s", "-k", "long_crash_loop", "tests/test_crashes.py",
+                external=True, env={"TRIO_DRAIN_CRASH_LOOPS": kills})

@@ -36,6 +36,8 @@ from wsproto.events import (
     TextMessage,
 )
 
+from . import _crashpoints
+
 TransportName = Literal["wsproto", "trio-websocket"]
 TRANSPORTS: tuple[TransportName, ...] = ("wsproto", "trio-websocket")
 
@@ -144,12 +146,17 @@ class _WsprotoConnection:
         self._closed: str | None = None
         self._parts: list[str | bytes] = []
         self._part_size = 0
+        # Fault injection (tests only): crash once a message after the hello
+        # has been written to the socket.
+        self._crash_on_send = _crashpoints.armed("send_left")
+        self._messages_queued = 0
 
     # -- the seam
 
     async def send_message(self, message: str) -> None:
         self._check_open()
         self._queue(self._ws.send(TextMessage(data=message)))
+        self._messages_queued += 1
         if len(self._out) > 4 * 1024 * 1024:  # backpressure on a slow peer
             await self._drained.wait()
         else:
@@ -190,6 +197,8 @@ class _WsprotoConnection:
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 self._close("the connection broke while writing")
                 return
+            if self._crash_on_send and self._messages_queued > 1:
+                _crashpoints.reached("send_left")
             if not self._out:
                 self._drained.set()
 

@@ -22,7 +22,7 @@ from typing import Literal
 import attrs
 import trio
 
-from . import _lifecycle
+from . import _crashpoints, _lifecycle
 from ._completer import BatchCompleter
 from ._config import DrainConfig
 from ._errors import BrokerUnavailable, StoreError, TrioDrainError
@@ -208,6 +208,8 @@ class DrainWorker:
             if failures:
                 log.warning("outbox available again after %d failed attempt(s)", failures)
             failures = 0
+            if rows:
+                _crashpoints.reached("claim_after_commit")
             self._counts["claimed"] += len(rows)
             for row, slot in zip(rows, slots, strict=False):
                 nursery.start_soon(self._deliver, row, slot)
@@ -306,6 +308,7 @@ class DrainWorker:
                 submitted = True
                 await self._give_back(row, self.registry.unavailable_route(row))
                 return
+            _crashpoints.reached("ack_before_record")
             now = self.outbox.clock()
             if result.ok:
                 completion = _lifecycle.on_ack(row, broker_message_id=result.message_id or "", now=now)

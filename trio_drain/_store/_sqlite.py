@@ -31,7 +31,7 @@ from typing import Any, Generic, Literal, NoReturn, TypeVar
 import attrs
 import trio
 
-from .. import _lifecycle
+from .. import _crashpoints, _lifecycle
 from .._errors import (
     CorruptDatabase,
     SchemaError,
@@ -401,6 +401,7 @@ class SqliteBackend:
 
         def op(conn: sqlite3.Connection) -> Rows:
             found = conn.execute(sql, args).fetchall()
+            _crashpoints.reached("claim_before_commit")
             found.sort(key=lambda r: (r[-1], r[COLUMNS.index("enqueued_at")]))
             return [_row(r[:-1]) for r in found]
 
@@ -415,7 +416,10 @@ class SqliteBackend:
 
         def op(conn: sqlite3.Connection) -> Applied:
             applied = []
-            for c in completions:
+            middle = len(completions) // 2
+            for i, c in enumerate(completions):
+                if i == middle and i:
+                    _crashpoints.reached("completion_mid_batch")
                 cur = conn.execute(sql, (
                     c.status.value, c.attempts, c.next_attempt_at, c.last_error,
                     c.delivered_at, c.broker_message_id, c.row_id, c.lease_token,
