@@ -157,7 +157,10 @@ class DrainWorker:
         self.outbox.add_listener(self.wake)
         self.registry.add_listener(self.wake)
         try:
-            await self._maintain()
+            try:
+                await self._maintain()
+            except StoreError as exc:  # the loop keeps retrying; no need to die
+                log.error("outbox unavailable at start (%s); will retry", exc)
             async with trio.open_nursery() as nursery:
                 # The completer outlives every delivery: it stops only when
                 # closed, after the deliveries nursery has exited and every
