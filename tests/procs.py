@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 CLI = [sys.executable, "-m", "trio_drain"]
@@ -23,9 +24,11 @@ def assert_clean_error(result: subprocess.CompletedProcess[str], status: int, fr
     assert fragment in lines[0]
 
 
-def write_config(path: Path, url: str, secret: str, extra: str = "", **drain: float) -> Path:
-    """A `trio-drain run` config for one mesh; keyword arguments set [drain] fields."""
-    settings = {"max_inflight": 16, "poll_interval": 0.05, **drain}
+def write_config(
+    path: Path, url: str, secret: str, extra: str = "", drain: Mapping[str, float] | None = None
+) -> Path:
+    """A `trio-drain run` config for one mesh; `drain` sets [drain] fields."""
+    settings = {"max_inflight": 16, "poll_interval": 0.05, **(drain or {})}
     lines = "".join(f"{k} = {v}\n" for k, v in settings.items())
     path.write_text(
         f'{extra}[drain]\n{lines}\n[[mesh]]\nslug = "alpha"\nmesh_id = "mesh-alpha"\n'

@@ -163,7 +163,7 @@ def test_a_kill_at_a_named_point_loses_nothing_and_applies_nothing_twice(tmp_pat
     db = tmp_path / "o.db"
     fill(db, n)
     broker = Broker(tmp_path, "--ack-delay", "0.005").start()
-    config = write_config(tmp_path / "c.toml", broker.url, generate_secret_key(), **CRASHY)
+    config = write_config(tmp_path / "c.toml", broker.url, generate_secret_key(), drain=CRASHY)
     try:
         crashing = subprocess.Popen([*CLI, "run", "--db", str(db), "--config", str(config)],
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -187,7 +187,7 @@ def crash_loop(folder: Path, *, kills: int, n: int, seed: int) -> dict[str, Any]
     fill(db, n)
     # A 20 ms ack delay keeps the drain slow enough to be killed mid-way.
     broker = Broker(folder, "--ack-delay", "0.02").start()
-    config = write_config(folder / "c.toml", broker.url, generate_secret_key(), **CRASHY)
+    config = write_config(folder / "c.toml", broker.url, generate_secret_key(), drain=CRASHY)
     mid_drain = 0
     try:
         for k in range(kills):
@@ -229,7 +229,7 @@ def test_drain_processes_sharing_one_outbox_never_send_a_row_twice(tmp_path: Pat
     n = 3000
     fill(outbox_target, n)
     broker = Broker(tmp_path, "--ack-delay", "0.002").start()
-    config = write_config(tmp_path / "c.toml", broker.url, generate_secret_key(), poll_interval=0.2)
+    config = write_config(tmp_path / "c.toml", broker.url, generate_secret_key(), drain={"poll_interval": 0.2})
     workers = [start_run(outbox_target, config) for _ in range(3 if "postgresql" in outbox_target else 2)]
     try:
         wait_for_done(outbox_target, n, 120, *workers)

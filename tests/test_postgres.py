@@ -238,8 +238,8 @@ def test_a_drain_process_killed_mid_drain_loses_nothing(tmp_path: Path, pg_url: 
     log = tmp_path / "receipts"
     broker, url = start_broker(tmp_path, "--receipts", str(log), "--ack-delay", "0.005")
     config = write_config(tmp_path / "c.toml", url, generate_secret_key(),
-                          poll_interval=0.2, lease=3.0, ack_timeout=2.0,
-                          maintenance_interval=0.5)
+                          drain={"poll_interval": 0.2, "lease": 3.0, "ack_timeout": 2.0,
+                                 "maintenance_interval": 0.5})
     workers = [start_run(pg_url, config) for _ in range(3)]
     try:
         wait_for_done(pg_url, n // 4, 60, *workers)
