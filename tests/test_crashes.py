@@ -150,8 +150,8 @@ def drain_to_the_end(db: Path, config: Path, n: int) -> None:
 KILL_AT = {
     "claim_before_commit": "claim_before_commit@3",
     "claim_after_commit": "claim_after_commit@3",
-    "send_left": "send_left@20",
-    "ack_before_record": "ack_before_record@20",
+    "send_left": "send_left@3",
+    "ack_before_record": "ack_before_record@10",
     "completion_mid_batch": "completion_mid_batch@2",
 }
 assert set(KILL_AT) == POINTS

@@ -150,6 +150,7 @@ class _WsprotoConnection:
         # has been written to the socket.
         self._crash_on_send = _crashpoints.armed("send_left")
         self._messages_queued = 0
+        self._message_in_out = False  # the bytes in _out carry a message (not just a ping)
 
     # -- the seam
 
@@ -157,6 +158,7 @@ class _WsprotoConnection:
         self._check_open()
         self._queue(self._ws.send(TextMessage(data=message)))
         self._messages_queued += 1
+        self._message_in_out = True
         if len(self._out) > 4 * 1024 * 1024:  # backpressure on a slow peer
             await self._drained.wait()
         else:
@@ -192,12 +194,13 @@ class _WsprotoConnection:
             await self._out_ready.wait()
             self._out_ready = trio.Event()
             data, self._out = bytes(self._out), bytearray()
+            carries_message, self._message_in_out = self._message_in_out, False
             try:
                 await self._stream.send_all(data)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 self._close("the connection broke while writing")
                 return
-            if self._crash_on_send and self._messages_queued > 1:
+            if self._crash_on_send and carries_message and self._messages_queued > 1:
                 _crashpoints.reached("send_left")
             if not self._out:
                 self._drained.set()

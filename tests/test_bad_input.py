@@ -1,0 +1,342 @@
+"""Bad input everywhere: generated broker frames against the client, generated
+requests against `accept`, malformed and replayed hellos against the
+reference broker, hostile config files. Each gets a clear error or is
+survived; none loses or corrupts a row.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import string
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+import trio_websocket
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from trio_drain import (
+    ConfigError,
+    InvalidRequest,
+    MeshIdentity,
+    OutgoingMessage,
+    SendRequest,
+    Status,
+    WebSocketBroker,
+    open_outbox,
+    serve_broker,
+)
+from trio_drain._cli import _load_config
+from trio_drain._identity import generate_secret_key
+from trio_drain._outbox import Outbox
+from trio_drain._ws_broker import _parse, classify_ack
+
+from .helpers import TrioPortal
+
+SECRET = generate_secret_key()
+IDENTITY = MeshIdentity(mesh_id="mesh-alpha", member_id="member-1", secret_key=SECRET)
+MESSAGE = OutgoingMessage(client_message_id="m-1", request_fingerprint="aa", target_spec="*",
+                          priority="next", nonce="", ciphertext="")
+
+json_scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20)
+json_values = st.recursive(
+    json_scalars,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)
+ACK_KEYS = ["type", "id", "messageId", "queued", "duplicate", "error", "code", "permanent"]
+
+
+@st.composite
+def ack_like(draw: st.DrawFn, ack_id: str = "m-1") -> dict[str, Any]:
+    """Frames shaped like acks, with any value in any field."""
+    frame: dict[str, Any] = draw(st.dictionaries(st.sampled_from(ACK_KEYS), json_values, max_size=8))
+    if draw(st.booleans()):
+        frame["type"] = "ack"
+    if draw(st.booleans()):
+        frame["id"] = ack_id
+    return frame
+
+
+frames = st.one_of(
+    ack_like(),
+    json_values.map(json.dumps),
+    st.text(max_size=50),
+    st.binary(max_size=50),
+    st.sampled_from(["[" * 50_000, "{" * 50_000, '{"type":"ack","id":' * 20_000, "\ud800"]),
+)
+
+
+# -- frames against the client -----------------------------------------------------------------
+
+
+@given(frame=json_values)
+def test_parse_takes_any_text_and_never_raises(frame: Any) -> None:
+    text = json.dumps(frame)
+    parsed = _parse(text)
+    assert parsed is None or (isinstance(frame, dict) and parsed == frame)
+
+
+@pytest.mark.parametrize("text", ["[" * 100_000, "{" * 100_000, '{"a":' * 100_000, "\ud800", b"\xff"])
+def test_parse_survives_frames_nested_past_the_recursion_limit(text: str | bytes) -> None:
+    assert _parse(text) is None
+
+
+@given(frame=ack_like())
+def test_any_ack_is_classified_without_raising(frame: dict[str, Any]) -> None:
+    result = classify_ack(frame)
+    if result.ok:
+        assert not frame.get("error") and frame.get("queued", True) is not False
+    else:
+        assert result.error
+        if isinstance(frame.get("permanent"), bool):
+            assert result.permanent is frame["permanent"]
+
+
+async def _scripted_exchange(junk: list[Any]) -> tuple[Any, bool]:
+    """A server that acks the hello, answers the first send with `junk`,
+    then a valid ack; returns what the client's send got, and whether the
+    connection is still open afterwards."""
+    async def handler(request: trio_websocket.WebSocketRequest) -> None:
+        ws = await request.accept()
+        try:
+            await ws.get_message()
+            await ws.send_message(json.dumps({"type": "hello_ack", "presenceId": "p"}))
+            send = json.loads(await ws.get_message())
+            for frame in junk:
+                if isinstance(frame, dict):
+                    frame = json.dumps(frame)
+                elif isinstance(frame, str) and not frame.isprintable() and "\ud800" in frame:
+                    frame = "\\ud800"  # a lone surrogate cannot go on the wire as UTF-8
+                await ws.send_message(frame)
+            await ws.send_message(json.dumps({"type": "ack", "id": send["id"], "messageId": "b-1", "queued": True}))
+            await trio.sleep_forever()
+        except trio_websocket.ConnectionClosed:
+            pass
+
+    async with trio.open_nursery() as nursery:
+        server = await nursery.start(trio_websocket.serve_websocket, handler, "127.0.0.1", 0, None)
+        broker = WebSocketBroker(f"ws://127.0.0.1:{server.port}/ws", IDENTITY, on_push=lambda f: None,
+                                 reconnect_backoff=(0.05,), ack_timeout=5.0)
+        await nursery.start(broker.run)
+        with trio.fail_after(10):
+            result = await broker.send(MESSAGE)
+        await trio.sleep(0.01)
+        still_open = broker.is_open()
+        nursery.cancel_scope.cancel()
+    return result, still_open
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(junk=st.lists(frames, max_size=6))
+def test_generated_frames_from_a_broker_are_survived(junk: list[Any]) -> None:
+    result, still_open = trio.run(_scripted_exchange, junk)
+    acks = [f for f in junk if isinstance(f, dict) and f.get("type") == "ack" and f.get("id") == "m-1"]
+    # The first ack-shaped frame for our id decides; without one, the valid ack does.
+    expected = classify_ack(acks[0]) if acks else classify_ack({"messageId": "b-1", "queued": True})
+    assert (result.ok, result.message_id, result.error) == (expected.ok, expected.message_id, expected.error)
+    assert still_open
+
+
+# -- requests against accept --------------------------------------------------------------------
+
+anything = st.one_of(st.none(), st.text(max_size=30), st.binary(max_size=30), st.integers(),
+                     st.floats(), st.booleans(), st.lists(st.integers(), max_size=3))
+hostile_meta = st.one_of(
+    st.none(), anything,
+    st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=10),
+                 lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+                 max_leaves=10),
+    st.just({"deep": json.loads("[" * 900 + "]" * 900)}),
+    st.just({1: "non-string key"}),
+    st.just({"big": 2**80}),
+)
+
+
+@st.composite
+def hostile_requests(draw: st.DrawFn) -> SendRequest:
+    fields: dict[str, Any] = {
+        "payload": draw(st.one_of(st.binary(max_size=64), anything)),
+        "mesh": draw(st.one_of(st.none(), st.text(max_size=20), anything)),
+        "target_spec": draw(st.one_of(st.none(), st.sampled_from(["*", "#t", "@g", "ab" * 32]), anything)),
+        "priority": draw(st.one_of(st.sampled_from(["now", "next", "low"]), anything)),
+        "destination_kind": draw(st.one_of(st.none(), st.sampled_from(["topic", "dm", "queue"]), anything)),
+        "destination_ref": draw(st.one_of(st.none(), st.text(max_size=10), anything)),
+        "reply_to_id": draw(st.one_of(st.none(), st.text(max_size=10), anything)),
+        "meta": draw(hostile_meta),
+        "client_message_id": draw(st.one_of(st.none(), st.text(string.printable, max_size=20), anything)),
+        "nonce": draw(st.one_of(st.none(), st.sampled_from(["AAAA", "bm9uY2U="]), anything)),
+        "ciphertext": draw(st.one_of(st.none(), st.sampled_from(["Y3Q=", "!!"]), anything)),
+        "sender_session_pubkey": draw(st.one_of(st.none(), st.just("cd" * 32), anything)),
+    }
+    return SendRequest(**fields)
+
+
+@pytest.fixture(scope="module")
+def portal_outbox() -> Iterator[tuple[TrioPortal, Outbox]]:
+    folder = tempfile.mkdtemp(prefix="trio-drain-bad-input-")
+    with TrioPortal() as portal:
+        manager = open_outbox(Path(folder) / "outbox.db", durability="normal")
+        outbox = portal.run(manager.__aenter__)
+        try:
+            yield portal, outbox
+        finally:
+            portal.run(lambda: manager.__aexit__(None, None, None))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(request=hostile_requests())
+def test_hostile_requests_are_refused_clearly_or_stored_exactly(
+    portal_outbox: tuple[TrioPortal, Outbox], request: SendRequest
+) -> None:
+    portal, outbox = portal_outbox
+    before = portal.run(outbox.counts)
+    try:
+        outcome = portal.run(outbox.accept, request)
+    except InvalidRequest as exc:
+        assert str(exc)
+        assert portal.run(outbox.counts) == before  # nothing written
+        return
+    row = portal.run(outbox.get, outcome.row_id)
+    assert row is not None
+    if outcome.inserted:
+        assert row.status is Status.PENDING and row.payload == request.payload
+        assert row.client_message_id == outcome.client_message_id
+
+
+# -- hellos against the reference broker ---------------------------------------------------------
+
+HELLO_KEYS = ["type", "meshId", "memberId", "pubkey", "timestamp", "signature", "parentMemberId",
+              "parentMemberPubkey", "sessionPubkey", "parentAttestation", "sessionId"]
+
+
+@st.composite
+def malformed_hellos(draw: st.DrawFn) -> Any:
+    frame: dict[str, Any] = draw(st.dictionaries(st.sampled_from(HELLO_KEYS), json_values, max_size=10))
+    frame["type"] = draw(st.sampled_from(["hello", "session_hello", "other"]))
+    return frame
+
+
+async def _hello_exchange(frames: list[Any]) -> list[Any]:
+    answers = []
+    async with trio.open_nursery() as nursery:
+        server = await nursery.start(lambda task_status: serve_broker(open_mode=True, task_status=task_status))
+        for frame in frames:
+            async with trio_websocket.open_websocket_url(server.url) as ws:
+                await ws.send_message(frame if isinstance(frame, str) else json.dumps(frame))
+                with trio.fail_after(5):
+                    try:
+                        answers.append(json.loads(await ws.get_message()))
+                    except trio_websocket.ConnectionClosed:
+                        answers.append(None)
+        # Still serving an honest client afterwards.
+        async with trio_websocket.open_websocket_url(server.url) as ws:
+            await ws.send_message(json.dumps(IDENTITY.hello(_now_ms())))
+            answers.append(json.loads(await ws.get_message()))
+        nursery.cancel_scope.cancel()
+    return answers
+
+
+def _now_ms() -> int:
+    import time
+
+    return int(time.time() * 1000)
+
+
+@settings(max_examples=20, deadline=None)
+@given(frames=st.lists(st.one_of(malformed_hellos(), st.text(max_size=30)), min_size=1, max_size=4))
+def test_malformed_hellos_are_refused_and_the_broker_keeps_serving(frames: list[Any]) -> None:
+    answers = trio.run(_hello_exchange, frames)
+    for answer in answers[:-1]:
+        assert answer is None or answer.get("type") == "error", answer
+    assert answers[-1]["type"] == "hello_ack"
+
+
+async def test_a_replayed_hello_is_refused() -> None:
+    hello = json.dumps(IDENTITY.hello(_now_ms()))
+    async with trio.open_nursery() as nursery:
+        server = await nursery.start(lambda task_status: serve_broker(open_mode=True, task_status=task_status))
+        answers = []
+        for _ in range(2):
+            async with trio_websocket.open_websocket_url(server.url) as ws:
+                await ws.send_message(hello)
+                answers.append(json.loads(await ws.get_message()))
+        nursery.cancel_scope.cancel()
+    assert answers[0]["type"] == "hello_ack"
+    assert answers[1]["type"] == "error" and "replay" in answers[1]["code"]
+
+
+# -- hostile config files -------------------------------------------------------------------------
+
+
+def toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else ("inf" if value == math.inf else "-inf" if value == -math.inf else repr(value))
+    if isinstance(value, (int, str)):
+        return json.dumps(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    return json.dumps(str(value))
+
+
+toml_scalars = st.one_of(st.booleans(), st.integers(-(2**63), 2**63 - 1), st.floats(), st.text(max_size=20))
+DRAIN_KEYS = ["max_inflight", "batch_size", "poll_interval", "lease", "ack_timeout", "max_attempts",
+              "backoff_base", "backoff_cap", "route_retry", "max_age", "maintenance_interval", "bogus"]
+MESH_KEYS = ["slug", "mesh_id", "member_id", "broker_url", "secret_key", "secret_key_file", "extra"]
+
+
+@st.composite
+def hostile_configs(draw: st.DrawFn) -> str:
+    lines = []
+    if draw(st.booleans()):
+        lines.append("[drain]")
+        for key, value in draw(st.dictionaries(st.sampled_from(DRAIN_KEYS), toml_scalars | st.lists(toml_scalars, max_size=2), max_size=6)).items():
+            lines.append(f"{key} = {toml_value(value)}")
+    for _ in range(draw(st.integers(0, 2))):
+        lines.append("[[mesh]]")
+        mesh = draw(st.dictionaries(st.sampled_from(MESH_KEYS), toml_scalars, max_size=7))
+        if draw(st.booleans()):
+            mesh.update(slug="alpha", mesh_id="m", member_id="u", broker_url="ws://127.0.0.1:1/ws")
+        for key, value in mesh.items():
+            lines.append(f"{key} = {toml_value(value)}")
+    if draw(st.booleans()):
+        lines.append(draw(st.text(max_size=20)))
+    return "\n".join(lines) + "\n"
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=hostile_configs())
+def test_hostile_config_files_are_config_errors_or_valid(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    try:
+        config, meshes = _load_config(str(path))
+    except ConfigError as exc:
+        assert str(exc) and "\n" not in str(exc).strip()
+        return
+    assert meshes and all(isinstance(m["slug"], str) for m in meshes)
+    assert config.max_inflight >= 1 and math.isfinite(config.lease)
+
+
+@pytest.mark.parametrize("content", [b"\xff\xfe\x00garbage", b"[drain]\nmax_inflight = \xff\n"])
+def test_a_config_that_is_not_utf8_is_a_config_error(tmp_path: Path, content: bytes) -> None:
+    path = tmp_path / "c.toml"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError):
+        _load_config(str(path))
+
+
+def test_two_meshes_with_one_slug_are_a_config_error(tmp_path: Path) -> None:
+    mesh = (f'[[mesh]]\nslug = "alpha"\nmesh_id = "m"\nmember_id = "u"\nbroker_url = "ws://h/ws"\n'
+            f'secret_key = "{SECRET}"\n')
+    path = tmp_path / "c.toml"
+    path.write_text(mesh + mesh)
+    with pytest.raises(ConfigError, match="alpha"):
+        _load_config(str(path))
