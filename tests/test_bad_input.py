@@ -34,7 +34,7 @@ from trio_drain import (
 from trio_drain._cli import _load_config
 from trio_drain._identity import generate_secret_key
 from trio_drain._outbox import Outbox
-from trio_drain._ws_broker import _parse, classify_ack
+from trio_drain._ws_broker import classify_ack, parse_frame
 
 from .helpers import TrioPortal
 
@@ -78,13 +78,13 @@ frames = st.one_of(
 @given(frame=json_values)
 def test_parse_takes_any_text_and_never_raises(frame: Any) -> None:
     text = json.dumps(frame)
-    parsed = _parse(text)
+    parsed = parse_frame(text)
     assert parsed is None or (isinstance(frame, dict) and parsed == frame)
 
 
 @pytest.mark.parametrize("text", ["[" * 100_000, "{" * 100_000, '{"a":' * 100_000, "\ud800", b"\xff"])
 def test_parse_survives_frames_nested_past_the_recursion_limit(text: str | bytes) -> None:
-    assert _parse(text) is None
+    assert parse_frame(text) is None
 
 
 @given(frame=ack_like())

@@ -365,9 +365,9 @@ async def test_an_acceptance_is_persisted_even_if_the_sender_hangs_up_before_the
     db = tmp_path / "broker.db"
     async with trio.open_nursery() as nursery:
         server = await start_broker(nursery, db=db)
-        hello = mesh_identity().hello(time.time_ns() // 1_000_000)
         for burst in range(5):  # a burst of sends, then hang up before the acks
             async with trio_websocket.open_websocket_url(server.url) as ws:
+                hello = mesh_identity().hello(time.time_ns() // 1_000_000 + burst)  # fresh: no replay
                 await ws.send_message(json.dumps(hello))
                 await ws.get_message()
                 for i in range(100):

@@ -107,7 +107,7 @@ def _load_config(path: str) -> tuple[DrainConfig, list[dict[str, Any]]]:
         data = tomllib.loads(Path(path).read_text())
     except OSError as exc:
         raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
-    except tomllib.TOMLDecodeError as exc:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"config {path} is not valid TOML: {exc}") from None
     unknown = sorted(set(data) - {"drain", "mesh"})
     if unknown:
@@ -120,12 +120,16 @@ def _load_config(path: str) -> tuple[DrainConfig, list[dict[str, Any]]]:
     if not isinstance(meshes, list) or not meshes:
         raise ConfigError(f"config {path}: at least one [[mesh]] is required")
     base = Path(path).parent
+    slugs: set[str] = set()
     for m in meshes:
         if not isinstance(m, dict):
             raise ConfigError("config: each [[mesh]] must be a table")
         missing = [k for k in ("slug", "mesh_id", "member_id", "broker_url") if not isinstance(m.get(k), str) or not m[k]]
         if missing:
             raise ConfigError(f"config: [[mesh]] {m.get('slug', '?')} is missing {', '.join(missing)}")
+        if m["slug"] in slugs:
+            raise ConfigError(f"config: two [[mesh]] tables have the slug {m['slug']}")
+        slugs.add(m["slug"])
         if not str(m["broker_url"]).startswith(("ws://", "wss://")):
             raise ConfigError(f"config: broker_url of {m['slug']} must start with ws:// or wss://")
         if "secret_key_file" in m:
@@ -134,6 +138,8 @@ def _load_config(path: str) -> tuple[DrainConfig, list[dict[str, Any]]]:
                 m["secret_key"] = key_path.read_text().strip()
             except OSError as exc:
                 raise ConfigError(f"config: cannot read secret_key_file {key_path}: {exc.strerror}") from None
+            except UnicodeDecodeError:
+                raise ConfigError(f"config: secret_key_file {key_path} is not text") from None
         if "secret_key" not in m:
             raise ConfigError(f"config: [[mesh]] {m['slug']} needs secret_key or secret_key_file")
         signing_key(str(m["secret_key"]), what=f"secret key of mesh {m['slug']}")

@@ -32,6 +32,7 @@ from ._clock import wall_clock_ms
 from ._errors import ConfigError
 from ._routing import encode_json
 from ._store._sqlite import _GroupCommitter
+from ._ws_broker import parse_frame
 
 log = logging.getLogger("trio_drain.reference_broker")
 
@@ -98,7 +99,7 @@ def load_members(path: str | Path) -> dict[str, dict[str, str]]:
         data = json.loads(Path(path).read_text())
     except OSError as exc:
         raise ConfigError(f"cannot read members file {path}: {exc.strerror}") from None
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
         raise ConfigError(f"members file {path} is not JSON: {exc}") from None
     if not isinstance(data, dict) or not all(
         isinstance(m, dict) and all(isinstance(k, str) and isinstance(v, str) and _HEX64.fullmatch(v)
@@ -231,6 +232,7 @@ class _Handler:
         self.max_payload = max_payload
         self.rng = random.Random()
         self.receipts_fd: int | None = None
+        self.seen_hellos: dict[str, int] = {}  # signature -> its hello's timestamp
 
     async def handle(self, request: trio_websocket.WebSocketRequest) -> None:
         ws = await request.accept()
@@ -245,15 +247,16 @@ class _Handler:
 
     async def _hello(self, ws: trio_websocket.WebSocketConnection) -> str | None:
         with trio.move_on_after(5.0):
-            raw = await ws.get_message()
-            try:
-                frame = json.loads(raw)
-                if not isinstance(frame, dict):
-                    raise ValueError("not an object")
-                problem = self._check_hello(frame)
-            except (ValueError, TypeError, KeyError) as exc:
-                problem = ("bad_hello", f"malformed hello: {exc}")
-            if problem is not None:
+            frame = parse_frame(await ws.get_message())
+            if frame is None:
+                problem: tuple[str, str] | None = ("bad_hello", "malformed hello: not a JSON object")
+            else:
+                try:
+                    problem = self._check_hello(frame)
+                except (ValueError, TypeError, KeyError) as exc:
+                    problem = ("bad_hello", f"malformed hello: {exc}")
+            if problem is not None or frame is None:
+                problem = problem or ("bad_hello", "malformed hello")
                 self.stats.hellos_rejected += 1
                 await ws.send_message(json.dumps({"type": "error", "code": problem[0], "message": problem[1]}))
                 await ws.aclose(4001, problem[0])
@@ -264,6 +267,22 @@ class _Handler:
         return None
 
     def _check_hello(self, f: dict[str, Any]) -> tuple[str, str] | None:
+        problem = self._verify_hello(f)
+        if problem is not None:
+            return problem
+        # A valid hello seen before is a recording played back: within the
+        # skew window its timestamp still passes, so remember signatures
+        # until their timestamp falls out of the window.
+        now = wall_clock_ms()
+        if len(self.seen_hellos) > 1024:
+            self.seen_hellos = {k: t for k, t in self.seen_hellos.items() if abs(now - t) <= MAX_SKEW_MS}
+        signature = f["signature"]
+        if signature in self.seen_hellos:
+            return ("hello_replayed", "this hello was already used; sign a fresh one")
+        self.seen_hellos[signature] = f["timestamp"]
+        return None
+
+    def _verify_hello(self, f: dict[str, Any]) -> tuple[str, str] | None:
         now = wall_clock_ms()
         kind = f.get("type")
         if kind not in ("hello", "session_hello"):
@@ -311,11 +330,8 @@ class _Handler:
                     raw = await ws.get_message()
                 except trio_websocket.ConnectionClosed:
                     break
-                try:
-                    frame = json.loads(raw)
-                except (ValueError, TypeError):
-                    continue
-                if not isinstance(frame, dict) or frame.get("type") != "send":
+                frame = parse_frame(raw)
+                if frame is None or frame.get("type") != "send":
                     continue
                 sends += 1
                 if self.receipts_fd is not None:

@@ -60,7 +60,7 @@ def prepare_row(req: SendRequest, *, now: int, max_payload: int = DEFAULT_MAX_PA
     if len(payload) > max_payload:
         raise InvalidRequest(f"payload is {len(payload)} bytes, over the {max_payload}-byte limit")
     priority = req.priority.value if isinstance(req.priority, Priority) else req.priority
-    if priority not in _PRIORITIES:
+    if not isinstance(priority, str) or priority not in _PRIORITIES:
         raise InvalidRequest(f"priority must be one of now, next, low; got {req.priority!r}")
     mesh = _text("mesh", req.mesh, max_length=MAX_ID_LENGTH)
     target_spec = _text("target_spec", req.target_spec, max_length=MAX_TARGET_LENGTH)
@@ -74,7 +74,7 @@ def prepare_row(req: SendRequest, *, now: int, max_payload: int = DEFAULT_MAX_PA
         kind, ref = derive_destination(target_spec if target_spec is not None else "*")
     else:
         kind = kind.value if isinstance(kind, DestinationKind) else kind
-        if kind not in _KINDS:
+        if not isinstance(kind, str) or kind not in _KINDS:
             raise InvalidRequest(f"destination_kind must be topic, dm or queue; got {kind!r}")
         _text("destination_ref", ref, max_length=MAX_TARGET_LENGTH, optional=False)
 

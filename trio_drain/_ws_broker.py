@@ -229,7 +229,7 @@ class WebSocketBroker:
         await ws.send_message(json.dumps(self.identity.hello(self._clock())))
         with trio.move_on_after(self.hello_timeout):
             while True:
-                frame = _parse(await ws.get_message())
+                frame = parse_frame(await ws.get_message())
                 if frame is None:
                     continue
                 if frame.get("type") == "hello_ack":
@@ -247,7 +247,7 @@ class WebSocketBroker:
             except TransportClosed as exc:
                 log.warning("broker %s: connection closed: %s", self.url, exc)
                 return
-            frame = _parse(raw)
+            frame = parse_frame(raw)
             if frame is None:
                 log.warning("broker %s sent a frame that is not a JSON object; ignored", self.url)
                 continue
@@ -309,11 +309,17 @@ class WebSocketBroker:
             log.warning("broker %s: disconnected", self.url)
 
 
-def _parse(raw: str | bytes) -> dict[str, Any] | None:
-    if isinstance(raw, bytes):
+def parse_frame(raw: str | bytes) -> dict[str, Any] | None:
+    """A text frame's JSON object, or None for anything else.
+
+    Never raises: not JSON, not an object, binary, or nested past the
+    interpreter's recursion limit (a hostile peer's cheapest trick) are all
+    just None.
+    """
+    if not isinstance(raw, str):
         return None
     try:
         frame = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     return frame if isinstance(frame, dict) else None
