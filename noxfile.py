@@ -57,3 +57,11 @@ def crash(session: nox.Session) -> None:
     session.run("python", "-m", "pip", "install", "-q", "-e", ".[test]", external=True)
     session.run("python", "-m", "pytest", "-s", "-k", "long_crash_loop", "tests/test_crashes.py",
                 external=True, env={"TRIO_DRAIN_CRASH_LOOPS": kills})
+
+
+@nox.session(python=False)
+def soak(session: nox.Session) -> None:
+    """Ten minutes of steady accepts and drains through a faulty broker,
+    watching file descriptors, Trio tasks and memory (`-- --seconds N`)."""
+    session.run("python", "-m", "pip", "install", "-q", "-e", ".[test]", external=True)
+    session.run("python", "-m", "tests.soak", *session.posargs, external=True)

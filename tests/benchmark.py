@@ -74,7 +74,7 @@ class BrokerProcess:
     def stop(self) -> None:
         if self.proc is not None:
             self.proc.send_signal(signal.SIGTERM)
-            self.proc.wait(timeout=30)
+            self.proc.communicate(timeout=30)  # waits, and closes the stdout pipe
             self.proc = None
 
     def __enter__(self) -> BrokerProcess:

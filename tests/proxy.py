@@ -14,12 +14,20 @@ class FaultProxy:
         blackhole: stop forwarding in both directions but keep the sockets
             open: a half-open connection, as after a cable pull.
         latency: seconds added to every chunk forwarded.
+        cut_next: the next chunk from the server is cut: its first half is
+            forwarded, then the connection is dropped (a frame cut in the
+            middle). Cleared once used.
+        slow_close: seconds a closing side's end-of-stream takes to reach
+            the other side (a peer that closes slowly).
     """
 
     target_port: int
     port: int = 0
     blackhole: bool = False
     latency: float = 0.0
+    cut_next: bool = False
+    slow_close: float = 0.0
+    cuts: int = 0
     _connections: list[trio.Nursery] = attrs.field(factory=list)
 
     async def run(self, *, task_status: trio.TaskStatus[FaultProxy] = trio.TASK_STATUS_IGNORED) -> None:
@@ -46,21 +54,31 @@ class FaultProxy:
                 return
             async with server, trio.open_nursery() as nursery:
                 self._connections.append(nursery)
-                nursery.start_soon(self._pump, client, server)
-                nursery.start_soon(self._pump, server, client)
+                nursery.start_soon(self._pump, client, server, nursery, False)
+                nursery.start_soon(self._pump, server, client, nursery, True)
             self._connections.remove(nursery)
 
-    async def _pump(self, source: trio.SocketStream, sink: trio.SocketStream) -> None:
+    async def _pump(
+        self, source: trio.SocketStream, sink: trio.SocketStream, connection: trio.Nursery, from_server: bool
+    ) -> None:
         try:
             while True:
                 data = await source.receive_some(65536)
                 if not data:
+                    if self.slow_close:
+                        await trio.sleep(self.slow_close)
                     await sink.send_eof()
                     return
                 if self.latency:
                     await trio.sleep(self.latency)
                 if self.blackhole:
                     continue  # swallowed: nobody hears anything
+                if from_server and self.cut_next and len(data) > 1:
+                    self.cut_next = False
+                    self.cuts += 1
+                    await sink.send_all(data[: len(data) // 2])
+                    connection.cancel_scope.cancel()
+                    return
                 await sink.send_all(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             return

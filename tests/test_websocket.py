@@ -426,6 +426,47 @@ async def test_reset_connections_are_redialled_and_rows_drain(outbox: Outbox) ->
         nursery.cancel_scope.cancel()
 
 
+async def test_frames_cut_in_the_middle_are_survived(outbox: Outbox) -> None:
+    from .proxy import FaultProxy
+
+    async with trio.open_nursery() as nursery:
+        server = await start_broker(nursery, faults=Faults(ack_delay=0.002))
+        proxy = await nursery.start(FaultProxy(server.port).run)
+        broker = quick(proxy.url, mesh_identity(), reconnect_backoff=(0.05,), ping_interval=0.3, pong_timeout=0.3)
+        await nursery.start(broker.run)
+        registry = BrokerRegistry()
+        registry.set_mesh("alpha", broker)
+        await outbox.accept_many(reqs(300))
+        await nursery.start(DrainWorker(outbox, registry, FAST).run)
+        for _ in range(3):
+            await trio.sleep(0.1)
+            proxy.cut_next = True
+        counts = await drained(outbox, 300)
+        assert counts == {"pending": 0, "inflight": 0, "done": 300, "dead": 0, "aborted": 0}
+        assert proxy.cuts >= 1 and broker.connects >= 2
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_broker_that_closes_slowly_is_survived(outbox: Outbox) -> None:
+    from .proxy import FaultProxy
+
+    async with trio.open_nursery() as nursery:
+        # The broker drops each connection after 100 sends; its end-of-stream
+        # takes half a second to arrive.
+        server = await start_broker(nursery, faults=Faults(disconnect_every=100))
+        proxy = await nursery.start(FaultProxy(server.port, slow_close=0.5).run)
+        broker = quick(proxy.url, mesh_identity(), reconnect_backoff=(0.05,), ping_interval=0.3, pong_timeout=0.3)
+        await nursery.start(broker.run)
+        registry = BrokerRegistry()
+        registry.set_mesh("alpha", broker)
+        await outbox.accept_many(reqs(300))
+        await nursery.start(DrainWorker(outbox, registry, FAST).run)
+        counts = await drained(outbox, 300, seconds=30)
+        assert counts == {"pending": 0, "inflight": 0, "done": 300, "dead": 0, "aborted": 0}
+        assert server.statistics.disconnects >= 2
+        nursery.cancel_scope.cancel()
+
+
 async def test_an_ack_that_never_comes_is_a_transient_ack_timeout() -> None:
     async def mute(ws: trio_websocket.WebSocketConnection) -> None:
         await ws.get_message()
