@@ -39,6 +39,7 @@ from trio_drain import (
 )
 
 from .benchmark import BrokerProcess
+from .helpers import wait_until
 
 CONFIG = DrainConfig(max_inflight=64, batch_size=128, poll_interval=0.2, lease=6.0, ack_timeout=2.0,
                      maintenance_interval=1.0, backoff_base=0.05, backoff_cap=0.5)
@@ -55,7 +56,9 @@ class Sample:
 
 
 def count_tasks() -> int:
-    stack = [trio.lowlevel.current_root_task()]
+    root = trio.lowlevel.current_root_task()
+    assert root is not None
+    stack = [root]
     n = 0
     while stack:
         task = stack.pop()
@@ -121,9 +124,7 @@ async def soak(seconds: float, rate: int = 1500) -> dict[str, Any]:
                 c = await outbox.counts()
                 return c["done"] + c["dead"] >= accepted
 
-            with trio.fail_after(60):
-                while not await settled():
-                    await trio.sleep(0.1)
+            await wait_until(settled, seconds=60)
             counts = await outbox.counts()
             stats = worker.statistics()
             nursery.cancel_scope.cancel()
