@@ -8,7 +8,7 @@ the caller, so the same back end runs under a fake clock in tests.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import NoReturn, Protocol
+from typing import Any, NoReturn, Protocol
 
 import attrs
 
@@ -50,6 +50,29 @@ class RouteFilter:
 
 
 NO_FILTER = RouteFilter()
+
+
+def row_from_values(values: Sequence[Any]) -> OutboxRow:
+    """An OutboxRow from one database row read in `COLUMNS` order."""
+    fields = dict(zip(COLUMNS, values, strict=True))
+    fields["status"] = Status(fields["status"])
+    fields["request_fingerprint"] = bytes(fields["request_fingerprint"])
+    fields["payload"] = bytes(fields["payload"])
+    return OutboxRow(**fields)
+
+
+def list_query(select: str, *, status: Status | None, before: int | None, mark: str) -> tuple[str, list[Any]]:
+    """The SQL and leading arguments of `list` (the limit is the last mark)."""
+    where: list[str] = []
+    args: list[Any] = []
+    if status is not None:
+        where.append(f"status = {mark}")
+        args.append(status.value)
+    if before is not None:
+        where.append(f"enqueued_at < {mark}")
+        args.append(before)
+    sql = select + (" WHERE " + " AND ".join(where) if where else "")
+    return sql + f" ORDER BY enqueued_at DESC, id DESC LIMIT {mark}", args
 
 
 class OutboxBackend(Protocol):

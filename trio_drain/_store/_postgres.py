@@ -38,7 +38,7 @@ from .. import _lifecycle
 from .._errors import ConfigError, SchemaError, StoreClosed, StoreError, StoreUnavailable, UnknownRow
 from .._lifecycle import Completion
 from .._model import OutboxRow, Status
-from ._base import COLUMNS, NO_FILTER, Applied, Outcomes, RouteFilter, Rows
+from ._base import COLUMNS, NO_FILTER, Applied, Outcomes, RouteFilter, Rows, list_query, row_from_values
 
 T = TypeVar("T")
 log = logging.getLogger("trio_drain.postgres")
@@ -122,12 +122,6 @@ def _columns(rows: Sequence[OutboxRow]) -> list[list[Any]]:
     return columns
 
 
-def _row(values: Sequence[Any]) -> OutboxRow:
-    fields = dict(zip(COLUMNS, values, strict=True))
-    fields["status"] = Status(fields["status"])
-    fields["request_fingerprint"] = bytes(fields["request_fingerprint"])
-    fields["payload"] = bytes(fields["payload"])
-    return OutboxRow(**fields)
 
 
 def describe(dsn: str) -> str:
@@ -309,7 +303,7 @@ class PostgresBackend:
             others = [r.client_message_id for r in firsts if r.client_message_id not in inserted]
             if others:
                 for found in conn.execute(_SELECT + " WHERE client_message_id = ANY(%s::text[])", (others,)):
-                    prior = _row(found)
+                    prior = row_from_values(found)
                     existing[prior.client_message_id] = prior
                 missing = set(others) - set(existing)
                 if missing:  # deleted between the conflict and the read (a prune)
@@ -352,7 +346,7 @@ class PostgresBackend:
         def op(conn: psycopg.Connection[Any]) -> Rows:
             found = conn.execute(sql, args).fetchall()
             found.sort(key=lambda r: (r[-1], r[enqueued_at]))
-            return [_row(r[:-1]) for r in found]
+            return [row_from_values(r[:-1]) for r in found]
 
         return await self._pool.run(op)
 
@@ -485,33 +479,24 @@ class PostgresBackend:
     async def get(self, row_id: str) -> OutboxRow | None:
         def op(conn: psycopg.Connection[Any]) -> OutboxRow | None:
             found = conn.execute(_SELECT + " WHERE id = %s", (row_id,)).fetchone()
-            return None if found is None else _row(found)
+            return None if found is None else row_from_values(found)
 
         return await self._pool.run(op)
 
     async def get_by_client_id(self, client_message_id: str) -> OutboxRow | None:
         def op(conn: psycopg.Connection[Any]) -> OutboxRow | None:
             found = conn.execute(_SELECT + " WHERE client_message_id = %s", (client_message_id,)).fetchone()
-            return None if found is None else _row(found)
+            return None if found is None else row_from_values(found)
 
         return await self._pool.run(op)
 
     async def list(
         self, *, status: Status | None, limit: int, before: int | None = None
     ) -> Rows:
-        where: list[str] = []
-        args: list[object] = []
-        if status is not None:
-            where.append("status = %s")
-            args.append(status.value)
-        if before is not None:
-            where.append("enqueued_at < %s")
-            args.append(before)
-        sql = _SELECT + (" WHERE " + " AND ".join(where) if where else "")
-        sql += " ORDER BY enqueued_at DESC, id DESC LIMIT %s"
+        sql, args = list_query(_SELECT, status=status, before=before, mark="%s")
 
         def op(conn: psycopg.Connection[Any]) -> Rows:
-            return [_row(r) for r in conn.execute(sql, [*args, limit])]
+            return [row_from_values(r) for r in conn.execute(sql, [*args, limit])]
 
         return await self._pool.run(op)
 
@@ -562,7 +547,7 @@ def _locked_row(conn: psycopg.Connection[Any], row_id: str) -> OutboxRow:
     found = conn.execute(_SELECT + " WHERE id = %s FOR UPDATE", (row_id,)).fetchone()
     if found is None:
         raise UnknownRow(f"no outbox row has id {row_id!r}")
-    return _row(found)
+    return row_from_values(found)
 
 
 def _write_aborted(conn: psycopg.Connection[Any], row: OutboxRow) -> None:

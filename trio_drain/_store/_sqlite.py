@@ -42,7 +42,7 @@ from .._errors import (
 )
 from .._lifecycle import Completion
 from .._model import OutboxRow, Status
-from ._base import COLUMNS, NO_FILTER, Applied, Outcomes, RouteFilter, Rows
+from ._base import COLUMNS, NO_FILTER, Applied, Outcomes, RouteFilter, Rows, list_query, row_from_values
 
 T = TypeVar("T")
 
@@ -138,12 +138,6 @@ def _translated() -> Iterator[None]:
 # -- row mapping -----------------------------------------------------------------
 
 
-def _row(values: Sequence[Any]) -> OutboxRow:
-    fields = dict(zip(COLUMNS, values, strict=True))
-    fields["status"] = Status(fields["status"])
-    fields["request_fingerprint"] = bytes(fields["request_fingerprint"])
-    fields["payload"] = bytes(fields["payload"])
-    return OutboxRow(**fields)
 
 
 # Status is a str enum, which sqlite3 binds as its text: a plain attrgetter
@@ -362,7 +356,7 @@ class SqliteBackend:
                 chunk = ids[start:start + 500]
                 marks = ", ".join("?" * len(chunk))
                 for found in conn.execute(_SELECT + f" WHERE client_message_id IN ({marks})", chunk):
-                    prior = _row(found)
+                    prior = row_from_values(found)
                     existing[prior.client_message_id] = prior
             outcomes, new_rows = [], []
             for row in rows:
@@ -403,7 +397,7 @@ class SqliteBackend:
             found = conn.execute(sql, args).fetchall()
             _crashpoints.reached("claim_before_commit")
             found.sort(key=lambda r: (r[-1], r[COLUMNS.index("enqueued_at")]))
-            return [_row(r[:-1]) for r in found]
+            return [row_from_values(r[:-1]) for r in found]
 
         return await self._write(op, durable=False)
 
@@ -484,7 +478,7 @@ class SqliteBackend:
     async def get(self, row_id: str) -> OutboxRow | None:
         def op(conn: sqlite3.Connection) -> OutboxRow | None:
             found = conn.execute(_SELECT + " WHERE id = ?", (row_id,)).fetchone()
-            return None if found is None else _row(found)
+            return None if found is None else row_from_values(found)
 
         return await self._read(op)
 
@@ -493,26 +487,17 @@ class SqliteBackend:
             found = conn.execute(
                 _SELECT + " WHERE client_message_id = ?", (client_message_id,)
             ).fetchone()
-            return None if found is None else _row(found)
+            return None if found is None else row_from_values(found)
 
         return await self._read(op)
 
     async def list(
         self, *, status: Status | None, limit: int, before: int | None = None
     ) -> Rows:
-        where: list[str] = []
-        args: list[object] = []
-        if status is not None:
-            where.append("status = ?")
-            args.append(status.value)
-        if before is not None:
-            where.append("enqueued_at < ?")
-            args.append(before)
-        sql = _SELECT + (" WHERE " + " AND ".join(where) if where else "")
-        sql += " ORDER BY enqueued_at DESC, id DESC LIMIT ?"
+        sql, args = list_query(_SELECT, status=status, before=before, mark="?")
 
         def op(conn: sqlite3.Connection) -> Rows:
-            return [_row(r) for r in conn.execute(sql, [*args, limit])]
+            return [row_from_values(r) for r in conn.execute(sql, [*args, limit])]
 
         return await self._read(op)
 
@@ -531,7 +516,7 @@ class SqliteBackend:
         found = conn.execute(_SELECT + " WHERE id = ?", (row_id,)).fetchone()
         if found is None:
             raise UnknownRow(f"no outbox row has id {row_id!r}")
-        return _row(found)
+        return row_from_values(found)
 
     async def requeue(
         self, row_id: str, *, now: int, new_id: str, new_client_message_id: str, by: str
