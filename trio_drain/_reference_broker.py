@@ -232,7 +232,6 @@ class _Handler:
         self.max_payload = max_payload
         self.rng = random.Random()
         self.receipts_fd: int | None = None
-        self.seen_hellos: dict[str, int] = {}  # signature -> its hello's timestamp
 
     async def handle(self, request: trio_websocket.WebSocketRequest) -> None:
         ws = await request.accept()
@@ -267,22 +266,6 @@ class _Handler:
         return None
 
     def _check_hello(self, f: dict[str, Any]) -> tuple[str, str] | None:
-        problem = self._verify_hello(f)
-        if problem is not None:
-            return problem
-        # A valid hello seen before is a recording played back: within the
-        # skew window its timestamp still passes, so remember signatures
-        # until their timestamp falls out of the window.
-        now = wall_clock_ms()
-        if len(self.seen_hellos) > 1024:
-            self.seen_hellos = {k: t for k, t in self.seen_hellos.items() if abs(now - t) <= MAX_SKEW_MS}
-        signature = f["signature"]
-        if signature in self.seen_hellos:
-            return ("hello_replayed", "this hello was already used; sign a fresh one")
-        self.seen_hellos[signature] = f["timestamp"]
-        return None
-
-    def _verify_hello(self, f: dict[str, Any]) -> tuple[str, str] | None:
         now = wall_clock_ms()
         kind = f.get("type")
         if kind not in ("hello", "session_hello"):
