@@ -17,8 +17,8 @@ from ._errors import ConfigError, InvalidRequest
 from ._ids import uuid7
 from ._lifecycle import Completion
 from ._model import AcceptOutcome, OutboxRow, SendRequest, Status
-from ._store._base import NO_FILTER, Applied, OutboxBackend, Outcomes, RouteFilter, Rows
-from ._store._sqlite import Durability, SqliteBackend
+from ._store._base import NO_FILTER, Applied, Durability, OutboxBackend, Outcomes, RouteFilter, Rows
+from ._store._sqlite import SqliteBackend
 from ._validate import DEFAULT_MAX_PAYLOAD, prepare_row
 
 #: Most rows `list` returns at once.

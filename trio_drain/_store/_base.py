@@ -7,11 +7,13 @@ the caller, so the same back end runs under a fake clock in tests.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Sequence
-from typing import Any, NoReturn, Protocol
+from typing import Any, Literal, NoReturn, Protocol
 
 import attrs
 
+from .._errors import SchemaError, StoreError
 from .._lifecycle import Completion
 from .._model import AcceptOutcome, OutboxRow, Status
 
@@ -21,6 +23,35 @@ Applied = list[bool]
 
 #: Columns of the outbox table that OutboxRow carries, in order.
 COLUMNS: tuple[str, ...] = tuple(a.name for a in attrs.fields(OutboxRow))
+_ENQUEUED_AT = COLUMNS.index("enqueued_at")
+
+#: A row's values in column order, read at C speed. Status is a str enum, so
+#: sqlite3 binds it as its text (psycopg does not: see the PostgreSQL store).
+row_values: Callable[[OutboxRow], tuple[Any, ...]] = operator.attrgetter(*COLUMNS)
+
+#: "full" fsyncs every commit the caller was promised (survives power loss);
+#: "normal" survives a process crash only.
+Durability = Literal["full", "normal"]
+
+#: The schema both back ends write, kept in the table `trio_drain_schema`.
+SCHEMA_VERSION = 1
+
+#: Partial indexes in claim order, due order and lease order, plus the
+#: listing index; the same statements work on SQLite and PostgreSQL.
+INDEXES = (
+    "CREATE INDEX IF NOT EXISTS outbox_claim ON outbox (priority_rank, enqueued_at)"
+    " WHERE status = 'pending'",
+    "CREATE INDEX IF NOT EXISTS outbox_due ON outbox (next_attempt_at) WHERE status = 'pending'",
+    "CREATE INDEX IF NOT EXISTS outbox_lease ON outbox (lease_expires_at)"
+    " WHERE status = 'inflight'",
+    "CREATE INDEX IF NOT EXISTS outbox_status_enqueued ON outbox (status, enqueued_at)",
+)
+
+
+class Executes(Protocol):
+    """What the shared helpers need of a connection (sqlite3 or psycopg)."""
+
+    def execute(self, sql: Any, parameters: Any = ..., /) -> Any: ...
 
 
 @attrs.frozen
@@ -59,6 +90,47 @@ def row_from_values(values: Sequence[Any]) -> OutboxRow:
     fields["request_fingerprint"] = bytes(fields["request_fingerprint"])
     fields["payload"] = bytes(fields["payload"])
     return OutboxRow(**fields)
+
+
+def in_claim_order(found: Sequence[Sequence[Any]]) -> Rows:
+    """Rows returned by a claim (COLUMNS then priority_rank), in claim order:
+    UPDATE ... RETURNING does not keep the order of the rows it picked."""
+    ordered = sorted(found, key=lambda r: (r[-1], r[_ENQUEUED_AT]))
+    return [row_from_values(r[:-1]) for r in ordered]
+
+
+def check_durability(durability: str) -> None:
+    if durability not in ("full", "normal"):
+        raise StoreError(f"durability must be 'full' or 'normal', got {durability!r}")
+
+
+def schema_version(conn: Executes) -> int:
+    """The stored schema version (0 for none), refusing one newer than ours.
+    Call inside the migration's transaction."""
+    conn.execute("CREATE TABLE IF NOT EXISTS trio_drain_schema (version INTEGER NOT NULL)")
+    found = conn.execute("SELECT version FROM trio_drain_schema").fetchone()
+    version = 0 if found is None else int(found[0])
+    if version > SCHEMA_VERSION:
+        raise SchemaError(
+            f"the outbox schema is version {version}; this trio-drain knows up to"
+            f" {SCHEMA_VERSION}: upgrade trio-drain"
+        )
+    return version
+
+
+def record_schema_version(conn: Executes, *, mark: str) -> None:
+    """Store SCHEMA_VERSION; `mark` is the driver's placeholder (? or %s)."""
+    conn.execute("DELETE FROM trio_drain_schema")
+    conn.execute(f"INSERT INTO trio_drain_schema (version) VALUES ({mark})", (SCHEMA_VERSION,))
+
+
+def write_aborted(conn: Executes, row: OutboxRow, *, mark: str) -> None:
+    """Persist an operator's abort (from `_lifecycle.requeued` or `dropped`)."""
+    conn.execute(
+        f"UPDATE outbox SET status = 'aborted', aborted_at = {mark}, aborted_by = {mark},"
+        f" superseded_by = {mark}, lease_token = NULL, lease_expires_at = NULL WHERE id = {mark}",
+        (row.aborted_at, row.aborted_by, row.superseded_by, row.id),
+    )
 
 
 def list_query(select: str, *, status: Status | None, before: int | None, mark: str) -> tuple[str, list[Any]]:

@@ -24,10 +24,9 @@ mode), so the worker keeps its poll interval as the backstop.
 from __future__ import annotations
 
 import logging
-import operator
 import random
 from collections.abc import Callable, Sequence
-from typing import Any, Literal, NoReturn, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import psycopg
 import psycopg.conninfo
@@ -35,15 +34,31 @@ import psycopg.errors
 import trio
 
 from .. import _lifecycle
-from .._errors import ConfigError, SchemaError, StoreClosed, StoreError, StoreUnavailable, UnknownRow
+from .._errors import ConfigError, StoreClosed, StoreError, StoreUnavailable, UnknownRow
 from .._lifecycle import Completion
 from .._model import OutboxRow, Status
-from ._base import COLUMNS, NO_FILTER, Applied, Outcomes, RouteFilter, Rows, list_query, row_from_values
+from ._base import (
+    COLUMNS,
+    INDEXES,
+    NO_FILTER,
+    Applied,
+    Durability,
+    Outcomes,
+    RouteFilter,
+    Rows,
+    check_durability,
+    in_claim_order,
+    list_query,
+    record_schema_version,
+    row_from_values,
+    row_values,
+    schema_version,
+    write_aborted,
+)
 
 T = TypeVar("T")
 log = logging.getLogger("trio_drain.postgres")
 
-SCHEMA_VERSION = 1
 CHANNEL = "trio_drain_outbox"
 # Any constant: serialises schema migrations of processes starting together.
 _MIGRATION_LOCK = 0x7472696F647261  # "triodra"
@@ -93,15 +108,6 @@ CREATE TABLE IF NOT EXISTS outbox (
 )
 """
 
-_INDEXES = [
-    "CREATE INDEX IF NOT EXISTS outbox_claim ON outbox (priority_rank, enqueued_at)"
-    " WHERE status = 'pending'",
-    "CREATE INDEX IF NOT EXISTS outbox_due ON outbox (next_attempt_at) WHERE status = 'pending'",
-    "CREATE INDEX IF NOT EXISTS outbox_lease ON outbox (lease_expires_at)"
-    " WHERE status = 'inflight'",
-    "CREATE INDEX IF NOT EXISTS outbox_status_enqueued ON outbox (status, enqueued_at)",
-]
-
 # One statement inserts a whole batch: a column of values per array.
 _INSERT = (
     f"INSERT INTO outbox ({_COLS}) SELECT * FROM unnest("
@@ -109,19 +115,14 @@ _INSERT = (
     + ") ON CONFLICT (client_message_id) DO NOTHING RETURNING client_message_id"
 )
 
-Durability = Literal["full", "normal"]
-
-_values: Callable[[OutboxRow], tuple[Any, ...]] = operator.attrgetter(*COLUMNS)
 _STATUS_AT = COLUMNS.index("status")
 
 
 def _columns(rows: Sequence[OutboxRow]) -> list[list[Any]]:
     """Rows as one list per column (Status bound as its text)."""
-    columns = [list(c) for c in zip(*map(_values, rows), strict=True)] if rows else [[] for _ in COLUMNS]
+    columns = [list(c) for c in zip(*map(row_values, rows), strict=True)] if rows else [[] for _ in COLUMNS]
     columns[_STATUS_AT] = [s.value for s in columns[_STATUS_AT]]
     return columns
-
-
 
 
 def describe(dsn: str) -> str:
@@ -267,8 +268,7 @@ class PostgresBackend:
 
     @classmethod
     async def open(cls, dsn: str, *, durability: Durability = "full", pool_size: int = 8) -> PostgresBackend:
-        if durability not in ("full", "normal"):
-            raise StoreError(f"durability must be 'full' or 'normal', got {durability!r}")
+        check_durability(durability)
         try:
             psycopg.conninfo.conninfo_to_dict(dsn)
         except psycopg.ProgrammingError as exc:
@@ -341,12 +341,9 @@ class PostgresBackend:
             f" RETURNING {_RETURNING}, outbox.priority_rank"
         )
         args = [now, now - max_age_ms, *params, limit, token, now + lease_ms]
-        enqueued_at = COLUMNS.index("enqueued_at")
 
         def op(conn: psycopg.Connection[Any]) -> Rows:
-            found = conn.execute(sql, args).fetchall()
-            found.sort(key=lambda r: (r[-1], r[enqueued_at]))
-            return [row_from_values(r[:-1]) for r in found]
+            return in_claim_order(conn.execute(sql, args).fetchall())
 
         return await self._pool.run(op)
 
@@ -520,7 +517,7 @@ class PostgresBackend:
                 new_client_message_id=new_client_message_id, by=by,
             )
             conn.execute(_INSERT, _columns([successor]))
-            _write_aborted(conn, aborted)
+            write_aborted(conn, aborted, mark="%s")
             conn.execute("SELECT pg_notify(%s, '')", (CHANNEL,))
             return successor
 
@@ -529,7 +526,7 @@ class PostgresBackend:
     async def drop(self, row_id: str, *, now: int, by: str) -> OutboxRow:
         def op(conn: psycopg.Connection[Any]) -> OutboxRow:
             aborted = _lifecycle.dropped(_locked_row(conn, row_id), now=now, by=by)
-            _write_aborted(conn, aborted)
+            write_aborted(conn, aborted, mark="%s")
             return aborted
 
         return await self._pool.run(op)
@@ -550,28 +547,12 @@ def _locked_row(conn: psycopg.Connection[Any], row_id: str) -> OutboxRow:
     return row_from_values(found)
 
 
-def _write_aborted(conn: psycopg.Connection[Any], row: OutboxRow) -> None:
-    conn.execute(
-        "UPDATE outbox SET status = 'aborted', aborted_at = %s, aborted_by = %s, superseded_by = %s,"
-        " lease_token = NULL, lease_expires_at = NULL WHERE id = %s",
-        (row.aborted_at, row.aborted_by, row.superseded_by, row.id),
-    )
-
-
 def _migrate(conn: psycopg.Connection[Any]) -> None:
     """Create or upgrade the schema; processes starting together take turns."""
     conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
-    conn.execute("CREATE TABLE IF NOT EXISTS trio_drain_schema (version INTEGER NOT NULL)")
-    found = conn.execute("SELECT version FROM trio_drain_schema").fetchone()
-    version = 0 if found is None else int(found[0])
-    if version > SCHEMA_VERSION:
-        raise SchemaError(
-            f"the outbox schema is version {version}; this trio-drain knows up to"
-            f" {SCHEMA_VERSION}: upgrade trio-drain"
-        )
+    version = schema_version(conn)
     if version < 1:
         conn.execute(_CREATE_TABLE)
-        for statement in _INDEXES:
+        for statement in INDEXES:
             conn.execute(statement)
-        conn.execute("DELETE FROM trio_drain_schema")
-        conn.execute("INSERT INTO trio_drain_schema (version) VALUES (%s)", (SCHEMA_VERSION,))
+        record_schema_version(conn, mark="%s")

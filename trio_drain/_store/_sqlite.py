@@ -21,12 +21,11 @@ operations needs it.
 from __future__ import annotations
 
 import contextlib
-import operator
 import os
 import sqlite3
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Generic, Literal, NoReturn, TypeVar
+from typing import Any, Generic, NoReturn, TypeVar
 
 import attrs
 import trio
@@ -34,7 +33,6 @@ import trio
 from .. import _crashpoints, _lifecycle
 from .._errors import (
     CorruptDatabase,
-    SchemaError,
     StoreClosed,
     StoreError,
     StoreUnavailable,
@@ -42,11 +40,27 @@ from .._errors import (
 )
 from .._lifecycle import Completion
 from .._model import OutboxRow, Status
-from ._base import COLUMNS, NO_FILTER, Applied, Outcomes, RouteFilter, Rows, list_query, row_from_values
+from ._base import (
+    COLUMNS,
+    INDEXES,
+    NO_FILTER,
+    Applied,
+    Durability,
+    Outcomes,
+    RouteFilter,
+    Rows,
+    check_durability,
+    in_claim_order,
+    list_query,
+    record_schema_version,
+    row_from_values,
+    row_values,
+    schema_version,
+    write_aborted,
+)
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 1
 _SELECT = "SELECT " + ", ".join(COLUMNS) + " FROM outbox"
 _INSERT = (
     "INSERT INTO outbox (" + ", ".join(COLUMNS) + ") VALUES (" + ", ".join("?" * len(COLUMNS)) + ")"
@@ -98,16 +112,6 @@ _ADD_PRIORITY_RANK = (
     "ALTER TABLE outbox ADD COLUMN priority_rank INTEGER GENERATED ALWAYS AS"
     " (CASE priority WHEN 'now' THEN 0 WHEN 'low' THEN 2 ELSE 1 END) VIRTUAL"
 )
-_INDEXES = [
-    "CREATE INDEX IF NOT EXISTS outbox_claim ON outbox (priority_rank, enqueued_at)"
-    " WHERE status = 'pending'",
-    "CREATE INDEX IF NOT EXISTS outbox_due ON outbox (next_attempt_at) WHERE status = 'pending'",
-    "CREATE INDEX IF NOT EXISTS outbox_lease ON outbox (lease_expires_at)"
-    " WHERE status = 'inflight'",
-    "CREATE INDEX IF NOT EXISTS outbox_status_enqueued ON outbox (status, enqueued_at)",
-]
-
-Durability = Literal["full", "normal"]
 
 
 # -- errors ----------------------------------------------------------------------
@@ -133,16 +137,6 @@ def _translated() -> Iterator[None]:
         yield
     except sqlite3.Error as exc:
         raise _translate(exc) from exc
-
-
-# -- row mapping -----------------------------------------------------------------
-
-
-
-
-# Status is a str enum, which sqlite3 binds as its text: a plain attrgetter
-# (C speed) reads a row's values in column order.
-_values: Callable[[OutboxRow], tuple[Any, ...]] = operator.attrgetter(*COLUMNS)
 
 
 def _route_clause(exclude: RouteFilter) -> tuple[str, list[Any]]:
@@ -273,8 +267,7 @@ class SqliteBackend:
 
     @classmethod
     async def open(cls, path: str | os.PathLike[str], *, durability: Durability = "full") -> SqliteBackend:
-        if durability not in ("full", "normal"):
-            raise StoreError(f"durability must be 'full' or 'normal', got {durability!r}")
+        check_durability(durability)
         return await trio.to_thread.run_sync(cls._open_sync, Path(path), durability)
 
     @classmethod
@@ -368,7 +361,7 @@ class SqliteBackend:
                     new_rows.append(row)
                     existing[row.client_message_id] = row  # a repeat later in the batch sees it
                 outcomes.append(outcome)
-            conn.executemany(_INSERT, map(_values, new_rows))
+            conn.executemany(_INSERT, map(row_values, new_rows))
             return outcomes
 
         return await self._write(op)
@@ -396,8 +389,7 @@ class SqliteBackend:
         def op(conn: sqlite3.Connection) -> Rows:
             found = conn.execute(sql, args).fetchall()
             _crashpoints.reached("claim_before_commit")
-            found.sort(key=lambda r: (r[-1], r[COLUMNS.index("enqueued_at")]))
-            return [row_from_values(r[:-1]) for r in found]
+            return in_claim_order(found)
 
         return await self._write(op, durable=False)
 
@@ -526,8 +518,8 @@ class SqliteBackend:
                 self._locked_row(conn, row_id), now=now, new_id=new_id,
                 new_client_message_id=new_client_message_id, by=by,
             )
-            conn.execute(_INSERT, _values(successor))
-            _write_aborted(conn, aborted)
+            conn.execute(_INSERT, row_values(successor))
+            write_aborted(conn, aborted, mark="?")
             return successor
 
         return await self._write(op)
@@ -535,7 +527,7 @@ class SqliteBackend:
     async def drop(self, row_id: str, *, now: int, by: str) -> OutboxRow:
         def op(conn: sqlite3.Connection) -> OutboxRow:
             aborted = _lifecycle.dropped(self._locked_row(conn, row_id), now=now, by=by)
-            _write_aborted(conn, aborted)
+            write_aborted(conn, aborted, mark="?")
             return aborted
 
         return await self._write(op)
@@ -548,14 +540,6 @@ class SqliteBackend:
             ).rowcount
 
         return await self._write(op)
-
-
-def _write_aborted(conn: sqlite3.Connection, row: OutboxRow) -> None:
-    conn.execute(
-        "UPDATE outbox SET status = 'aborted', aborted_at = ?, aborted_by = ?, superseded_by = ?,"
-        " lease_token = NULL, lease_expires_at = NULL WHERE id = ?",
-        (row.aborted_at, row.aborted_by, row.superseded_by, row.id),
-    )
 
 
 # -- opening, checking, migrating -------------------------------------------------------
@@ -596,14 +580,7 @@ def _migrate(conn: sqlite3.Connection) -> None:
     """
     conn.execute("BEGIN IMMEDIATE")
     try:
-        conn.execute("CREATE TABLE IF NOT EXISTS trio_drain_schema (version INTEGER NOT NULL)")
-        found = conn.execute("SELECT version FROM trio_drain_schema").fetchone()
-        version = 0 if found is None else int(found[0])
-        if version > SCHEMA_VERSION:
-            raise SchemaError(
-                f"the outbox schema is version {version}; this trio-drain knows up to"
-                f" {SCHEMA_VERSION}: upgrade trio-drain"
-            )
+        version = schema_version(conn)
         if version < 1:
             conn.execute(_CREATE_TABLE)
             present = {r[1] for r in conn.execute("PRAGMA table_xinfo(outbox)")}
@@ -612,10 +589,9 @@ def _migrate(conn: sqlite3.Connection) -> None:
                     conn.execute(f"ALTER TABLE outbox ADD COLUMN {column} {kind}")
             if "priority_rank" not in present:
                 conn.execute(_ADD_PRIORITY_RANK)
-            for statement in _INDEXES:
+            for statement in INDEXES:
                 conn.execute(statement)
-            conn.execute("DELETE FROM trio_drain_schema")
-            conn.execute("INSERT INTO trio_drain_schema (version) VALUES (?)", (SCHEMA_VERSION,))
+            record_schema_version(conn, mark="?")
         conn.execute("COMMIT")
     except BaseException:
         conn.rollback()
