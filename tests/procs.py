@@ -2,14 +2,26 @@
 
 from __future__ import annotations
 
+import collections
 import json
+import signal
+import sqlite3
 import subprocess
 import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
 
+import trio
+
+from trio_drain import SendRequest, open_outbox
+
+from .pg import free_port
+
 CLI = [sys.executable, "-m", "trio_drain"]
+
+#: [drain] settings under which rows a killed process held come back within seconds.
+SHORT_LEASES = {"poll_interval": 0.2, "lease": 3.0, "ack_timeout": 2.0, "maintenance_interval": 0.5}
 
 
 def run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -64,3 +76,69 @@ def wait_for_done(db: Path | str, n: int, seconds: float, *procs: subprocess.Pop
         if procs and all(p.poll() is not None for p in procs):
             return
         time.sleep(0.05)
+
+
+def stop_all(*procs: subprocess.Popen[str]) -> list[str]:
+    """SIGTERM whichever of `procs` still run; wait for all; their stderr."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    return [proc.communicate(timeout=30)[1] for proc in procs]
+
+
+def fill(target: str | Path, n: int) -> None:
+    async def go() -> None:
+        async with open_outbox(target) as ob:
+            await ob.accept_many([SendRequest(mesh="alpha", target_spec="#t", payload=b"r%d" % i,
+                                              client_message_id=f"r-{i}") for i in range(n)])
+
+    trio.run(go)
+
+
+class Broker:
+    """A reference broker process on a fixed port, killable and restartable."""
+
+    def __init__(self, folder: Path, *extra: str) -> None:
+        self.port = free_port()
+        self.ledger = folder / "broker.db"
+        self.receipts = folder / "receipts"
+        self.extra = extra
+        self.proc: subprocess.Popen[str] | None = None
+        self.kills = 0
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/ws"
+
+    def start(self) -> Broker:
+        self.proc = subprocess.Popen(
+            [*CLI, "broker", "serve", "--open", "--port", str(self.port), "--db", str(self.ledger),
+             "--receipts", str(self.receipts), *self.extra],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        assert "listening on" in line, self.proc.communicate()[1]
+        return self
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.communicate(timeout=30)
+        self.kills += 1
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.communicate(timeout=30)
+
+    def sent(self) -> collections.Counter[str]:
+        return collections.Counter(line.split("\t")[1] for line in self.receipts.read_text().splitlines())
+
+    def accepted(self) -> dict[str, str]:
+        conn = sqlite3.connect(self.ledger)
+        try:
+            rows = conn.execute("SELECT client_message_id, message_id FROM accepted").fetchall()
+        finally:
+            conn.close()
+        assert len(rows) == len({cid for cid, _ in rows})
+        return dict(rows)

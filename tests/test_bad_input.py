@@ -10,6 +10,7 @@ import json
 import math
 import string
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -243,9 +244,7 @@ async def _hello_exchange(frames: list[Any]) -> list[Any]:
 
 
 def _now_ms() -> int:
-    import time
-
-    return int(time.time() * 1000)
+    return time.time_ns() // 1_000_000
 
 
 @settings(max_examples=20, deadline=None)

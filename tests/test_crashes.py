@@ -15,7 +15,6 @@ default suite runs a short one.
 
 from __future__ import annotations
 
-import collections
 import os
 import random
 import signal
@@ -26,77 +25,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import trio
 
-from trio_drain import SendRequest, open_outbox
 from trio_drain._crashpoints import ENV, POINTS
 from trio_drain._identity import generate_secret_key
 
-from .pg import free_port
-from .procs import CLI, counts, start_run, wait_for_done, write_config
+from .procs import CLI, SHORT_LEASES, Broker, counts, fill, start_run, stop_all, wait_for_done, write_config
 
 MAX_INFLIGHT = 16
-# Short leases so rows a killed process held come back within seconds.
-CRASHY = {"max_inflight": MAX_INFLIGHT, "poll_interval": 0.2, "lease": 3.0, "ack_timeout": 2.0,
-          "maintenance_interval": 0.5}
-
-
-def fill(target: str | Path, n: int) -> None:
-    async def go() -> None:
-        async with open_outbox(target) as ob:
-            await ob.accept_many([SendRequest(mesh="alpha", target_spec="#t", payload=b"r%d" % i,
-                                              client_message_id=f"r-{i}") for i in range(n)])
-
-    trio.run(go)
-
-
-class Broker:
-    """A reference broker process on a fixed port, killable and restartable."""
-
-    def __init__(self, folder: Path, *extra: str) -> None:
-        self.port = free_port()
-        self.ledger = folder / "broker.db"
-        self.receipts = folder / "receipts"
-        self.extra = extra
-        self.proc: subprocess.Popen[str] | None = None
-        self.kills = 0
-
-    @property
-    def url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}/ws"
-
-    def start(self) -> Broker:
-        self.proc = subprocess.Popen(
-            [*CLI, "broker", "serve", "--open", "--port", str(self.port), "--db", str(self.ledger),
-             "--receipts", str(self.receipts), *self.extra],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        assert "listening on" in line, self.proc.communicate()[1]
-        return self
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.kill()
-        self.proc.communicate(timeout=30)
-        self.kills += 1
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            self.proc.communicate(timeout=30)
-
-    def sent(self) -> collections.Counter[str]:
-        return collections.Counter(line.split("\t")[1] for line in self.receipts.read_text().splitlines())
-
-    def accepted(self) -> dict[str, str]:
-        conn = sqlite3.connect(self.ledger)
-        try:
-            rows = conn.execute("SELECT client_message_id, message_id FROM accepted").fetchall()
-        finally:
-            conn.close()
-        assert len(rows) == len({cid for cid, _ in rows})
-        return dict(rows)
+CRASHY = {"max_inflight": MAX_INFLIGHT, **SHORT_LEASES}
 
 
 def integrity(db: Path) -> str:
@@ -234,9 +170,7 @@ def test_drain_processes_sharing_one_outbox_never_send_a_row_twice(tmp_path: Pat
     try:
         wait_for_done(outbox_target, n, 120, *workers)
     finally:
-        for w in workers:
-            w.send_signal(signal.SIGTERM)
-        errors = [w.communicate(timeout=30)[1] for w in workers]
+        errors = stop_all(*workers)
         broker.stop()
     assert all(w.returncode == 0 and "Traceback" not in e for w, e in zip(workers, errors, strict=True)), errors
     assert counts(outbox_target)["done"] == n

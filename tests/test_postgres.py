@@ -7,10 +7,8 @@ The store and worker tests already run against PostgreSQL too (see the
 
 from __future__ import annotations
 
-import collections
 import logging
-import signal
-import subprocess
+import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -37,7 +35,7 @@ from trio_drain._store._postgres import PostgresBackend
 
 from .helpers import FakeBroker, wait_until
 from .pg import PostgresServer, free_port
-from .procs import counts, start_broker, start_run, wait_for_done, write_config
+from .procs import SHORT_LEASES, Broker, counts, fill, start_run, stop_all, wait_for_done, write_config
 
 FAST = DrainConfig(poll_interval=30.0, lease=5.0, ack_timeout=2.0, maintenance_interval=0.2,
                    max_inflight=16, batch_size=16, backoff_base=0.01, backoff_cap=0.05)
@@ -211,35 +209,11 @@ async def test_a_server_restart_under_a_running_worker_loses_nothing(
 # -- several drain processes on one outbox -----------------------------------------------------
 
 
-def fill(url: str, n: int) -> None:
-    async def go() -> None:
-        async with open_outbox(url) as ob:
-            await ob.accept_many([req(f"r-{i}") for i in range(n)])
-
-    trio.run(go)
-
-
-def receipts(path: Path) -> collections.Counter[str]:
-    return collections.Counter(line.split("\t")[1] for line in path.read_text().splitlines())
-
-
-def stop(*procs: subprocess.Popen[str]) -> list[str]:
-    errors = []
-    for proc in procs:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-        errors.append(proc.communicate(timeout=30)[1])
-    return errors
-
-
 def test_a_drain_process_killed_mid_drain_loses_nothing(tmp_path: Path, pg_url: str) -> None:
     n = 3000
     fill(pg_url, n)
-    log = tmp_path / "receipts"
-    broker, url = start_broker(tmp_path, "--receipts", str(log), "--ack-delay", "0.005")
-    config = write_config(tmp_path / "c.toml", url, generate_secret_key(),
-                          drain={"poll_interval": 0.2, "lease": 3.0, "ack_timeout": 2.0,
-                                 "maintenance_interval": 0.5})
+    broker = Broker(tmp_path, "--ack-delay", "0.005").start()
+    config = write_config(tmp_path / "c.toml", broker.url, generate_secret_key(), drain=SHORT_LEASES)
     workers = [start_run(pg_url, config) for _ in range(3)]
     try:
         wait_for_done(pg_url, n // 4, 60, *workers)
@@ -247,16 +221,19 @@ def test_a_drain_process_killed_mid_drain_loses_nothing(tmp_path: Path, pg_url: 
         workers[0].wait(timeout=10)
         wait_for_done(pg_url, n, 120, *workers)
     finally:
-        errors = stop(*workers, broker)
+        errors = stop_all(*workers)
+        broker.stop()
     assert all("Traceback" not in e for e in errors[1:]), errors
+    assert workers[1].returncode == workers[2].returncode == 0, errors
     after = counts(pg_url)
     assert after["done"] == n, after
-    sent = receipts(log)
+    sent = broker.sent()
     assert set(sent) == {f"r-{i}" for i in range(n)}
     resent = sum(c - 1 for c in sent.values())
     # Only what the killed process had in flight can go out twice.
     assert resent <= 16, resent
-    import sqlite3
-
-    ledger = sqlite3.connect(tmp_path / "broker.db")
-    assert ledger.execute("SELECT count(*), count(DISTINCT client_message_id) FROM accepted").fetchone() == (n, n)
+    ledger = sqlite3.connect(broker.ledger)
+    try:
+        assert ledger.execute("SELECT count(*), count(DISTINCT client_message_id) FROM accepted").fetchone() == (n, n)
+    finally:
+        ledger.close()

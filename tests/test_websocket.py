@@ -33,6 +33,7 @@ from trio_drain._transport import TRANSPORTS
 from trio_drain._ws_broker import classify_ack
 
 from .helpers import wait_until
+from .proxy import FaultProxy
 
 PARENT = generate_secret_key()
 SESSION = generate_secret_key()
@@ -386,8 +387,6 @@ async def test_an_acceptance_is_persisted_even_if_the_sender_hangs_up_before_the
 
 
 async def test_a_half_open_connection_is_noticed_within_the_pong_deadline() -> None:
-    from .proxy import FaultProxy
-
     async with trio.open_nursery() as nursery:
         server = await start_broker(nursery)
         proxy = await nursery.start(FaultProxy(server.port).run)
@@ -405,18 +404,26 @@ async def test_a_half_open_connection_is_noticed_within_the_pong_deadline() -> N
         nursery.cancel_scope.cancel()
 
 
-async def test_reset_connections_are_redialled_and_rows_drain(outbox: Outbox) -> None:
-    from .proxy import FaultProxy
+async def drain_through_proxy(
+    nursery: trio.Nursery, outbox: Outbox, *, faults: Faults | None = None, **proxy: Any
+) -> tuple[Any, FaultProxy, WebSocketBroker]:
+    """A broker behind a fault proxy, a client quick to notice and redial, and
+    a worker draining 300 accepted rows through them."""
+    server = await start_broker(nursery, faults=faults or Faults())
+    fault_proxy = await nursery.start(FaultProxy(server.port, **proxy).run)
+    broker = quick(fault_proxy.url, mesh_identity(), reconnect_backoff=(0.05,), ping_interval=0.3,
+                   pong_timeout=0.3)
+    await nursery.start(broker.run)
+    registry = BrokerRegistry()
+    registry.set_mesh("alpha", broker)
+    await outbox.accept_many(reqs(300))
+    await nursery.start(DrainWorker(outbox, registry, FAST).run)
+    return server, fault_proxy, broker
 
+
+async def test_reset_connections_are_redialled_and_rows_drain(outbox: Outbox) -> None:
     async with trio.open_nursery() as nursery:
-        server = await start_broker(nursery)
-        proxy = await nursery.start(FaultProxy(server.port, latency=0.002).run)
-        broker = quick(proxy.url, mesh_identity(), reconnect_backoff=(0.05,))
-        await nursery.start(broker.run)
-        registry = BrokerRegistry()
-        registry.set_mesh("alpha", broker)
-        await outbox.accept_many(reqs(300))
-        await nursery.start(DrainWorker(outbox, registry, FAST).run)
+        server, proxy, _ = await drain_through_proxy(nursery, outbox, latency=0.002)
         for _ in range(3):
             await trio.sleep(0.1)
             proxy.reset_all()
@@ -427,17 +434,8 @@ async def test_reset_connections_are_redialled_and_rows_drain(outbox: Outbox) ->
 
 
 async def test_frames_cut_in_the_middle_are_survived(outbox: Outbox) -> None:
-    from .proxy import FaultProxy
-
     async with trio.open_nursery() as nursery:
-        server = await start_broker(nursery, faults=Faults(ack_delay=0.002))
-        proxy = await nursery.start(FaultProxy(server.port).run)
-        broker = quick(proxy.url, mesh_identity(), reconnect_backoff=(0.05,), ping_interval=0.3, pong_timeout=0.3)
-        await nursery.start(broker.run)
-        registry = BrokerRegistry()
-        registry.set_mesh("alpha", broker)
-        await outbox.accept_many(reqs(300))
-        await nursery.start(DrainWorker(outbox, registry, FAST).run)
+        _, proxy, broker = await drain_through_proxy(nursery, outbox, faults=Faults(ack_delay=0.002))
         for _ in range(3):
             await trio.sleep(0.1)
             proxy.cut_next = True
@@ -448,19 +446,11 @@ async def test_frames_cut_in_the_middle_are_survived(outbox: Outbox) -> None:
 
 
 async def test_a_broker_that_closes_slowly_is_survived(outbox: Outbox) -> None:
-    from .proxy import FaultProxy
-
     async with trio.open_nursery() as nursery:
         # The broker drops each connection after 100 sends; its end-of-stream
         # takes half a second to arrive.
-        server = await start_broker(nursery, faults=Faults(disconnect_every=100))
-        proxy = await nursery.start(FaultProxy(server.port, slow_close=0.5).run)
-        broker = quick(proxy.url, mesh_identity(), reconnect_backoff=(0.05,), ping_interval=0.3, pong_timeout=0.3)
-        await nursery.start(broker.run)
-        registry = BrokerRegistry()
-        registry.set_mesh("alpha", broker)
-        await outbox.accept_many(reqs(300))
-        await nursery.start(DrainWorker(outbox, registry, FAST).run)
+        server, _, _ = await drain_through_proxy(
+            nursery, outbox, faults=Faults(disconnect_every=100), slow_close=0.5)
         counts = await drained(outbox, 300, seconds=30)
         assert counts == {"pending": 0, "inflight": 0, "done": 300, "dead": 0, "aborted": 0}
         assert server.statistics.disconnects >= 2
