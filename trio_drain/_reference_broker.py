@@ -246,24 +246,27 @@ class _Handler:
 
     async def _hello(self, ws: trio_websocket.WebSocketConnection) -> str | None:
         with trio.move_on_after(5.0):
-            frame = parse_frame(await ws.get_message())
-            if frame is None:
-                problem: tuple[str, str] | None = ("bad_hello", "malformed hello: not a JSON object")
-            else:
-                try:
-                    problem = self._check_hello(frame)
-                except (ValueError, TypeError, KeyError) as exc:
-                    problem = ("bad_hello", f"malformed hello: {exc}")
-            if problem is not None or frame is None:
-                problem = problem or ("bad_hello", "malformed hello")
-                self.stats.hellos_rejected += 1
-                await ws.send_message(json.dumps({"type": "error", "code": problem[0], "message": problem[1]}))
-                await ws.aclose(4001, problem[0])
-                return None
-            await ws.send_message(json.dumps({"type": "hello_ack", "presenceId": str(uuid.uuid4())}))
-            return str(frame["meshId"])
+            verdict = self._judge_hello(parse_frame(await ws.get_message()))
+            if isinstance(verdict, str):
+                await ws.send_message(json.dumps({"type": "hello_ack", "presenceId": str(uuid.uuid4())}))
+                return verdict
+            code, message = verdict
+            self.stats.hellos_rejected += 1
+            await ws.send_message(json.dumps({"type": "error", "code": code, "message": message}))
+            await ws.aclose(4001, code)
+            return None
         await ws.aclose(4008, "hello_timeout")
         return None
+
+    def _judge_hello(self, frame: dict[str, Any] | None) -> str | tuple[str, str]:
+        """The mesh id a hello admits to, or the (code, message) refusing it."""
+        if frame is None:
+            return ("bad_hello", "malformed hello: not a JSON object")
+        try:
+            problem = self._check_hello(frame)
+        except (ValueError, TypeError, KeyError) as exc:
+            return ("bad_hello", f"malformed hello: {exc}")
+        return str(frame["meshId"]) if problem is None else problem
 
     def _check_hello(self, f: dict[str, Any]) -> tuple[str, str] | None:
         now = wall_clock_ms()
