@@ -42,6 +42,7 @@ from trio_drain import (
 from trio_drain._transport import TransportName
 
 from .helpers import wait_until
+from .procs import write_config
 
 IDENTITY = MeshIdentity(mesh_id="mesh-bench", member_id="bench", secret_key=generate_secret_key())
 
@@ -300,15 +301,6 @@ async def big_backlog(folder: str, rows: int) -> dict[str, float]:
 # -- several drain processes on one outbox, per back end ------------------------------------------
 
 
-def write_run_config(path: Path, url: str) -> Path:
-    path.write_text(
-        "[drain]\nmax_inflight = 64\nbatch_size = 128\npoll_interval = 0.2\n\n"
-        f'[[mesh]]\nslug = "bench"\nmesh_id = "mesh-bench"\nmember_id = "bench"\n'
-        f'broker_url = "{url}"\nsecret_key = "{generate_secret_key()}"\n'
-    )
-    return path
-
-
 def spawn_drains(target: str, config: Path, workers: int) -> list[subprocess.Popen[str]]:
     return [
         subprocess.Popen([sys.executable, "-m", "trio_drain", "run", "--db", target, "--config", str(config)],
@@ -354,7 +346,8 @@ async def backends(folder: str, broker_url: str, n: int, runs: int) -> dict[str,
     """Rows/s with 1, 2 and 4 drain processes, on SQLite and on PostgreSQL."""
     from .pg import PostgresServer, find_binaries
 
-    config = write_run_config(Path(folder) / "run.toml", broker_url)
+    config = write_config(Path(folder) / "run.toml", broker_url, generate_secret_key(), slug="bench",
+                          drain={"max_inflight": 64, "batch_size": 128, "poll_interval": 0.2})
     results: dict[str, Any] = {"rows": n, "workers": [1, 2, 4]}
     bindir = find_binaries()
     server = PostgresServer(bindir, fsync=True).start() if bindir is not None else None

@@ -37,13 +37,14 @@ def assert_clean_error(result: subprocess.CompletedProcess[str], status: int, fr
 
 
 def write_config(
-    path: Path, url: str, secret: str, extra: str = "", drain: Mapping[str, float] | None = None
+    path: Path, url: str, secret: str, extra: str = "", drain: Mapping[str, float] | None = None,
+    *, slug: str = "alpha",
 ) -> Path:
     """A `trio-drain run` config for one mesh; `drain` sets [drain] fields."""
     settings = {"max_inflight": 16, "poll_interval": 0.05, **(drain or {})}
     lines = "".join(f"{k} = {v}\n" for k, v in settings.items())
     path.write_text(
-        f'{extra}[drain]\n{lines}\n[[mesh]]\nslug = "alpha"\nmesh_id = "mesh-alpha"\n'
+        f'{extra}[drain]\n{lines}\n[[mesh]]\nslug = "{slug}"\nmesh_id = "mesh-{slug}"\n'
         f'member_id = "member-1"\nbroker_url = "{url}"\nsecret_key = "{secret}"\n'
     )
     return path
