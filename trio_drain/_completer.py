@@ -1,13 +1,16 @@
 """Batched completions: many rows' outcomes recorded in one transaction.
 
-Delivery tasks hand their `Completion` to the completer and wait for the
-batch it lands in. The completer collects completions for up to
-`max_delay` seconds, or until `max_batch` rows or every send still in flight
-has reported, whichever comes first, then writes
-them with one `Outbox.complete` call (one transaction, one thread hop), in
-the manner of River's batch completer. Waiting for the flush keeps
-`max_inflight` honest: a send slot is only free once its row has left
-`inflight` in the database.
+The worker hands each row's `Completion` to the completer together with a
+callback. The completer collects completions for up to `max_delay` seconds,
+or until `max_batch` rows or every send still in flight has reported,
+whichever comes first, then writes them with one `Outbox.complete` call
+(one transaction, one thread hop), in the manner of River's batch
+completer, and calls each callback with what became of its row. Nothing
+waits per row: a batch of acks costs one task switch, not one per row.
+
+The worker frees a row's send slot in that callback, which keeps
+`max_inflight` honest: a slot is only free once its row has left
+`inflight` in the database, so a crash resends at most `max_inflight` rows.
 """
 
 from __future__ import annotations
@@ -28,14 +31,10 @@ FLUSH_TIMEOUT = 10.0
 #: First and longest wait between tries when the outbox is unavailable.
 RETRY_DELAY = (0.05, 2.0)
 
-
-class _Batch:
-    __slots__ = ("applied", "completions", "flushed")
-
-    def __init__(self) -> None:
-        self.completions: list[Completion] = []
-        self.flushed = trio.Event()
-        self.applied: list[bool] | None = None  # None: the write failed
+#: Called once a completion's batch is written: True if it applied, False if
+#: its lease had been taken over (it changed nothing), None if the batch
+#: could not be written (the row stays inflight until its lease expires).
+Recorded = Callable[[bool | None], None]
 
 
 class BatchCompleter:
@@ -43,7 +42,7 @@ class BatchCompleter:
 
     `run` ignores cancellation from outside: it stops only after `close()`,
     once everything queued is written (within `FLUSH_TIMEOUT`), so the
-    hand-backs that cancelled deliveries queue on their way out are never
+    hand-backs that a stopping worker queues on its way out are never
     dropped. The owner must call `close()` (the worker does, in a finally).
     """
 
@@ -57,33 +56,21 @@ class BatchCompleter:
         self.in_flight = in_flight
         self.max_batch = max_batch
         self.max_delay = max_delay
-        self._batch = _Batch()
+        self._completions: list[Completion] = []
+        self._callbacks: list[Recorded] = []
         self._ready = trio.Event()  # the current batch has something in it
         self._full = trio.Event()  # the current batch reached max_batch
         self._closing = False
         self._scope: trio.CancelScope | None = None
         self.flushes = 0
 
-    def submit_nowait(self, completion: Completion) -> _Batch:
-        """Queue `completion` for the next batch without waiting for it."""
-        batch = self._batch
-        batch.completions.append(completion)
+    def submit(self, completion: Completion, recorded: Recorded) -> None:
+        """Queue `completion` for the next batch; `recorded` is called once it is written."""
+        self._completions.append(completion)
+        self._callbacks.append(recorded)
         self._ready.set()
-        if len(batch.completions) >= min(self.max_batch, self.in_flight()):
+        if len(self._completions) >= min(self.max_batch, self.in_flight()):
             self._full.set()
-        return batch
-
-    async def complete(self, completion: Completion) -> bool | None:
-        """Queue `completion` and wait until its batch is written.
-
-        Returns whether it applied (False: its lease had been taken over), or
-        None if the batch could not be written (the row stays inflight until
-        its lease expires).
-        """
-        batch = self.submit_nowait(completion)
-        index = len(batch.completions) - 1
-        await batch.flushed.wait()
-        return None if batch.applied is None else batch.applied[index]
 
     def close(self) -> None:
         """Write what is queued, then stop `run` (within FLUSH_TIMEOUT)."""
@@ -101,40 +88,46 @@ class BatchCompleter:
                     with trio.move_on_after(self.max_delay):
                         await self._full.wait()
                 await self._flush()
-                if self._closing and not self._batch.completions:
+                if self._closing and not self._completions:
                     return
-        if self._batch.completions:
+        if self._completions:
             log.error("stopping with %d outcome(s) unwritten after %ss; those rows stay inflight until"
-                      " their lease expires", len(self._batch.completions), FLUSH_TIMEOUT)
+                      " their lease expires", len(self._completions), FLUSH_TIMEOUT)
 
     async def _flush(self) -> None:
-        batch = self._batch
-        if not batch.completions:
+        completions, callbacks = self._completions, self._callbacks
+        if not completions:
             return
-        self._batch = _Batch()
+        self._completions, self._callbacks = [], []
         self._ready = trio.Event()
         self._full = trio.Event()
+        applied: list[bool] | None = None
         delay = RETRY_DELAY[0]
         try:
             while True:
                 try:
-                    batch.applied = await self.outbox.complete(batch.completions)
+                    applied = await self.outbox.complete(completions)
                     return
                 except StoreUnavailable as exc:
                     # A lost connection or a busy database: worth waiting
                     # for (until the worker stops), since the alternative
                     # is leaving the rows inflight for a whole lease.
                     log.warning("cannot record %d outcome(s) yet (%s); retrying in %.2fs",
-                                len(batch.completions), exc, delay)
+                                len(completions), exc, delay)
                     await trio.sleep(delay)
                     delay = min(delay * 2, RETRY_DELAY[1])
                 except StoreError as exc:
                     log.error("cannot record %d outcome(s) (%s); those rows stay inflight until"
-                              " their lease expires", len(batch.completions), exc)
+                              " their lease expires", len(completions), exc)
                     return
         finally:
-            if batch.applied is None and self._scope is not None and self._scope.cancel_called:
+            if applied is None and self._scope is not None and self._scope.cancel_called:
                 log.error("stopped before %d outcome(s) could be recorded; those rows stay"
-                          " inflight until their lease expires", len(batch.completions))
+                          " inflight until their lease expires", len(completions))
             self.flushes += 1
-            batch.flushed.set()
+            if applied is None:
+                for recorded in callbacks:
+                    recorded(None)
+            else:
+                for recorded, ok in zip(callbacks, applied, strict=True):
+                    recorded(ok)

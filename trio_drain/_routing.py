@@ -89,17 +89,40 @@ class Broker(Protocol):
     `BrokerUnavailable` if nothing could be written (the socket is not open);
     once the frame may have left it must answer with a `SendResult` (a lost
     connection is the transient failure `broker_disconnected`). The worker
-    bounds each send with its own ack timeout, unless the broker has an
-    `ack_timeout` attribute (seconds) no longer than the worker's: then the
-    broker promises to answer `ack_timeout` itself by then.
+    bounds each send with its own ack timeout.
 
     A broker may also offer `add_open_listener(callback)`: the registry then
-    wakes the worker whenever that broker's connection (re)opens.
+    wakes the worker whenever that broker's connection (re)opens; and
+    `start_send` (see `PipelinedBroker`), which the worker prefers.
     """
 
     def is_open(self) -> bool: ...
 
     async def send(self, message: OutgoingMessage) -> SendResult: ...
+
+
+class SendHandle(Protocol):
+    """A send started with `PipelinedBroker.start_send`."""
+
+    def cancel(self) -> None:
+        """Stop waiting for the answer: the callback will not be called."""
+
+
+@runtime_checkable
+class PipelinedBroker(Broker, Protocol):
+    """A broker that sends without a task per message (`WebSocketBroker` is one).
+
+    `start_send` queues the frame and returns at once; `on_result` is called
+    later, on the Trio thread, with the broker's answer: exactly once unless
+    the handle is cancelled first. The same rules as `send` apply: it raises
+    `BrokerUnavailable` if nothing could be queued, and answers
+    `broker_disconnected` if the connection is lost with the send
+    outstanding. The worker enforces its own ack deadline on top.
+    """
+
+    def start_send(
+        self, message: OutgoingMessage, on_result: Callable[[SendResult], None]
+    ) -> SendHandle: ...
 
 
 # -- routes --------------------------------------------------------------------

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import os
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Literal, Protocol
 from urllib.parse import urlsplit
@@ -54,6 +54,9 @@ class Connection(Protocol):
     async def send_message(self, message: str) -> None:
         """Queue one text frame. Raises TransportClosed if closed."""
 
+    def send_message_nowait(self, message: str) -> None:
+        """Queue one text frame without waiting. Raises TransportClosed if closed."""
+
     async def get_message(self) -> str | bytes:
         """The next whole message. Raises TransportClosed once closed."""
 
@@ -78,12 +81,26 @@ def open_connection(
 class _TrioWebsocketConnection:
     def __init__(self, ws: trio_websocket.WebSocketConnection) -> None:
         self._ws = ws
+        # trio-websocket only sends from a task: nowait sends queue for `writer`.
+        self._queued, self._to_write = trio.open_memory_channel[str](math.inf)
 
     async def send_message(self, message: str) -> None:
         try:
             await self._ws.send_message(message)
         except trio_websocket.ConnectionClosed:
             raise TransportClosed(str(self._ws.closed)) from None
+
+    def send_message_nowait(self, message: str) -> None:
+        if self._ws.closed is not None:
+            raise TransportClosed(str(self._ws.closed))
+        self._queued.send_nowait(message)
+
+    async def writer(self) -> None:
+        async for message in self._to_write:
+            try:
+                await self._ws.send_message(message)
+            except trio_websocket.ConnectionClosed:
+                return  # the reader sees it too; outstanding sends fail there
 
     async def get_message(self) -> str | bytes:
         try:
@@ -111,7 +128,9 @@ async def _trio_websocket(
         ) as ws:
             entered = True
             stream = getattr(ws, "_stream", None)
-            yield _TrioWebsocketConnection(ws)
+            connection = _TrioWebsocketConnection(ws)
+            async with _running(connection.writer):
+                yield connection
             body_done = True
     except (OSError, trio_websocket.HandshakeError) as exc:
         if body_done:
@@ -155,14 +174,17 @@ class _WsprotoConnection:
     # -- the seam
 
     async def send_message(self, message: str) -> None:
-        self._check_open()
-        self._queue(self._ws.send(TextMessage(data=message)))
-        self._messages_queued += 1
-        self._message_in_out = True
+        self.send_message_nowait(message)
         if len(self._out) > 4 * 1024 * 1024:  # backpressure on a slow peer
             await self._drained.wait()
         else:
             await trio.lowlevel.checkpoint()
+
+    def send_message_nowait(self, message: str) -> None:
+        self._check_open()
+        self._queue(self._ws.send(TextMessage(data=message)))
+        self._messages_queued += 1
+        self._message_in_out = True
 
     async def get_message(self) -> str | bytes:
         try:
@@ -298,22 +320,32 @@ async def _wsproto(
         raise TransportRejected("timed out connecting")
     connection = _WsprotoConnection(stream, ws, max_message_size)
     try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(connection.reader)
-            nursery.start_soon(connection.writer)
-            try:
-                yield connection
-            finally:
-                nursery.cancel_scope.cancel()
-    except BaseExceptionGroup as group:
-        # The reader and writer handle their own failures, so whatever is in
-        # the group came from the caller's body: hand it back unwrapped.
-        if len(group.exceptions) == 1:
-            raise group.exceptions[0] from None
-        raise
+        async with _running(connection.reader, connection.writer):
+            yield connection
     finally:
         with trio.CancelScope(shield=True):
             await connection.aclose()
+
+
+@asynccontextmanager
+async def _running(*tasks: Callable[[], Awaitable[None]]) -> AsyncIterator[None]:
+    """Run a connection's background tasks around the caller's body.
+
+    The tasks handle their own failures, so whatever a nursery would group
+    came from the caller's body: it is handed back unwrapped.
+    """
+    try:
+        async with trio.open_nursery() as nursery:
+            for task in tasks:
+                nursery.start_soon(task)
+            try:
+                yield
+            finally:
+                nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise
 
 
 async def _await_accept(stream: trio.abc.Stream, ws: wsproto.WSConnection) -> None:

@@ -1,12 +1,20 @@
 """The drain worker: claims due rows and delivers them, many at a time.
 
 One loop task claims rows, as many as there are free send slots, and starts
-one delivery task per row in the worker's nursery. Send slots are tokens of
-a `trio.CapacityLimiter` (`max_inflight`) acquired by the loop on each
-delivery's behalf, so no row is claimed that cannot be sent at once. When
-nothing is due, the loop sleeps until the next row is due, a wakeup arrives
-on its memory channel (an accept, a broker connection opening), or
-`poll_interval` passes (the backstop for rows written by other processes).
+each row's delivery. Send slots are tokens of a `trio.CapacityLimiter`
+(`max_inflight`) acquired by the loop on each delivery's behalf, so no row
+is claimed that cannot be sent at once. When nothing is due, the loop
+sleeps until the next row is due, a wakeup arrives on its memory channel
+(an accept, a broker connection opening), or `poll_interval` passes (the
+backstop for rows written by other processes).
+
+A delivery is a small record, not a task: a `PipelinedBroker` (such as
+`WebSocketBroker`) queues the frame at once and calls back with the ack;
+the outcome goes to the batch completer with a callback that frees the
+slot once it is written. Per row that is no task, no cancel scope and no
+event; a batch of acks costs one task switch. Brokers with only `send` get
+a task per row, as before. The worker keeps the table of deliveries, so on
+cancellation it hands back every row still out, sent or not.
 
 Rows whose route is down are not claimed at all until the route is back, so
 an outage costs neither CPU nor attempts.
@@ -14,7 +22,10 @@ an outage costs neither CPU nor attempts.
 
 from __future__ import annotations
 
+import enum
+import functools
 import logging
+import math
 import random
 from collections.abc import Callable
 from typing import Literal
@@ -35,6 +46,7 @@ from ._routing import (
     NoBroker,
     OutgoingMessage,
     Ready,
+    SendHandle,
     SendResult,
     Unavailable,
     outgoing_message,
@@ -95,6 +107,31 @@ _WORKER_COUNTERS = tuple(
 )
 
 
+_ACK_TIMEOUT = SendResult.failed("ack_timeout", permanent=False)
+
+
+class _Settled(enum.Enum):
+    """How a delivery ended, for the counters."""
+
+    RESULT = "result"  # the broker answered (or the ack deadline passed), or no broker exists
+    GIVEN_BACK = "given_back"  # never sent: back with its attempt returned
+    RELEASED = "released"  # sent, then the worker stopped before the answer
+
+
+class _Delivery:
+    """One claimed row on its way out, held until its outcome is handed on."""
+
+    __slots__ = ("deadline", "handle", "route_name", "row", "sent", "slot")
+
+    def __init__(self, row: OutboxRow, slot: object) -> None:
+        self.row = row
+        self.slot = slot  # its CapacityLimiter token
+        self.route_name = ""
+        self.sent = False  # the frame may have left
+        self.handle: SendHandle | None = None  # a pipelined send's, to cancel
+        self.deadline = math.inf  # a pipelined send's ack deadline (trio time)
+
+
 class DrainWorker:
     """Delivers outbox rows through a broker registry until cancelled.
 
@@ -124,6 +161,8 @@ class DrainWorker:
         self._completer = BatchCompleter(outbox, in_flight=lambda: self._limiter.borrowed_tokens)
         # Blocked routes: (kind, key) as understood by BrokerRegistry.
         self._blocked: dict[tuple[str, str | None], str] = {}
+        # Rows claimed and not yet handed to the completer.
+        self._out: set[_Delivery] = set()
         self._running = False
         self._counts: dict[str, int] = dict.fromkeys(_WORKER_COUNTERS, 0)
         self._per_route: dict[str, dict[str, int]] = {}
@@ -163,15 +202,17 @@ class DrainWorker:
                 log.error("outbox unavailable at start (%s); will retry", exc)
             async with trio.open_nursery() as nursery:
                 # The completer outlives every delivery: it stops only when
-                # closed, after the deliveries nursery has exited and every
-                # cancelled delivery has queued its row's hand-back.
+                # closed, after the tasks nursery has exited and every row
+                # still out has been handed back to it.
                 await nursery.start(self._completer.run)
                 try:
-                    async with trio.open_nursery() as deliveries:
-                        deliveries.start_soon(self.outbox.watch, self.wake)
+                    async with trio.open_nursery() as tasks:
+                        tasks.start_soon(self.outbox.watch, self.wake)
+                        tasks.start_soon(self._expire_overdue)
                         task_status.started()
-                        await self._loop(deliveries)
+                        await self._loop(tasks)
                 finally:
+                    self._hand_back_all()
                     self._completer.close()
         finally:
             self.outbox.remove_listener(self.wake)
@@ -180,7 +221,7 @@ class DrainWorker:
 
     # -- the loop
 
-    async def _loop(self, nursery: trio.Nursery) -> None:
+    async def _loop(self, tasks: trio.Nursery) -> None:
         config = self.config
         next_maintenance = trio.current_time() + config.maintenance_interval
         failures = 0
@@ -192,8 +233,8 @@ class DrainWorker:
                 if trio.current_time() >= next_maintenance:
                     await self._maintain()
                     next_maintenance = trio.current_time() + config.maintenance_interval
-                # Shielded: a claim that commits must reach a delivery task,
-                # which knows how to hand the row back if we are cancelled.
+                # Shielded: a claim that commits must reach the table of
+                # deliveries, from which a stopping worker hands rows back.
                 with trio.CancelScope(shield=True):
                     rows = await self.outbox.claim(
                         limit=len(slots), lease_ms=self._policy.lease_ms,
@@ -214,10 +255,15 @@ class DrainWorker:
             if rows:
                 _crashpoints.reached("claim_after_commit")
             self._counts["claimed"] += len(rows)
-            for row, slot in zip(rows, slots, strict=False):
-                nursery.start_soon(self._deliver, row, slot)
+            deliveries = [_Delivery(row, slot) for row, slot in zip(rows, slots, strict=False)]
+            self._out.update(deliveries)
             for slot in slots[len(rows):]:
                 self._limiter.release_on_behalf_of(slot)
+            # Stopping already? Then nothing leaves, and every attempt is given back.
+            await trio.lowlevel.checkpoint_if_cancelled()
+            deadline = trio.current_time() + config.ack_timeout
+            for delivery in deliveries:
+                self._start(delivery, tasks, deadline)
             if len(rows) == len(slots):
                 continue  # there may be more due right now
             await self._sleep_until_due(next_maintenance)
@@ -289,91 +335,119 @@ class DrainWorker:
 
     # -- one row
 
-    async def _deliver(self, row: OutboxRow, slot: object) -> None:
-        sent = submitted = False
+    def _start(self, delivery: _Delivery, tasks: trio.Nursery, deadline: float) -> None:
+        """Route one claimed row and send it (or settle it at once)."""
+        row = delivery.row
+        route = self.registry.resolve(row)
+        if isinstance(route, NoBroker):
+            log.warning("no broker for mesh %s: row %s is dead", row.mesh, row.id)
+            self._settle(delivery, _lifecycle.on_no_broker(row), _Settled.RESULT, "mesh:" + str(row.mesh))
+            return
+        if isinstance(route, Unavailable):
+            self._give_back(delivery, route)
+            return
+        message = outgoing_message(row)
+        start_send = getattr(route.broker, "start_send", None)
+        if start_send is None:  # a plain Broker: a task waits for its answer
+            tasks.start_soon(self._send_in_task, delivery, route, message)
+            return
+        delivery.route_name = route.name
+        delivery.sent = True
+        delivery.deadline = deadline
         try:
-            route = self.registry.resolve(row)
-            if isinstance(route, NoBroker):
-                log.warning("no broker for mesh %s: row %s is dead", row.mesh, row.id)
-                submitted = True
-                await self._finish(_lifecycle.on_no_broker(row), "mesh:" + str(row.mesh))
-                return
-            if isinstance(route, Unavailable):
-                submitted = True
-                await self._give_back(row, route)
-                return
-            message = outgoing_message(row)
-            await trio.lowlevel.checkpoint_if_cancelled()  # stopping already: nothing left
-            sent = True
-            result = await self._send(route, message)
-            if result is None:  # nothing left: the socket closed under us
-                sent = False
-                submitted = True
-                await self._give_back(row, self.registry.unavailable_route(row))
-                return
-            _crashpoints.reached("ack_before_record")
-            now = self.outbox.clock()
-            if result.ok:
-                completion = _lifecycle.on_ack(row, broker_message_id=result.message_id or "", now=now)
-                if result.duplicate:
-                    self._count("duplicates", route.name)
-            else:
-                completion = _lifecycle.on_error(
-                    row, error=result.error or "unknown_error", permanent=result.permanent,
-                    now=now, policy=self._policy, jitter=self._rng.random(),
-                )
-                if completion.status is Status.DEAD:
-                    log.warning("row %s is dead: %s", row.id, completion.last_error)
-            submitted = True
-            await self._finish(completion, route.name)
-        except trio.Cancelled:
-            if not submitted:
-                # Hand the row back; the completer writes it before it stops.
-                self._completer.submit_nowait(_lifecycle.on_released(
-                    row, sent=sent, now=self.outbox.clock(), policy=self._policy))
-                if not sent:
-                    self._counts["given_back"] += 1
-            raise
-        finally:
-            self._limiter.release_on_behalf_of(slot)
-
-    async def _send(self, route: Ready, message: OutgoingMessage) -> SendResult | None:
+            delivery.handle = start_send(message, functools.partial(self._on_result, delivery))
+        except BrokerUnavailable:  # closed since we resolved the route: nothing left
+            delivery.sent = False
+            self._give_back(delivery, self.registry.unavailable_route(row))
+            return
         self._count("sent", route.name)
-        # A broker that bounds its own acks at least as tightly as we would
-        # (WebSocketBroker does, with one sweeper per connection) is trusted
-        # to answer in time: that saves a cancel scope per send on the hot
-        # path. Any other broker gets our deadline.
-        own = getattr(route.broker, "ack_timeout", None)
-        if isinstance(own, (int, float)) and 0 < own <= self.config.ack_timeout:
-            return await self._call_broker(route, message)
-        with trio.move_on_after(self.config.ack_timeout):
-            return await self._call_broker(route, message)
-        return SendResult.failed("ack_timeout", permanent=False)
 
-    async def _call_broker(self, route: Ready, message: OutgoingMessage) -> SendResult | None:
+    async def _send_in_task(self, delivery: _Delivery, route: Ready, message: OutgoingMessage) -> None:
+        await trio.lowlevel.checkpoint_if_cancelled()  # stopping already: nothing leaves
+        delivery.route_name = route.name
+        delivery.sent = True
+        self._count("sent", route.name)
+        result = _ACK_TIMEOUT
         try:
-            return await route.broker.send(message)
-        except BrokerUnavailable:
-            return None
+            with trio.move_on_after(self.config.ack_timeout):
+                result = await route.broker.send(message)
+        except BrokerUnavailable:  # nothing left: the socket closed under us
+            delivery.sent = False
+            self._give_back(delivery, self.registry.unavailable_route(delivery.row))
+            return
         except Exception as exc:  # a broker bug must not kill the worker
             log.exception("broker %s raised while sending %s", route.name, message.client_message_id)
-            return SendResult.failed(f"send_failed: {type(exc).__name__}: {exc}", permanent=False)
+            result = SendResult.failed(f"send_failed: {type(exc).__name__}: {exc}", permanent=False)
+        self._on_result(delivery, result)
 
-    async def _give_back(self, row: OutboxRow, route: Unavailable) -> None:
+    def _on_result(self, delivery: _Delivery, result: SendResult) -> None:
+        """The broker answered (or the ack deadline passed): decide the row's fate."""
+        if delivery not in self._out:
+            return  # settled already (timed out, or handed back)
+        _crashpoints.reached("ack_before_record")
+        row = delivery.row
+        now = self.outbox.clock()
+        if result.ok:
+            completion = _lifecycle.on_ack(row, broker_message_id=result.message_id or "", now=now)
+            if result.duplicate:
+                self._count("duplicates", delivery.route_name)
+        else:
+            completion = _lifecycle.on_error(
+                row, error=result.error or "unknown_error", permanent=result.permanent,
+                now=now, policy=self._policy, jitter=self._rng.random(),
+            )
+            if completion.status is Status.DEAD:
+                log.warning("row %s is dead: %s", row.id, completion.last_error)
+        self._settle(delivery, completion, _Settled.RESULT, delivery.route_name)
+
+    def _give_back(self, delivery: _Delivery, route: Unavailable) -> None:
         self._block(route)
-        completion = _lifecycle.on_route_unavailable(row, now=self.outbox.clock(), policy=self._policy)
+        completion = _lifecycle.on_route_unavailable(delivery.row, now=self.outbox.clock(), policy=self._policy)
         self._count("unavailable", route.name)
-        await self._finish(completion, route.name, given_back=True)
+        self._settle(delivery, completion, _Settled.GIVEN_BACK, route.name)
 
-    async def _finish(self, completion: Completion, route_name: str, *, given_back: bool = False) -> None:
-        applied = await self._completer.complete(completion)
+    def _hand_back_all(self) -> None:
+        """Stopping: every row still out goes back to pending (sync: no checkpoint)."""
+        now = self.outbox.clock()
+        for delivery in list(self._out):
+            if delivery.handle is not None:
+                delivery.handle.cancel()
+            completion = _lifecycle.on_released(delivery.row, sent=delivery.sent, now=now, policy=self._policy)
+            kind = _Settled.RELEASED if delivery.sent else _Settled.GIVEN_BACK
+            self._settle(delivery, completion, kind, delivery.route_name)
+
+    async def _expire_overdue(self) -> None:
+        """Fail pipelined sends whose ack is overdue, as transient `ack_timeout`.
+
+        One sweep every quarter of the timeout (at most a second) instead of
+        a cancel scope per send.
+        """
+        while True:
+            await trio.sleep(min(1.0, self.config.ack_timeout / 4))
+            now = trio.current_time()
+            for delivery in [d for d in self._out if d.deadline <= now]:
+                if delivery.handle is not None:
+                    delivery.handle.cancel()
+                self._on_result(delivery, _ACK_TIMEOUT)
+
+    def _settle(self, delivery: _Delivery, completion: Completion, kind: _Settled, route_name: str) -> None:
+        """Hand the row's completion to the batch completer; its slot frees once written."""
+        self._out.discard(delivery)
+        self._completer.submit(completion, functools.partial(self._recorded, delivery, completion, kind, route_name))
+
+    def _recorded(
+        self, delivery: _Delivery, completion: Completion, kind: _Settled, route_name: str, applied: bool | None
+    ) -> None:
+        self._limiter.release_on_behalf_of(delivery.slot)
         if applied is None:
             return  # the completer logged it; the lease will bring the row back
         if not applied:
             self._counts["stale"] += 1
             log.warning("row %s: lease was taken over; completion ignored", completion.row_id)
             return
-        if given_back:
+        if kind is _Settled.RELEASED:
+            return
+        if kind is _Settled.GIVEN_BACK:
             self._counts["given_back"] += 1
         elif completion.status is Status.DONE:
             self._count("acked", route_name)

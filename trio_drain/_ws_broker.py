@@ -23,7 +23,7 @@ import trio
 from ._clock import wall_clock_ms
 from ._errors import BrokerUnavailable, HandshakeError
 from ._identity import Identity, MeshIdentity
-from ._routing import OutgoingMessage, SendResult
+from ._routing import OutgoingMessage, SendHandle, SendResult
 from ._transport import Connection, TransportClosed, TransportName, TransportRejected, open_connection
 
 log = logging.getLogger("trio_drain.broker")
@@ -54,17 +54,41 @@ def classify_ack(frame: dict[str, Any]) -> SendResult:
 
 
 class _Waiter:
-    __slots__ = ("deadline", "event", "result")
+    """One send awaiting its ack: wakes a task (`send`) or calls back (`start_send`).
 
-    def __init__(self, deadline: float) -> None:
+    It is also the `SendHandle` that `start_send` returns.
+    """
+
+    __slots__ = ("broker", "callback", "deadline", "event", "key", "result")
+
+    def __init__(
+        self, broker: WebSocketBroker, key: str, deadline: float,
+        callback: Callable[[SendResult], None] | None = None,
+    ) -> None:
+        self.broker = broker
+        self.key = key
         self.deadline = deadline
-        self.event = trio.Event()
+        self.callback = callback
+        self.event = trio.Event() if callback is None else None
         self.result: SendResult | None = None
 
     def resolve(self, result: SendResult) -> None:
-        if self.result is None:
-            self.result = result
+        if self.result is not None:
+            return
+        self.result = result
+        self.broker._forget(self)
+        if self.event is not None:
             self.event.set()
+        elif self.callback is not None:
+            try:
+                self.callback(result)
+            except Exception:  # the reader must survive a caller's bug
+                log.exception("send result callback failed for %s", self.key)
+
+    def cancel(self) -> None:
+        """Stop waiting: the callback will not be called."""
+        self.callback = None
+        self.broker._forget(self)
 
 
 class WebSocketBroker:
@@ -140,25 +164,55 @@ class WebSocketBroker:
         ws = self._ws
         if not self._open or ws is None:
             raise BrokerUnavailable(f"broker connection to {self.url} is not open")
-        # The ack deadline is enforced by one sweeper per connection rather
-        # than a cancel scope per send: this is the hot path.
-        waiter = _Waiter(trio.current_time() + self.ack_timeout)
-        key = message.client_message_id
-        self._pending.setdefault(key, []).append(waiter)
+        waiter = self._expect(message.client_message_id, None)
         try:
             try:
                 await ws.send_message(message.to_json())
             except TransportClosed:
                 raise BrokerUnavailable(f"broker connection to {self.url} closed") from None
+            assert waiter.event is not None
             await waiter.event.wait()
             assert waiter.result is not None
             return waiter.result
         finally:
-            waiters = self._pending.get(key)
-            if waiters is not None:
-                waiters.remove(waiter)
-                if not waiters:
-                    del self._pending[key]
+            self._forget(waiter)
+
+    def start_send(self, message: OutgoingMessage, on_result: Callable[[SendResult], None]) -> SendHandle:
+        """Queue one message and return at once; `on_result(result)` follows the ack.
+
+        The ack deadline (`ack_timeout`) and a lost connection
+        (`broker_disconnected`) are reported through `on_result` too. See
+        `PipelinedBroker`.
+
+        Raises:
+            BrokerUnavailable: the connection is not open; nothing was queued.
+        """
+        ws = self._ws
+        if not self._open or ws is None:
+            raise BrokerUnavailable(f"broker connection to {self.url} is not open")
+        try:
+            ws.send_message_nowait(message.to_json())
+        except TransportClosed:
+            raise BrokerUnavailable(f"broker connection to {self.url} closed") from None
+        return self._expect(message.client_message_id, on_result)
+
+    def _expect(self, key: str, callback: Callable[[SendResult], None] | None) -> _Waiter:
+        # The ack deadline is enforced by one sweeper per connection rather
+        # than a cancel scope per send: this is the hot path.
+        waiter = _Waiter(self, key, trio.current_time() + self.ack_timeout, callback)
+        waiters = self._pending.get(key)
+        if waiters is None:
+            self._pending[key] = [waiter]
+        else:
+            waiters.append(waiter)
+        return waiter
+
+    def _forget(self, waiter: _Waiter) -> None:
+        waiters = self._pending.get(waiter.key)
+        if waiters is not None and waiter in waiters:
+            waiters.remove(waiter)
+            if not waiters:
+                del self._pending[waiter.key]
 
     # -- the connection
 
@@ -284,7 +338,7 @@ class WebSocketBroker:
             await trio.sleep(min(1.0, self.ack_timeout / 4))
             now = trio.current_time()
             for waiters in list(self._pending.values()):
-                for waiter in waiters:
+                for waiter in list(waiters):  # resolving one removes it
                     if waiter.deadline <= now:
                         waiter.resolve(timeout)
 
@@ -302,7 +356,7 @@ class WebSocketBroker:
         self._ws = None
         failure = SendResult.failed("broker_disconnected", permanent=False)
         for waiters in list(self._pending.values()):
-            for waiter in waiters:
+            for waiter in list(waiters):  # resolving one removes it
                 waiter.resolve(failure)
         stopping = trio.current_effective_deadline() == float("-inf")
         if was_open and not stopping:
