@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import sqlite3
 import stat
+import threading
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+import trio
 
 from trio_drain import (
     ConfigError,
@@ -24,7 +28,7 @@ from trio_drain import (
 )
 from trio_drain._outbox import parse_target
 
-from .helpers import FakeClock
+from .helpers import FakeClock, wait_until
 
 BIG = 10**12  # a max_age no test row reaches
 
@@ -204,3 +208,58 @@ async def test_the_claim_query_uses_the_claim_index(sqlite_outbox: Outbox) -> No
         "EXPLAIN QUERY PLAN SELECT id FROM outbox INDEXED BY outbox_claim WHERE status = 'pending'"
         " AND next_attempt_at <= 1 AND enqueued_at >= 0 ORDER BY priority_rank, enqueued_at LIMIT 5"))
     assert "outbox_claim" in plan and "TEMP B-TREE" not in plan
+
+
+# -- the writer thread's group commit ---------------------------------------------------
+
+
+async def test_an_accept_cancelled_while_a_batch_runs_is_withdrawn_and_writes_nothing(db_path: Path) -> None:
+    async with open_outbox(db_path) as ob:
+        committer = ob.backend._committer  # type: ignore[attr-defined]
+        release = threading.Event()
+        async with trio.open_nursery() as nursery:
+            # Hold the writer thread busy, so the next accept has to queue.
+            nursery.start_soon(functools.partial(committer.submit, lambda conn: release.wait(10), durable=False))
+            await wait_until(lambda: committer._busy)
+            with trio.move_on_after(0.05) as scope:
+                await ob.accept(req("queued-then-cancelled"))
+            assert scope.cancelled_caught
+            release.set()
+        assert await ob.get_by_client_id("queued-then-cancelled") is None
+        assert (await ob.accept(req("queued-then-cancelled"))).inserted  # the id was never consumed
+
+
+async def test_a_write_already_running_is_never_abandoned_on_cancel(db_path: Path) -> None:
+    async with open_outbox(db_path) as ob:
+        committer = ob.backend._committer  # type: ignore[attr-defined]
+        running = threading.Event()
+
+        def slow_insert(conn: sqlite3.Connection) -> None:
+            running.set()
+            time.sleep(0.2)
+            conn.execute("CREATE TABLE written_anyway (x)")
+
+        with trio.move_on_after(0.05) as scope:
+            await committer.submit(slow_insert, durable=True)
+            await trio.lowlevel.checkpoint()  # the cancellation lands here, after the write
+        assert scope.cancelled_caught and running.is_set()
+        # The caller left only after the write: it is there now, not later.
+        conn = sqlite3.connect(db_path)
+        assert conn.execute("SELECT count(*) FROM sqlite_master WHERE name = 'written_anyway'").fetchone() == (1,)
+        conn.close()
+
+
+async def test_callers_woken_together_share_the_next_commit(db_path: Path) -> None:
+    async with open_outbox(db_path) as ob:
+        committer = ob.backend._committer  # type: ignore[attr-defined]
+
+        async def caller(k: int) -> None:
+            for i in range(5):
+                await ob.accept(req(f"c-{k}-{i}"))
+
+        before = committer.batches
+        async with trio.open_nursery() as nursery:
+            for k in range(32):
+                nursery.start_soon(caller, k)
+        # 160 accepts; callers woken by one commit join the next one together.
+        assert committer.batches - before <= 20

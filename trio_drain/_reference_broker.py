@@ -119,7 +119,6 @@ class _Ledger:
         # or we would ack a duplicate of something a crash could forget.
         self.unwritten: dict[tuple[str, str], trio.Event] = {}
         self._committer: _GroupCommitter | None = None
-        self._conn: sqlite3.Connection | None = None
         if path is not None:
             conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
             conn.execute("PRAGMA journal_mode = WAL")
@@ -133,7 +132,6 @@ class _Ledger:
                 "SELECT mesh, client_message_id, fingerprint, message_id FROM accepted"
             ):
                 self.entries[(mesh, cid)] = (fp, mid)
-            self._conn = conn
             self._committer = _GroupCommitter(conn, durable=False)
 
     @property
@@ -151,9 +149,11 @@ class _Ledger:
 
         await self._committer.submit(insert, durable=False)
 
-    def close(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
+    async def aclose(self) -> None:
+        """Wait out writes in progress, then close the database."""
+        if self._committer is not None:
+            with trio.CancelScope(shield=True):
+                await self._committer.aclose()
 
 
 @attrs.define
@@ -217,7 +217,7 @@ async def serve_broker(
             log.info("reference broker listening on %s", server_state.url)
             task_status.started(server_state)
     finally:
-        ledger.close()
+        await ledger.aclose()
         if handler.receipts_fd is not None:
             os.close(handler.receipts_fd)
 

@@ -13,6 +13,7 @@ provide it:
 
 from __future__ import annotations
 
+import collections
 import math
 import os
 import ssl
@@ -59,6 +60,13 @@ class Connection(Protocol):
 
     async def get_message(self) -> str | bytes:
         """The next whole message. Raises TransportClosed once closed."""
+
+    async def get_messages(self) -> list[str | bytes]:
+        """Every whole message received so far (at least one), in order.
+
+        One checkpoint for a burst of messages rather than one each. Raises
+        TransportClosed once closed and every message has been read.
+        """
 
     async def ping(self) -> None:
         """Send a ping and wait for its pong. Raises TransportClosed."""
@@ -107,6 +115,9 @@ class _TrioWebsocketConnection:
             return await self._ws.get_message()
         except trio_websocket.ConnectionClosed as exc:
             raise TransportClosed(str(exc.reason)) from None
+
+    async def get_messages(self) -> list[str | bytes]:
+        return [await self.get_message()]
 
     async def ping(self) -> None:
         try:
@@ -160,7 +171,8 @@ class _WsprotoConnection:
         self._out_ready = trio.Event()
         self._drained = trio.Event()
         self._drained.set()
-        self._send_messages, self._messages = trio.open_memory_channel[str | bytes](math.inf)
+        self._inbox: collections.deque[str | bytes] = collections.deque()
+        self._arrived = trio.Event()  # set when _inbox gains a message or we close
         self._pings: dict[bytes, trio.Event] = {}
         self._closed: str | None = None
         self._parts: list[str | bytes] = []
@@ -187,10 +199,22 @@ class _WsprotoConnection:
         self._message_in_out = True
 
     async def get_message(self) -> str | bytes:
-        try:
-            return await self._messages.receive()
-        except (trio.EndOfChannel, trio.ClosedResourceError):
-            raise TransportClosed(self._closed or "closed") from None
+        await self._wait_for_inbox()
+        return self._inbox.popleft()
+
+    async def get_messages(self) -> list[str | bytes]:
+        await self._wait_for_inbox()
+        messages = list(self._inbox)
+        self._inbox.clear()
+        return messages
+
+    async def _wait_for_inbox(self) -> None:
+        while not self._inbox:
+            if self._closed is not None:
+                raise TransportClosed(self._closed)
+            await self._arrived.wait()
+            self._arrived = trio.Event()
+        await trio.lowlevel.checkpoint()
 
     async def ping(self) -> None:
         self._check_open()
@@ -255,7 +279,8 @@ class _WsprotoConnection:
                     first = self._parts[0]
                     whole = "".join(self._parts) if isinstance(first, str) else b"".join(self._parts)  # type: ignore[arg-type]
                     self._parts, self._part_size = [], 0
-                    self._send_messages.send_nowait(whole)
+                    self._inbox.append(whole)
+                    self._arrived.set()
             elif isinstance(event, Ping):
                 self._queue(self._ws.send(event.response()))
             elif isinstance(event, Pong):
@@ -272,7 +297,7 @@ class _WsprotoConnection:
     def _close(self, reason: str) -> None:
         if self._closed is None:
             self._closed = reason
-            self._send_messages.close()
+            self._arrived.set()
             for pong in self._pings.values():
                 pong.set()
             self._pings.clear()

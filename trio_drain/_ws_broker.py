@@ -297,26 +297,31 @@ class WebSocketBroker:
     async def _read_frames(self, ws: Connection) -> None:
         while True:
             try:
-                raw = await ws.get_message()
+                batch = await ws.get_messages()
             except TransportClosed as exc:
                 log.warning("broker %s: connection closed: %s", self.url, exc)
                 return
-            frame = parse_frame(raw)
-            if frame is None:
-                log.warning("broker %s sent a frame that is not a JSON object; ignored", self.url)
-                continue
-            if frame.get("type") == "ack":
-                waiters = self._pending.get(str(frame.get("id")))
-                if not waiters:
-                    log.info("broker %s acked an id we are not waiting for: %.80s", self.url, frame.get("id"))
-                    continue
-                result = classify_ack(frame)
-                for waiter in list(waiters):
-                    waiter.resolve(result)
-            elif frame.get("type") == "error":
-                log.warning("broker %s error: %s %s", self.url, frame.get("code"), frame.get("message"))
-            else:
-                self._push(frame)
+            for raw in batch:
+                self._on_frame(raw)
+
+    def _on_frame(self, raw: str | bytes) -> None:
+        frame = parse_frame(raw)
+        if frame is None:
+            log.warning("broker %s sent a frame that is not a JSON object; ignored", self.url)
+            return
+        kind = frame.get("type")
+        if kind == "ack":
+            waiters = self._pending.get(str(frame.get("id")))
+            if not waiters:
+                log.info("broker %s acked an id we are not waiting for: %.80s", self.url, frame.get("id"))
+                return
+            result = classify_ack(frame)
+            for waiter in list(waiters):  # resolving one removes it
+                waiter.resolve(result)
+        elif kind == "error":
+            log.warning("broker %s error: %s %s", self.url, frame.get("code"), frame.get("message"))
+        else:
+            self._push(frame)
 
     async def _keepalive(self, ws: Connection, scope: trio.CancelScope) -> None:
         while True:

@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import queue
 import sqlite3
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Generic, NoReturn, TypeVar
@@ -165,6 +167,7 @@ def _route_clause(exclude: RouteFilter) -> tuple[str, list[Any]]:
 class _Op(Generic[T]):
     fn: Callable[[sqlite3.Connection], T]
     durable: bool
+    task: trio.lowlevel.Task
     taken: bool = False
     value: Any = None
     error: BaseException | None = None
@@ -176,35 +179,109 @@ class _Op(Generic[T]):
 
 
 class _GroupCommitter:
-    """Runs queued write operations together, one transaction per batch."""
+    """Runs queued write operations together, one transaction per batch, on
+    a writer thread of its own.
+
+    The handoff is as light as Trio allows: a caller queues its operation
+    and parks (`wait_task_rescheduled`); if the writer is idle the queue
+    goes to it at once, through a `queue.SimpleQueue`. The writer runs the
+    batch and hands it back with one `run_sync_soon`, which reschedules
+    every caller in it and sends the next batch, made of everything queued
+    meanwhile. That is group commit with no lock, no limiter and no thread
+    pool between a caller and the database. An operation not yet taken by a
+    batch can be cancelled; one taken is never abandoned.
+    """
 
     def __init__(self, conn: sqlite3.Connection, *, durable: bool) -> None:
         self._conn = conn
         self._durable = durable  # whether the connection may fsync at all
         self._synchronous = "FULL" if durable else "NORMAL"
-        self._queue: list[_Op[Any]] = []
-        self._lock = trio.Lock()
-        self._limiter = trio.CapacityLimiter(1)
+        self._queue: list[_Op[Any]] = []  # waiting for the next batch
+        self._busy = False  # a batch is on the writer thread
+        self._gathering = False  # a caller is about to start a batch
+        self._idle = trio.Event()  # set whenever nothing is queued or running
+        self._idle.set()
+        self._jobs: queue.SimpleQueue[list[_Op[Any]] | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._token: trio.lowlevel.TrioToken | None = None
         self.batches = 0
         self.operations = 0
 
     async def submit(self, fn: Callable[[sqlite3.Connection], T], *, durable: bool) -> T:
-        op: _Op[T] = _Op(fn, durable and self._durable)
+        await trio.lowlevel.checkpoint_if_cancelled()
+        op: _Op[T] = _Op(fn, durable and self._durable, trio.lowlevel.current_task())
         self._queue.append(op)
-        try:
-            async with self._lock:
-                if not op.taken:
-                    batch, self._queue = self._queue, []
-                    for queued in batch:
-                        queued.taken = True
-                    await trio.to_thread.run_sync(self._run_batch, batch, limiter=self._limiter)
-        except BaseException:
-            # Cancelled while waiting for the lock: withdraw the operation if
-            # no batch has taken it yet, so nothing is written behind our back.
-            if not op.taken:
-                self._queue.remove(op)
-            raise
+        self._idle = trio.Event() if self._idle.is_set() else self._idle
+        if not self._busy and not self._gathering:
+            # Yield once before starting a batch, so that tasks woken
+            # together (say, the callers of the batch just committed) all
+            # join it, rather than the first making a batch of one.
+            self._gathering = True
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            self._gathering = False
+            if not self._busy and self._queue:
+                self._dispatch()
+
+        def abort(_: Any) -> trio.lowlevel.Abort:
+            if op.taken:  # a write in progress is never abandoned
+                return trio.lowlevel.Abort.FAILED
+            self._queue.remove(op)  # withdrawn: nothing is written behind our back
+            if not self._queue and not self._busy:
+                self._idle.set()
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        await trio.lowlevel.wait_task_rescheduled(abort)
         return op.result()
+
+    async def aclose(self) -> None:
+        """Wait out queued and running batches, then close the connection
+        (on the writer thread) and let the thread end."""
+        await self._idle.wait()
+        if self._thread is None:
+            self._conn.close()
+            return
+        self._busy = True  # nothing else may start
+        self._jobs.put(None)
+        await trio.to_thread.run_sync(self._thread.join)
+
+    def _dispatch(self) -> None:
+        batch, self._queue = self._queue, []
+        for op in batch:
+            op.taken = True
+        self._busy = True
+        if self._thread is None:
+            self._token = trio.lowlevel.current_trio_token()
+            self._thread = threading.Thread(target=self._serve, name="trio-drain sqlite writer", daemon=True)
+            self._thread.start()
+        self._jobs.put(batch)
+
+    def _serve(self) -> None:
+        """The writer thread: run each batch, hand it back to Trio."""
+        assert self._token is not None
+        while True:
+            batch = self._jobs.get()
+            if batch is None:
+                self._conn.close()
+                return
+            try:
+                self._run_batch(batch)
+            except BaseException as exc:  # never leave a caller parked forever
+                for op in batch:
+                    op.value, op.error = None, exc
+            try:
+                self._token.run_sync_soon(self._delivered, batch)
+            except trio.RunFinishedError:
+                return  # the Trio run is gone, and its callers with it
+
+    def _delivered(self, batch: list[_Op[Any]]) -> None:
+        """On the Trio thread: wake the batch's callers, send the next batch."""
+        self._busy = False
+        for op in batch:
+            trio.lowlevel.reschedule(op.task)
+        if self._queue:
+            self._dispatch()
+        else:
+            self._idle.set()
 
     def _run_batch(self, batch: list[_Op[Any]]) -> None:
         conn = self._conn
@@ -330,12 +407,8 @@ class SqliteBackend:
         self._closed = True
         # Wait out a batch in progress; it is never abandoned.
         with trio.CancelScope(shield=True):
-            async with self._committer._lock:
-                def close() -> None:
-                    self._writer.close()
-                    self._reader.close()
-
-                await trio.to_thread.run_sync(close)
+            await self._committer.aclose()
+            await trio.to_thread.run_sync(self._reader.close, limiter=self._read_limiter)
 
     # -- accept
 
