@@ -98,6 +98,19 @@ async def test_accept_many_is_one_transaction_and_sees_its_own_rows(outbox: Outb
     assert (await outbox.counts())["pending"] == 100
 
 
+async def test_a_batch_retried_in_part_answers_each_row_by_its_own_state(outbox: Outbox) -> None:
+    first = [attrs.evolve(REQ, client_message_id=f"r-{i}") for i in range(3)]
+    await outbox.accept_many(first)
+    again = [*first, attrs.evolve(REQ, client_message_id="r-new"), attrs.evolve(first[2], payload=b"other")]
+    outcomes = await outbox.accept_many(again)
+    assert [(o.kind, o.inserted) for o in outcomes] == [
+        (OutcomeKind.ACCEPTED_PENDING, False), (OutcomeKind.ACCEPTED_PENDING, False),
+        (OutcomeKind.ACCEPTED_PENDING, False), (OutcomeKind.ACCEPTED_PENDING, True), (OutcomeKind.CONFLICT, False),
+    ]
+    assert outcomes[4].reason == "outbox_pending_fingerprint_mismatch"
+    assert (await outbox.counts())["pending"] == 4
+
+
 async def test_concurrent_accepts_of_one_id_make_one_row(outbox: Outbox) -> None:
     results = []
 

@@ -40,6 +40,9 @@ def derive_destination(target_spec: str) -> tuple[str, str]:
     return "topic", target_spec
 
 
+_sha256 = hashlib.sha256
+
+
 def request_fingerprint(
     *,
     destination_kind: str,
@@ -55,16 +58,7 @@ def request_fingerprint(
     ``sha256(version 0 kind 0 ref 0 reply_to 0 priority 0 canon(meta) 0
     sha256(body))`` with every string UTF-8 encoded.
     """
-    h = hashlib.sha256()
-    for part in (
-        str(envelope_version).encode(),
-        destination_kind.encode(),
-        destination_ref.encode(),
-        (reply_to_id or "").encode(),
-        priority.encode(),
-        canonical_json(dict(meta)) if meta is not None else b"",
-    ):
-        h.update(part)
-        h.update(b"\x00")
-    h.update(hashlib.sha256(payload).digest())
-    return h.digest()
+    # One string, one encode: the same bytes as encoding each part apart.
+    head = f"{envelope_version}\x00{destination_kind}\x00{destination_ref}\x00{reply_to_id or ''}\x00{priority}\x00"
+    canonical_meta = canonical_json(dict(meta)) if meta is not None else b""
+    return _sha256(head.encode() + canonical_meta + b"\x00" + _sha256(payload).digest()).digest()

@@ -261,8 +261,9 @@ def decide_accept(
     it is None the caller inserts a new row (`new_row_id`) and the outcome is
     `accepted_pending` with `inserted=True`.
     """
-    if existing is None:
-        return _outcome(OutcomeKind.ACCEPTED_PENDING, client_message_id, inserted=True, row_id=new_row_id)
+    if existing is None:  # the common case, built directly: this runs once per accepted row
+        return AcceptOutcome(kind=OutcomeKind.ACCEPTED_PENDING, code=202, client_message_id=client_message_id,
+                             row_id=new_row_id, inserted=True)
     common = {"row_id": existing.id, "broker_message_id": existing.broker_message_id}
     if existing.request_fingerprint != fingerprint:
         return _outcome(

@@ -14,7 +14,7 @@ from typing import NoReturn
 
 from ._clock import wall_clock_ms
 from ._errors import ConfigError, InvalidRequest
-from ._ids import uuid7
+from ._ids import uuid7, uuid7s
 from ._lifecycle import Completion
 from ._model import AcceptOutcome, OutboxRow, SendRequest, Status
 from ._store._base import NO_FILTER, Applied, Durability, OutboxBackend, Outcomes, RouteFilter, Rows
@@ -72,7 +72,9 @@ class Outbox:
         Every request is validated before anything is written.
         """
         now = self.clock()
-        rows = [prepare_row(r, now=now, max_payload=self.max_payload) for r in requests]
+        max_payload = self.max_payload
+        rows = [prepare_row(r, now=now, max_payload=max_payload, row_id=row_id)
+                for r, row_id in zip(requests, uuid7s(len(requests)), strict=True)]
         if not rows:
             return []
         outcomes = await self.backend.accept_many(rows)

@@ -46,8 +46,12 @@ def _base64(name: str, value: str | None) -> None:
         raise InvalidRequest(f"{name} must be base64 text") from None
 
 
-def prepare_row(req: SendRequest, *, now: int, max_payload: int = DEFAULT_MAX_PAYLOAD) -> OutboxRow:
+def prepare_row(
+    req: SendRequest, *, now: int, max_payload: int = DEFAULT_MAX_PAYLOAD, row_id: str | None = None
+) -> OutboxRow:
     """Validate `req` and build the pending row `accept` would insert.
+
+    `row_id` is the new row's id (a fresh UUIDv7 when omitted).
 
     Raises:
         InvalidRequest: the request is malformed; nothing has been written.
@@ -103,7 +107,7 @@ def prepare_row(req: SendRequest, *, now: int, max_payload: int = DEFAULT_MAX_PA
         reply_to_id=reply_to_id, meta=req.meta,
     )
     return OutboxRow(
-        id=uuid7(),
+        id=row_id if row_id is not None else uuid7(),
         client_message_id=client_message_id if client_message_id is not None else uuid7(),
         request_fingerprint=fingerprint,
         payload=payload,

@@ -67,6 +67,7 @@ _SELECT = "SELECT " + ", ".join(COLUMNS) + " FROM outbox"
 _INSERT = (
     "INSERT INTO outbox (" + ", ".join(COLUMNS) + ") VALUES (" + ", ".join("?" * len(COLUMNS)) + ")"
 )
+_INSERT_NEW = _INSERT + " ON CONFLICT (client_message_id) DO NOTHING"
 
 # The table as the seed's daemon wrote it, plus the lease columns.
 _CREATE_TABLE = """
@@ -414,27 +415,33 @@ class SqliteBackend:
 
     async def accept_many(self, rows: Sequence[OutboxRow]) -> Outcomes:
         def op(conn: sqlite3.Connection) -> Outcomes:
-            # One lookup for every id in the batch, one executemany for the
-            # new rows: the write lock is held, so nothing slips in between.
-            existing: dict[str, OutboxRow] = {}
+            # Insert everything, skipping ids already taken; the write lock is
+            # held, so nothing slips in between. When every row went in (the
+            # common case) there is nothing to look up.
+            before = conn.total_changes
+            conn.executemany(_INSERT_NEW, map(row_values, rows))
+            if conn.total_changes - before == len(rows):
+                return [_lifecycle.decide_accept(None, client_message_id=r.client_message_id,
+                                                 fingerprint=r.request_fingerprint, new_row_id=r.id)
+                        for r in rows]
+            # Some ids were taken (a retry, or a repeat inside the batch):
+            # decide each row against the row that holds its id now, which
+            # is its own row if it went in.
+            holders: dict[str, OutboxRow] = {}
             ids = list(dict.fromkeys(r.client_message_id for r in rows))
             for start in range(0, len(ids), 500):
                 chunk = ids[start:start + 500]
                 marks = ", ".join("?" * len(chunk))
                 for found in conn.execute(_SELECT + f" WHERE client_message_id IN ({marks})", chunk):
-                    prior = row_from_values(found)
-                    existing[prior.client_message_id] = prior
-            outcomes, new_rows = [], []
+                    holder = row_from_values(found)
+                    holders[holder.client_message_id] = holder
+            outcomes = []
             for row in rows:
-                outcome = _lifecycle.decide_accept(
-                    existing.get(row.client_message_id), client_message_id=row.client_message_id,
+                holder = holders[row.client_message_id]
+                outcomes.append(_lifecycle.decide_accept(
+                    None if holder.id == row.id else holder, client_message_id=row.client_message_id,
                     fingerprint=row.request_fingerprint, new_row_id=row.id,
-                )
-                if outcome.inserted:
-                    new_rows.append(row)
-                    existing[row.client_message_id] = row  # a repeat later in the batch sees it
-                outcomes.append(outcome)
-            conn.executemany(_INSERT, map(row_values, new_rows))
+                ))
             return outcomes
 
         return await self._write(op)
