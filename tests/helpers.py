@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
 import attrs
 import trio
+import trio_websocket
 
 from trio_drain import BrokerUnavailable, OutgoingMessage, SendResult
 
@@ -131,3 +133,22 @@ async def wait_until(predicate: Callable[[], Awaitable[bool] | bool], *, seconds
             if result:
                 return
             await trio.sleep(0.005)
+
+
+@asynccontextmanager
+async def websocket_client(url: str) -> AsyncIterator[trio_websocket.WebSocketConnection]:
+    """trio-websocket's client, for talking to our broker as a third party would.
+
+    trio-websocket's client leaves its socket open when the server closed
+    the WebSocket first (it waits for a TCP close it then never reads), so
+    this closes it itself, as the library's trio-websocket transport does.
+    """
+    stream: trio.abc.AsyncResource | None = None
+    try:
+        async with trio_websocket.open_websocket_url(url) as ws:
+            stream = ws._stream
+            yield ws
+    finally:
+        if stream is not None:
+            with trio.CancelScope(shield=True):
+                await stream.aclose()

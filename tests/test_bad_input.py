@@ -37,7 +37,7 @@ from trio_drain._identity import generate_secret_key
 from trio_drain._outbox import Outbox
 from trio_drain._ws_broker import classify_ack, parse_frame
 
-from .helpers import TrioPortal
+from .helpers import TrioPortal, websocket_client
 
 SECRET = generate_secret_key()
 IDENTITY = MeshIdentity(mesh_id="mesh-alpha", member_id="member-1", secret_key=SECRET)
@@ -228,7 +228,7 @@ async def _hello_exchange(frames: list[Any]) -> list[Any]:
     async with trio.open_nursery() as nursery:
         server = await nursery.start(lambda task_status: serve_broker(open_mode=True, task_status=task_status))
         for frame in frames:
-            async with trio_websocket.open_websocket_url(server.url) as ws:
+            async with websocket_client(server.url) as ws:
                 await ws.send_message(frame if isinstance(frame, str) else json.dumps(frame))
                 with trio.fail_after(5):
                     try:
@@ -236,7 +236,7 @@ async def _hello_exchange(frames: list[Any]) -> list[Any]:
                     except trio_websocket.ConnectionClosed:
                         answers.append(None)
         # Still serving an honest client afterwards.
-        async with trio_websocket.open_websocket_url(server.url) as ws:
+        async with websocket_client(server.url) as ws:
             await ws.send_message(json.dumps(IDENTITY.hello(_now_ms())))
             answers.append(json.loads(await ws.get_message()))
         nursery.cancel_scope.cancel()
@@ -269,7 +269,7 @@ async def test_a_replayed_hello_is_accepted_only_inside_the_skew_window() -> Non
         server = await nursery.start(lambda task_status: serve_broker(open_mode=True, task_status=task_status))
         answers = []
         for hello in (fresh, fresh, stale):
-            async with trio_websocket.open_websocket_url(server.url) as ws:
+            async with websocket_client(server.url) as ws:
                 await ws.send_message(hello)
                 answers.append(json.loads(await ws.get_message()))
         nursery.cancel_scope.cancel()

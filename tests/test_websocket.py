@@ -32,7 +32,7 @@ from trio_drain._identity import public_key_hex
 from trio_drain._transport import TRANSPORTS
 from trio_drain._ws_broker import classify_ack
 
-from .helpers import wait_until
+from .helpers import wait_until, websocket_client
 from .proxy import FaultProxy
 
 PARENT = generate_secret_key()
@@ -152,7 +152,7 @@ async def test_the_broker_refuses_bad_hellos(identity: Callable[[], MeshIdentity
 
 
 async def raw_hello(url: str, frame: dict[str, Any]) -> dict[str, Any]:
-    async with trio_websocket.open_websocket_url(url) as ws:
+    async with websocket_client(url) as ws:
         await ws.send_message(json.dumps(frame))
         answer: dict[str, Any] = json.loads(await ws.get_message())
         return answer
@@ -367,7 +367,7 @@ async def test_an_acceptance_is_persisted_even_if_the_sender_hangs_up_before_the
     async with trio.open_nursery() as nursery:
         server = await start_broker(nursery, db=db)
         for burst in range(5):  # a burst of sends, then hang up before the acks
-            async with trio_websocket.open_websocket_url(server.url) as ws:
+            async with websocket_client(server.url) as ws:
                 hello = mesh_identity().hello(time.time_ns() // 1_000_000 + burst)  # fresh: no replay
                 await ws.send_message(json.dumps(hello))
                 await ws.get_message()
@@ -435,10 +435,13 @@ async def test_reset_connections_are_redialled_and_rows_drain(outbox: Outbox) ->
 
 async def test_frames_cut_in_the_middle_are_survived(outbox: Outbox) -> None:
     async with trio.open_nursery() as nursery:
-        _, proxy, broker = await drain_through_proxy(nursery, outbox, faults=Faults(ack_delay=0.002))
-        for _ in range(3):
-            await trio.sleep(0.1)
+        # Acks slow enough that 300 rows take a while: every cut lands mid-drain.
+        _, proxy, broker = await drain_through_proxy(nursery, outbox, faults=Faults(ack_delay=0.05))
+        for cut in range(1, 3):
+            # Cut only an open connection's frames (not a redial's handshake).
+            await wait_until(lambda: broker.connects >= cut and broker.is_open())  # noqa: B023
             proxy.cut_next = True
+            await wait_until(lambda: proxy.cuts >= cut)  # noqa: B023
         counts = await drained(outbox, 300)
         assert counts == {"pending": 0, "inflight": 0, "done": 300, "dead": 0, "aborted": 0}
         assert proxy.cuts >= 1 and broker.connects >= 2

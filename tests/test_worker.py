@@ -77,6 +77,9 @@ async def test_rows_are_delivered_many_at_a_time_and_end_done(rig: Rig) -> None:
     assert (await rig.settled(200))["done"] == 200
     assert 1 < rig.broker.max_concurrent <= FAST.max_inflight
     assert sorted(m.client_message_id for m in rig.broker.received) == sorted(f"m-{i}" for i in range(200))
+    # The counters move once the worker hears its batch committed, a moment
+    # after another connection can see the rows done.
+    await wait_until(lambda: worker.statistics().in_flight == 0)
     s = worker.statistics()
     assert (s.claimed, s.sent, s.acked, s.dead, s.retried, s.in_flight) == (200, 200, 200, 0, 0, 0)
     assert s.per_route["mesh:alpha"].acked == 200

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import collections
+import functools
 import json
 import logging
 import os
@@ -25,14 +27,14 @@ from typing import Any
 
 import attrs
 import trio
-import trio_websocket
 
 from . import _identity
 from ._clock import wall_clock_ms
 from ._errors import ConfigError
 from ._routing import encode_json
 from ._store._sqlite import _GroupCommitter
-from ._ws_broker import parse_frame
+from ._transport import ServerConnection, TransportClosed, serve_websocket
+from ._ws_broker import MAX_FRAME, parse_frame
 
 log = logging.getLogger("trio_drain.reference_broker")
 
@@ -210,10 +212,9 @@ async def serve_broker(
         handler.receipts_fd = os.open(receipts, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
     try:
         async with trio.open_nursery() as nursery:
-            server = await nursery.start(
-                trio_websocket.serve_websocket, handler.handle, host, port, None,
-            )
-            server_state.port = server.port
+            server_state.port = await nursery.start(functools.partial(
+                serve_websocket, handler.handle, host, port, max_message_size=max(MAX_FRAME, 2 * max_payload),
+            ))
             log.info("reference broker listening on %s", server_state.url)
             task_status.started(server_state)
     finally:
@@ -233,26 +234,25 @@ class _Handler:
         self.rng = random.Random()
         self.receipts_fd: int | None = None
 
-    async def handle(self, request: trio_websocket.WebSocketRequest) -> None:
-        ws = await request.accept()
+    async def handle(self, ws: ServerConnection) -> None:
         self.stats.connections += 1
         try:
             mesh = await self._hello(ws)
             if mesh is None:
                 return
             await self._serve(ws, mesh)
-        except trio_websocket.ConnectionClosed:
+        except TransportClosed:
             pass
 
-    async def _hello(self, ws: trio_websocket.WebSocketConnection) -> str | None:
+    async def _hello(self, ws: ServerConnection) -> str | None:
         with trio.move_on_after(5.0):
             verdict = self._judge_hello(parse_frame(await ws.get_message()))
             if isinstance(verdict, str):
-                await ws.send_message(json.dumps({"type": "hello_ack", "presenceId": str(uuid.uuid4())}))
+                ws.send_message_nowait(json.dumps({"type": "hello_ack", "presenceId": str(uuid.uuid4())}))
                 return verdict
             code, message = verdict
             self.stats.hellos_rejected += 1
-            await ws.send_message(json.dumps({"type": "error", "code": code, "message": message}))
+            ws.send_message_nowait(json.dumps({"type": "error", "code": code, "message": message}))
             await ws.aclose(4001, code)
             return None
         await ws.aclose(4008, "hello_timeout")
@@ -308,37 +308,40 @@ class _Handler:
             return ("not_a_member", f"{member} is not a member of {mesh} with that key")
         return None
 
-    async def _serve(self, ws: trio_websocket.WebSocketConnection, mesh: str) -> None:
+    async def _serve(self, ws: ServerConnection, mesh: str) -> None:
         sends = 0
+        delayed = _DelayedAcks(ws, self.state.faults)
         async with trio.open_nursery() as nursery:
+            nursery.start_soon(delayed.run)
             while True:
                 try:
-                    raw = await ws.get_message()
-                except trio_websocket.ConnectionClosed:
+                    batch = await ws.get_messages()
+                except TransportClosed:
                     break
-                frame = parse_frame(raw)
-                if frame is None or frame.get("type") != "send":
-                    continue
-                sends += 1
-                if self.receipts_fd is not None:
-                    os.write(self.receipts_fd, f"{mesh}\t{frame.get('client_message_id')}\n".encode())
-                ack, record = self._decide(mesh, frame)
-                key = (mesh, str(frame.get("client_message_id")))
-                wait_for = key if record is None and key in self.state.ledger.unwritten else None
-                if record is None and wait_for is None and self.state.faults.ack_delay <= 0:
-                    if ack is not None:
-                        await _send_quietly(ws, ack)
-                else:
-                    nursery.start_soon(self._finish, ws, ack, record, wait_for)
-                every = self.state.faults.disconnect_every
-                if every and sends % every == 0:
-                    self.stats.disconnects += 1
-                    await ws.aclose(1011, "fault_injection")
-                    break
+                for raw in batch:
+                    frame = parse_frame(raw)
+                    if frame is None or frame.get("type") != "send":
+                        continue
+                    sends += 1
+                    if self.receipts_fd is not None:
+                        os.write(self.receipts_fd, f"{mesh}\t{frame.get('client_message_id')}\n".encode())
+                    ack, record = self._decide(mesh, frame)
+                    key = (mesh, str(frame.get("client_message_id")))
+                    wait_for = key if record is None and key in self.state.ledger.unwritten else None
+                    if record is not None or wait_for is not None:
+                        nursery.start_soon(self._finish, delayed, ack, record, wait_for)
+                    elif ack is not None:
+                        delayed.send(ack)
+                    every = self.state.faults.disconnect_every
+                    if every and sends % every == 0:
+                        self.stats.disconnects += 1
+                        await ws.aclose(1011, "fault_injection")
+                        nursery.cancel_scope.cancel()
+                        return
             nursery.cancel_scope.cancel()
 
     async def _finish(
-        self, ws: trio_websocket.WebSocketConnection, ack: dict[str, Any] | None, record: _Acceptance | None,
+        self, acks: _DelayedAcks, ack: dict[str, Any] | None, record: _Acceptance | None,
         wait_for: tuple[str, str] | None,
     ) -> None:
         """Persist an acceptance (sharing commits with concurrent ones), then ack.
@@ -365,10 +368,8 @@ class _Handler:
             await ledger.unwritten[wait_for].wait()
             if wait_for not in ledger.entries:  # the original failed to persist
                 ack = None if ack is None else _error(ack["id"], "storage_unavailable", "unavailable", False)
-        if self.state.faults.ack_delay > 0:
-            await trio.sleep(self.state.faults.ack_delay)
         if ack is not None:
-            await _send_quietly(ws, ack)
+            acks.send(ack)
 
     def _decide(self, mesh: str, f: dict[str, Any]) -> tuple[dict[str, Any] | None, _Acceptance | None]:
         """The answer to one send, decided at once so racing resends dedupe.
@@ -426,8 +427,42 @@ def _error(ack_id: Any, error: str, code: str, permanent: bool) -> dict[str, Any
             "permanent": permanent}
 
 
-async def _send_quietly(ws: trio_websocket.WebSocketConnection, frame: dict[str, Any]) -> None:
-    try:
-        await ws.send_message(encode_json(frame))
-    except trio_websocket.ConnectionClosed:
-        pass
+class _DelayedAcks:
+    """Acks of one connection, sent at once or after the fault's ack delay.
+
+    Delayed acks wait in a queue served by one task (the delay is the same
+    for every ack, so the queue is in due order), not one task each. Sends
+    are queued on the connection and go out coalesced.
+    """
+
+    def __init__(self, ws: ServerConnection, faults: Faults) -> None:
+        self.ws = ws
+        self.faults = faults
+        self._due: collections.deque[tuple[float, str]] = collections.deque()
+        self._queued = trio.Event()
+
+    def send(self, frame: dict[str, Any]) -> None:
+        text = encode_json(frame)
+        delay = self.faults.ack_delay
+        if delay > 0:
+            self._due.append((trio.current_time() + delay, text))
+            self._queued.set()
+        else:
+            self._write(text)
+
+    async def run(self) -> None:
+        while True:
+            await self._queued.wait()
+            while self._due:
+                due, text = self._due[0]
+                if due > trio.current_time():
+                    await trio.sleep_until(due)
+                self._due.popleft()
+                self._write(text)
+            self._queued = trio.Event()
+
+    def _write(self, text: str) -> None:
+        try:
+            self.ws.send_message_nowait(text)
+        except TransportClosed:
+            pass

@@ -14,6 +14,8 @@ provide it:
 from __future__ import annotations
 
 import collections
+import contextlib
+import logging
 import math
 import os
 import ssl
@@ -38,6 +40,8 @@ from wsproto.events import (
 )
 
 from . import _crashpoints
+
+log = logging.getLogger("trio_drain.transport")
 
 TransportName = Literal["wsproto", "trio-websocket"]
 TRANSPORTS: tuple[TransportName, ...] = ("wsproto", "trio-websocket")
@@ -161,9 +165,12 @@ async def _trio_websocket(
 
 
 class _WsprotoConnection:
-    """A client WebSocket over a Trio stream, frames coalesced on write."""
+    """A WebSocket (client or server end) over a Trio stream, frames coalesced on write."""
 
-    def __init__(self, stream: trio.abc.Stream, ws: wsproto.WSConnection, max_message_size: int) -> None:
+    def __init__(
+        self, stream: trio.abc.Stream, ws: wsproto.WSConnection, max_message_size: int, *,
+        server: bool = False,
+    ) -> None:
         self._stream = stream
         self._ws = ws
         self._max = max_message_size
@@ -179,9 +186,15 @@ class _WsprotoConnection:
         self._part_size = 0
         # Fault injection (tests only): crash once a message after the hello
         # has been written to the socket.
-        self._crash_on_send = _crashpoints.armed("send_left")
+        self._crash_on_send = not server and _crashpoints.armed("send_left")
+        # A server that closes waits for the client's close frame before
+        # dropping TCP (RFC 6455 7.1.1), so the client can close cleanly.
+        self._server = server
+        self._peer_gone = trio.Event()  # the peer's close frame or EOF arrived
+        self._reading = False  # the reader task is running
         self._messages_queued = 0
         self._message_in_out = False  # the bytes in _out carry a message (not just a ping)
+        self._writing = False  # the writer task is running
 
     # -- the seam
 
@@ -236,24 +249,31 @@ class _WsprotoConnection:
         self._out_ready.set()
 
     async def writer(self) -> None:
-        while True:
-            await self._out_ready.wait()
-            self._out_ready = trio.Event()
-            data, self._out = bytes(self._out), bytearray()
-            carries_message, self._message_in_out = self._message_in_out, False
-            try:
-                await self._stream.send_all(data)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                self._close("the connection broke while writing")
-                return
-            if self._crash_on_send and carries_message and self._messages_queued > 1:
-                _crashpoints.reached("send_left")
-            if not self._out:
-                self._drained.set()
+        self._writing = True
+        try:
+            while True:
+                await self._out_ready.wait()
+                self._out_ready = trio.Event()
+                data, self._out = bytes(self._out), bytearray()
+                carries_message, self._message_in_out = self._message_in_out, False
+                try:
+                    await self._stream.send_all(data)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    self._close("the connection broke while writing")
+                    return
+                if self._crash_on_send and carries_message and self._messages_queued > 1:
+                    _crashpoints.reached("send_left")
+                if not self._out:
+                    self._drained.set()
+        finally:
+            self._writing = False
+            self._drained.set()  # nobody is left to drain it: don't keep aclose waiting
 
     async def reader(self) -> None:
+        self._reading = True
         try:
-            while self._closed is None:
+            # Reads on after we close, until the peer's close frame or EOF.
+            while not self._peer_gone.is_set():
                 try:
                     data = await self._stream.receive_some(65536)
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -265,6 +285,17 @@ class _WsprotoConnection:
                 self._handle_events()
         except wsproto.utilities.RemoteProtocolError as exc:
             self._close(f"protocol error: {exc}")
+        finally:
+            self._reading = False
+            self._peer_gone.set()
+
+    async def _read_until_peer_closes(self) -> None:
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError,
+                                 wsproto.utilities.RemoteProtocolError):
+            while data := await self._stream.receive_some(65536):
+                self._ws.receive_data(bytes(data))
+                if any(isinstance(e, CloseConnection) for e in self._ws.events()):
+                    return
 
     def _handle_events(self) -> None:
         for event in self._ws.events():
@@ -293,6 +324,7 @@ class _WsprotoConnection:
                 if self._ws.state is wsproto.connection.ConnectionState.REMOTE_CLOSING:
                     self._queue(self._ws.send(event.response()))
                 self._close(f"closed by the peer: {event.code} {event.reason or ''}".strip())
+                self._peer_gone.set()
 
     def _close(self, reason: str) -> None:
         if self._closed is None:
@@ -302,13 +334,19 @@ class _WsprotoConnection:
                 pong.set()
             self._pings.clear()
 
-    async def aclose(self) -> None:
-        if self._closed is None and self._ws.state is wsproto.connection.ConnectionState.OPEN:
-            self._queue(self._ws.send(CloseConnection(code=1000)))
+    async def aclose(self, code: int = 1000, reason: str | None = None) -> None:
+        """Send a close frame (if still open) and close the stream."""
+        initiated = self._closed is None and self._ws.state is wsproto.connection.ConnectionState.OPEN
+        if initiated:
+            self._queue(self._ws.send(CloseConnection(code=code, reason=reason)))
             self._close("closed by us")
-        with trio.move_on_after(1.0):
-            if self._out:
+        with trio.move_on_after(1.0), contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            if self._writing:  # it owns the stream's sending side: let it flush
+                await self._drained.wait()
+            elif self._out:
                 await self._stream.send_all(bytes(self._out))
+            if initiated and self._server:
+                await (self._peer_gone.wait() if self._reading else self._read_until_peer_closes())
         await self._stream.aclose()
 
 
@@ -350,6 +388,66 @@ async def _wsproto(
     finally:
         with trio.CancelScope(shield=True):
             await connection.aclose()
+
+
+# -- the server end (the reference broker's) --------------------------------------------------
+
+
+ServerConnection = _WsprotoConnection
+
+
+async def serve_websocket(
+    handler: Callable[[ServerConnection], Awaitable[None]], host: str, port: int, *,
+    max_message_size: int, handshake_timeout: float = 5.0,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Accept WebSocket connections on (host, port) and run `handler` for
+    each, until cancelled. `task_status.started` gets the bound port.
+
+    The same wsproto connection as the client's, so a server's acks are
+    coalesced into few writes and read in bursts, too. Any request path is
+    accepted.
+    """
+
+    async def serve_stream(stream: trio.SocketStream) -> None:
+        ws = wsproto.WSConnection(wsproto.ConnectionType.SERVER)
+        try:
+            with trio.move_on_after(handshake_timeout):
+                accepted = await _accept_request(stream, ws)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, wsproto.utilities.RemoteProtocolError):
+            accepted = False
+        if not accepted:
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
+            return
+        connection = _WsprotoConnection(stream, ws, max_message_size, server=True)
+        try:
+            async with _running(connection.reader, connection.writer):
+                await handler(connection)
+        except TransportClosed:
+            pass
+        except Exception:  # one connection's failure must not stop the server
+            log.exception("websocket connection handler failed")
+        finally:
+            with trio.CancelScope(shield=True):
+                await connection.aclose()
+
+    listeners = await trio.open_tcp_listeners(port, host=host)
+    task_status.started(listeners[0].socket.getsockname()[1])
+    await trio.serve_listeners(serve_stream, listeners)
+
+
+async def _accept_request(stream: trio.abc.Stream, ws: wsproto.WSConnection) -> bool:
+    """Read the opening handshake and accept it; False if the peer left first."""
+    while True:
+        data = await stream.receive_some(65536)
+        if not data:
+            return False
+        ws.receive_data(bytes(data))
+        for event in ws.events():
+            if isinstance(event, Request):
+                await stream.send_all(ws.send(AcceptConnection()))
+                return True
 
 
 @asynccontextmanager
