@@ -47,7 +47,7 @@ class BatchCompleter:
     """
 
     def __init__(
-        self, outbox: Outbox, *, max_batch: int = 512, max_delay: float = 0.002,
+        self, outbox: Outbox, *, max_batch: int = 512, max_delay: float = 0.0005,
         in_flight: Callable[[], int],
     ) -> None:
         self.outbox = outbox
