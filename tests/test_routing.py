@@ -5,11 +5,15 @@ from __future__ import annotations
 import base64
 from typing import Any
 
+import json
+
 import attrs
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from trio_drain import BrokerRegistry, OutboxRow, Status
-from trio_drain._routing import NoBroker, Ready, Unavailable, outgoing_message
+from trio_drain._routing import NoBroker, OutgoingMessage, Ready, Unavailable, encode_json, outgoing_message
 
 from .helpers import FakeBroker
 
@@ -110,3 +114,14 @@ def test_an_encrypted_row_goes_out_as_stored() -> None:
         "request_fingerprint": bytes(range(32)).hex(), "targetSpec": "#general", "priority": "now",
         "nonce": "bm9uY2U=", "ciphertext": "Y3Q=",
     }
+
+
+@given(st.text(), st.text(), st.text(), st.text(), st.text())
+def test_a_send_frame_is_the_json_of_its_fields_whatever_they_contain(
+    cid: str, target: str, priority: str, nonce: str, ciphertext: str
+) -> None:
+    message = OutgoingMessage(client_message_id=cid, request_fingerprint="ab" * 32, target_spec=target,
+                              priority=priority, nonce=nonce, ciphertext=ciphertext)
+    text = message.to_json()
+    assert text == encode_json(message.to_frame())
+    assert json.loads(text) == message.to_frame()
