@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import base64
-from typing import Any
-
 import json
+from typing import Any
 
 import attrs
 import pytest
