@@ -1,14 +1,17 @@
 """WebSocket client transports behind one small seam.
 
 `WebSocketBroker` needs little of a WebSocket: connect, send a text frame,
-read the next message, ping and wait for the pong, close. Two transports
-provide it:
+read the messages that arrived, ping and wait for the pong, close. Three
+transports provide it:
 
+- ``"native"`` (the default): our own connection on a Trio stream with the
+  RFC 6455 codec of `_wsframes`. Frames queued while a write is in progress
+  go out together in one ``send_all``, so a pipelined burst of sends costs
+  one system call, and a burst of acks is parsed in one pass.
+- ``"wsproto"``: the same connection with wsproto as the codec.
 - ``"trio-websocket"``: the trio-websocket library.
-- ``"wsproto"``: wsproto driven directly on a Trio stream, with write
-  coalescing: frames queued while a write is in progress go out together in
-  one ``send_all``, so a pipelined burst of sends costs one syscall rather
-  than one each.
+
+The reference broker serves with the native connection too (`serve_websocket`).
 """
 
 from __future__ import annotations
@@ -39,12 +42,12 @@ from wsproto.events import (
     TextMessage,
 )
 
-from . import _crashpoints
+from . import _crashpoints, _wsframes
 
 log = logging.getLogger("trio_drain.transport")
 
-TransportName = Literal["wsproto", "trio-websocket"]
-TRANSPORTS: tuple[TransportName, ...] = ("wsproto", "trio-websocket")
+TransportName = Literal["native", "wsproto", "trio-websocket"]
+TRANSPORTS: tuple[TransportName, ...] = ("native", "wsproto", "trio-websocket")
 
 
 class TransportClosed(Exception):
@@ -82,8 +85,8 @@ def open_connection(
 ) -> AbstractAsyncContextManager[Connection]:
     if transport == "trio-websocket":
         return _trio_websocket(url, ssl_context, max_message_size, connect_timeout)
-    if transport == "wsproto":
-        return _wsproto(url, ssl_context, max_message_size, connect_timeout)
+    if transport in ("native", "wsproto"):
+        return _stream_connection(url, ssl_context, max_message_size, connect_timeout, transport == "native")
     raise ValueError(f"unknown transport {transport!r}; choose one of {', '.join(TRANSPORTS)}")
 
 
@@ -161,19 +164,89 @@ async def _trio_websocket(
                 await stream.aclose()
 
 
-# -- wsproto on a Trio stream ----------------------------------------------------------------------
+# -- our own connection over a Trio stream, with either codec ---------------------------------------
 
 
-class _WsprotoConnection:
-    """A WebSocket (client or server end) over a Trio stream, frames coalesced on write."""
+class _Codec(Protocol):
+    """Frames out, events in: `_wsframes.FrameCodec`, or wsproto behind `_WsprotoCodec`."""
 
-    def __init__(
-        self, stream: trio.abc.Stream, ws: wsproto.WSConnection, max_message_size: int, *,
-        server: bool = False,
-    ) -> None:
-        self._stream = stream
+    def text(self, message: str) -> bytes: ...
+
+    def ping(self, payload: bytes) -> bytes: ...
+
+    def pong(self, payload: bytes) -> bytes: ...
+
+    def close(self, code: int, reason: str = "") -> bytes: ...
+
+    def receive(self, data: bytes) -> list[_wsframes.Event]: ...
+
+
+class _WsprotoCodec:
+    """wsproto's connection (after its handshake) as a `_Codec`."""
+
+    def __init__(self, ws: wsproto.WSConnection, max_message_size: int) -> None:
         self._ws = ws
         self._max = max_message_size
+        self._parts: list[str | bytes] = []
+        self._part_size = 0
+
+    def text(self, message: str) -> bytes:
+        return self._ws.send(TextMessage(data=message))
+
+    def ping(self, payload: bytes) -> bytes:
+        return self._ws.send(Ping(payload=payload))
+
+    def pong(self, payload: bytes) -> bytes:
+        return self._ws.send(Pong(payload=payload))
+
+    def close(self, code: int, reason: str = "") -> bytes:
+        try:
+            return self._ws.send(CloseConnection(code=code, reason=reason or None))
+        except wsproto.utilities.LocalProtocolError:
+            return b""  # wsproto has closed already (after a protocol error)
+
+    def receive(self, data: bytes) -> list[_wsframes.Event]:
+        self._ws.receive_data(data)
+        events: list[_wsframes.Event] = []
+        try:
+            for event in self._ws.events():
+                if isinstance(event, (TextMessage, BytesMessage)):
+                    self._parts.append(bytes(event.data) if isinstance(event.data, bytearray) else event.data)
+                    self._part_size += len(event.data)
+                    if self._part_size > self._max:
+                        raise _wsframes.ProtocolError(_wsframes.CLOSE_TOO_BIG, f"message over {self._max} bytes")
+                    if event.message_finished:
+                        first = self._parts[0]
+                        whole = "".join(self._parts) if isinstance(first, str) else b"".join(self._parts)  # type: ignore[arg-type]
+                        self._parts, self._part_size = [], 0
+                        events.append(("message", whole))
+                elif isinstance(event, Ping):
+                    events.append(("ping", bytes(event.payload)))
+                elif isinstance(event, Pong):
+                    events.append(("pong", bytes(event.payload)))
+                elif isinstance(event, CloseConnection):
+                    events.append(("close", event.code, event.reason or ""))
+        except wsproto.utilities.RemoteProtocolError as exc:
+            raise _wsframes.ProtocolError(_wsframes.CLOSE_PROTOCOL_ERROR, str(exc)) from None
+        return events
+
+
+class _StreamConnection:
+    """A WebSocket (client or server end) over a Trio stream.
+
+    A writer task sends whatever was queued since its last write in one
+    `send_all` (a pipelined burst of frames costs one system call), and a
+    reader task parses what arrives into a queue that `get_messages` takes
+    whole. The codec does the protocol; this does the I/O and the close
+    handshake.
+    """
+
+    def __init__(
+        self, stream: trio.abc.Stream, codec: _Codec, *, server: bool = False, received: bytes = b"",
+    ) -> None:
+        self._stream = stream
+        self._codec = codec
+        self._received = received  # bytes that came with the handshake
         self._out = bytearray()
         self._out_ready = trio.Event()
         self._drained = trio.Event()
@@ -182,8 +255,7 @@ class _WsprotoConnection:
         self._arrived = trio.Event()  # set when _inbox gains a message or we close
         self._pings: dict[bytes, trio.Event] = {}
         self._closed: str | None = None
-        self._parts: list[str | bytes] = []
-        self._part_size = 0
+        self._sent_close = False
         # Fault injection (tests only): crash once a message after the hello
         # has been written to the socket.
         self._crash_on_send = not server and _crashpoints.armed("send_left")
@@ -207,7 +279,7 @@ class _WsprotoConnection:
 
     def send_message_nowait(self, message: str) -> None:
         self._check_open()
-        self._queue(self._ws.send(TextMessage(data=message)))
+        self._queue(self._codec.text(message))
         self._messages_queued += 1
         self._message_in_out = True
 
@@ -233,7 +305,7 @@ class _WsprotoConnection:
         self._check_open()
         payload = os.urandom(8)
         pong = self._pings[payload] = trio.Event()
-        self._queue(self._ws.send(Ping(payload=payload)))
+        self._queue(self._codec.ping(payload))
         await pong.wait()
         self._check_open()
 
@@ -272,6 +344,8 @@ class _WsprotoConnection:
     async def reader(self) -> None:
         self._reading = True
         try:
+            if self._received:
+                self._receive(self._received)
             # Reads on after we close, until the peer's close frame or EOF.
             while not self._peer_gone.is_set():
                 try:
@@ -281,50 +355,43 @@ class _WsprotoConnection:
                 if not data:
                     self._close("the peer closed the TCP connection")
                     return
-                self._ws.receive_data(bytes(data))
-                self._handle_events()
-        except wsproto.utilities.RemoteProtocolError as exc:
-            self._close(f"protocol error: {exc}")
+                self._receive(data)
         finally:
             self._reading = False
             self._peer_gone.set()
 
-    async def _read_until_peer_closes(self) -> None:
-        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError,
-                                 wsproto.utilities.RemoteProtocolError):
-            while data := await self._stream.receive_some(65536):
-                self._ws.receive_data(bytes(data))
-                if any(isinstance(e, CloseConnection) for e in self._ws.events()):
-                    return
-
-    def _handle_events(self) -> None:
-        for event in self._ws.events():
-            if isinstance(event, (TextMessage, BytesMessage)):
-                self._parts.append(bytes(event.data) if isinstance(event.data, bytearray) else event.data)
-                self._part_size += len(event.data)
-                if self._part_size > self._max:
-                    self._queue(self._ws.send(CloseConnection(code=1009, reason="message too big")))
-                    self._close(f"message over {self._max} bytes")
-                    return
-                if event.message_finished:
-                    first = self._parts[0]
-                    whole = "".join(self._parts) if isinstance(first, str) else b"".join(self._parts)  # type: ignore[arg-type]
-                    self._parts, self._part_size = [], 0
-                    self._inbox.append(whole)
+    def _receive(self, data: bytes | bytearray) -> None:
+        try:
+            events = self._codec.receive(bytes(data))
+        except _wsframes.ProtocolError as exc:
+            if not self._sent_close:
+                self._sent_close = True
+                self._queue(self._codec.close(exc.code, exc.reason[:120]))
+            self._close(f"protocol error: {exc.reason}")
+            self._peer_gone.set()  # nothing more it says can be trusted
+            return
+        for event in events:
+            if event[0] == "message":
+                if self._closed is None:
+                    self._inbox.append(event[1])
                     self._arrived.set()
-            elif isinstance(event, Ping):
-                self._queue(self._ws.send(event.response()))
-            elif isinstance(event, Pong):
+            elif event[0] == "ping":
+                if not self._sent_close:
+                    self._queue(self._codec.pong(event[1]))
+            elif event[0] == "pong":
                 # A pong answers its ping and every ping sent before it.
                 for payload in list(self._pings):
                     self._pings.pop(payload).set()
-                    if payload == event.payload:
+                    if payload == event[1]:
                         break
-            elif isinstance(event, CloseConnection):
-                if self._ws.state is wsproto.connection.ConnectionState.REMOTE_CLOSING:
-                    self._queue(self._ws.send(event.response()))
-                self._close(f"closed by the peer: {event.code} {event.reason or ''}".strip())
+            else:
+                _, code, reason = event
+                if not self._sent_close:  # the peer began the close: answer it
+                    self._sent_close = True
+                    self._queue(self._codec.close(code))
+                self._close(f"closed by the peer: {code} {reason}".strip())
                 self._peer_gone.set()
+                return
 
     def _close(self, reason: str) -> None:
         if self._closed is None:
@@ -335,10 +402,11 @@ class _WsprotoConnection:
             self._pings.clear()
 
     async def aclose(self, code: int = 1000, reason: str | None = None) -> None:
-        """Send a close frame (if still open) and close the stream."""
-        initiated = self._closed is None and self._ws.state is wsproto.connection.ConnectionState.OPEN
+        """Send a close frame (if none was sent) and close the stream."""
+        initiated = not self._sent_close and not self._peer_gone.is_set()
         if initiated:
-            self._queue(self._ws.send(CloseConnection(code=code, reason=reason)))
+            self._sent_close = True
+            self._queue(self._codec.close(code, reason or ""))
             self._close("closed by us")
         with trio.move_on_after(1.0), contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
             if self._writing:  # it owns the stream's sending side: let it flush
@@ -349,39 +417,58 @@ class _WsprotoConnection:
                 await (self._peer_gone.wait() if self._reading else self._read_until_peer_closes())
         await self._stream.aclose()
 
+    async def _read_until_peer_closes(self) -> None:
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, _wsframes.ProtocolError):
+            while data := await self._stream.receive_some(65536):
+                if any(event[0] == "close" for event in self._codec.receive(bytes(data))):
+                    return
 
-@asynccontextmanager
-async def _wsproto(
-    url: str, ssl_context: ssl.SSLContext | None, max_message_size: int, connect_timeout: float
-) -> AsyncIterator[Connection]:
+
+def _split_url(url: str) -> tuple[str, int, bool, str, str]:
+    """(hostname, port, secure, request target, Host header) of a ws:// or wss:// URL."""
     parts = urlsplit(url)
     if parts.scheme not in ("ws", "wss") or not parts.hostname:
         raise TransportRejected(f"not a ws:// or wss:// URL: {url}")
     secure = parts.scheme == "wss"
     port = parts.port or (443 if secure else 80)
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    host_header = parts.netloc.rsplit("@", 1)[-1]
+    return parts.hostname, port, secure, target, parts.netloc.rsplit("@", 1)[-1]
+
+
+@asynccontextmanager
+async def _stream_connection(
+    url: str, ssl_context: ssl.SSLContext | None, max_message_size: int, connect_timeout: float,
+    native: bool,
+) -> AsyncIterator[Connection]:
+    hostname, port, secure, target, host_header = _split_url(url)
     stream: trio.abc.Stream
+    codec: _Codec
+    received = b""
     with trio.move_on_after(connect_timeout) as scope:
         try:
-            stream = await trio.open_tcp_stream(parts.hostname, port)
+            stream = await trio.open_tcp_stream(hostname, port)
             if secure:
                 stream = trio.SSLStream(stream, ssl_context or ssl.create_default_context(),
-                                        server_hostname=parts.hostname)
+                                        server_hostname=hostname)
                 await stream.do_handshake()
         except (OSError, trio.BrokenResourceError, ssl.SSLError) as exc:
             raise TransportRejected(_describe(exc)) from None
-        ws = wsproto.WSConnection(wsproto.ConnectionType.CLIENT)
         try:
-            await stream.send_all(ws.send(Request(host=host_header, target=target)))
-            await _await_accept(stream, ws)
+            if native:
+                received = await _native_handshake(stream, host_header, target)
+                codec = _wsframes.FrameCodec(client=True, max_message_size=max_message_size)
+            else:
+                ws = wsproto.WSConnection(wsproto.ConnectionType.CLIENT)
+                await stream.send_all(ws.send(Request(host=host_header, target=target)))
+                await _await_accept(stream, ws)
+                codec = _WsprotoCodec(ws, max_message_size)
         except BaseException:
             with trio.CancelScope(shield=True):
                 await stream.aclose()
             raise
     if scope.cancelled_caught:
         raise TransportRejected("timed out connecting")
-    connection = _WsprotoConnection(stream, ws, max_message_size)
+    connection = _StreamConnection(stream, codec, received=received)
     try:
         async with _running(connection.reader, connection.writer):
             yield connection
@@ -390,10 +477,34 @@ async def _wsproto(
             await connection.aclose()
 
 
+async def _native_handshake(stream: trio.abc.Stream, host: str, target: str) -> bytes:
+    """Upgrade the connection; return any bytes that came after the server's answer."""
+    request, key = _wsframes.client_request(host, target)
+    try:
+        await stream.send_all(request)
+        head, rest = await _read_head(stream)
+        _wsframes.check_response(head, key)
+    except (trio.BrokenResourceError, trio.ClosedResourceError, _wsframes.HandshakeFailed) as exc:
+        raise TransportRejected(_describe(exc)) from None
+    return rest
+
+
+async def _read_head(stream: trio.abc.Stream) -> tuple[bytes, bytes]:
+    buffer = b""
+    while True:
+        split = _wsframes.split_head(buffer)
+        if split is not None:
+            return split
+        data = await stream.receive_some(65536)
+        if not data:
+            raise _wsframes.HandshakeFailed("the peer closed the connection during the handshake")
+        buffer += data
+
+
 # -- the server end (the reference broker's) --------------------------------------------------
 
 
-ServerConnection = _WsprotoConnection
+ServerConnection = _StreamConnection
 
 
 async def serve_websocket(
@@ -404,23 +515,21 @@ async def serve_websocket(
     """Accept WebSocket connections on (host, port) and run `handler` for
     each, until cancelled. `task_status.started` gets the bound port.
 
-    The same wsproto connection as the client's, so a server's acks are
-    coalesced into few writes and read in bursts, too. Any request path is
-    accepted.
+    The same connection and codec as the native client's, so a server's acks
+    are coalesced into few writes and read in bursts, too. Any request path
+    is accepted.
     """
 
     async def serve_stream(stream: trio.SocketStream) -> None:
-        ws = wsproto.WSConnection(wsproto.ConnectionType.SERVER)
-        try:
-            with trio.move_on_after(handshake_timeout):
-                accepted = await _accept_request(stream, ws)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, wsproto.utilities.RemoteProtocolError):
-            accepted = False
-        if not accepted:
+        received = None
+        with trio.move_on_after(handshake_timeout):
+            received = await _accept_upgrade(stream)
+        if received is None:
             with trio.CancelScope(shield=True):
                 await stream.aclose()
             return
-        connection = _WsprotoConnection(stream, ws, max_message_size, server=True)
+        codec = _wsframes.FrameCodec(client=False, max_message_size=max_message_size)
+        connection = _StreamConnection(stream, codec, server=True, received=received)
         try:
             async with _running(connection.reader, connection.writer):
                 await handler(connection)
@@ -437,17 +546,19 @@ async def serve_websocket(
     await trio.serve_listeners(serve_stream, listeners)
 
 
-async def _accept_request(stream: trio.abc.Stream, ws: wsproto.WSConnection) -> bool:
-    """Read the opening handshake and accept it; False if the peer left first."""
-    while True:
-        data = await stream.receive_some(65536)
-        if not data:
-            return False
-        ws.receive_data(bytes(data))
-        for event in ws.events():
-            if isinstance(event, Request):
-                await stream.send_all(ws.send(AcceptConnection()))
-                return True
+async def _accept_upgrade(stream: trio.abc.Stream) -> bytes | None:
+    """Answer the opening handshake: the bytes after it if accepted, else None."""
+    try:
+        head, rest = await _read_head(stream)
+        await stream.send_all(_wsframes.server_response(head))
+    except _wsframes.HandshakeFailed as exc:
+        if exc.response:
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                await stream.send_all(exc.response)
+        return None
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        return None
+    return rest
 
 
 @asynccontextmanager
@@ -494,6 +605,8 @@ def _describe(exc: BaseException) -> str:
         return f"rejected with HTTP {exc.status_code}"
     if isinstance(exc, trio_websocket.ConnectionTimeout):
         return "timed out connecting"
+    if isinstance(exc, _wsframes.HandshakeFailed):
+        return str(exc)
     cause = exc.__cause__ or exc.__context__
     if not str(exc) and cause is not None:
         return _describe(cause)

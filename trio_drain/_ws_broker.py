@@ -103,8 +103,9 @@ class WebSocketBroker:
         pong_timeout: seconds a pong may take before the connection is dead.
         ack_timeout: seconds an ack may take before a send fails `ack_timeout`.
         reconnect_backoff: delays between connection attempts (jittered ±20%).
-        transport: ``"wsproto"`` (default; wsproto on a Trio stream with
-            coalesced writes) or ``"trio-websocket"``.
+        transport: ``"native"`` (default: our own RFC 6455 codec on a Trio
+            stream, writes coalesced), ``"wsproto"`` (the same with wsproto
+            as the codec) or ``"trio-websocket"``.
     """
 
     def __init__(
@@ -120,7 +121,7 @@ class WebSocketBroker:
         ack_timeout: float = ACK_TIMEOUT,
         reconnect_backoff: Sequence[float] = RECONNECT_BACKOFF,
         clock: Callable[[], int] | None = None,
-        transport: TransportName = "wsproto",
+        transport: TransportName = "native",
     ) -> None:
         self.url = url
         self.transport = transport
