@@ -200,6 +200,7 @@ class _GroupCommitter:
         self._queue: list[_Op[Any]] = []  # waiting for the next batch
         self._busy = False  # a batch is on the writer thread
         self._gathering = False  # a caller is about to start a batch
+        self._last_batch = 0  # operations in the batch last sent
         self._idle = trio.Event()  # set whenever nothing is queued or running
         self._idle.set()
         self._jobs: queue.SimpleQueue[list[_Op[Any]] | None] = queue.SimpleQueue()
@@ -214,12 +215,14 @@ class _GroupCommitter:
         self._queue.append(op)
         self._idle = trio.Event() if self._idle.is_set() else self._idle
         if not self._busy and not self._gathering:
-            # Yield once before starting a batch, so that tasks woken
-            # together (say, the callers of the batch just committed) all
-            # join it, rather than the first making a batch of one.
-            self._gathering = True
-            await trio.lowlevel.cancel_shielded_checkpoint()
-            self._gathering = False
+            if self._last_batch > 1:
+                # Writers are concurrent: yield once before starting a batch,
+                # so that tasks woken together (the callers of the batch just
+                # committed) all join it, rather than the first making a
+                # batch of one. A lone caller skips the wait.
+                self._gathering = True
+                await trio.lowlevel.cancel_shielded_checkpoint()
+                self._gathering = False
             if not self._busy and self._queue:
                 self._dispatch()
 
@@ -247,6 +250,7 @@ class _GroupCommitter:
 
     def _dispatch(self) -> None:
         batch, self._queue = self._queue, []
+        self._last_batch = len(batch)
         for op in batch:
             op.taken = True
         self._busy = True
