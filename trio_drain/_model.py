@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import attrs
 
@@ -110,6 +110,38 @@ class OutboxRow:
             d["payload_hex"] = self.payload.hex()
         d["lease_token"] = None if self.lease_token is None else "<set>"
         return d
+
+
+class NewRow(NamedTuple):
+    """A row `accept` is about to insert: the values of `OutboxRow`'s fields,
+    in column order, as a plain tuple (status as its text).
+
+    Internal: building one costs a fraction of an attrs instance, and it is
+    the insert's parameters as it stands. `accept_many` builds one per row.
+    """
+
+    id: str
+    client_message_id: str
+    request_fingerprint: bytes
+    payload: bytes
+    enqueued_at: int
+    attempts: int
+    next_attempt_at: int
+    status: str
+    last_error: str | None = None
+    delivered_at: int | None = None
+    broker_message_id: str | None = None
+    aborted_at: int | None = None
+    aborted_by: str | None = None
+    superseded_by: str | None = None
+    mesh: str | None = None
+    target_spec: str | None = None
+    nonce: str | None = None
+    ciphertext: str | None = None
+    priority: str | None = None
+    sender_session_pubkey: str | None = None
+    lease_expires_at: int | None = None
+    lease_token: str | None = None
 
 
 class OutcomeKind(enum.StrEnum):

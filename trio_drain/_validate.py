@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from ._errors import InvalidRequest
 from ._fingerprint import canonical_json, derive_destination, request_fingerprint
 from ._ids import uuid7
-from ._model import DestinationKind, OutboxRow, Priority, SendRequest, Status
+from ._model import DestinationKind, NewRow, Priority, SendRequest
 
 DEFAULT_MAX_PAYLOAD = 1024 * 1024
 MAX_ID_LENGTH = 256
@@ -48,7 +48,7 @@ def _base64(name: str, value: str | None) -> None:
 
 def prepare_row(
     req: SendRequest, *, now: int, max_payload: int = DEFAULT_MAX_PAYLOAD, row_id: str | None = None
-) -> OutboxRow:
+) -> NewRow:
     """Validate `req` and build the pending row `accept` would insert.
 
     `row_id` is the new row's id (a fresh UUIDv7 when omitted).
@@ -106,7 +106,7 @@ def prepare_row(
         destination_kind=kind, destination_ref=ref, payload=payload, priority=priority,
         reply_to_id=reply_to_id, meta=req.meta,
     )
-    return OutboxRow(
+    return NewRow(
         id=row_id if row_id is not None else uuid7(),
         client_message_id=client_message_id if client_message_id is not None else uuid7(),
         request_fingerprint=fingerprint,
@@ -114,7 +114,7 @@ def prepare_row(
         enqueued_at=now,
         attempts=0,
         next_attempt_at=now,
-        status=Status.PENDING,
+        status="pending",
         mesh=mesh,
         target_spec=target_spec,
         nonce=req.nonce,

@@ -15,7 +15,7 @@ import attrs
 
 from .._errors import SchemaError, StoreError
 from .._lifecycle import Completion
-from .._model import AcceptOutcome, OutboxRow, Status
+from .._model import AcceptOutcome, NewRow, OutboxRow, Status
 
 Rows = list[OutboxRow]
 Outcomes = list[AcceptOutcome]
@@ -23,11 +23,12 @@ Applied = list[bool]
 
 #: Columns of the outbox table that OutboxRow carries, in order.
 COLUMNS: tuple[str, ...] = tuple(a.name for a in attrs.fields(OutboxRow))
+assert NewRow._fields == COLUMNS, "NewRow must list OutboxRow's fields in order"
 _ENQUEUED_AT = COLUMNS.index("enqueued_at")
 
 #: A row's values in column order, read at C speed. Status is a str enum, so
 #: sqlite3 binds it as its text (psycopg does not: see the PostgreSQL store).
-row_values: Callable[[OutboxRow], tuple[Any, ...]] = operator.attrgetter(*COLUMNS)
+row_values: Callable[[OutboxRow | NewRow], tuple[Any, ...]] = operator.attrgetter(*COLUMNS)
 
 #: "full" fsyncs every commit the caller was promised (survives power loss);
 #: "normal" survives a process crash only.
@@ -151,7 +152,7 @@ class OutboxBackend(Protocol):
     """What a storage back end provides. All methods are safe to call
     concurrently from many Trio tasks; none blocks the Trio thread."""
 
-    async def accept_many(self, rows: Sequence[OutboxRow]) -> Outcomes:
+    async def accept_many(self, rows: Sequence[NewRow]) -> Outcomes:
         """Insert each prepared pending row unless its client_message_id exists,
         applying the idempotency table, all in one transaction."""
 

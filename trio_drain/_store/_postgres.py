@@ -36,7 +36,7 @@ import trio
 from .. import _lifecycle
 from .._errors import ConfigError, StoreClosed, StoreError, StoreUnavailable, UnknownRow
 from .._lifecycle import Completion
-from .._model import OutboxRow, Status
+from .._model import NewRow, OutboxRow, Status
 from ._base import (
     COLUMNS,
     INDEXES,
@@ -118,10 +118,10 @@ _INSERT = (
 _STATUS_AT = COLUMNS.index("status")
 
 
-def _columns(rows: Sequence[OutboxRow]) -> list[list[Any]]:
+def _columns(rows: Sequence[OutboxRow | NewRow]) -> list[list[Any]]:
     """Rows as one list per column (Status bound as its text)."""
     columns = [list(c) for c in zip(*map(row_values, rows), strict=True)] if rows else [[] for _ in COLUMNS]
-    columns[_STATUS_AT] = [s.value for s in columns[_STATUS_AT]]
+    columns[_STATUS_AT] = [str(s) for s in columns[_STATUS_AT]]
     return columns
 
 
@@ -286,13 +286,13 @@ class PostgresBackend:
 
     # -- accept
 
-    async def accept_many(self, rows: Sequence[OutboxRow]) -> Outcomes:
+    async def accept_many(self, rows: Sequence[NewRow]) -> Outcomes:
         # The first row of each client_message_id is offered for insert; a
         # repeat later in the batch is decided against it, like any other
         # existing row. ON CONFLICT waits for a concurrent insert of the
         # same id to commit or roll back, so exactly one of them wins and
         # the others read the winner's row.
-        first_of: dict[str, OutboxRow] = {}
+        first_of: dict[str, NewRow] = {}
         for r in rows:
             first_of.setdefault(r.client_message_id, r)
         firsts = list(first_of.values())
@@ -316,8 +316,8 @@ class PostgresBackend:
                     existing.get(cid), client_message_id=cid, fingerprint=row.request_fingerprint,
                     new_row_id=row.id,
                 )
-                if outcome.inserted:
-                    existing[cid] = row
+                if outcome.inserted:  # a repeat later in the batch is decided against it
+                    existing[cid] = row_from_values(row)
                 outcomes.append(outcome)
             if inserted:
                 conn.execute("SELECT pg_notify(%s, '')", (CHANNEL,))

@@ -41,7 +41,7 @@ from .._errors import (
     UnknownRow,
 )
 from .._lifecycle import Completion
-from .._model import OutboxRow, Status
+from .._model import NewRow, OutboxRow, Status
 from ._base import (
     COLUMNS,
     INDEXES,
@@ -417,13 +417,13 @@ class SqliteBackend:
 
     # -- accept
 
-    async def accept_many(self, rows: Sequence[OutboxRow]) -> Outcomes:
+    async def accept_many(self, rows: Sequence[NewRow]) -> Outcomes:
         def op(conn: sqlite3.Connection) -> Outcomes:
             # Insert everything, skipping ids already taken; the write lock is
             # held, so nothing slips in between. When every row went in (the
             # common case) there is nothing to look up.
             before = conn.total_changes
-            conn.executemany(_INSERT_NEW, map(row_values, rows))
+            conn.executemany(_INSERT_NEW, rows)  # NewRows are the parameters as they stand
             if conn.total_changes - before == len(rows):
                 return [_lifecycle.decide_accept(None, client_message_id=r.client_message_id,
                                                  fingerprint=r.request_fingerprint, new_row_id=r.id)
