@@ -197,6 +197,31 @@ def raw_commit_rate(folder: str, n: int) -> float:
     return n / elapsed
 
 
+async def schema_commit_rate(folder: str, n: int) -> float:
+    """The accept's own INSERT into the outbox schema (its table and indexes),
+    one row per FULL commit, on the calling thread: what one caller would
+    reach with no thread handoff and no Python around the statement."""
+    from trio_drain._ids import uuid7s
+    from trio_drain._store._sqlite import _INSERT_NEW
+    from trio_drain._validate import prepare_row
+
+    db = Path(folder) / "schema.db"
+    async with open_outbox(db):
+        pass  # creates the schema
+    rows = [prepare_row(SendRequest(mesh="bench", target_spec="#b", payload=b"x", client_message_id=f"s-{i}"),
+                        now=0, row_id=row_id) for i, row_id in enumerate(uuid7s(n))]
+    conn = sqlite3.connect(db, isolation_level=None)
+    conn.execute("PRAGMA synchronous = FULL")
+    started = time.perf_counter()
+    for row in rows:
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute(_INSERT_NEW, row)
+        conn.execute("COMMIT")
+    elapsed = time.perf_counter() - started
+    conn.close()
+    return n / elapsed
+
+
 async def accept_rates(folder: str, n: int) -> dict[str, float]:
     out: dict[str, float] = {}
     async with open_outbox(Path(folder) / "accept.db") as outbox:
@@ -455,10 +480,13 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
 
         raw = statistics.median([raw_commit_rate(tempfile.mkdtemp(dir=folder), 500 if quick else 2000)
                                  for _ in range(runs)])
+        schema = statistics.median([await schema_commit_rate(tempfile.mkdtemp(dir=folder), 500 if quick else 2000)
+                                    for _ in range(runs)])
         accepts = [await accept_rates(tempfile.mkdtemp(dir=folder), 500 if quick else 2000) for _ in range(runs)]
         acc = {k: statistics.median(a[k] for a in accepts) for k in accepts[0]}
         results["accept"] = {
-            "raw_full_commit_rps": raw, **{f"{k}_rps": v for k, v in acc.items()},
+            "raw_full_commit_rps": raw, "schema_full_commit_rps": schema, "schema_ratio_to_raw": schema / raw,
+            **{f"{k}_rps": v for k, v in acc.items()},
             "one_caller_ratio_to_raw": acc["one_caller"] / raw, "one_caller_target": 0.5,
             "concurrent_ratio_to_one": acc["concurrent_64"] / acc["one_caller"], "concurrent_target": 5.0,
             "accept_many_target_rps": 50_000,
@@ -532,6 +560,8 @@ def print_table(r: dict[str, Any]) -> None:
         ("  rows/s one broker core serves at that cost", f"{r['broker']['capacity_rps']:,.0f}",
          f"{r['broker']['capacity_ratio_to_ceiling']:.2f} of ceiling (target >= 0.5)"),
         ("raw single-row FULL commits (/s)", f"{r['accept']['raw_full_commit_rps']:,.0f}", ""),
+        ("  the accept's INSERT into the outbox schema, FULL commits, no threads (/s)",
+         f"{r['accept']['schema_full_commit_rps']:,.0f}", f"{r['accept']['schema_ratio_to_raw']:.2f} of raw"),
         ("accept, one caller (/s)", f"{r['accept']['one_caller_rps']:,.0f}",
          f"{r['accept']['one_caller_ratio_to_raw']:.2f} of raw (target >= 0.5)"),
         ("accept, 64 callers (/s)", f"{r['accept']['concurrent_64_rps']:,.0f}",

@@ -13,6 +13,7 @@ import trio
 
 from trio_drain import (
     BrokerRegistry,
+    BrokerUnavailable,
     DrainConfig,
     DrainWorker,
     Outbox,
@@ -350,3 +351,95 @@ async def test_a_broker_promising_a_longer_ack_timeout_still_gets_the_workers(ri
     await rig.settled(1, seconds=3.0)
     row = await rig.outbox.get_by_client_id("m-1")
     assert row is not None and row.last_error == "max_attempts: ack_timeout"
+
+
+# -- a pipelined broker (start_send and a callback, no task per row) ---------------------------
+
+
+class PipelinedFake:
+    """Takes sends with `start_send` and answers only when the test says so."""
+
+    def __init__(self) -> None:
+        self.open = True
+        self.waiting: dict[str, Any] = {}  # client_message_id -> on_result
+        self.cancelled: list[str] = []
+
+    def is_open(self) -> bool:
+        return self.open
+
+    async def send(self, message: OutgoingMessage) -> SendResult:
+        raise AssertionError("a pipelined broker is never sent to with send()")
+
+    def start_send(self, message: OutgoingMessage, on_result: Any) -> Any:
+        if not self.open:
+            raise BrokerUnavailable("closed")
+        cid = message.client_message_id
+        self.waiting[cid] = on_result
+        fake = self
+
+        class Handle:
+            def cancel(self) -> None:
+                fake.cancelled.append(cid)
+                fake.waiting.pop(cid, None)
+
+        return Handle()
+
+    def answer_all(self, result: SendResult) -> None:
+        waiting, self.waiting = self.waiting, {}
+        for on_result in waiting.values():
+            on_result(result)
+
+
+async def pipelined_rig(outbox: Outbox, nursery: trio.Nursery, config: DrainConfig = FAST) -> tuple[
+        PipelinedFake, DrainWorker]:
+    broker = PipelinedFake()
+    registry = BrokerRegistry()
+    registry.set_mesh("alpha", broker)
+    worker = DrainWorker(outbox, registry, config)
+    await nursery.start(worker.run)
+    return broker, worker
+
+
+async def test_a_pipelined_broker_gets_many_sends_at_once_and_its_callbacks_finish_them(rig: Rig) -> None:
+    await rig.outbox.accept_many([req(f"m-{i}") for i in range(10)])
+    broker, worker = await pipelined_rig(rig.outbox, rig.nursery)
+    await wait_until(lambda: len(broker.waiting) == 10)  # all out before any answer
+    broker.answer_all(SendResult.acked("b-1"))
+    assert (await rig.settled(10))["done"] == 10
+    await wait_until(lambda: worker.statistics().in_flight == 0)
+    assert (worker.statistics().sent, worker.statistics().acked) == (10, 10)
+
+
+async def test_a_pipelined_ack_after_the_deadline_changes_nothing(rig: Rig) -> None:
+    await rig.outbox.accept(req("m-1"))
+    broker, worker = await pipelined_rig(rig.outbox, rig.nursery, attrs.evolve(FAST, ack_timeout=0.1))
+    await wait_until(lambda: "m-1" in broker.waiting)
+    late = broker.waiting["m-1"]
+    await wait_until(lambda: broker.cancelled == ["m-1"])  # the sweep timed it out and let go
+    late(SendResult.acked("too-late"))  # a broker that answers anyway
+    await wait_until(lambda: worker.statistics().retried == 1)
+    row = await rig.outbox.get_by_client_id("m-1")
+    assert row is not None and row.broker_message_id is None and row.last_error == "ack_timeout"
+
+
+async def test_stopping_hands_back_pipelined_sends_and_cancels_their_handles(rig: Rig) -> None:
+    await rig.outbox.accept_many([req(f"m-{i}") for i in range(5)])
+    with trio.CancelScope() as scope:
+        async with trio.open_nursery() as nursery:
+            broker, _ = await pipelined_rig(rig.outbox, nursery)
+            await wait_until(lambda: len(broker.waiting) == 5)
+            scope.cancel()
+    assert sorted(broker.cancelled) == [f"m-{i}" for i in range(5)]
+    rows = await rig.outbox.list(limit=10)
+    assert {(r.status, r.attempts, r.last_error) for r in rows} == {(Status.PENDING, 1, "worker_stopped")}
+
+
+async def test_a_pipelined_broker_closing_before_the_send_gives_the_attempt_back(rig: Rig) -> None:
+    broker, worker = await pipelined_rig(rig.outbox, rig.nursery)
+    looks_open = iter([True])  # open when the row is routed, closed by the time it is sent
+    broker.is_open = lambda: next(looks_open, False)  # type: ignore[method-assign]
+    broker.open = False
+    await rig.outbox.accept(req("m-1"))
+    await wait_until(lambda: worker.statistics().given_back >= 1)
+    row = await rig.outbox.get_by_client_id("m-1")
+    assert row is not None and (row.status, row.attempts, row.last_error) == (Status.PENDING, 0, "route_unavailable")

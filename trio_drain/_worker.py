@@ -431,8 +431,14 @@ class DrainWorker:
                 self._on_result(delivery, _ACK_TIMEOUT)
 
     def _settle(self, delivery: _Delivery, completion: Completion, kind: _Settled, route_name: str) -> None:
-        """Hand the row's completion to the batch completer; its slot frees once written."""
-        self._out.discard(delivery)
+        """Hand the row's completion to the batch completer; its slot frees once written.
+
+        Once per delivery: a second outcome (say, an ack racing the sweep
+        that timed it out) changes nothing.
+        """
+        if delivery not in self._out:
+            return
+        self._out.remove(delivery)
         self._completer.submit(completion, functools.partial(self._recorded, delivery, completion, kind, route_name))
 
     def _recorded(
