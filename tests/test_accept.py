@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import uuid
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from trio_drain import (
     open_outbox,
     request_fingerprint,
 )
+from trio_drain._ids import uuid7, uuid7s
 
 REQ = SendRequest(mesh="alpha", target_spec="#general", payload=b"hi", client_message_id="m-1")
 
@@ -87,6 +89,16 @@ async def test_ids_are_minted_sortable_when_none_is_given(outbox: Outbox) -> Non
     assert len(set(ids)) == 5
     assert ids == sorted(ids)
     assert all(uuid.UUID(i).version == 7 for i in ids)
+
+
+def test_ids_minted_in_a_batch_count_up_and_stay_uuid7() -> None:
+    before = uuid7()
+    batch = uuid7s(1000)
+    after = uuid7()
+    assert before < batch[0] and batch == sorted(set(batch)) and batch[-1] < after
+    parsed = [uuid.UUID(i) for i in batch]
+    assert {(u.version, u.variant) for u in parsed} == {(7, uuid.RFC_4122)}
+    assert all(b.int - a.int == 1 for a, b in itertools.pairwise(parsed))  # a counter after a random start
 
 
 async def test_accept_many_is_one_transaction_and_sees_its_own_rows(outbox: Outbox) -> None:
