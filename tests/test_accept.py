@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 import uuid
 from pathlib import Path
 
@@ -99,6 +100,26 @@ def test_ids_minted_in_a_batch_count_up_and_stay_uuid7() -> None:
     parsed = [uuid.UUID(i) for i in batch]
     assert {(u.version, u.variant) for u in parsed} == {(7, uuid.RFC_4122)}
     assert all(b.int - a.int == 1 for a, b in itertools.pairwise(parsed))  # a counter after a random start
+
+
+def test_batch_ids_stay_right_where_their_low_bits_wrap(monkeypatch: pytest.MonkeyPatch) -> None:
+    from trio_drain import _ids
+
+    ms = 1_700_000_000_000
+    start = (1 << 74) - 3  # random bits a few short of all ones: the low 48 bits wrap, then the rest
+    monkeypatch.setattr(_ids, "_last", 0)
+    monkeypatch.setattr(_ids, "wall_clock_ms", lambda: ms)
+    monkeypatch.setattr(os, "urandom", lambda n: (start << 6).to_bytes(n, "big"))
+    batch = _ids.uuid7s(6)
+
+    def expected(candidate: int) -> str:
+        high, rand = candidate >> 74, candidate & ((1 << 74) - 1)
+        value = (high << 80) | (0x7 << 76) | ((rand >> 62) << 64) | (0b10 << 62) | (rand & ((1 << 62) - 1))
+        return str(uuid.UUID(int=value))
+
+    first = (ms << 74) | start
+    assert batch == [expected(first + i) for i in range(6)]
+    assert batch == sorted(batch) and {uuid.UUID(i).version for i in batch} == {7}
 
 
 async def test_accept_many_is_one_transaction_and_sees_its_own_rows(outbox: Outbox) -> None:

@@ -33,7 +33,12 @@ def uuid7s(count: int) -> list[str]:
         if first <= _last:
             first = _last + 1
         _last = first + count - 1
-    return [_format(v) for v in range(first, first + count)]
+    # Ids of a batch share everything but their low 48 bits (the last 12 hex
+    # digits) until those wrap: format the shared head once.
+    head = _format(first)[:-12]
+    high = first >> 48
+    return [head + f"{v & 0xFFFFFFFFFFFF:012x}" if v >> 48 == high else _format(v)
+            for v in range(first, first + count)]
 
 
 def _format(candidate: int) -> str:
