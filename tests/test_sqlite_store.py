@@ -172,6 +172,11 @@ async def test_a_seed_database_migrates_in_place_and_keeps_every_row(db_path: Pa
         assert stuck is not None and stuck.status is Status.PENDING
         rows = await ob.claim(limit=10, lease_ms=1000, max_age_ms=BIG, token="t")
         assert [r.id for r in rows] == ["s3", "s1", "s2"]  # 'now' first, then by enqueue time
+        # New rows go into the migrated table with every column they do not set NULL.
+        assert (await ob.accept(req("after-migration"))).inserted
+        fresh = await ob.get_by_client_id("after-migration")
+        assert fresh is not None and (fresh.status, fresh.attempts, fresh.mesh) == (Status.PENDING, 0, "alpha")
+        assert (fresh.last_error, fresh.delivered_at, fresh.lease_token, fresh.superseded_by) == (None,) * 4
     conn = sqlite3.connect(db_path)
     assert conn.execute("SELECT version FROM trio_drain_schema").fetchone()[0] == 1
     assert conn.execute("PRAGMA user_version").fetchone()[0] == 7  # the daemon's own, untouched

@@ -107,14 +107,12 @@ def prepare_row(
         destination_kind=kind, destination_ref=ref, payload=payload, priority=priority,
         reply_to_id=reply_to_id, meta=req.meta,
     )
-    # Positionally, in column order (NewRow's field order): the keyword
-    # constructor costs more than the rest of the row's preparation.
+    # Positionally, in NewRow's field order: the keyword constructor costs
+    # more than the rest of the row's preparation.
     return _new_row((
         row_id if row_id is not None else uuid7(),  # id
         client_message_id if client_message_id is not None else uuid7(),
         fingerprint, payload,
         now, 0, now, "pending",  # enqueued_at, attempts, next_attempt_at, status
-        None, None, None, None, None, None,  # last_error .. superseded_by
         mesh, target_spec, req.nonce, req.ciphertext, priority, session,
-        None, None,  # lease_expires_at, lease_token
     ))

@@ -23,12 +23,22 @@ Applied = list[bool]
 
 #: Columns of the outbox table that OutboxRow carries, in order.
 COLUMNS: tuple[str, ...] = tuple(a.name for a in attrs.fields(OutboxRow))
-assert NewRow._fields == COLUMNS, "NewRow must list OutboxRow's fields in order"
+#: The columns a new row sets (`NewRow`'s fields); the rest start NULL.
+NEW_COLUMNS: tuple[str, ...] = NewRow._fields
+_NEW_AT = tuple(COLUMNS.index(c) for c in NEW_COLUMNS)
 _ENQUEUED_AT = COLUMNS.index("enqueued_at")
 
 #: A row's values in column order, read at C speed. Status is a str enum, so
 #: sqlite3 binds it as its text (psycopg does not: see the PostgreSQL store).
-row_values: Callable[[OutboxRow | NewRow], tuple[Any, ...]] = operator.attrgetter(*COLUMNS)
+row_values: Callable[[OutboxRow], tuple[Any, ...]] = operator.attrgetter(*COLUMNS)
+
+
+def new_row_values(row: NewRow) -> tuple[Any, ...]:
+    """A new row's values for every column in `COLUMNS` order (None where it sets none)."""
+    values: list[Any] = [None] * len(COLUMNS)
+    for at, value in zip(_NEW_AT, row, strict=True):
+        values[at] = value
+    return tuple(values)
 
 #: "full" fsyncs every commit the caller was promised (survives power loss);
 #: "normal" survives a process crash only.

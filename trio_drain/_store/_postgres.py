@@ -49,6 +49,7 @@ from ._base import (
     check_durability,
     in_claim_order,
     list_query,
+    new_row_values,
     record_schema_version,
     row_from_values,
     row_values,
@@ -118,9 +119,9 @@ _INSERT = (
 _STATUS_AT = COLUMNS.index("status")
 
 
-def _columns(rows: Sequence[OutboxRow | NewRow]) -> list[list[Any]]:
-    """Rows as one list per column (Status bound as its text)."""
-    columns = [list(c) for c in zip(*map(row_values, rows), strict=True)] if rows else [[] for _ in COLUMNS]
+def _columns(rows: Sequence[tuple[Any, ...]]) -> list[list[Any]]:
+    """Rows' values (in `COLUMNS` order) as one list per column, Status bound as its text."""
+    columns = [list(c) for c in zip(*rows, strict=True)] if rows else [[] for _ in COLUMNS]
     columns[_STATUS_AT] = [str(s) for s in columns[_STATUS_AT]]
     return columns
 
@@ -298,7 +299,7 @@ class PostgresBackend:
         firsts = list(first_of.values())
 
         def op(conn: psycopg.Connection[Any]) -> Outcomes:
-            inserted = {r[0] for r in conn.execute(_INSERT, _columns(firsts)).fetchall()}
+            inserted = {r[0] for r in conn.execute(_INSERT, _columns([new_row_values(r) for r in firsts])).fetchall()}
             existing: dict[str, OutboxRow] = {}
             others = [r.client_message_id for r in firsts if r.client_message_id not in inserted]
             if others:
@@ -317,7 +318,7 @@ class PostgresBackend:
                     new_row_id=row.id,
                 )
                 if outcome.inserted:  # a repeat later in the batch is decided against it
-                    existing[cid] = row_from_values(row)
+                    existing[cid] = row_from_values(new_row_values(row))
                 outcomes.append(outcome)
             if inserted:
                 conn.execute("SELECT pg_notify(%s, '')", (CHANNEL,))
@@ -516,7 +517,7 @@ class PostgresBackend:
                 _locked_row(conn, row_id), now=now, new_id=new_id,
                 new_client_message_id=new_client_message_id, by=by,
             )
-            conn.execute(_INSERT, _columns([successor]))
+            conn.execute(_INSERT, _columns([row_values(successor)]))
             write_aborted(conn, aborted, mark="%s")
             conn.execute("SELECT pg_notify(%s, '')", (CHANNEL,))
             return successor

@@ -45,6 +45,7 @@ from .._model import NewRow, OutboxRow, Status
 from ._base import (
     COLUMNS,
     INDEXES,
+    NEW_COLUMNS,
     NO_FILTER,
     Applied,
     Durability,
@@ -67,7 +68,11 @@ _SELECT = "SELECT " + ", ".join(COLUMNS) + " FROM outbox"
 _INSERT = (
     "INSERT INTO outbox (" + ", ".join(COLUMNS) + ") VALUES (" + ", ".join("?" * len(COLUMNS)) + ")"
 )
-_INSERT_NEW = _INSERT + " ON CONFLICT (client_message_id) DO NOTHING"
+# New rows bind only the columns they set (the rest default to NULL).
+_INSERT_NEW = (
+    "INSERT INTO outbox (" + ", ".join(NEW_COLUMNS) + ") VALUES (" + ", ".join("?" * len(NEW_COLUMNS)) + ")"
+    " ON CONFLICT (client_message_id) DO NOTHING"
+)
 
 # The table as the seed's daemon wrote it, plus the lease columns.
 _CREATE_TABLE = """
