@@ -156,6 +156,12 @@ async def _trio_websocket(
         if entered:
             raise
         raise TransportRejected(_describe(exc)) from None
+    except Exception as exc:
+        if entered:
+            raise
+        # trio-websocket lets other errors out of a handshake that went wrong
+        # (h11's, for a malformed or mismatched answer): still a refusal.
+        raise TransportRejected(f"handshake failed: {_describe(exc)}") from None
     finally:
         # trio-websocket's client waits for the server to close TCP and can
         # leave its socket open when the peer vanished; close it ourselves.
@@ -447,13 +453,16 @@ async def _stream_connection(
     with trio.move_on_after(connect_timeout) as scope:
         try:
             stream = await trio.open_tcp_stream(hostname, port)
+        except OSError as exc:
+            raise TransportRejected(_describe(exc)) from None
+        try:
             if secure:
                 stream = trio.SSLStream(stream, ssl_context or ssl.create_default_context(),
                                         server_hostname=hostname)
-                await stream.do_handshake()
-        except (OSError, trio.BrokenResourceError, ssl.SSLError) as exc:
-            raise TransportRejected(_describe(exc)) from None
-        try:
+                try:
+                    await stream.do_handshake()
+                except (trio.BrokenResourceError, ssl.SSLError) as exc:
+                    raise TransportRejected(_describe(exc)) from None
             if native:
                 received = await _native_handshake(stream, host_header, target)
                 codec = _wsframes.FrameCodec(client=True, max_message_size=max_message_size)
@@ -463,7 +472,8 @@ async def _stream_connection(
                 await _await_accept(stream, ws)
                 codec = _WsprotoCodec(ws, max_message_size)
         except BaseException:
-            with trio.CancelScope(shield=True):
+            with trio.CancelScope(shield=True), contextlib.suppress(trio.BrokenResourceError,
+                                                                    trio.ClosedResourceError):
                 await stream.aclose()
             raise
     if scope.cancelled_caught:
@@ -590,13 +600,16 @@ async def _await_accept(stream: trio.abc.Stream, ws: wsproto.WSConnection) -> No
             raise TransportRejected(_describe(exc)) from None
         if not data:
             raise TransportRejected("the server closed the connection during the handshake")
-        ws.receive_data(bytes(data))
-        for event in ws.events():
-            if isinstance(event, AcceptConnection):
-                return
-            if isinstance(event, (RejectConnection, RejectData)):
-                status = getattr(event, "status_code", "?")
-                raise TransportRejected(f"rejected with HTTP {status}")
+        try:
+            ws.receive_data(bytes(data))
+            for event in ws.events():
+                if isinstance(event, AcceptConnection):
+                    return
+                if isinstance(event, (RejectConnection, RejectData)):
+                    status = getattr(event, "status_code", "?")
+                    raise TransportRejected(f"rejected with HTTP {status}")
+        except wsproto.utilities.RemoteProtocolError as exc:  # e.g. a wrong accept token
+            raise TransportRejected(f"bad handshake answer: {exc}") from None
 
 
 def _describe(exc: BaseException) -> str:
