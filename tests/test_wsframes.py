@@ -227,3 +227,13 @@ async def test_the_native_server_and_client_talk_and_close_cleanly() -> None:
 
 def test_binary_payloads_from_wsproto_arrive_as_bytes() -> None:
     assert client().receive(wsproto_server().send(BytesMessage(data=b"\x00\x01"))) == [("message", b"\x00\x01")]
+
+
+def test_a_long_close_reason_is_cut_on_a_character_boundary() -> None:
+    # 123 bytes is all a close frame has room for; cutting "é" (2 bytes) in
+    # half would make the reason invalid UTF-8 and the peer refuse it (1007).
+    reason = "é" * 100
+    [event] = server().receive(client().close(1000, reason))
+    assert event[0] == "close" and event[1] == 1000
+    received = event[2]
+    assert isinstance(received, str) and reason.startswith(received) and len(received.encode()) <= 123

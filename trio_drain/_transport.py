@@ -351,7 +351,8 @@ class _StreamConnection:
         self._reading = True
         try:
             if self._received:
-                self._receive(self._received)
+                received, self._received = self._received, b""
+                self._receive(received)
             # Reads on after we close, until the peer's close frame or EOF.
             while not self._peer_gone.is_set():
                 try:

@@ -112,7 +112,9 @@ def encode_frame(opcode: int, payload: bytes, *, masked: bool) -> bytes:
 
 
 def close_payload(code: int, reason: str = "") -> bytes:
-    return struct.pack("!H", code) + reason.encode()[:123]
+    """Code and reason, the reason cut to the 123 bytes a control frame has
+    room for, on a character boundary (a cut character would be bad UTF-8)."""
+    return struct.pack("!H", code) + reason.encode()[:123].decode("utf-8", "ignore").encode()
 
 
 def _valid_close_code(code: int) -> bool:
@@ -291,11 +293,7 @@ def split_head(buffer: bytes) -> tuple[bytes, bytes] | None:
 
 
 def _parse_head(head: bytes) -> tuple[str, dict[str, str]]:
-    try:
-        text = head.decode("latin-1")
-    except UnicodeDecodeError:  # pragma: no cover - latin-1 decodes anything
-        raise HandshakeFailed("handshake head is not text") from None
-    start, *lines = text.split("\r\n")
+    start, *lines = head.decode("latin-1").split("\r\n")  # latin-1 decodes any byte
     headers: dict[str, str] = {}
     for line in lines:
         name, colon, value = line.partition(":")
@@ -335,7 +333,7 @@ def server_response(head: bytes) -> bytes:
     """The answer to a client's upgrade request: 101, or an HTTP error.
 
     Raises:
-        HandshakeFailed: with the error response to send in `.args[1]`.
+        HandshakeFailed: with the HTTP error to answer in `.response`.
     """
     try:
         start, headers = _parse_head(head)
