@@ -1,15 +1,17 @@
 """The SQLite back end: one file, WAL, group commit, no blocking call on Trio.
 
-Threading model: one write connection and one read connection, each used
-only through `trio.to_thread.run_sync` under its own limiter of one, so a
-connection is never used by two threads at once (`check_same_thread=False`
-is safe under that rule). Writes are never abandoned on cancellation.
+Threading model: one write connection, used only by a writer thread of
+the store's own, and one read connection, used only through
+`trio.to_thread.run_sync` under a limiter of one; so a connection is never
+used by two threads at once (`check_same_thread=False` is safe under that
+rule). Writes are never abandoned on cancellation.
 
-Group commit: every write is an operation queued for the writer. Whichever
-caller takes the write lock first runs every queued operation in one
+Group commit: every write is an operation queued for the writer thread.
+When it is idle, the queue goes to it as one batch: every operation in one
 transaction (each inside a savepoint, so one failing operation does not
-undo the others) and commits once. Under `synchronous=FULL` that turns N
-concurrent `accept` calls into one fsync instead of N.
+undo the others) and one commit; what is queued meanwhile makes the next
+batch. Under `synchronous=FULL` that turns N concurrent `accept` calls into
+one fsync instead of N.
 
 Only what a caller was promised needs an fsync: accepted rows and operator
 actions. The worker's claims and completions commit without one, since
