@@ -13,7 +13,7 @@ Points (see `POINTS`):
 - ``claim_after_commit``: the claim committed; no row has been sent.
 - ``send_left``: a send frame was handed to the kernel (the socket write
   returned); its ack has not arrived. Counted by the native and wsproto
-  transport: each socket write carrying messages after the hello counts once.
+  transports: each socket write carrying messages after the hello counts once.
 - ``ack_before_record``: the ack arrived; the outcome is not yet recorded.
 - ``completion_mid_batch``: a batch of completions is half written, not
   committed (SQLite back end).

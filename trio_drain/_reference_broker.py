@@ -310,9 +310,9 @@ class _Handler:
 
     async def _serve(self, ws: ServerConnection, mesh: str) -> None:
         sends = 0
-        delayed = _DelayedAcks(ws, self.state.faults)
+        acks = _AckQueue(ws, self.state.faults)
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(delayed.run)
+            nursery.start_soon(acks.run)
             while True:
                 try:
                     batch = await ws.get_messages()
@@ -329,9 +329,9 @@ class _Handler:
                     key = (mesh, str(frame.get("client_message_id")))
                     wait_for = key if record is None and key in self.state.ledger.unwritten else None
                     if record is not None or wait_for is not None:
-                        nursery.start_soon(self._finish, delayed, ack, record, wait_for)
+                        nursery.start_soon(self._finish, acks, ack, record, wait_for)
                     elif ack is not None:
-                        delayed.send(ack)
+                        acks.send(ack)
                     every = self.state.faults.disconnect_every
                     if every and sends % every == 0:
                         self.stats.disconnects += 1
@@ -341,7 +341,7 @@ class _Handler:
             nursery.cancel_scope.cancel()
 
     async def _finish(
-        self, acks: _DelayedAcks, ack: dict[str, Any] | None, record: _Acceptance | None,
+        self, acks: _AckQueue, ack: dict[str, Any] | None, record: _Acceptance | None,
         wait_for: tuple[str, str] | None,
     ) -> None:
         """Persist an acceptance (sharing commits with concurrent ones), then ack.
@@ -427,7 +427,7 @@ def _error(ack_id: Any, error: str, code: str, permanent: bool) -> dict[str, Any
             "permanent": permanent}
 
 
-class _DelayedAcks:
+class _AckQueue:
     """Acks of one connection, sent at once or after the fault's ack delay.
 
     Delayed acks wait in a queue served by one task (the delay is the same
