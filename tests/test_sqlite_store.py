@@ -268,3 +268,50 @@ async def test_callers_woken_together_share_the_next_commit(db_path: Path) -> No
                 nursery.start_soon(caller, k)
         # 160 accepts; callers woken by one commit join the next one together.
         assert committer.batches - before <= 20
+
+
+async def test_leaders_cancelled_mid_write_still_hand_on_every_later_batch(db_path: Path) -> None:
+    # The caller that sends a batch waits for the writer's doorbell, then
+    # wakes the rest and sends the next batch. Cancel two leaders in a row
+    # while their writes run (the second was handed the lead while parked):
+    # every queued write still happens, and each cancelled caller leaves
+    # only after its own write.
+    with trio.fail_after(10):  # a caller left parked would hang the test
+        async with open_outbox(db_path) as ob:
+            committer = ob.backend._committer  # type: ignore[attr-defined]
+            gates = [threading.Event(), threading.Event()]
+            written: list[str] = []
+
+            def held(name: str, gate: threading.Event) -> object:
+                def op(conn: sqlite3.Connection) -> None:
+                    gate.wait(10)
+                    conn.execute(f"CREATE TABLE {name} (x)")
+                    written.append(name)
+                return op
+
+            async def cancelled_leader(name: str, gate: threading.Event) -> None:
+                with trio.CancelScope() as scope:
+                    scopes[name] = scope
+                    await committer.submit(held(name, gate), durable=False)
+                    left_after[name] = list(written)
+                    await trio.lowlevel.checkpoint()  # the cancellation lands here
+                assert scope.cancelled_caught
+
+            scopes: dict[str, trio.CancelScope] = {}
+            left_after: dict[str, list[str]] = {}
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(cancelled_leader, "first", gates[0])
+                await wait_until(lambda: committer._busy)
+                nursery.start_soon(cancelled_leader, "second", gates[1])  # queued: it will lead the next batch
+                await wait_until(lambda: "second" in scopes and len(committer._queue) == 1)
+                scopes["first"].cancel()
+                gates[0].set()
+                await wait_until(lambda: written == ["first"] and committer._busy)
+                nursery.start_soon(ob.accept, req("third"))  # queued behind the second batch
+                await wait_until(lambda: len(committer._queue) == 1)
+                scopes["second"].cancel()
+                gates[1].set()
+            assert written == ["first", "second"]
+            assert left_after == {"first": ["first"], "second": ["first", "second"]}
+            assert (await ob.get_by_client_id("third")) is not None
+            assert committer._idle.is_set() and not committer._busy
