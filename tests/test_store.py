@@ -90,6 +90,38 @@ async def test_a_stale_lease_changes_nothing(clocked_outbox: Outbox, clock: Fake
     assert row is not None and (row.status, row.broker_message_id, row.lease_token) == (Status.DONE, "b", None)
 
 
+async def test_a_batch_with_one_stale_lease_applies_the_others(clocked_outbox: Outbox, clock: FakeClock) -> None:
+    ob = clocked_outbox
+    await ob.accept_many([req(f"m-{i}") for i in range(5)])
+    rows = await ob.claim(limit=5, lease_ms=1000, max_age_ms=BIG, token="t1")
+    stale = lc.on_ack(rows[2], broker_message_id="late", now=clock.now)
+    await ob.complete([lc.on_error(rows[2], error="x", permanent=True, now=clock.now,
+                                   policy=lc.RetryPolicy(), jitter=0)])
+    batch = [lc.on_ack(r, broker_message_id=f"b{i}", now=clock.now) for i, r in enumerate(rows) if i != 2]
+    batch.insert(2, stale)
+    assert await ob.complete(batch) == [True, True, False, True, True]
+    after = {r.client_message_id: r for r in await ob.list(limit=10)}
+    assert [after[f"m-{i}"].status for i in range(5)] == [Status.DONE] * 2 + [Status.DEAD] + [Status.DONE] * 2
+    assert after["m-3"].broker_message_id == "b3" and after["m-2"].broker_message_id is None
+
+
+async def test_complete_and_claim_records_outcomes_and_claims_more_in_one_call(
+        clocked_outbox: Outbox, clock: FakeClock) -> None:
+    ob = clocked_outbox
+    await ob.accept_many([req(f"m-{i}") for i in range(5)])
+    first = await ob.claim(limit=2, lease_ms=1000, max_age_ms=BIG, token="t1")
+    applied, more = await ob.complete_and_claim(
+        [lc.on_ack(r, broker_message_id=f"b-{r.client_message_id}", now=clock.now) for r in first],
+        limit=2, lease_ms=1000, max_age_ms=BIG, token="t2",
+    )
+    assert applied == [True, True]
+    assert [r.client_message_id for r in more] == ["m-2", "m-3"]
+    assert {(r.status, r.attempts, r.lease_token) for r in more} == {(Status.INFLIGHT, 1, "t2")}
+    assert (await ob.counts()) == {"pending": 1, "inflight": 2, "done": 2, "dead": 0, "aborted": 0}
+    row = await ob.get(first[0].id)
+    assert row is not None and row.broker_message_id == "b-m-0"
+
+
 async def test_leases_not_yet_expired_are_not_recovered(clocked_outbox: Outbox, clock: FakeClock) -> None:
     await clocked_outbox.accept(req("m-1"))
     await clocked_outbox.claim(limit=1, lease_ms=1000, max_age_ms=BIG, token="t")

@@ -443,3 +443,72 @@ async def test_a_pipelined_broker_closing_before_the_send_gives_the_attempt_back
     await wait_until(lambda: worker.statistics().given_back >= 1)
     row = await rig.outbox.get_by_client_id("m-1")
     assert row is not None and (row.status, row.attempts, row.last_error) == (Status.PENDING, 0, "route_unavailable")
+
+
+# -- outcomes written together with the next claim -----------------------------------
+
+
+async def test_writing_outcomes_claims_rows_for_the_slots_they_free(rig: Rig) -> None:
+    await rig.outbox.accept_many([req(f"m-{i:02}") for i in range(40)])
+    limits: list[tuple[str, int]] = []
+    claim, complete_and_claim = rig.outbox.claim, rig.outbox.complete_and_claim
+
+    async def spied_claim(**kw: Any) -> Any:
+        rows = await claim(**kw)
+        limits.append(("loop", kw["limit"]))
+        return rows
+
+    async def spied_complete_and_claim(completions: Any, **kw: Any) -> Any:
+        applied, rows = await complete_and_claim(completions, **kw)
+        limits.append(("refill", kw["limit"]))
+        assert kw["limit"] <= len(completions)  # only slots this batch frees
+        return applied, rows
+
+    rig.outbox.claim = spied_claim  # type: ignore[method-assign]
+    rig.outbox.complete_and_claim = spied_complete_and_claim  # type: ignore[method-assign]
+    broker, worker = await pipelined_rig(rig.outbox, rig.nursery, attrs.evolve(FAST, max_inflight=8))
+
+    async def answer_until_done() -> bool:
+        broker.answer_all(SendResult.acked("b"))
+        return (await rig.outbox.counts())["done"] == 40
+
+    await wait_until(answer_until_done)
+    rows = await rig.outbox.list(limit=100)
+    assert {(r.status, r.attempts) for r in rows} == {(Status.DONE, 1)}
+    assert max(limit for _, limit in limits) <= 4  # half the window per claim
+    refills = sum(1 for kind, _ in limits if kind == "refill")
+    assert refills >= 5, limits  # most rows went out from outcome writes, not the loop
+    await wait_until(lambda: worker.statistics().in_flight == 0)
+    assert worker.statistics().claimed == 40
+
+
+async def test_rows_a_refill_claims_after_stopping_began_go_straight_back(rig: Rig) -> None:
+    await rig.outbox.accept_many([req(f"m-{i}") for i in range(6)])
+    complete_and_claim = rig.outbox.complete_and_claim
+    writing, gate = trio.Event(), trio.Event()
+
+    async def held(completions: Any, **kw: Any) -> Any:
+        writing.set()
+        await gate.wait()
+        return await complete_and_claim(completions, **kw)
+
+    rig.outbox.complete_and_claim = held  # type: ignore[method-assign]
+    with trio.CancelScope() as scope:
+        async with trio.open_nursery() as nursery:
+            broker, worker = await pipelined_rig(rig.outbox, nursery, attrs.evolve(FAST, max_inflight=2))
+            await wait_until(lambda: len(broker.waiting) == 2)  # a claim is half the window: two claims
+            broker.answer_all(SendResult.acked("b"))
+            await writing.wait()  # the outcome is being written, with a claim for its slot
+
+            async def release_once_stopping() -> None:
+                await wait_until(lambda: worker._stopping)
+                gate.set()
+
+            rig.nursery.start_soon(release_once_stopping)
+            scope.cancel()
+    # The row claimed with the outcome never went out: back with its attempt.
+    assert broker.waiting == {} and broker.cancelled == []
+    counts = await rig.outbox.counts()
+    assert (counts["done"], counts["inflight"], counts["pending"]) == (2, 0, 4)
+    rows = {r.client_message_id: r for r in await rig.outbox.list(limit=10)}
+    assert rows["m-2"].attempts == 0 and rows["m-2"].status is Status.PENDING

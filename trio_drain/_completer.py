@@ -1,28 +1,30 @@
 """Batched completions: many rows' outcomes recorded in one transaction.
 
 The worker hands each row's `Completion` to the completer together with a
-callback. The completer collects completions for up to `max_delay` seconds,
-or until `max_batch` rows or every send still in flight has reported,
-whichever comes first, then writes them with one `Outbox.complete` call
-(one transaction, one thread hop), in the manner of River's batch
-completer, and calls each callback with what became of its row. Nothing
-waits per row: a batch of acks costs one task switch, not one per row.
+callback. The completer lets the batch grow while outcomes keep arriving
+(one scheduling pass at a time), up to `max_batch` rows, every send still
+in flight, or `max_delay` seconds, then writes it with one call (one
+transaction, one thread hop), in the manner of River's batch completer,
+and calls each callback with what became of its row. Nothing waits per
+row: a batch of acks costs one task switch, not one per row.
 
-The worker frees a row's send slot in that callback, which keeps
+The worker frees a row's send slot once its batch is written, which keeps
 `max_inflight` honest: a slot is only free once its row has left
 `inflight` in the database, so a crash resends at most `max_inflight` rows.
+Its `write` claims rows for the freed slots in the same transaction.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 import trio
 
 from ._errors import StoreError, StoreUnavailable
 from ._lifecycle import Completion
 from ._outbox import Outbox
+from ._store._base import Applied
 
 log = logging.getLogger("trio_drain.worker")
 
@@ -49,8 +51,14 @@ class BatchCompleter:
     def __init__(
         self, outbox: Outbox, *, max_batch: int = 512, max_delay: float = 0.0005,
         in_flight: Callable[[], int],
+        write: Callable[[Sequence[Completion]], Awaitable[Applied]] | None = None,
+        after_batch: Callable[[], None] | None = None,
     ) -> None:
         self.outbox = outbox
+        # How a batch is written (the worker's also claims rows for the
+        # slots it frees), and what to do once its callbacks have run.
+        self.write = write if write is not None else outbox.complete
+        self.after_batch = after_batch
         # Sends still outstanding: once that many completions are queued,
         # nobody else will add to the batch soon, so waiting is pure latency.
         self.in_flight = in_flight
@@ -85,14 +93,26 @@ class BatchCompleter:
             while True:
                 await self._ready.wait()
                 if not self._closing:
-                    with trio.move_on_after(self.max_delay):
-                        await self._full.wait()
+                    await self._gather()
                 await self._flush()
                 if self._closing and not self._completions:
                     return
         if self._completions:
             log.error("stopping with %d outcome(s) unwritten after %ss; those rows stay inflight until"
                       " their lease expires", len(self._completions), FLUSH_TIMEOUT)
+
+    async def _gather(self) -> None:
+        """Let the batch grow while outcomes keep coming: one scheduling pass
+        at a time (every ack already received gets handled in a pass), until
+        a pass brings nothing, every send in flight has reported, the batch
+        is full, or `max_delay` has passed. A timer alone would wait out
+        Trio's millisecond clock after the last ack of a burst."""
+        deadline = trio.current_time() + self.max_delay
+        while not self._full.is_set() and trio.current_time() < deadline:
+            queued = len(self._completions)
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            if len(self._completions) == queued:
+                return
 
     async def _flush(self) -> None:
         completions, callbacks = self._completions, self._callbacks
@@ -106,7 +126,7 @@ class BatchCompleter:
         try:
             while True:
                 try:
-                    applied = await self.outbox.complete(completions)
+                    applied = await self.write(completions)
                     return
                 except StoreUnavailable as exc:
                     # A lost connection or a busy database: worth waiting
@@ -131,3 +151,5 @@ class BatchCompleter:
             else:
                 for recorded, ok in zip(callbacks, applied, strict=True):
                     recorded(ok)
+            if self.after_batch is not None:
+                self.after_batch()

@@ -27,7 +27,10 @@ class DrainConfig:
 
     Attributes:
         max_inflight: sends outstanding at once (a `trio.CapacityLimiter`).
-        batch_size: most rows claimed in one statement.
+        batch_size: most rows claimed in one statement. A claim also takes
+            at most half of `max_inflight`, so the window moves in two
+            groups: one is recorded and refilled while the other waits
+            for its acks.
         poll_interval: longest sleep between looks at the outbox, the
             backstop for rows written by other processes.
         lease: how long a claim holds a row before another worker may take it

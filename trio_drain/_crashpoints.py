@@ -15,7 +15,7 @@ Points (see `POINTS`):
   returned); its ack has not arrived. Counted by the native and wsproto
   transports: each socket write carrying messages after the hello counts once.
 - ``ack_before_record``: the ack arrived; the outcome is not yet recorded.
-- ``completion_mid_batch``: a batch of completions is half written, not
+- ``completion_mid_batch``: a batch of completions is written, not yet
   committed (SQLite back end).
 
 When off, `reached` costs one global lookup and comparison.

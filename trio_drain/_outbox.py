@@ -177,6 +177,18 @@ class Outbox:
     async def complete(self, completions: Sequence[Completion]) -> Applied:
         return await self.backend.complete(completions)
 
+    async def complete_and_claim(
+        self, completions: Sequence[Completion], *, limit: int, lease_ms: int, max_age_ms: int, token: str,
+        exclude: RouteFilter = NO_FILTER,
+    ) -> tuple[Applied, Rows]:
+        """Record outcomes and claim more rows in one transaction: the worker
+        refills the send slots a batch of outcomes frees with no second
+        round trip to the database."""
+        return await self.backend.complete_and_claim(
+            completions, now=self.clock(), limit=limit, lease_ms=lease_ms, max_age_ms=max_age_ms,
+            token=token, exclude=exclude,
+        )
+
     async def recover_expired_leases(self, *, max_attempts: int) -> int:
         return await self.backend.recover_expired_leases(now=self.clock(), max_attempts=max_attempts)
 

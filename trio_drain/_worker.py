@@ -1,20 +1,26 @@
 """The drain worker: claims due rows and delivers them, many at a time.
 
-One loop task claims rows, as many as there are free send slots, and starts
-each row's delivery. Send slots are tokens of a `trio.CapacityLimiter`
-(`max_inflight`) acquired by the loop on each delivery's behalf, so no row
-is claimed that cannot be sent at once. When nothing is due, the loop
-sleeps until the next row is due, a wakeup arrives on its memory channel
-(an accept, a broker connection opening), or `poll_interval` passes (the
-backstop for rows written by other processes).
+One loop task claims rows, as many as there are free send slots (at most
+half the window per claim), and starts each row's delivery. Send slots are
+tokens of a `trio.CapacityLimiter` (`max_inflight`) acquired on each
+delivery's behalf, so no row is claimed that cannot be sent at once. When
+nothing is due, the loop sleeps until the next row is due, a wakeup arrives
+on its memory channel (an accept, a broker connection opening), or
+`poll_interval` passes (the backstop for rows written by other processes).
 
 A delivery is a small record, not a task: a `PipelinedBroker` (such as
 `WebSocketBroker`) queues the frame at once and calls back with the ack;
-the outcome goes to the batch completer with a callback that frees the
-slot once it is written. Per row that is no task, no cancel scope and no
-event; a batch of acks costs one task switch. Brokers with only `send` get
-a task per row, as before. The worker keeps the table of deliveries, so on
-cancellation it hands back every row still out, sent or not.
+the outcome goes to the batch completer with a callback. Per row that is no
+task, no cancel scope and no event; a batch of acks costs one task switch.
+Brokers with only `send` get a task per row. The worker keeps the table of
+deliveries, so on cancellation it hands back every row still out, sent or
+not.
+
+A slot is free only once its row's outcome is written (so a crash resends
+at most `max_inflight` rows). While rows are due, the transaction that
+writes a batch of outcomes also claims rows for the slots it frees, and
+they go out as soon as it commits: one round trip to the database per
+batch, not two, and no wait for the loop to wake.
 
 Rows whose route is down are not claimed at all until the route is back, so
 an outage costs neither CPU nor attempts.
@@ -27,7 +33,7 @@ import functools
 import logging
 import math
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import attrs
@@ -158,11 +164,28 @@ class DrainWorker:
         self._rng = rng if rng is not None else random.Random()
         self._wake_send, self._wake_receive = trio.open_memory_channel[None](1)
         self._limiter = trio.CapacityLimiter(self.config.max_inflight)
-        self._completer = BatchCompleter(outbox, in_flight=lambda: self._limiter.borrowed_tokens)
+        # Half the window at most: claiming it all at once makes every row
+        # wait for the slowest of the whole window at each step (claim,
+        # send, ack, record), where two groups overlap one another's waits
+        # (measured: 1.3x the rows per second at a window of 64).
+        self._claim_size = min(self.config.batch_size, max(1, self.config.max_inflight // 2))
+        self._completer = BatchCompleter(
+            outbox, in_flight=lambda: self._limiter.borrowed_tokens,
+            write=self._write_outcomes, after_batch=self._after_batch,
+        )
         # Blocked routes: (kind, key) as understood by BrokerRegistry.
         self._blocked: dict[tuple[str, str | None], str] = {}
         # Rows claimed and not yet handed to the completer.
         self._out: set[_Delivery] = set()
+        # The batch of outcomes being written: the slots it frees, and the
+        # rows claimed in the same transaction to take them.
+        self._freed: list[object] = []
+        self._refill: list[OutboxRow] = []
+        # Did the last claim find all it asked for (or has a wake come since)?
+        # Then more rows may be due, and writing outcomes claims too.
+        self._hungry = True
+        self._tasks: trio.Nursery | None = None
+        self._stopping = False
         self._running = False
         self._counts: dict[str, int] = dict.fromkeys(_WORKER_COUNTERS, 0)
         self._per_route: dict[str, dict[str, int]] = {}
@@ -174,6 +197,7 @@ class DrainWorker:
 
     def wake(self) -> None:
         """Look at the outbox now. Never blocks; many wakes coalesce into one."""
+        self._hungry = True
         try:
             self._wake_send.send_nowait(None)
         except trio.WouldBlock:
@@ -193,6 +217,7 @@ class DrainWorker:
         if self._running:
             raise TrioDrainError("this DrainWorker is already running")
         self._running = True
+        self._stopping = False
         self.outbox.add_listener(self.wake)
         self.registry.add_listener(self.wake)
         try:
@@ -206,12 +231,14 @@ class DrainWorker:
                 # still out has been handed back to it.
                 await nursery.start(self._completer.run)
                 try:
-                    async with trio.open_nursery() as tasks:
-                        tasks.start_soon(self.outbox.watch, self.wake)
-                        tasks.start_soon(self._expire_overdue)
+                    async with trio.open_nursery() as self._tasks:
+                        self._tasks.start_soon(self.outbox.watch, self.wake)
+                        self._tasks.start_soon(self._expire_overdue)
                         task_status.started()
-                        await self._loop(tasks)
+                        await self._loop()
                 finally:
+                    self._stopping = True  # rows claimed from now on go straight back
+                    self._tasks = None
                     self._hand_back_all()
                     self._completer.close()
         finally:
@@ -221,7 +248,13 @@ class DrainWorker:
 
     # -- the loop
 
-    async def _loop(self, tasks: trio.Nursery) -> None:
+    async def _loop(self) -> None:
+        try:
+            await self._claim_loop()
+        finally:
+            self._stopping = True
+
+    async def _claim_loop(self) -> None:
         config = self.config
         next_maintenance = trio.current_time() + config.maintenance_interval
         failures = 0
@@ -252,28 +285,21 @@ class DrainWorker:
             if failures:
                 log.warning("outbox available again after %d failed attempt(s)", failures)
             failures = 0
-            if rows:
-                _crashpoints.reached("claim_after_commit")
-            self._counts["claimed"] += len(rows)
-            deliveries = [_Delivery(row, slot) for row, slot in zip(rows, slots, strict=False)]
-            self._out.update(deliveries)
-            for slot in slots[len(rows):]:
-                self._limiter.release_on_behalf_of(slot)
+            self._hungry = len(rows) == len(slots)
+            deliveries = self._claimed(rows, slots)
             # Stopping already? Then nothing leaves, and every attempt is given back.
             await trio.lowlevel.checkpoint_if_cancelled()
-            deadline = trio.current_time() + config.ack_timeout
-            for delivery in deliveries:
-                self._start(delivery, tasks, deadline)
-            if len(rows) == len(slots):
+            self._launch(deliveries)
+            if self._hungry:
                 continue  # there may be more due right now
             await self._sleep_until_due(next_maintenance)
 
     async def _take_slots(self) -> list[object]:
-        """Wait for one free send slot, then take up to batch_size that are free."""
+        """Wait for one free send slot, then take up to a claim's worth that are free."""
         first = object()
         await self._limiter.acquire_on_behalf_of(first)
         slots = [first]
-        while len(slots) < self.config.batch_size:
+        while len(slots) < self._claim_size:
             slot = object()
             try:
                 self._limiter.acquire_on_behalf_of_nowait(slot)
@@ -332,6 +358,51 @@ class DrainWorker:
         if key not in self._blocked:
             log.info("route %s is not open; leaving its rows until it is", route.name)
             self._blocked[key] = route.name
+
+    def _claimed(self, rows: list[OutboxRow], slots: list[object]) -> list[_Delivery]:
+        """Claimed rows become deliveries, each with a slot; spare slots are freed."""
+        if rows:
+            _crashpoints.reached("claim_after_commit")
+        self._counts["claimed"] += len(rows)
+        deliveries = [_Delivery(row, slot) for row, slot in zip(rows, slots, strict=False)]
+        self._out.update(deliveries)
+        for slot in slots[len(rows):]:
+            self._limiter.release_on_behalf_of(slot)
+        return deliveries
+
+    def _launch(self, deliveries: list[_Delivery]) -> None:
+        assert self._tasks is not None
+        deadline = trio.current_time() + self.config.ack_timeout
+        for delivery in deliveries:
+            self._start(delivery, self._tasks, deadline)
+
+    # -- outcomes, written in batches
+
+    async def _write_outcomes(self, completions: Sequence[Completion]) -> list[bool]:
+        """The completer's write: record a batch of outcomes and, while rows
+        may be due, claim as many as the batch frees slots for, in the same
+        transaction (`_after_batch` hands the slots over)."""
+        if self._stopping or not self._hungry:
+            return await self.outbox.complete(completions)
+        self._refresh_blocked()
+        limit = min(len(completions), self._claim_size)
+        applied, self._refill = await self.outbox.complete_and_claim(
+            completions, limit=limit, lease_ms=self._policy.lease_ms, max_age_ms=self._policy.max_age_ms,
+            token=new_token(), exclude=self._route_filter(),
+        )
+        self._hungry = len(self._refill) == limit
+        return applied
+
+    def _after_batch(self) -> None:
+        """A batch is written and its callbacks have run: the slots it freed
+        go to the rows claimed with it, the rest back to the limiter."""
+        freed, self._freed = self._freed, []
+        rows, self._refill = self._refill, []
+        deliveries = self._claimed(rows, freed)
+        if self._stopping:  # nothing leaves: straight back, attempts returned
+            self._hand_back(deliveries)
+        else:
+            self._launch(deliveries)
 
     # -- one row
 
@@ -408,8 +479,11 @@ class DrainWorker:
 
     def _hand_back_all(self) -> None:
         """Stopping: every row still out goes back to pending (sync: no checkpoint)."""
+        self._hand_back(list(self._out))
+
+    def _hand_back(self, deliveries: list[_Delivery]) -> None:
         now = self.outbox.clock()
-        for delivery in list(self._out):
+        for delivery in deliveries:
             if delivery.handle is not None:
                 delivery.handle.cancel()
             completion = _lifecycle.on_released(delivery.row, sent=delivery.sent, now=now, policy=self._policy)
@@ -444,7 +518,7 @@ class DrainWorker:
     def _recorded(
         self, delivery: _Delivery, completion: Completion, kind: _Settled, route_name: str, applied: bool | None
     ) -> None:
-        self._limiter.release_on_behalf_of(delivery.slot)
+        self._freed.append(delivery.slot)  # freed (or refilled) once the whole batch is through
         if applied is None:
             return  # the completer logged it; the lease will bring the row back
         if not applied:

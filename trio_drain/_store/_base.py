@@ -191,6 +191,12 @@ class OutboxBackend(Protocol):
         """Apply each completion if its row is still inflight under its token.
         Returns, per completion, whether it applied (False: stale lease)."""
 
+    async def complete_and_claim(
+        self, completions: Sequence[Completion], *, now: int, limit: int, lease_ms: int, max_age_ms: int,
+        token: str, exclude: RouteFilter = NO_FILTER,
+    ) -> tuple[Applied, Rows]:
+        """`complete` then `claim`, in one transaction."""
+
     async def recover_expired_leases(self, *, now: int, max_attempts: int) -> int:
         """Put inflight rows whose lease ran out back to pending, or to dead
         (`LEASE_EXPIRED_AT_CAP`) if they have used every attempt. Returns

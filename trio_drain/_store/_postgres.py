@@ -257,6 +257,54 @@ class _Pool:
 # -- the back end ------------------------------------------------------------------
 
 
+def _claim_statement(
+    now: int, limit: int, lease_ms: int, max_age_ms: int, token: str, exclude: RouteFilter
+) -> tuple[str, list[Any]]:
+    clause, params = _route_clause(exclude)
+    sql = (
+        "WITH picked AS (SELECT id FROM outbox"
+        " WHERE status = 'pending' AND next_attempt_at <= %s AND enqueued_at >= %s" + clause
+        + " ORDER BY priority_rank, enqueued_at LIMIT %s FOR UPDATE SKIP LOCKED)"
+        " UPDATE outbox SET status = 'inflight', attempts = outbox.attempts + 1,"
+        " lease_token = %s, lease_expires_at = %s FROM picked WHERE outbox.id = picked.id"
+        f" RETURNING {_RETURNING}, outbox.priority_rank"
+    )
+    return sql, [now, now - max_age_ms, *params, limit, token, now + lease_ms]
+
+
+def _claim(conn: psycopg.Connection[Any], sql: str, args: list[Any]) -> Rows:
+    return in_claim_order(conn.execute(sql, args).fetchall())
+
+
+# One statement for the whole batch; the fence is in the join.
+_COMPLETE = (
+    "UPDATE outbox SET status = c.status, attempts = c.attempts,"
+    " next_attempt_at = c.next_attempt_at, last_error = c.last_error,"
+    " delivered_at = c.delivered_at, broker_message_id = c.broker_message_id,"
+    " lease_token = NULL, lease_expires_at = NULL"
+    " FROM unnest(%s::text[], %s::text[], %s::text[], %s::integer[], %s::bigint[],"
+    "  %s::text[], %s::bigint[], %s::text[])"
+    " AS c(id, token, status, attempts, next_attempt_at, last_error, delivered_at,"
+    "  broker_message_id)"
+    " WHERE outbox.id = c.id AND outbox.status = 'inflight' AND outbox.lease_token = c.token"
+    " RETURNING c.id, c.token"
+)
+
+
+def _complete(conn: psycopg.Connection[Any], completions: Sequence[Completion]) -> Applied:
+    # Losing an outcome to a server crash is harmless (the lease brings the
+    # row back and the broker dedupes the resend), so these commits do not
+    # wait for the WAL flush.
+    conn.execute("SET LOCAL synchronous_commit = off")
+    applied = {(r[0], r[1]) for r in conn.execute(_COMPLETE, [
+        [c.row_id for c in completions], [c.lease_token for c in completions],
+        [c.status.value for c in completions], [c.attempts for c in completions],
+        [c.next_attempt_at for c in completions], [c.last_error for c in completions],
+        [c.delivered_at for c in completions], [c.broker_message_id for c in completions],
+    ])}
+    return [(c.row_id, c.lease_token) in applied for c in completions]
+
+
 class PostgresBackend:
     """An outbox in a PostgreSQL database. Build it with `PostgresBackend.open`."""
 
@@ -332,50 +380,27 @@ class PostgresBackend:
         self, *, now: int, limit: int, lease_ms: int, max_age_ms: int, token: str,
         exclude: RouteFilter = NO_FILTER,
     ) -> Rows:
-        clause, params = _route_clause(exclude)
-        sql = (
-            "WITH picked AS (SELECT id FROM outbox"
-            " WHERE status = 'pending' AND next_attempt_at <= %s AND enqueued_at >= %s" + clause
-            + " ORDER BY priority_rank, enqueued_at LIMIT %s FOR UPDATE SKIP LOCKED)"
-            " UPDATE outbox SET status = 'inflight', attempts = outbox.attempts + 1,"
-            " lease_token = %s, lease_expires_at = %s FROM picked WHERE outbox.id = picked.id"
-            f" RETURNING {_RETURNING}, outbox.priority_rank"
-        )
-        args = [now, now - max_age_ms, *params, limit, token, now + lease_ms]
+        claim = _claim_statement(now, limit, lease_ms, max_age_ms, token, exclude)
 
         def op(conn: psycopg.Connection[Any]) -> Rows:
-            return in_claim_order(conn.execute(sql, args).fetchall())
+            return _claim(conn, *claim)
 
         return await self._pool.run(op)
 
     async def complete(self, completions: Sequence[Completion]) -> Applied:
-        # One statement for the whole batch; the fence is in the join.
-        sql = (
-            "UPDATE outbox SET status = c.status, attempts = c.attempts,"
-            " next_attempt_at = c.next_attempt_at, last_error = c.last_error,"
-            " delivered_at = c.delivered_at, broker_message_id = c.broker_message_id,"
-            " lease_token = NULL, lease_expires_at = NULL"
-            " FROM unnest(%s::text[], %s::text[], %s::text[], %s::integer[], %s::bigint[],"
-            "  %s::text[], %s::bigint[], %s::text[])"
-            " AS c(id, token, status, attempts, next_attempt_at, last_error, delivered_at,"
-            "  broker_message_id)"
-            " WHERE outbox.id = c.id AND outbox.status = 'inflight' AND outbox.lease_token = c.token"
-            " RETURNING c.id, c.token"
-        )
-        args = [
-            [c.row_id for c in completions], [c.lease_token for c in completions],
-            [c.status.value for c in completions], [c.attempts for c in completions],
-            [c.next_attempt_at for c in completions], [c.last_error for c in completions],
-            [c.delivered_at for c in completions], [c.broker_message_id for c in completions],
-        ]
-
         def op(conn: psycopg.Connection[Any]) -> Applied:
-            # Losing an outcome to a server crash is harmless (the lease
-            # brings the row back and the broker dedupes the resend), so
-            # these commits do not wait for the WAL flush.
-            conn.execute("SET LOCAL synchronous_commit = off")
-            applied = {(r[0], r[1]) for r in conn.execute(sql, args)}
-            return [(c.row_id, c.lease_token) in applied for c in completions]
+            return _complete(conn, completions)
+
+        return await self._pool.run(op)
+
+    async def complete_and_claim(
+        self, completions: Sequence[Completion], *, now: int, limit: int, lease_ms: int, max_age_ms: int,
+        token: str, exclude: RouteFilter = NO_FILTER,
+    ) -> tuple[Applied, Rows]:
+        claim = _claim_statement(now, limit, lease_ms, max_age_ms, token, exclude)
+
+        def op(conn: psycopg.Connection[Any]) -> tuple[Applied, Rows]:
+            return _complete(conn, completions), _claim(conn, *claim)
 
         return await self._pool.run(op)
 

@@ -170,6 +170,79 @@ def _route_clause(exclude: RouteFilter) -> tuple[str, list[Any]]:
     return "".join(" AND " + p for p in parts), params
 
 
+def _claim_statement(
+    now: int, limit: int, lease_ms: int, max_age_ms: int, token: str, exclude: RouteFilter
+) -> tuple[str, list[Any]]:
+    clause, params = _route_clause(exclude)
+    # INDEXED BY pins the claim index: the planner would otherwise often
+    # pick outbox_due and sort the whole backlog.
+    sql = (
+        "UPDATE outbox SET status = 'inflight', attempts = attempts + 1,"
+        " lease_token = ?, lease_expires_at = ?"
+        " WHERE id IN (SELECT id FROM outbox INDEXED BY outbox_claim"
+        "  WHERE status = 'pending' AND next_attempt_at <= ? AND enqueued_at >= ?"
+        + clause
+        + "  ORDER BY priority_rank, enqueued_at LIMIT ?)"
+        " RETURNING " + ", ".join(COLUMNS) + ", priority_rank"
+    )
+    return sql, [token, now + lease_ms, now, now - max_age_ms, *params, limit]
+
+
+def _claim(conn: sqlite3.Connection, sql: str, args: list[Any]) -> Rows:
+    found = conn.execute(sql, args).fetchall()
+    _crashpoints.reached("claim_before_commit")
+    return in_claim_order(found)
+
+
+# The fence (still inflight under the completion's token) is in the WHERE.
+_COMPLETE_ONE = (
+    "UPDATE outbox SET status = ?, attempts = ?, next_attempt_at = ?, last_error = ?,"
+    " delivered_at = ?, broker_message_id = ?, lease_token = NULL, lease_expires_at = NULL"
+    " WHERE id = ? AND status = 'inflight' AND lease_token = ?"
+)
+# Many at once: the same update joined to a table of completions. SQLite
+# allows 32,766 bound values; 8 a row, in chunks well under that.
+_COMPLETE_CHUNK = 1000
+
+
+def _complete_many_sql(n: int) -> str:
+    return (
+        "WITH c(status, attempts, next_attempt_at, last_error, delivered_at, broker_message_id, id, token)"
+        " AS (VALUES " + ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?)"] * n) + ")"
+        " UPDATE outbox SET status = c.status, attempts = c.attempts, next_attempt_at = c.next_attempt_at,"
+        " last_error = c.last_error, delivered_at = c.delivered_at, broker_message_id = c.broker_message_id,"
+        " lease_token = NULL, lease_expires_at = NULL"
+        " FROM c WHERE outbox.id = c.id AND outbox.status = 'inflight' AND outbox.lease_token = c.token"
+    )
+
+
+def _complete(conn: sqlite3.Connection, completions: Sequence[Completion]) -> Applied:
+    """Apply completions; per completion, whether its row was still inflight
+    under its token.
+
+    One statement per chunk. When it changed as many rows as it had
+    completions (the usual case) every one applied; otherwise (a stale
+    lease, or a row twice) the chunk is undone and applied row by row,
+    which says which ones took.
+    """
+    applied: list[bool] = []
+    for start in range(0, len(completions), _COMPLETE_CHUNK):
+        chunk = completions[start:start + _COMPLETE_CHUNK]
+        values = [(c.status.value, c.attempts, c.next_attempt_at, c.last_error, c.delivered_at,
+                   c.broker_message_id, c.row_id, c.lease_token) for c in chunk]
+        conn.execute("SAVEPOINT complete")
+        before = conn.total_changes
+        conn.execute(_complete_many_sql(len(chunk)), [v for row in values for v in row])
+        if conn.total_changes - before == len(chunk):
+            applied.extend([True] * len(chunk))
+        else:
+            conn.execute("ROLLBACK TO complete")
+            applied.extend(conn.execute(_COMPLETE_ONE, row).rowcount == 1 for row in values)
+        _crashpoints.reached("completion_mid_batch")
+        conn.execute("RELEASE complete")
+    return applied
+
+
 # -- group commit ------------------------------------------------------------------
 
 
@@ -531,46 +604,27 @@ class SqliteBackend:
         self, *, now: int, limit: int, lease_ms: int, max_age_ms: int, token: str,
         exclude: RouteFilter = NO_FILTER,
     ) -> Rows:
-        clause, params = _route_clause(exclude)
-        # INDEXED BY pins the claim index: the planner would otherwise often
-        # pick outbox_due and sort the whole backlog.
-        sql = (
-            "UPDATE outbox SET status = 'inflight', attempts = attempts + 1,"
-            " lease_token = ?, lease_expires_at = ?"
-            " WHERE id IN (SELECT id FROM outbox INDEXED BY outbox_claim"
-            "  WHERE status = 'pending' AND next_attempt_at <= ? AND enqueued_at >= ?"
-            + clause
-            + "  ORDER BY priority_rank, enqueued_at LIMIT ?)"
-            " RETURNING " + ", ".join(COLUMNS) + ", priority_rank"
-        )
-        args = [token, now + lease_ms, now, now - max_age_ms, *params, limit]
+        claim = _claim_statement(now, limit, lease_ms, max_age_ms, token, exclude)
 
         def op(conn: sqlite3.Connection) -> Rows:
-            found = conn.execute(sql, args).fetchall()
-            _crashpoints.reached("claim_before_commit")
-            return in_claim_order(found)
+            return _claim(conn, *claim)
 
         return await self._write(op, durable=False)
 
     async def complete(self, completions: Sequence[Completion]) -> Applied:
-        sql = (
-            "UPDATE outbox SET status = ?, attempts = ?, next_attempt_at = ?, last_error = ?,"
-            " delivered_at = ?, broker_message_id = ?, lease_token = NULL, lease_expires_at = NULL"
-            " WHERE id = ? AND status = 'inflight' AND lease_token = ?"
-        )
-
         def op(conn: sqlite3.Connection) -> Applied:
-            applied = []
-            middle = len(completions) // 2
-            for i, c in enumerate(completions):
-                if i == middle and i:
-                    _crashpoints.reached("completion_mid_batch")
-                cur = conn.execute(sql, (
-                    c.status.value, c.attempts, c.next_attempt_at, c.last_error,
-                    c.delivered_at, c.broker_message_id, c.row_id, c.lease_token,
-                ))
-                applied.append(cur.rowcount == 1)
-            return applied
+            return _complete(conn, completions)
+
+        return await self._write(op, durable=False)
+
+    async def complete_and_claim(
+        self, completions: Sequence[Completion], *, now: int, limit: int, lease_ms: int, max_age_ms: int,
+        token: str, exclude: RouteFilter = NO_FILTER,
+    ) -> tuple[Applied, Rows]:
+        claim = _claim_statement(now, limit, lease_ms, max_age_ms, token, exclude)
+
+        def op(conn: sqlite3.Connection) -> tuple[Applied, Rows]:
+            return _complete(conn, completions), _claim(conn, *claim)
 
         return await self._write(op, durable=False)
 
