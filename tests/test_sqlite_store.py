@@ -315,3 +315,29 @@ async def test_leaders_cancelled_mid_write_still_hand_on_every_later_batch(db_pa
             assert left_after == {"first": ["first"], "second": ["first", "second"]}
             assert (await ob.get_by_client_id("third")) is not None
             assert committer._idle.is_set() and not committer._busy
+
+
+@pytest.mark.parametrize("kind", ["eventfd", "socketpair"])
+async def test_the_writers_doorbell_wakes_its_waiter_once_per_ring(
+        kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from trio_drain._store._sqlite import _Doorbell
+
+    if kind == "socketpair":  # what other systems than Linux get
+        monkeypatch.delattr(os, "eventfd")
+    elif not hasattr(os, "eventfd"):
+        pytest.skip("no eventfd on this system")
+    bell = _Doorbell()
+    try:
+        with trio.move_on_after(0.05) as scope:
+            await bell.wait()
+        assert scope.cancelled_caught  # not rung: it waits
+        await trio.to_thread.run_sync(bell.ring)  # from another thread, as the writer does
+        await bell.wait()
+        bell.ring()
+        bell.ring()
+        await bell.wait()  # two rings before a wait: one wake, and both are taken
+        with trio.move_on_after(0.05) as scope:
+            await bell.wait()
+        assert scope.cancelled_caught
+    finally:
+        bell.close()

@@ -237,7 +237,6 @@ class DrainWorker:
                         task_status.started()
                         await self._loop()
                 finally:
-                    self._stopping = True  # rows claimed from now on go straight back
                     self._tasks = None
                     self._hand_back_all()
                     self._completer.close()
@@ -252,6 +251,8 @@ class DrainWorker:
         try:
             await self._claim_loop()
         finally:
+            # From here on, rows that a batch of outcomes claims go straight
+            # back (the other tasks may take a moment to stop).
             self._stopping = True
 
     async def _claim_loop(self) -> None:

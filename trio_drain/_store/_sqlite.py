@@ -260,7 +260,7 @@ class _Doorbell:
         if hasattr(os, "eventfd"):
             self._fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
             self._sock: socket.socket | None = None
-        else:  # pragma: no cover - not Linux
+        else:  # not Linux
             self._sock, self._peer = socket.socketpair()
             self._sock.setblocking(False)
             self._peer.setblocking(False)
@@ -270,7 +270,7 @@ class _Doorbell:
         """From any thread."""
         if self._peer is None:
             os.eventfd_write(self._fd, 1)
-        else:  # pragma: no cover - not Linux
+        else:  # not Linux
             with contextlib.suppress(BlockingIOError):  # full: it is ringing anyway
                 self._peer.send(b"\0")
 
@@ -280,14 +280,14 @@ class _Doorbell:
         with contextlib.suppress(BlockingIOError):
             if self._sock is None:
                 os.eventfd_read(self._fd)
-            else:  # pragma: no cover - not Linux
+            else:  # not Linux
                 while self._sock.recv(4096):
                     pass
 
     def close(self) -> None:
         if self._sock is None:
             os.close(self._fd)
-        else:  # pragma: no cover - not Linux
+        else:  # not Linux
             self._sock.close()
             assert self._peer is not None
             self._peer.close()
@@ -334,6 +334,7 @@ class _GroupCommitter:
         self._synchronous = "FULL" if durable else "NORMAL"
         self._queue: list[_Op[Any]] = []  # waiting for the next batch
         self._busy = False  # a batch is on the writer thread
+        self._running: list[_Op[Any]] | None = None  # that batch
         self._gathering = False  # a caller is about to start a batch
         self._last_batch = 0  # operations in the batch last sent
         self._idle = trio.Event()  # set whenever nothing is queued or running
@@ -388,8 +389,6 @@ class _GroupCommitter:
         else:
             self._conn.close()
         self._bell.close()
-
-    _running: list[_Op[Any]] | None = None  # the batch on the writer thread
 
     def _dispatch(self) -> list[_Op[Any]]:
         batch, self._queue = self._queue, []
