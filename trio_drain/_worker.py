@@ -183,7 +183,7 @@ class DrainWorker:
         self._refill: list[OutboxRow] = []
         # Did the last claim find all it asked for (or has a wake come since)?
         # Then more rows may be due, and writing outcomes claims too.
-        self._hungry = True
+        self._maybe_more_due = True
         self._tasks: trio.Nursery | None = None
         self._stopping = False
         self._running = False
@@ -197,7 +197,7 @@ class DrainWorker:
 
     def wake(self) -> None:
         """Look at the outbox now. Never blocks; many wakes coalesce into one."""
-        self._hungry = True
+        self._maybe_more_due = True
         try:
             self._wake_send.send_nowait(None)
         except trio.WouldBlock:
@@ -286,12 +286,12 @@ class DrainWorker:
             if failures:
                 log.warning("outbox available again after %d failed attempt(s)", failures)
             failures = 0
-            self._hungry = len(rows) == len(slots)
+            self._maybe_more_due = len(rows) == len(slots)
             deliveries = self._claimed(rows, slots)
             # Stopping already? Then nothing leaves, and every attempt is given back.
             await trio.lowlevel.checkpoint_if_cancelled()
             self._launch(deliveries)
-            if self._hungry:
+            if self._maybe_more_due:
                 continue  # there may be more due right now
             await self._sleep_until_due(next_maintenance)
 
@@ -383,7 +383,7 @@ class DrainWorker:
         """The completer's write: record a batch of outcomes and, while rows
         may be due, claim as many as the batch frees slots for, in the same
         transaction (`_after_batch` hands the slots over)."""
-        if self._stopping or not self._hungry:
+        if self._stopping or not self._maybe_more_due:
             return await self.outbox.complete(completions)
         self._refresh_blocked()
         limit = min(len(completions), self._claim_size)
@@ -391,7 +391,7 @@ class DrainWorker:
             completions, limit=limit, lease_ms=self._policy.lease_ms, max_age_ms=self._policy.max_age_ms,
             token=new_token(), exclude=self._route_filter(),
         )
-        self._hungry = len(self._refill) == limit
+        self._maybe_more_due = len(self._refill) == limit
         return applied
 
     def _after_batch(self) -> None:

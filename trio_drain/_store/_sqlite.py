@@ -23,6 +23,7 @@ operations needs it.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import queue
 import socket
@@ -205,6 +206,7 @@ _COMPLETE_ONE = (
 _COMPLETE_CHUNK = 1000
 
 
+@functools.lru_cache(maxsize=64)  # one string per batch size: SQLite's statement cache hits
 def _complete_many_sql(n: int) -> str:
     return (
         "WITH c(status, attempts, next_attempt_at, last_error, delivered_at, broker_message_id, id, token)"
