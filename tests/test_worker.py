@@ -512,3 +512,32 @@ async def test_rows_a_refill_claims_after_stopping_began_go_straight_back(rig: R
     assert (counts["done"], counts["inflight"], counts["pending"]) == (2, 0, 4)
     rows = {r.client_message_id: r for r in await rig.outbox.list(limit=10)}
     assert rows["m-2"].attempts == 0 and rows["m-2"].status is Status.PENDING
+
+
+# -- the batch completer on its own ------------------------------------------------------
+
+
+async def test_the_completer_writes_a_burst_at_once_without_waiting_out_its_delay() -> None:
+    from trio_drain._completer import BatchCompleter
+
+    writes: list[int] = []
+
+    class CountingOutbox:
+        async def complete(self, completions: Any) -> list[bool]:
+            writes.append(len(completions))
+            return [True] * len(completions)
+
+    # A long delay, and more sends in flight than will report: only a quiet
+    # scheduling pass can end the gathering.
+    completer = BatchCompleter(CountingOutbox(), max_delay=5.0, in_flight=lambda: 100)  # type: ignore[arg-type]
+    recorded: list[bool | None] = []
+    async with trio.open_nursery() as nursery:
+        await nursery.start(completer.run)
+        try:
+            with trio.fail_after(1):
+                for _ in range(10):
+                    completer.submit(None, recorded.append)  # type: ignore[arg-type]
+                await wait_until(lambda: len(recorded) == 10)
+        finally:
+            completer.close()  # its run ends only when closed
+    assert writes == [10] and recorded == [True] * 10
