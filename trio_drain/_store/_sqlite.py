@@ -335,8 +335,8 @@ class _GroupCommitter:
         self._durable = durable  # whether the connection may fsync at all
         self._synchronous = "FULL" if durable else "NORMAL"
         self._queue: list[_Op[Any]] = []  # waiting for the next batch
-        self._busy = False  # a batch is on the writer thread
-        self._running: list[_Op[Any]] | None = None  # that batch
+        self._running: list[_Op[Any]] | None = None  # the batch on the writer thread
+        self._closed = False
         self._gathering = False  # a caller is about to start a batch
         self._last_batch = 0  # operations in the batch last sent
         self._idle = trio.Event()  # set whenever nothing is queued or running
@@ -354,7 +354,7 @@ class _GroupCommitter:
         self._queue.append(op)
         if self._idle.is_set():
             self._idle = trio.Event()
-        if not self._busy and not self._gathering:
+        if not self._busy and not self._gathering and not self._closed:
             if self._last_batch > 1:
                 # Writers are concurrent: yield once before starting a batch,
                 # so that tasks woken together (the callers of the batch just
@@ -363,7 +363,7 @@ class _GroupCommitter:
                 self._gathering = True
                 await trio.lowlevel.cancel_shielded_checkpoint()
                 self._gathering = False
-            if not self._busy:  # our operation is still queued: nobody else sent a batch
+            if not self._busy and not self._closed:  # our operation is still queued: nobody sent a batch
                 await self._lead(self._dispatch())
                 return op.result()
 
@@ -380,12 +380,17 @@ class _GroupCommitter:
             await self._lead(self._running)
         return op.result()
 
+    @property
+    def _busy(self) -> bool:
+        """A batch is on the writer thread."""
+        return self._running is not None
+
     async def aclose(self) -> None:
         """Wait out queued and running batches, then close the connection
         (on the writer thread) and let the thread end."""
         await self._idle.wait()
+        self._closed = True  # nothing else may start
         if self._thread is not None:
-            self._busy = True  # nothing else may start
             self._jobs.put(None)
             await trio.to_thread.run_sync(self._thread.join)
         else:
@@ -397,7 +402,6 @@ class _GroupCommitter:
         self._last_batch = len(batch)
         for op in batch:
             op.taken = True
-        self._busy = True
         self._running = batch
         if self._thread is None:
             self._thread = threading.Thread(target=self._serve, name="trio-drain sqlite writer", daemon=True)
@@ -411,7 +415,6 @@ class _GroupCommitter:
         with trio.CancelScope(shield=True):
             while self._done is not batch:
                 await self._bell.wait()
-        self._busy = False
         self._running = None
         me = trio.lowlevel.current_task()
         for op in batch:
