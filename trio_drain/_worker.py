@@ -34,7 +34,7 @@ import logging
 import math
 import random
 from collections.abc import Callable, Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import attrs
 import trio
@@ -270,11 +270,7 @@ class DrainWorker:
                 # Shielded: a claim that commits must reach the table of
                 # deliveries, from which a stopping worker hands rows back.
                 with trio.CancelScope(shield=True):
-                    rows = await self.outbox.claim(
-                        limit=len(slots), lease_ms=self._policy.lease_ms,
-                        max_age_ms=self._policy.max_age_ms, token=new_token(),
-                        exclude=self._route_filter(),
-                    )
+                    rows = await self.outbox.claim(**self._claim_terms(len(slots)))
             except StoreError as exc:
                 for slot in slots:
                     self._limiter.release_on_behalf_of(slot)
@@ -360,6 +356,12 @@ class DrainWorker:
             log.info("route %s is not open; leaving its rows until it is", route.name)
             self._blocked[key] = route.name
 
+    def _claim_terms(self, limit: int) -> dict[str, Any]:
+        """What a claim asks for now: up to `limit` rows, under the policy's
+        lease and age limit, a fresh token, blocked routes left out."""
+        return {"limit": limit, "lease_ms": self._policy.lease_ms, "max_age_ms": self._policy.max_age_ms,
+                "token": new_token(), "exclude": self._route_filter()}
+
     def _claimed(self, rows: list[OutboxRow], slots: list[object]) -> list[_Delivery]:
         """Claimed rows become deliveries, each with a slot; spare slots are freed."""
         if rows:
@@ -387,10 +389,7 @@ class DrainWorker:
             return await self.outbox.complete(completions)
         self._refresh_blocked()
         limit = min(len(completions), self._claim_size)
-        applied, self._refill = await self.outbox.complete_and_claim(
-            completions, limit=limit, lease_ms=self._policy.lease_ms, max_age_ms=self._policy.max_age_ms,
-            token=new_token(), exclude=self._route_filter(),
-        )
+        applied, self._refill = await self.outbox.complete_and_claim(completions, **self._claim_terms(limit))
         self._maybe_more_due = len(self._refill) == limit
         return applied
 
