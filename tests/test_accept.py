@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import random
 import uuid
 from pathlib import Path
 
@@ -109,7 +110,7 @@ def test_batch_ids_stay_right_where_their_low_bits_wrap(monkeypatch: pytest.Monk
     start = (1 << 74) - 3  # random bits a few short of all ones: the low 48 bits wrap, then the rest
     monkeypatch.setattr(_ids, "_last", 0)
     monkeypatch.setattr(_ids, "wall_clock_ms", lambda: ms)
-    monkeypatch.setattr(os, "urandom", lambda n: (start << 6).to_bytes(n, "big"))
+    monkeypatch.setattr(_ids, "random_bytes", lambda n: (start << 6).to_bytes(n, "big"))
     batch = _ids.uuid7s(6)
 
     def expected(candidate: int) -> str:
@@ -120,6 +121,27 @@ def test_batch_ids_stay_right_where_their_low_bits_wrap(monkeypatch: pytest.Monk
     first = (ms << 74) | start
     assert batch == [expected(first + i) for i in range(6)]
     assert batch == sorted(batch) and {uuid.UUID(i).version for i in batch} == {7}
+
+
+def test_random_bytes_come_from_the_os_a_pool_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    from trio_drain._ids import _RandomPool
+
+    reads: list[bytes] = []
+    rng = random.Random(5)
+
+    def urandom(n: int) -> bytes:
+        reads.append(rng.randbytes(n))
+        return reads[-1]
+
+    monkeypatch.setattr(os, "urandom", urandom)
+    pool = _RandomPool()
+    taken = [pool.take(24) for _ in range(200)]  # 4,800 bytes: the pool is read twice
+    assert [len(r) for r in reads] == [4096, 4096]
+    assert all(len(t) == 24 for t in taken)
+    # In order, nothing handed out twice; a read's tail too short for a take is left.
+    assert b"".join(taken[:170]) == reads[0][:4080]
+    assert b"".join(taken[170:]) == reads[1][:720]
+    assert pool.take(5000) == reads[-1] and len(reads[-1]) == 5000  # more than a pool: a read of its own  # more than a pool: one read of its own
 
 
 async def test_accept_many_is_one_transaction_and_sees_its_own_rows(outbox: Outbox) -> None:

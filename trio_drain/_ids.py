@@ -29,10 +29,12 @@ def uuid7s(count: int) -> list[str]:
     """
     global _last
     with _lock:
-        first = (wall_clock_ms() << 74) | int.from_bytes(os.urandom(10), "big") >> 6
+        first = (wall_clock_ms() << 74) | int.from_bytes(random_bytes(10), "big") >> 6
         if first <= _last:
             first = _last + 1
         _last = first + count - 1
+    if count == 1:  # one accept, one id
+        return [_format(first)]
     # Ids of a batch share everything but their low 48 bits (the last 12 hex
     # digits) until those wrap: format the shared head once.
     head = _format(first)[:-12]
@@ -52,4 +54,27 @@ def _format(candidate: int) -> str:
 
 def new_token() -> str:
     """An unguessable lease token."""
-    return os.urandom(12).hex()
+    return random_bytes(12).hex()
+
+
+class _RandomPool(threading.local):
+    """Bytes from the OS's random source, read 4 KiB at a time, one pool
+    per thread.
+
+    Besides the system call, `os.urandom` gives up the GIL: called once per
+    message on the Trio thread it hands the GIL to the SQLite writer thread
+    every time, and the Trio thread then waits for it back.
+    """
+
+    def __init__(self) -> None:
+        self.pool = b""
+        self.at = 0
+
+    def take(self, n: int) -> bytes:
+        if self.at + n > len(self.pool):
+            self.pool, self.at = os.urandom(max(4096, n)), 0
+        self.at += n
+        return self.pool[self.at - n:self.at]
+
+
+random_bytes = _RandomPool().take

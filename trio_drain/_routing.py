@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import re
 from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
 import attrs
 
+from ._ids import random_bytes
 from ._model import OutboxRow
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -301,7 +301,7 @@ def outgoing_message(row: OutboxRow) -> OutgoingMessage:
     if row.target_spec is not None and row.ciphertext is not None and row.nonce is not None:
         nonce, ciphertext = row.nonce, row.ciphertext
     else:
-        nonce = base64.b64encode(os.urandom(24)).decode()
+        nonce = base64.b64encode(random_bytes(24)).decode()
         ciphertext = base64.b64encode(row.payload).decode()
     return OutgoingMessage(
         client_message_id=row.client_message_id,

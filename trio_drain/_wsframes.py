@@ -21,6 +21,8 @@ import struct
 from collections.abc import Mapping
 from typing import Literal
 
+from ._ids import random_bytes
+
 GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
 OP_CONTINUATION, OP_TEXT, OP_BINARY = 0x0, 0x1, 0x2
@@ -66,23 +68,6 @@ class HandshakeFailed(Exception):
 # -- framing --------------------------------------------------------------------------------
 
 
-class _MaskKeys:
-    """Masking keys from the OS's random source, read 4 KiB at a time rather
-    than one system call per frame."""
-
-    def __init__(self) -> None:
-        self._pool = b""
-        self._at = 0
-
-    def take(self) -> bytes:
-        if self._at >= len(self._pool):
-            self._pool, self._at = os.urandom(4096), 0
-        key = self._pool[self._at:self._at + 4]
-        self._at += 4
-        return key
-
-
-_keys = _MaskKeys()
 
 
 def mask(data: bytes, key: bytes) -> bytes:
@@ -107,7 +92,7 @@ def encode_frame(opcode: int, payload: bytes, *, masked: bool) -> bytes:
         head = struct.pack("!BBQ", first, mask_bit | 127, n)
     if not masked:
         return head + payload
-    key = _keys.take()
+    key = random_bytes(4)
     return head + key + mask(payload, key)
 
 
