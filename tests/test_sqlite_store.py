@@ -16,9 +16,11 @@ import pytest
 import trio
 
 from trio_drain import (
+    AcceptOutcome,
     ConfigError,
     CorruptDatabase,
     Outbox,
+    OutcomeKind,
     SchemaError,
     SendRequest,
     Status,
@@ -341,3 +343,54 @@ async def test_the_writers_doorbell_wakes_its_waiter_once_per_ring(
         assert scope.cancelled_caught
     finally:
         bell.close()
+
+
+async def _queued_behind_a_held_writer(ob: Outbox, requests: list[SendRequest]) -> list[AcceptOutcome]:
+    """Accept `requests` concurrently while the writer is held busy, so that
+    all of them go to the writer in one batch; their outcomes, in order."""
+    committer = ob.backend._committer  # type: ignore[attr-defined]
+    release = threading.Event()
+    outcomes: dict[int, AcceptOutcome] = {}
+
+    async def accept(i: int) -> None:
+        outcomes[i] = await ob.accept(requests[i])
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(functools.partial(committer.submit, lambda conn: release.wait(10), durable=False))
+        await wait_until(lambda: committer._busy)
+        for i in range(len(requests)):
+            nursery.start_soon(accept, i)
+        await wait_until(lambda: len(committer._queue) == len(requests))
+        release.set()
+    return [outcomes[i] for i in range(len(requests))]
+
+
+async def test_concurrent_accepts_go_in_as_one_insert(db_path: Path) -> None:
+    async with open_outbox(db_path) as ob:
+        committer = ob.backend._committer  # type: ignore[attr-defined]
+        requests = [req(f"joint-{i}") for i in range(20)]
+        outcomes = await _queued_behind_a_held_writer(ob, requests)
+        assert committer.joint_operations == 20  # one statement for the twenty
+        assert all(o.inserted and o.kind is OutcomeKind.ACCEPTED_PENDING for o in outcomes)
+        for i, outcome in enumerate(outcomes):
+            row = await ob.get_by_client_id(f"joint-{i}")
+            assert row is not None and row.id == outcome.row_id and row.payload == f"joint-{i}".encode()
+
+
+async def test_a_taken_id_among_concurrent_accepts_gets_each_caller_its_own_answer(db_path: Path) -> None:
+    # One id already taken makes the joint insert fall back to one insert
+    # per caller: the retry is told about the row it made before, the reuse
+    # of an id is refused, and every new id still goes in.
+    async with open_outbox(db_path) as ob:
+        committer = ob.backend._committer  # type: ignore[attr-defined]
+        first = await ob.accept(req("taken", payload=b"original"))
+        requests = [req(f"new-{i}") for i in range(5)]
+        requests.insert(2, req("taken", payload=b"original"))  # a retry
+        requests.insert(4, req("taken", payload=b"something else"))  # a reuse
+        outcomes = await _queued_behind_a_held_writer(ob, requests)
+        assert committer.joint_operations == 0
+        retry, reuse = outcomes.pop(2), outcomes.pop(3)
+        assert not retry.inserted and retry.kind is OutcomeKind.ACCEPTED_PENDING and retry.row_id == first.row_id
+        assert not reuse.inserted and reuse.kind is OutcomeKind.CONFLICT and reuse.row_id == first.row_id
+        assert all(o.inserted for o in outcomes)
+        assert (await ob.counts())["pending"] == 6

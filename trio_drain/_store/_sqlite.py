@@ -31,7 +31,7 @@ import sqlite3
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Generic, NoReturn, TypeVar
+from typing import Any, Generic, NoReturn, TypeVar, cast
 
 import attrs
 import outcome
@@ -300,6 +300,10 @@ class _Op(Generic[T]):
     fn: Callable[[sqlite3.Connection], T]
     durable: bool
     task: trio.lowlevel.Task
+    # Neighbouring operations of a batch with the same `joint` may run as one
+    # statement: `joint(conn, ops)` sets every op's value and returns True,
+    # or returns False and they run one by one (see `_run_batch`).
+    joint: _Joint | None = None
     taken: bool = False
     value: Any = None
     error: BaseException | None = None
@@ -309,6 +313,8 @@ class _Op(Generic[T]):
             raise self.error
         return self.value  # type: ignore[no-any-return]
 
+
+_Joint = Callable[[sqlite3.Connection, "list[_Op[Any]]"], bool]
 
 # What a parked caller is woken with when its batch has gone to the writer
 # and it is the one to wait for the writer's doorbell.
@@ -347,10 +353,13 @@ class _GroupCommitter:
         self._thread: threading.Thread | None = None
         self.batches = 0
         self.operations = 0
+        self.joint_operations = 0  # operations that ran as part of a joint statement
 
-    async def submit(self, fn: Callable[[sqlite3.Connection], T], *, durable: bool) -> T:
+    async def submit(
+        self, fn: Callable[[sqlite3.Connection], T], *, durable: bool, joint: _Joint | None = None
+    ) -> T:
         await trio.lowlevel.checkpoint_if_cancelled()
-        op: _Op[T] = _Op(fn, durable and self._durable, trio.lowlevel.current_task())
+        op: _Op[T] = _Op(fn, durable and self._durable, trio.lowlevel.current_task(), joint)
         self._queue.append(op)
         if self._idle.is_set():
             self._idle = trio.Event()
@@ -458,14 +467,17 @@ class _GroupCommitter:
                         op.error = _translate(exc) if isinstance(exc, sqlite3.Error) else exc
                         return
                 else:
-                    for op in batch:
-                        conn.execute("SAVEPOINT op")
-                        try:
-                            op.value = op.fn(conn)
-                        except Exception as exc:
-                            conn.execute("ROLLBACK TO op")
-                            op.error = _translate(exc) if isinstance(exc, sqlite3.Error) else exc
-                        conn.execute("RELEASE op")
+                    for run in _runs(batch):
+                        if len(run) > 1 and self._run_joint(run):
+                            continue
+                        for op in run:
+                            conn.execute("SAVEPOINT op")
+                            try:
+                                op.value = op.fn(conn)
+                            except Exception as exc:
+                                conn.execute("ROLLBACK TO op")
+                                op.error = _translate(exc) if isinstance(exc, sqlite3.Error) else exc
+                            conn.execute("RELEASE op")
                 conn.execute("COMMIT")
             except BaseException:
                 if conn.in_transaction:
@@ -478,6 +490,97 @@ class _GroupCommitter:
         finally:
             self.batches += 1
             self.operations += len(batch)
+
+    def _run_joint(self, run: list[_Op[Any]]) -> bool:
+        """Run neighbouring operations of one kind as one; False (with
+        nothing changed) if they must run one by one after all."""
+        conn = self._conn
+        joint = run[0].joint
+        assert joint is not None
+        conn.execute("SAVEPOINT joint")
+        try:
+            done = joint(conn, run)
+        except sqlite3.Error:  # each operation will meet its own error alone
+            done = False
+        if not done:
+            conn.execute("ROLLBACK TO joint")
+        conn.execute("RELEASE joint")
+        if done:
+            self.joint_operations += len(run)
+        return done
+
+
+def _runs(batch: list[_Op[Any]]) -> Iterator[list[_Op[Any]]]:
+    """The batch in order, as runs of neighbours sharing a `joint` (and
+    operations without one alone)."""
+    run = [batch[0]]
+    for op in batch[1:]:
+        if op.joint is not None and op.joint is run[-1].joint:
+            run.append(op)
+        else:
+            yield run
+            run = [op]
+    yield run
+
+
+class _Insert:
+    """`accept`'s write: insert new rows, each decided against the row that
+    holds its client_message_id."""
+
+    __slots__ = ("rows",)
+
+    def __init__(self, rows: Sequence[NewRow]) -> None:
+        self.rows = rows
+
+    def __call__(self, conn: sqlite3.Connection) -> Outcomes:
+        # Insert everything, skipping ids already taken; the write lock is
+        # held, so nothing slips in between. When every row went in (the
+        # common case) there is nothing to look up.
+        rows = self.rows
+        before = conn.total_changes
+        conn.executemany(_INSERT_NEW, rows)  # NewRows are the parameters as they stand
+        if conn.total_changes - before == len(rows):
+            return _all_inserted(rows)
+        # Some ids were taken (a retry, or a repeat inside the batch):
+        # decide each row against the row that holds its id now, which
+        # is its own row if it went in.
+        holders: dict[str, OutboxRow] = {}
+        ids = list(dict.fromkeys(r.client_message_id for r in rows))
+        for start in range(0, len(ids), 500):
+            chunk = ids[start:start + 500]
+            marks = ", ".join("?" * len(chunk))
+            for found in conn.execute(_SELECT + f" WHERE client_message_id IN ({marks})", chunk):
+                holder = row_from_values(found)
+                holders[holder.client_message_id] = holder
+        outcomes = []
+        for row in rows:
+            holder = holders[row.client_message_id]
+            outcomes.append(_lifecycle.decide_accept(
+                None if holder.id == row.id else holder, client_message_id=row.client_message_id,
+                fingerprint=row.request_fingerprint, new_row_id=row.id,
+            ))
+        return outcomes
+
+    @staticmethod
+    def jointly(conn: sqlite3.Connection, ops: list[_Op[Any]]) -> bool:
+        """The inserts of concurrent `accept` calls as one statement (group
+        commit's writer-side half). Any id already taken, and they go one by
+        one instead, so that each caller gets its own answer."""
+        inserts = [cast(_Insert, op.fn) for op in ops]
+        rows = [row for insert in inserts for row in insert.rows]
+        before = conn.total_changes
+        conn.executemany(_INSERT_NEW, rows)
+        if conn.total_changes - before != len(rows):
+            return False
+        for op, insert in zip(ops, inserts, strict=True):
+            op.value = _all_inserted(insert.rows)
+        return True
+
+
+def _all_inserted(rows: Sequence[NewRow]) -> Outcomes:
+    return [_lifecycle.decide_accept(None, client_message_id=r.client_message_id,
+                                     fingerprint=r.request_fingerprint, new_row_id=r.id)
+            for r in rows]
 
 
 # -- the back end ------------------------------------------------------------------
@@ -540,9 +643,11 @@ class SqliteBackend:
         if self._closed:
             raise StoreClosed("the outbox is closed")
 
-    async def _write(self, fn: Callable[[sqlite3.Connection], T], *, durable: bool = True) -> T:
+    async def _write(
+        self, fn: Callable[[sqlite3.Connection], T], *, durable: bool = True, joint: _Joint | None = None
+    ) -> T:
         self._check_open()
-        return await self._committer.submit(fn, durable=durable)
+        return await self._committer.submit(fn, durable=durable, joint=joint)
 
     async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         self._check_open()
@@ -570,37 +675,7 @@ class SqliteBackend:
     # -- accept
 
     async def accept_many(self, rows: Sequence[NewRow]) -> Outcomes:
-        def op(conn: sqlite3.Connection) -> Outcomes:
-            # Insert everything, skipping ids already taken; the write lock is
-            # held, so nothing slips in between. When every row went in (the
-            # common case) there is nothing to look up.
-            before = conn.total_changes
-            conn.executemany(_INSERT_NEW, rows)  # NewRows are the parameters as they stand
-            if conn.total_changes - before == len(rows):
-                return [_lifecycle.decide_accept(None, client_message_id=r.client_message_id,
-                                                 fingerprint=r.request_fingerprint, new_row_id=r.id)
-                        for r in rows]
-            # Some ids were taken (a retry, or a repeat inside the batch):
-            # decide each row against the row that holds its id now, which
-            # is its own row if it went in.
-            holders: dict[str, OutboxRow] = {}
-            ids = list(dict.fromkeys(r.client_message_id for r in rows))
-            for start in range(0, len(ids), 500):
-                chunk = ids[start:start + 500]
-                marks = ", ".join("?" * len(chunk))
-                for found in conn.execute(_SELECT + f" WHERE client_message_id IN ({marks})", chunk):
-                    holder = row_from_values(found)
-                    holders[holder.client_message_id] = holder
-            outcomes = []
-            for row in rows:
-                holder = holders[row.client_message_id]
-                outcomes.append(_lifecycle.decide_accept(
-                    None if holder.id == row.id else holder, client_message_id=row.client_message_id,
-                    fingerprint=row.request_fingerprint, new_row_id=row.id,
-                ))
-            return outcomes
-
-        return await self._write(op)
+        return await self._write(_Insert(rows), joint=_Insert.jointly)
 
     # -- the worker's side
 
