@@ -144,6 +144,16 @@ def test_random_bytes_come_from_the_os_a_pool_at_a_time(monkeypatch: pytest.Monk
     assert pool.take(5000) == reads[-1] and len(reads[-1]) == 5000  # more than a pool: a read of its own  # more than a pool: one read of its own
 
 
+def test_random_uuids_are_version_4_and_differ() -> None:
+    from trio_drain._ids import random_uuid
+
+    made = [random_uuid() for _ in range(2000)]
+    parsed = [uuid.UUID(u) for u in made]
+    assert {(u.version, u.variant) for u in parsed} == {(4, uuid.RFC_4122)}
+    assert [str(u) for u in parsed] == made  # canonical text
+    assert len(set(made)) == len(made)
+
+
 async def test_accept_many_is_one_transaction_and_sees_its_own_rows(outbox: Outbox) -> None:
     reqs = [attrs.evolve(REQ, client_message_id=f"m-{i}") for i in range(100)]
     outcomes = await outbox.accept_many([*reqs, reqs[0], attrs.evolve(reqs[1], payload=b"x")])

@@ -52,6 +52,13 @@ def _format(candidate: int) -> str:
             f"{0x8000 | (rand >> 48) & 0x3FFF:04x}-{rand & 0xFFFFFFFFFFFF:012x}")
 
 
+def random_uuid() -> str:
+    """A random UUID (version 4) as text, from the pooled random bytes
+    (`uuid.uuid4()` reads the OS's source once per id, and builds an object)."""
+    h = random_bytes(16).hex()
+    return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{'89ab'[int(h[16], 16) & 3]}{h[17:20]}-{h[20:]}"
+
+
 def new_token() -> str:
     """An unguessable lease token."""
     return random_bytes(12).hex()

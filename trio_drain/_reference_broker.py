@@ -20,7 +20,6 @@ import os
 import random
 import re
 import sqlite3
-import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ import trio
 from . import _identity
 from ._clock import wall_clock_ms
 from ._errors import ConfigError
+from ._ids import random_uuid
 from ._routing import encode_json
 from ._store._sqlite import _GroupCommitter
 from ._transport import ServerConnection, TransportClosed, serve_websocket
@@ -248,7 +248,7 @@ class _Handler:
         with trio.move_on_after(5.0):
             verdict = self._judge_hello(parse_frame(await ws.get_message()))
             if isinstance(verdict, str):
-                ws.send_message_nowait(json.dumps({"type": "hello_ack", "presenceId": str(uuid.uuid4())}))
+                ws.send_message_nowait(json.dumps({"type": "hello_ack", "presenceId": random_uuid()}))
                 return verdict
             code, message = verdict
             self.stats.hellos_rejected += 1
@@ -413,7 +413,7 @@ class _Handler:
                 return _error(ack_id, "idempotency_key_reused", "idempotency_key_reused", True), None
             self.stats.duplicates += 1
             return {"type": "ack", "id": ack_id, "messageId": known[1], "queued": True, "duplicate": True}, None
-        message_id = str(uuid.uuid4())
+        message_id = random_uuid()
         entries[(mesh, cid)] = (fp, message_id)  # at once, so a racing resend is a duplicate
         self.stats.accepted += 1
         ack = {"type": "ack", "id": ack_id, "messageId": message_id, "queued": True}
