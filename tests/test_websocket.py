@@ -574,3 +574,19 @@ async def test_a_wrong_accept_key_is_a_refusal_over_trio_websocket_too(trio_webs
     await refused_by_wrong_accept()
     gc.collect()  # its leaked socket goes now, under this test's filter, not in a later test
     gc.collect()  # its leaked socket goes now, under this test's filter, not in a later test
+
+
+@pytest.mark.parametrize("frame", [
+    {"type": "ack", "id": "plain-1", "messageId": "0b8f2a7e-1c52-4f7a-9f1e-2f5d3c4b5a69", "queued": True},
+    {"type": "ack", "id": 'quote " back \\ slash', "messageId": "m", "queued": True},
+    {"type": "ack", "id": "ünïcode ✓ \u2028 \x01", "messageId": "", "queued": True},
+    {"type": "ack", "id": 7, "messageId": "m", "queued": True},  # not a string id: the encoder
+    {"type": "ack", "id": "d", "messageId": "m", "queued": True, "duplicate": True},
+    {"type": "ack", "id": "e", "messageId": "", "queued": False, "error": "x", "code": "y", "permanent": False},
+])
+def test_the_reference_brokers_acks_are_the_json_its_encoder_writes(frame: dict[str, Any]) -> None:
+    from trio_drain._reference_broker import _encode_ack
+    from trio_drain._routing import encode_json
+
+    assert _encode_ack(frame) == encode_json(frame)
+    assert json.loads(_encode_ack(frame)) == frame

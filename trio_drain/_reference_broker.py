@@ -31,7 +31,7 @@ from . import _identity
 from ._clock import wall_clock_ms
 from ._errors import ConfigError
 from ._ids import random_uuid
-from ._routing import encode_json
+from ._routing import encode_json, json_string
 from ._store._sqlite import _GroupCommitter
 from ._transport import ServerConnection, TransportClosed, serve_websocket
 from ._ws_broker import MAX_FRAME, parse_frame
@@ -422,6 +422,18 @@ class _Handler:
         return ack, _Acceptance(mesh, cid, fp, message_id, str(f.get("targetSpec")), ack_id)
 
 
+_ACK_TEMPLATE = '{"type":"ack","id":%s,"messageId":%s,"queued":true}'
+
+
+def _encode_ack(frame: dict[str, Any]) -> str:
+    """An ack frame as JSON text: the plain "queued" ack (nearly all of them)
+    from a template, the rest by the encoder (which costs three times as much)."""
+    if (len(frame) == 4 and frame.get("queued") is True and type(frame["id"]) is str
+            and type(frame.get("messageId")) is str):
+        return _ACK_TEMPLATE % (json_string(frame["id"]), json_string(frame["messageId"]))
+    return encode_json(frame)
+
+
 def _error(ack_id: Any, error: str, code: str, permanent: bool) -> dict[str, Any]:
     return {"type": "ack", "id": ack_id, "messageId": "", "queued": False, "error": error, "code": code,
             "permanent": permanent}
@@ -442,7 +454,7 @@ class _AckQueue:
         self._queued = trio.Event()
 
     def send(self, frame: dict[str, Any]) -> None:
-        text = encode_json(frame)
+        text = _encode_ack(frame)
         delay = self.faults.ack_delay
         if delay > 0:
             self._due.append((trio.current_time() + delay, text))
@@ -453,10 +465,12 @@ class _AckQueue:
     async def run(self) -> None:
         while True:
             await self._queued.wait()
+            now = trio.current_time()
             while self._due:
                 due, text = self._due[0]
-                if due > trio.current_time():
+                if due > now:
                     await trio.sleep_until(due)
+                    now = trio.current_time()
                 self._due.popleft()
                 self._write(text)
             self._queued = trio.Event()

@@ -29,7 +29,7 @@ _HEX64 = re.compile(r"[0-9a-f]{64}")
 # builds a new encoder on every call, which shows on the send path.
 encode_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 # A JSON string literal, quotes included, escaped as encode_json escapes it.
-_json_string: Callable[[str], str] = getattr(json.encoder, "c_encode_basestring", None) or json.encoder.py_encode_basestring
+json_string: Callable[[str], str] = getattr(json.encoder, "c_encode_basestring", None) or json.encoder.py_encode_basestring
 _SEND_TEMPLATE = (
     '{"type":"send","id":%s,"client_message_id":%s,"request_fingerprint":%s,"targetSpec":%s,'
     '"priority":%s,"nonce":%s,"ciphertext":%s}'
@@ -51,10 +51,10 @@ class OutgoingMessage:
         """The `send` frame as compact JSON text (the same text as
         ``encode_json(self.to_frame())``, built from a template: this runs
         once per row sent)."""
-        cid = _json_string(self.client_message_id)
+        cid = json_string(self.client_message_id)
         return _SEND_TEMPLATE % (
-            cid, cid, _json_string(self.request_fingerprint), _json_string(self.target_spec),
-            _json_string(self.priority), _json_string(self.nonce), _json_string(self.ciphertext),
+            cid, cid, json_string(self.request_fingerprint), json_string(self.target_spec),
+            json_string(self.priority), json_string(self.nonce), json_string(self.ciphertext),
         )
 
     def to_frame(self) -> dict[str, object]:
