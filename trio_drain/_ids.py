@@ -66,11 +66,12 @@ def new_token() -> str:
 
 class _RandomPool(threading.local):
     """Bytes from the OS's random source, read 4 KiB at a time, one pool
-    per thread.
+    per thread (no slice is ever handed out twice).
 
-    Besides the system call, `os.urandom` gives up the GIL: called once per
-    message on the Trio thread it hands the GIL to the SQLite writer thread
-    every time, and the Trio thread then waits for it back.
+    One system call per 4 KiB rather than one per message sent (nonce and
+    masking key) or accepted (id); `os.urandom` also lets go of the GIL
+    around its call, and with the SQLite writer thread busy, getting it back
+    means waiting for that thread.
     """
 
     def __init__(self) -> None:
