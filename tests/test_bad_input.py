@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import trio
 import trio_websocket
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from trio_drain import (
@@ -81,6 +81,29 @@ def test_parse_takes_any_text_and_never_raises(frame: Any) -> None:
     text = json.dumps(frame)
     parsed = parse_frame(text)
     assert parsed is None or (isinstance(frame, dict) and parsed == frame)
+
+
+def _loads_verdict(text: str) -> Any:
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+@given(text=st.one_of(
+    st.text(max_size=30),
+    st.builds(lambda pad, frame, tail: pad + json.dumps(frame) + tail,
+              st.sampled_from(["", " ", "\n\t"]), json_values, st.sampled_from(["", " \r\n", "x", "{}", ","])),
+))
+@example(text=' {"a": 1}')
+@example(text='{"a": 1}  ')
+@example(text='{"a": 1}x')
+@example(text='{"a": 1}{"b": 2}')
+def test_parse_agrees_with_json_loads_on_any_text(text: str) -> None:
+    # The fast path decodes without stripping whitespace: what surrounds the
+    # value must still be judged exactly as json.loads judges it.
+    assert parse_frame(text) == _loads_verdict(text)
 
 
 @pytest.mark.parametrize("text", ["[" * 100_000, "{" * 100_000, '{"a":' * 100_000, "\ud800", b"\xff"])
