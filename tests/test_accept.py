@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import os
 import random
+import threading
 import uuid
 from pathlib import Path
 
@@ -142,6 +143,28 @@ def test_random_bytes_come_from_the_os_a_pool_at_a_time(monkeypatch: pytest.Monk
     assert b"".join(taken[:170]) == reads[0][:4080]
     assert b"".join(taken[170:]) == reads[1][:720]
     assert pool.take(5000) == reads[-1] and len(reads[-1]) == 5000  # more than a pool: a read of its own  # more than a pool: one read of its own
+
+
+def test_each_thread_draws_on_a_random_pool_of_its_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    from trio_drain._ids import _RandomPool
+
+    reads: list[tuple[str, bytes]] = []
+    rng = random.Random(7)
+
+    def urandom(n: int) -> bytes:
+        reads.append((threading.current_thread().name, rng.randbytes(n)))
+        return reads[-1][1]
+
+    monkeypatch.setattr(os, "urandom", urandom)
+    pool = _RandomPool()
+    here = pool.take(16)
+    there: list[bytes] = []
+    worker = threading.Thread(target=lambda: there.append(pool.take(16)), name="other")
+    worker.start()
+    worker.join()
+    assert [name for name, _ in reads] == [threading.current_thread().name, "other"]
+    assert here == reads[0][1][:16] and there == [reads[1][1][:16]]
+    assert pool.take(16) == reads[0][1][16:32]  # this thread's pool carries on where it was
 
 
 def test_random_uuids_are_version_4_and_differ() -> None:
