@@ -7,6 +7,7 @@ import hashlib
 import os
 import sqlite3
 import stat
+import tempfile
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -14,6 +15,8 @@ from pathlib import Path
 
 import pytest
 import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from trio_drain import (
     AcceptOutcome,
@@ -345,14 +348,18 @@ async def test_the_writers_doorbell_wakes_its_waiter_once_per_ring(
         bell.close()
 
 
-async def _queued_behind_a_held_writer(ob: Outbox, requests: list[SendRequest]) -> list[AcceptOutcome]:
+async def _queued_behind_a_held_writer(
+        ob: Outbox, requests: list[SendRequest]) -> tuple[list[AcceptOutcome], list[int]]:
     """Accept `requests` concurrently while the writer is held busy, so that
-    all of them go to the writer in one batch; their outcomes, in order."""
+    all of them go to the writer in one batch; their outcomes, in order, and
+    the order their writes were queued in (indices into `requests`)."""
     committer = ob.backend._committer  # type: ignore[attr-defined]
     release = threading.Event()
     outcomes: dict[int, AcceptOutcome] = {}
+    index_of: dict[trio.lowlevel.Task, int] = {}
 
     async def accept(i: int) -> None:
+        index_of[trio.lowlevel.current_task()] = i
         outcomes[i] = await ob.accept(requests[i])
 
     async with trio.open_nursery() as nursery:
@@ -361,15 +368,16 @@ async def _queued_behind_a_held_writer(ob: Outbox, requests: list[SendRequest]) 
         for i in range(len(requests)):
             nursery.start_soon(accept, i)
         await wait_until(lambda: len(committer._queue) == len(requests))
+        queued = [index_of[op.task] for op in committer._queue]
         release.set()
-    return [outcomes[i] for i in range(len(requests))]
+    return [outcomes[i] for i in range(len(requests))], queued
 
 
 async def test_concurrent_accepts_go_in_as_one_insert(db_path: Path) -> None:
     async with open_outbox(db_path) as ob:
         committer = ob.backend._committer  # type: ignore[attr-defined]
         requests = [req(f"joint-{i}") for i in range(20)]
-        outcomes = await _queued_behind_a_held_writer(ob, requests)
+        outcomes, _ = await _queued_behind_a_held_writer(ob, requests)
         assert committer.joint_operations == 20  # one statement for the twenty
         assert all(o.inserted and o.kind is OutcomeKind.ACCEPTED_PENDING for o in outcomes)
         for i, outcome in enumerate(outcomes):
@@ -387,10 +395,48 @@ async def test_a_taken_id_among_concurrent_accepts_gets_each_caller_its_own_answ
         requests = [req(f"new-{i}") for i in range(5)]
         requests.insert(2, req("taken", payload=b"original"))  # a retry
         requests.insert(4, req("taken", payload=b"something else"))  # a reuse
-        outcomes = await _queued_behind_a_held_writer(ob, requests)
+        outcomes, _ = await _queued_behind_a_held_writer(ob, requests)
         assert committer.joint_operations == 0
         retry, reuse = outcomes.pop(2), outcomes.pop(3)
         assert not retry.inserted and retry.kind is OutcomeKind.ACCEPTED_PENDING and retry.row_id == first.row_id
         assert not reuse.inserted and reuse.kind is OutcomeKind.CONFLICT and reuse.row_id == first.row_id
         assert all(o.inserted for o in outcomes)
         assert (await ob.counts())["pending"] == 6
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    taken=st.lists(st.tuples(st.sampled_from("abcd"), st.sampled_from([b"1", b"2"])), max_size=3,
+                   unique_by=lambda t: t[0]),
+    batch=st.lists(st.tuples(st.sampled_from("abcde"), st.sampled_from([b"1", b"2"])), min_size=2, max_size=10),
+)
+def test_accepts_sharing_a_commit_get_the_answers_of_accepts_made_one_at_a_time(
+        taken: list[tuple[str, bytes]], batch: list[tuple[str, bytes]]) -> None:
+    # Whatever mix of new ids, retries and reused ids lands in one batch,
+    # each id ends up with exactly one row, made by the first request for
+    # it (in queue order) unless it was taken before; every other request
+    # is told about that row: accepted when its payload matches, refused
+    # when it does not.
+    async def scenario(folder: str) -> None:
+        async with open_outbox(Path(folder) / "o.db", durability="normal") as ob:
+            kept = {cid: (payload, (await ob.accept(req(cid, payload=payload))).row_id) for cid, payload in taken}
+            requests = [req(cid, payload=payload) for cid, payload in batch]
+            outcomes, queued = await _queued_behind_a_held_writer(ob, requests)
+            first: dict[str, int] = {}  # the request that makes each new id's row: the first queued
+            for i in queued:
+                first.setdefault(batch[i][0], i)
+            for i, ((cid, payload), outcome) in enumerate(zip(batch, outcomes, strict=True)):
+                makes_row = cid not in kept and first[cid] == i
+                assert outcome.inserted == makes_row
+                kept_payload = batch[first[cid]][1] if cid not in kept else kept[cid][0]
+                row = await ob.get_by_client_id(cid)
+                assert row is not None and row.payload == kept_payload and outcome.row_id == row.id
+                if cid in kept:
+                    assert row.id == kept[cid][1]
+                if not makes_row:
+                    assert outcome.kind is (OutcomeKind.ACCEPTED_PENDING if payload == kept_payload
+                                            else OutcomeKind.CONFLICT)
+            assert (await ob.counts())["pending"] == len({cid for cid, _ in taken + batch})
+
+    with tempfile.TemporaryDirectory() as folder:
+        trio.run(scenario, folder)
