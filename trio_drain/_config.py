@@ -27,6 +27,9 @@ class DrainConfig:
 
     Attributes:
         max_inflight: sends outstanding at once (a `trio.CapacityLimiter`).
+            Throughput is at most about this many rows per broker round
+            trip: raise it for a broker slow to ack (a crash may resend up
+            to this many rows).
         batch_size: most rows claimed in one statement. A claim also takes
             at most half of `max_inflight`, so the window moves in two
             groups: one is recorded and refilled while the other waits
