@@ -31,7 +31,7 @@ import sqlite3
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Generic, NoReturn, TypeVar, cast
+from typing import Any, Generic, NoReturn, TypeVar
 
 import attrs
 import outcome
@@ -301,8 +301,8 @@ class _Op(Generic[T]):
     durable: bool
     task: trio.lowlevel.Task
     # Neighbouring operations of a batch with the same `joint` may run as one
-    # statement: `joint(conn, ops)` sets every op's value and returns True,
-    # or returns False and they run one by one (see `_run_batch`).
+    # statement: `joint(conn, fns)` returns each one's value, or None when
+    # they must run one by one after all (see `_run_batch`).
     joint: _Joint | None = None
     taken: bool = False
     value: Any = None
@@ -314,7 +314,7 @@ class _Op(Generic[T]):
         return self.value  # type: ignore[no-any-return]
 
 
-_Joint = Callable[[sqlite3.Connection, "list[_Op[Any]]"], bool]
+_Joint = Callable[[sqlite3.Connection, list[Any]], "list[Any] | None"]
 
 # What a parked caller is woken with when its batch has gone to the writer
 # and it is the one to wait for the writer's doorbell.
@@ -499,15 +499,18 @@ class _GroupCommitter:
         assert joint is not None
         conn.execute("SAVEPOINT joint")
         try:
-            done = joint(conn, run)
+            values = joint(conn, [op.fn for op in run])
         except sqlite3.Error:  # each operation will meet its own error alone
-            done = False
-        if not done:
+            values = None
+        if values is None:
             conn.execute("ROLLBACK TO joint")
         conn.execute("RELEASE joint")
-        if done:
-            self.joint_operations += len(run)
-        return done
+        if values is None:
+            return False
+        for op, value in zip(run, values, strict=True):
+            op.value = value
+        self.joint_operations += len(run)
+        return True
 
 
 def _runs(batch: list[_Op[Any]]) -> Iterator[list[_Op[Any]]]:
@@ -536,16 +539,15 @@ class _Insert:
         # Insert everything, skipping ids already taken; the write lock is
         # held, so nothing slips in between. When every row went in (the
         # common case) there is nothing to look up.
-        rows = self.rows
-        before = conn.total_changes
-        conn.executemany(_INSERT_NEW, rows)  # NewRows are the parameters as they stand
-        if conn.total_changes - before == len(rows):
-            return _all_inserted(rows)
+        inserted = _Insert.jointly(conn, [self])
+        if inserted is not None:
+            return inserted[0]
         # Some ids were taken (a retry, or a repeat inside the batch):
         # decide each row against the row that holds its id now, which
-        # is its own row if it went in.
+        # is its own row if it went in (`jointly` leaves what it inserted;
+        # only the committer's joint run rolls it back).
         holders: dict[str, OutboxRow] = {}
-        ids = list(dict.fromkeys(r.client_message_id for r in rows))
+        ids = list(dict.fromkeys(r.client_message_id for r in self.rows))
         for start in range(0, len(ids), 500):
             chunk = ids[start:start + 500]
             marks = ", ".join("?" * len(chunk))
@@ -553,7 +555,7 @@ class _Insert:
                 holder = row_from_values(found)
                 holders[holder.client_message_id] = holder
         outcomes = []
-        for row in rows:
+        for row in self.rows:
             holder = holders[row.client_message_id]
             outcomes.append(_lifecycle.decide_accept(
                 None if holder.id == row.id else holder, client_message_id=row.client_message_id,
@@ -562,19 +564,16 @@ class _Insert:
         return outcomes
 
     @staticmethod
-    def jointly(conn: sqlite3.Connection, ops: list[_Op[Any]]) -> bool:
+    def jointly(conn: sqlite3.Connection, inserts: list[_Insert]) -> list[Outcomes] | None:
         """The inserts of concurrent `accept` calls as one statement (group
         commit's writer-side half). Any id already taken, and they go one by
-        one instead, so that each caller gets its own answer."""
-        inserts = [cast(_Insert, op.fn) for op in ops]
+        one instead (None), so that each caller gets its own answer."""
         rows = [row for insert in inserts for row in insert.rows]
         before = conn.total_changes
-        conn.executemany(_INSERT_NEW, rows)
+        conn.executemany(_INSERT_NEW, rows)  # NewRows are the parameters as they stand
         if conn.total_changes - before != len(rows):
-            return False
-        for op, insert in zip(ops, inserts, strict=True):
-            op.value = _all_inserted(insert.rows)
-        return True
+            return None
+        return [_all_inserted(insert.rows) for insert in inserts]
 
 
 def _all_inserted(rows: Sequence[NewRow]) -> Outcomes:
