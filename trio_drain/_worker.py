@@ -57,7 +57,7 @@ from ._routing import (
     Unavailable,
     outgoing_message,
 )
-from ._store._base import RouteFilter
+from ._store._base import Applied, RouteFilter
 
 log = logging.getLogger("trio_drain.worker")
 
@@ -381,7 +381,7 @@ class DrainWorker:
 
     # -- outcomes, written in batches
 
-    async def _write_outcomes(self, completions: Sequence[Completion]) -> list[bool]:
+    async def _write_outcomes(self, completions: Sequence[Completion]) -> Applied:
         """The completer's write: record a batch of outcomes and, while rows
         may be due, claim as many as the batch frees slots for, in the same
         transaction (`_after_batch` hands the slots over)."""
