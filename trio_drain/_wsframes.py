@@ -68,8 +68,6 @@ class HandshakeFailed(Exception):
 # -- framing --------------------------------------------------------------------------------
 
 
-
-
 def mask(data: bytes, key: bytes) -> bytes:
     """XOR `data` with the 4-byte `key` repeated (masking and unmasking alike)."""
     n = len(data)
