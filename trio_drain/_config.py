@@ -3,17 +3,26 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import attrs
 
 from ._errors import ConfigError
-from ._lifecycle import RetryPolicy
+from ._lifecycle import RetryPolicy, UnknownFate
 
 
 def _positive(instance: object, attribute: attrs.Attribute[Any], value: float) -> None:
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
         raise ConfigError(f"{attribute.name} must be a positive number, got {value!r}")
+
+
+def _one_of(*choices: str) -> Callable[[object, attrs.Attribute[Any], Any], None]:
+    def check(instance: object, attribute: attrs.Attribute[Any], value: Any) -> None:
+        if value not in choices:
+            raise ConfigError(f"{attribute.name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+
+    return check
 
 
 def _positive_int(instance: object, attribute: attrs.Attribute[Any], value: int) -> None:
@@ -47,6 +56,15 @@ class DrainConfig:
         max_age: pending rows older than this go `dead` ("expired") unsent:
             brokers dedupe for 24 hours, so a resend after that could apply twice.
         maintenance_interval: how often expired leases and stale rows are swept.
+        unknown_fate: what becomes of a row whose send may have reached the
+            broker but was never answered (no ack in time, the connection
+            lost, the worker crashed or stopped): ``"resend"`` it (the
+            default; right for a broker that dedupes on client_message_id,
+            as the reference broker does), or ``"dead"``: leave it dead
+            with last_error ``unknown_fate: <why>`` for an operator to
+            check and requeue. Choose ``"dead"`` for a broker that does not
+            dedupe (the seed's real broker), where a resend is delivered
+            twice if the first send had arrived.
     """
 
     max_inflight: int = attrs.field(default=64, validator=_positive_int)
@@ -60,6 +78,7 @@ class DrainConfig:
     route_retry: float = attrs.field(default=0.25, validator=_positive)
     max_age: float = attrs.field(default=23 * 3600.0, validator=_positive)
     maintenance_interval: float = attrs.field(default=5.0, validator=_positive)
+    unknown_fate: UnknownFate = attrs.field(default="resend", validator=_one_of("resend", "dead"))
 
     def __attrs_post_init__(self) -> None:
         if self.lease <= self.ack_timeout:
@@ -96,6 +115,7 @@ class DrainConfig:
             route_retry_ms=_ms(self.route_retry),
             lease_ms=_ms(self.lease),
             max_age_ms=_ms(self.max_age),
+            unknown_fate=self.unknown_fate,
         )
 
 

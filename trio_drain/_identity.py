@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import socket
-import uuid
 from typing import Any
 
 import attrs
@@ -66,9 +65,34 @@ def verify(pubkey_hex: str, text: str, signature_hex: str) -> bool:
     return True
 
 
-def _process_fields(display_name: str | None) -> dict[str, Any]:
-    host = socket.gethostname()
-    return {"sessionId": str(uuid.uuid4()), "pid": os.getpid(), "hostname": host}
+def session_id(pubkey: str) -> str:
+    """The hello's `sessionId`: stable for the life of the process and the key.
+
+    The real broker recognises a reconnect of the same process by it (the
+    seed's daemon sends `daemon-<pid>`); a fresh value per connect leaves a
+    ghost presence for 90 s and tells the mesh a peer joined. Two connections
+    of one process in one mesh (a member's and a session's) must not share
+    it, or the broker takes the second for a reconnect of the first and
+    closes that: hence the key in it.
+    """
+    return f"trio-drain-{os.getpid()}-{pubkey[:16]}"
+
+
+def _working_directory() -> str:
+    try:
+        return os.getcwd()
+    except OSError:  # removed under us: the broker needs a string, not the truth
+        return "/"
+
+
+def _process_fields(pubkey: str) -> dict[str, Any]:
+    """The fields both hellos carry about this process.
+
+    `cwd` is required: the real broker's presence row needs it, and without
+    it the broker never answers the hello at all.
+    """
+    return {"sessionId": session_id(pubkey), "pid": os.getpid(), "hostname": socket.gethostname(),
+            "cwd": _working_directory()}
 
 
 @attrs.frozen(kw_only=True, repr=False)
@@ -97,7 +121,7 @@ class MeshIdentity:
     def hello(self, now_ms: int) -> dict[str, Any]:
         """The signed `hello` frame for a connection opened at `now_ms`."""
         signed = f"{self.mesh_id}|{self.member_id}|{self.pubkey}|{now_ms}"
-        fields = _process_fields(self.display_name)
+        fields = _process_fields(self.pubkey)
         return {
             "type": "hello",
             "meshId": self.mesh_id,
@@ -162,7 +186,7 @@ class SessionIdentity:
             "parentAttestation": self.attestation(now_ms),
             "timestamp": now_ms,
             "signature": sign(self._session, signed),
-            **_process_fields(None),
+            **_process_fields(self.session_pubkey),
         }
 
 

@@ -13,8 +13,12 @@ sockets or the clock: times are passed in as integer milliseconds.
     inflight --transient error at cap---------> dead       "max_attempts: <error>"
     inflight --permanent error----------------> dead
     inflight --route unavailable--------------> pending    attempt given back
+    inflight --rate limited-------------------> pending    attempt given back, route paced
+    inflight --no answer (fate unknown)-------> pending    as a transient error, or dead
+                                                           "unknown_fate: ..." if so configured
     inflight --no broker for the mesh---------> dead       "no_broker_for_mesh:<mesh>"
-    inflight --lease expired------------------> pending    (store sweep; dead at the cap)
+    inflight --lease expired------------------> pending    (store sweep; dead at the cap, or
+                                                           "unknown_fate: ..." if so configured)
     inflight --cancelled before the send------> pending    attempt given back
     pending  --older than max_age-------------> dead       "expired" (store sweep)
     pending, inflight, dead --requeue---------> aborted    + a new pending row
@@ -23,6 +27,8 @@ sockets or the clock: times are passed in as integer milliseconds.
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 import attrs
 
@@ -43,6 +49,18 @@ WORKER_STOPPED = "worker_stopped"
 #: ... and of rows whose last allowed attempt may have left when it stopped.
 WORKER_STOPPED_AT_CAP = f"max_attempts: {WORKER_STOPPED}"
 
+#: Prefix of last_error for rows sent to dead because their fate at the
+#: broker is unknown and the policy says not to resend them.
+UNKNOWN_FATE = "unknown_fate"
+#: ... the lease ran out: the worker that held the row crashed or hung.
+UNKNOWN_FATE_LEASE = f"{UNKNOWN_FATE}: {LEASE_EXPIRED}"
+
+#: What to do with a row whose send may have reached the broker but was
+#: never answered: "resend" it (right for a broker that dedupes), or send it
+#: to "dead" for an operator to review (a broker that does not dedupe would
+#: deliver a resend twice).
+UnknownFate = Literal["resend", "dead"]
+
 REQUEUEABLE = frozenset({Status.PENDING, Status.INFLIGHT, Status.DEAD})
 DROPPABLE = frozenset({Status.PENDING, Status.DEAD})
 
@@ -57,6 +75,7 @@ class RetryPolicy:
     route_retry_ms: int = 250
     lease_ms: int = 60_000
     max_age_ms: int = 23 * 3600 * 1000
+    unknown_fate: UnknownFate = "resend"
 
 
 def backoff_ms(attempts: int, *, base_ms: int, cap_ms: int, jitter: float) -> int:
@@ -153,6 +172,52 @@ def on_route_unavailable(row: OutboxRow, *, now: int, policy: RetryPolicy) -> Co
     )
 
 
+def on_rate_limited(row: OutboxRow, *, error: str, now: int, retry_at: int) -> Completion:
+    """The broker refused the send for its rate (or its load): back-pressure.
+
+    The attempt is given back and the row waits until its route may send
+    again (`retry_at`, from the route's pacer): a rate limit never kills a
+    message (only `max_age` does).
+    """
+    return Completion(
+        row_id=row.id, lease_token=_require_inflight(row), status=Status.PENDING,
+        attempts=max(row.attempts - 1, 0), next_attempt_at=max(now, retry_at), last_error=error,
+    )
+
+
+def on_no_answer(
+    row: OutboxRow, *, reason: str, now: int, policy: RetryPolicy, jitter: float
+) -> Completion:
+    """The frame may have reached the broker, but no answer came.
+
+    With ``unknown_fate="resend"`` this is a transient error like any other;
+    with ``"dead"`` the row goes dead (``unknown_fate: <reason>``) for an
+    operator to review, since a resend through a broker that does not
+    dedupe would deliver it twice.
+    """
+    if policy.unknown_fate == "dead":
+        return Completion(
+            row_id=row.id, lease_token=_require_inflight(row), status=Status.DEAD,
+            attempts=row.attempts, next_attempt_at=row.next_attempt_at,
+            last_error=f"{UNKNOWN_FATE}: {reason}",
+        )
+    return on_error(row, error=reason, permanent=False, now=now, policy=policy, jitter=jitter)
+
+
+def on_lease_expired(*, unknown_fate: UnknownFate, at_cap: bool) -> tuple[Status, str]:
+    """Where a row whose lease ran out goes, and its last_error.
+
+    Lease expiry is a send with no answer: back to pending to be resent,
+    dead at the attempt cap, or dead as `unknown_fate` if so configured.
+    The stores apply this in bulk.
+    """
+    if unknown_fate == "dead":
+        return Status.DEAD, UNKNOWN_FATE_LEASE
+    if at_cap:
+        return Status.DEAD, LEASE_EXPIRED_AT_CAP
+    return Status.PENDING, LEASE_EXPIRED
+
+
 def on_no_broker(row: OutboxRow) -> Completion:
     """No broker is registered for the row's mesh: the row can never go out."""
     return Completion(
@@ -171,6 +236,11 @@ def on_released(row: OutboxRow, *, sent: bool, now: int, policy: RetryPolicy) ->
     expiring at the cap: another claim would exceed max_attempts.
     """
     token = _require_inflight(row)
+    if sent and policy.unknown_fate == "dead":
+        return Completion(
+            row_id=row.id, lease_token=token, status=Status.DEAD, attempts=row.attempts,
+            next_attempt_at=row.next_attempt_at, last_error=f"{UNKNOWN_FATE}: {WORKER_STOPPED}",
+        )
     if sent and row.attempts >= policy.max_attempts:
         return Completion(
             row_id=row.id, lease_token=token, status=Status.DEAD, attempts=row.attempts,

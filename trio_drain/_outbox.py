@@ -15,7 +15,7 @@ from typing import NoReturn
 from ._clock import wall_clock_ms
 from ._errors import ConfigError, InvalidRequest
 from ._ids import uuid7, uuid7s
-from ._lifecycle import Completion
+from ._lifecycle import Completion, UnknownFate
 from ._model import AcceptOutcome, OutboxRow, SendRequest, Status
 from ._store._base import NO_FILTER, Applied, Durability, OutboxBackend, Outcomes, RouteFilter, Rows
 from ._store._sqlite import SqliteBackend
@@ -189,8 +189,10 @@ class Outbox:
             token=token, exclude=exclude,
         )
 
-    async def recover_expired_leases(self, *, max_attempts: int) -> int:
-        return await self.backend.recover_expired_leases(now=self.clock(), max_attempts=max_attempts)
+    async def recover_expired_leases(self, *, max_attempts: int, unknown_fate: UnknownFate = "resend") -> int:
+        return await self.backend.recover_expired_leases(
+            now=self.clock(), max_attempts=max_attempts, unknown_fate=unknown_fate
+        )
 
     async def expire_stale(self, *, max_age_ms: int) -> int:
         return await self.backend.expire_stale(now=self.clock(), max_age_ms=max_age_ms)

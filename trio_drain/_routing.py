@@ -74,7 +74,18 @@ class OutgoingMessage:
 class SendResult:
     """A broker's answer to one send.
 
-    Build with `SendResult.acked(...)` or `SendResult.failed(...)`.
+    Build with `SendResult.acked`, `failed`, `throttled` or `no_answer`.
+
+
+    Attributes:
+        ok: the broker took the message (`message_id` names it there).
+        duplicate: ... as a resend of one it already had.
+        error, code: why not, as the broker put it.
+        permanent: the broker will never take this message.
+        rate_limited: back-pressure (a rate limit, an overload), not a
+            failure: the row loses no attempt and its route is paced.
+        unanswered: no answer came (ack deadline, lost connection): the
+            frame may or may not have reached the broker.
     """
 
     ok: bool
@@ -83,6 +94,8 @@ class SendResult:
     error: str | None = None
     code: str | None = None
     permanent: bool = False
+    rate_limited: bool = False
+    unanswered: bool = False
 
     @classmethod
     def acked(cls, message_id: str, *, duplicate: bool = False) -> SendResult:
@@ -91,6 +104,17 @@ class SendResult:
     @classmethod
     def failed(cls, error: str, *, permanent: bool, code: str | None = None) -> SendResult:
         return cls(ok=False, error=error, permanent=permanent, code=code)
+
+    @classmethod
+    def throttled(cls, error: str, *, code: str | None = None) -> SendResult:
+        """The broker refused for now to protect itself: slow down, lose nothing."""
+        return cls(ok=False, error=error, code=code, rate_limited=True)
+
+    @classmethod
+    def no_answer(cls, reason: str) -> SendResult:
+        """The frame may have left, but no answer came (`ack_timeout`,
+        `broker_disconnected`): its fate at the broker is unknown."""
+        return cls(ok=False, error=reason, unanswered=True)
 
 
 @runtime_checkable
@@ -142,10 +166,13 @@ class PipelinedBroker(Broker, Protocol):
 
 @attrs.frozen
 class Ready:
-    """Send through `broker`; `name` names the route in logs and statistics."""
+    """Send through `broker`; `name` names the route in logs and statistics,
+    `kind` and `key` identify it as in `Unavailable`."""
 
     name: str
     broker: Broker
+    kind: str = "mesh"
+    key: str | None = None
 
 
 @attrs.frozen
@@ -250,7 +277,7 @@ class BrokerRegistry:
             name = f"session:{session[:12]}"
             broker = self._sessions.get(session.lower())
             if broker is not None and broker.is_open():
-                return Ready(name, broker)
+                return Ready(name, broker, "session", session.lower())
             return Unavailable(name, "session", session.lower())
         if row.mesh is not None:
             kind, key, name = "mesh", row.mesh, f"mesh:{row.mesh}"
@@ -262,7 +289,7 @@ class BrokerRegistry:
             kind, key, name = "default", None, f"mesh:{slug}"
         else:
             return NoBroker(None)
-        return Ready(name, broker) if broker.is_open() else Unavailable(name, kind, key)
+        return Ready(name, broker, kind, key) if broker.is_open() else Unavailable(name, kind, key)
 
     def unavailable_route(self, row: OutboxRow) -> Unavailable:
         """The route of `row`, as an unavailable one (its socket just closed)."""

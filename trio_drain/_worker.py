@@ -23,11 +23,17 @@ they go out as soon as it commits: one round trip to the database per
 batch, not two, and no wait for the loop to wake.
 
 Rows whose route is down are not claimed at all until the route is back, so
-an outage costs neither CPU nor attempts.
+an outage costs neither CPU nor attempts. A broker's rate limit is
+back-pressure too: the refused row gets its attempt back and its route is
+paced (`_pacing.RoutePacer`: slow start, then a token bucket that learns
+the broker's rate). A paced route's rows are left out of the common claim
+and claimed on their own, no more at a time than its bucket allows, so
+pacing costs no churn of rows claimed and given back.
 """
 
 from __future__ import annotations
 
+import collections
 import enum
 import functools
 import logging
@@ -47,6 +53,7 @@ from ._ids import new_token
 from ._lifecycle import Completion
 from ._model import OutboxRow, Status
 from ._outbox import Outbox
+from ._pacing import RoutePacer
 from ._routing import (
     BrokerRegistry,
     NoBroker,
@@ -57,7 +64,7 @@ from ._routing import (
     Unavailable,
     outgoing_message,
 )
-from ._store._base import Applied, RouteFilter
+from ._store._base import Applied, RouteFilter, RouteKey
 
 log = logging.getLogger("trio_drain.worker")
 
@@ -72,6 +79,9 @@ class RouteStatistics:
     retried: int = 0
     dead: int = 0
     unavailable: int = 0
+    rate_limited: int = 0
+    #: Sends a second the route is paced to, or None while it is not paced.
+    rate: float | None = None
 
 
 @attrs.frozen(kw_only=True)
@@ -85,7 +95,9 @@ class WorkerStatistics:
         duplicates: acks the broker marked as duplicates of an earlier send.
         retried: transient failures scheduled for another try.
         dead: rows this worker moved to `dead`.
-        given_back: claims returned with their attempt (route down, stopping).
+        given_back: claims returned with their attempt (route down, rate
+            limited, stopping).
+        rate_limited: sends the broker refused for its rate or its load.
         stale: completions that found their lease taken over (changed nothing).
         in_flight: sends outstanding right now.
         blocked_routes: routes whose rows are left alone until they reopen.
@@ -99,21 +111,22 @@ class WorkerStatistics:
     retried: int
     dead: int
     given_back: int
+    rate_limited: int
     stale: int
     in_flight: int
     blocked_routes: tuple[str, ...]
     per_route: dict[str, RouteStatistics]
 
 
-_RouteField = Literal["sent", "acked", "duplicates", "retried", "dead", "unavailable"]
-_ROUTE_FIELDS = tuple(a.name for a in attrs.fields(RouteStatistics))
+_RouteField = Literal["sent", "acked", "duplicates", "retried", "dead", "unavailable", "rate_limited"]
+_ROUTE_FIELDS = tuple(a.name for a in attrs.fields(RouteStatistics) if a.name != "rate")
 # The worker-wide counters: every int field of WorkerStatistics but the live ones.
 _WORKER_COUNTERS = tuple(
     a.name for a in attrs.fields(WorkerStatistics) if a.type in (int, "int") and a.name != "in_flight"
 )
 
 
-_ACK_TIMEOUT = SendResult.failed("ack_timeout", permanent=False)
+_ACK_TIMEOUT = SendResult.no_answer("ack_timeout")
 
 
 class _Settled(enum.Enum):
@@ -127,15 +140,36 @@ class _Settled(enum.Enum):
 class _Delivery:
     """One claimed row on its way out, held until its outcome is handed on."""
 
-    __slots__ = ("deadline", "handle", "route_name", "row", "sent", "slot")
+    __slots__ = ("deadline", "gate", "handle", "held_since", "route", "route_name", "row", "sent", "sent_at",
+                 "slot")
 
     def __init__(self, row: OutboxRow, slot: object) -> None:
         self.row = row
         self.slot = slot  # its CapacityLimiter token
         self.route_name = ""
         self.sent = False  # the frame may have left
+        self.sent_at = math.inf  # trio time
         self.handle: SendHandle | None = None  # a pipelined send's, to cancel
         self.deadline = math.inf  # a pipelined send's ack deadline (trio time)
+        self.gate: _Gate | None = None  # its route's pacing, once routed
+        self.route: Ready | None = None
+        self.held_since = math.inf  # waiting for its route's slow start (trio time)
+
+
+class _Gate:
+    """One route's pacing: its pacer, its unanswered sends, and the rows
+    claimed for it that wait for slow start to let them go."""
+
+    __slots__ = ("held", "in_flight", "key", "last_claim", "maybe_more", "name", "pacer")
+
+    def __init__(self, name: str, key: RouteKey, pacer: RoutePacer) -> None:
+        self.name = name
+        self.key = key
+        self.pacer = pacer
+        self.in_flight = 0
+        self.held: collections.deque[_Delivery] = collections.deque()
+        self.maybe_more = True  # rows of this route may be due (paced routes)
+        self.last_claim = -math.inf  # trio time of its last claim of its own
 
 
 class DrainWorker:
@@ -174,7 +208,9 @@ class DrainWorker:
             write=self._write_outcomes, after_batch=self._after_batch,
         )
         # Blocked routes: (kind, key) as understood by BrokerRegistry.
-        self._blocked: dict[tuple[str, str | None], str] = {}
+        self._blocked: dict[RouteKey, str] = {}
+        # Every route a row went out through, with its pacing.
+        self._gates: dict[RouteKey, _Gate] = {}
         # Rows claimed and not yet handed to the completer.
         self._out: set[_Delivery] = set()
         # The batch of outcomes being written: the slots it frees, and the
@@ -198,6 +234,8 @@ class DrainWorker:
     def wake(self) -> None:
         """Look at the outbox now. Never blocks; many wakes coalesce into one."""
         self._maybe_more_due = True
+        for gate in self._gates.values():
+            gate.maybe_more = True
         try:
             self._wake_send.send_nowait(None)
         except trio.WouldBlock:
@@ -209,8 +247,13 @@ class DrainWorker:
             **self._counts,
             in_flight=self._limiter.borrowed_tokens,
             blocked_routes=tuple(sorted(self._blocked.values())),
-            per_route={name: RouteStatistics(**c) for name, c in self._per_route.items()},
+            per_route={name: RouteStatistics(**c, rate=self._route_rate(name))
+                       for name, c in self._per_route.items()},
         )
+
+    def _route_rate(self, name: str) -> float | None:
+        rates = [g.pacer.rate for g in self._gates.values() if g.name == name and g.pacer.rate is not None]
+        return min(rates) if rates else None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Drain until cancelled. See the class docstring."""
@@ -263,6 +306,8 @@ class DrainWorker:
             slots = await self._take_slots()
             self._drain_wakes()
             self._refresh_blocked()
+            rows: list[OutboxRow] = []
+            error: StoreError | None = None
             try:
                 if trio.current_time() >= next_maintenance:
                     await self._maintain()
@@ -270,26 +315,48 @@ class DrainWorker:
                 # Shielded: a claim that commits must reach the table of
                 # deliveries, from which a stopping worker hands rows back.
                 with trio.CancelScope(shield=True):
-                    rows = await self.outbox.claim(**self._claim_terms(len(slots)))
+                    await self._claim_into(rows, len(slots))
             except StoreError as exc:
-                for slot in slots:
-                    self._limiter.release_on_behalf_of(slot)
+                error = exc
+            deliveries = self._claimed(rows, slots)
+            # Stopping already? Then nothing leaves, and every attempt is given back.
+            await trio.lowlevel.checkpoint_if_cancelled()
+            self._launch(deliveries)
+            if error is not None:
                 failures += 1
                 delay = min(config.poll_interval * 2 ** min(failures, 6), 5.0)
-                log.error("outbox unavailable (%s); retrying in %.1fs", exc, delay)
+                log.error("outbox unavailable (%s); retrying in %.1fs", error, delay)
                 await trio.sleep(delay)
                 continue
             if failures:
                 log.warning("outbox available again after %d failed attempt(s)", failures)
             failures = 0
-            self._maybe_more_due = len(rows) == len(slots)
-            deliveries = self._claimed(rows, slots)
-            # Stopping already? Then nothing leaves, and every attempt is given back.
-            await trio.lowlevel.checkpoint_if_cancelled()
-            self._launch(deliveries)
             if self._maybe_more_due:
                 continue  # there may be more due right now
             await self._sleep_until_due(next_maintenance)
+
+    async def _claim_into(self, rows: list[OutboxRow], room: int) -> None:
+        """Claim up to `room` rows into `rows`: first each paced route's own
+        share (no more than its bucket allows), then the rest in one claim
+        that leaves paced and blocked routes out."""
+        now = trio.current_time()
+        for gate in list(self._gates.values()):
+            if len(rows) >= room or not gate.pacer.paced or gate.key in self._blocked:
+                continue
+            if not gate.maybe_more and now - gate.last_claim < self.config.poll_interval:
+                continue
+            limit = min(gate.pacer.allowance(now), room - len(rows))
+            if limit < 1:
+                continue
+            found = await self.outbox.claim(**self._claim_terms(limit, only=gate.key))
+            gate.maybe_more = len(found) == limit
+            gate.last_claim = now
+            rows.extend(found)
+        free = room - len(rows)
+        if free:
+            found = await self.outbox.claim(**self._claim_terms(free))
+            self._maybe_more_due = len(found) == free
+            rows.extend(found)
 
     async def _take_slots(self) -> list[object]:
         """Wait for one free send slot, then take up to a claim's worth that are free."""
@@ -313,7 +380,11 @@ class DrainWorker:
                 return
 
     async def _sleep_until_due(self, next_maintenance: float) -> None:
-        timeout = min(self.config.poll_interval, next_maintenance - trio.current_time())
+        now = trio.current_time()
+        timeout = min(self.config.poll_interval, next_maintenance - now)
+        for gate in self._gates.values():  # a paced route with rows waits for its next token
+            if gate.pacer.paced and gate.maybe_more and gate.key not in self._blocked:
+                timeout = min(timeout, gate.pacer.next_send_at(now) - now)
         try:
             due = await self.outbox.next_due_at(
                 max_age_ms=self._policy.max_age_ms, exclude=self._route_filter()
@@ -330,7 +401,9 @@ class DrainWorker:
             await self._wake_receive.receive()
 
     async def _maintain(self) -> None:
-        recovered = await self.outbox.recover_expired_leases(max_attempts=self._policy.max_attempts)
+        recovered = await self.outbox.recover_expired_leases(
+            max_attempts=self._policy.max_attempts, unknown_fate=self._policy.unknown_fate
+        )
         expired = await self.outbox.expire_stale(max_age_ms=self._policy.max_age_ms)
         if recovered:
             log.warning("recovered %d row(s) whose lease expired", recovered)
@@ -339,10 +412,13 @@ class DrainWorker:
 
     # -- blocked routes
 
-    def _route_filter(self) -> RouteFilter:
-        sessions = frozenset(k for kind, k in self._blocked if kind == "session" and k)
-        meshes = frozenset(k for kind, k in self._blocked if kind == "mesh" and k)
-        return RouteFilter(sessions, meshes, ("default", None) in self._blocked)
+    def _route_filter(self, only: RouteKey | None = None) -> RouteFilter:
+        """What a claim leaves out: blocked routes, and paced ones (each is
+        claimed on its own), unless it claims the one route `only`."""
+        if only is not None:
+            return RouteFilter(only=only)
+        paced = [key for key, gate in self._gates.items() if gate.pacer.paced]
+        return RouteFilter.of([*self._blocked, *paced])
 
     def _refresh_blocked(self) -> None:
         for key in list(self._blocked):
@@ -356,11 +432,12 @@ class DrainWorker:
             log.info("route %s is not open; leaving its rows until it is", route.name)
             self._blocked[key] = route.name
 
-    def _claim_terms(self, limit: int) -> dict[str, Any]:
+    def _claim_terms(self, limit: int, *, only: RouteKey | None = None) -> dict[str, Any]:
         """What a claim asks for now: up to `limit` rows, under the policy's
-        lease and age limit, a fresh token, blocked routes left out."""
+        lease and age limit, a fresh token, blocked and paced routes left
+        out (or only the route `only`)."""
         return {"limit": limit, "lease_ms": self._policy.lease_ms, "max_age_ms": self._policy.max_age_ms,
-                "token": new_token(), "exclude": self._route_filter()}
+                "token": new_token(), "exclude": self._route_filter(only)}
 
     def _claimed(self, rows: list[OutboxRow], slots: list[object]) -> list[_Delivery]:
         """Claimed rows become deliveries, each with a slot; spare slots are freed."""
@@ -407,7 +484,7 @@ class DrainWorker:
     # -- one row
 
     def _start(self, delivery: _Delivery, tasks: trio.Nursery, deadline: float) -> None:
-        """Route one claimed row and send it (or settle it at once)."""
+        """Route one claimed row and send it (or hold it, or settle it at once)."""
         row = delivery.row
         route = self.registry.resolve(row)
         if isinstance(route, NoBroker):
@@ -417,38 +494,70 @@ class DrainWorker:
         if isinstance(route, Unavailable):
             self._give_back(delivery, route)
             return
-        message = outgoing_message(row)
+        gate = self._gate(route)
+        delivery.gate, delivery.route, delivery.route_name = gate, route, route.name
+        now = trio.current_time()
+        if not gate.held and gate.pacer.may_send(gate.in_flight, now):
+            self._send(delivery, tasks, deadline)
+        elif gate.pacer.paced:  # claimed just before its route was paced: its turn comes unclaimed
+            self._pace_back(delivery, gate, "route_paced")
+        else:  # slow start: it goes as answers come back
+            delivery.held_since = now
+            gate.held.append(delivery)
+
+    def _gate(self, route: Ready) -> _Gate:
+        key = (route.kind, route.key)
+        gate = self._gates.get(key)
+        if gate is None:
+            gate = self._gates[key] = _Gate(route.name, key, RoutePacer(window=self.config.max_inflight))
+        return gate
+
+    def _send(self, delivery: _Delivery, tasks: trio.Nursery, deadline: float) -> None:
+        """Hand a routed row to its broker."""
+        route, gate = delivery.route, delivery.gate
+        assert route is not None and gate is not None
+        message = outgoing_message(delivery.row)
         start_send = getattr(route.broker, "start_send", None)
         if start_send is None:  # a plain Broker: a task waits for its answer
             tasks.start_soon(self._send_in_task, delivery, route, message)
             return
-        delivery.route_name = route.name
-        delivery.sent = True
+        self._mark_sent(delivery, gate)
         delivery.deadline = deadline
         try:
             delivery.handle = start_send(message, functools.partial(self._on_result, delivery))
         except BrokerUnavailable:  # closed since we resolved the route: nothing left
-            delivery.sent = False
-            self._give_back(delivery, self.registry.unavailable_route(row))
+            self._mark_unsent(delivery, gate)
+            self._give_back(delivery, self.registry.unavailable_route(delivery.row))
             return
         self._count("sent", route.name)
 
+    def _mark_sent(self, delivery: _Delivery, gate: _Gate) -> None:
+        now = trio.current_time()
+        delivery.sent, delivery.sent_at = True, now
+        gate.in_flight += 1
+        gate.pacer.took(now)
+
+    def _mark_unsent(self, delivery: _Delivery, gate: _Gate) -> None:
+        delivery.sent = False
+        gate.in_flight -= 1
+
     async def _send_in_task(self, delivery: _Delivery, route: Ready, message: OutgoingMessage) -> None:
         await trio.lowlevel.checkpoint_if_cancelled()  # stopping already: nothing leaves
-        delivery.route_name = route.name
-        delivery.sent = True
+        gate = delivery.gate
+        assert gate is not None
+        self._mark_sent(delivery, gate)
         self._count("sent", route.name)
         result = _ACK_TIMEOUT
         try:
             with trio.move_on_after(self.config.ack_timeout):
                 result = await route.broker.send(message)
         except BrokerUnavailable:  # nothing left: the socket closed under us
-            delivery.sent = False
+            self._mark_unsent(delivery, gate)
             self._give_back(delivery, self.registry.unavailable_route(delivery.row))
             return
         except Exception as exc:  # a broker bug must not kill the worker
             log.exception("broker %s raised while sending %s", route.name, message.client_message_id)
-            result = SendResult.failed(f"send_failed: {type(exc).__name__}: {exc}", permanent=False)
+            result = SendResult.no_answer(f"send_failed: {type(exc).__name__}: {exc}")
         self._on_result(delivery, result)
 
     def _on_result(self, delivery: _Delivery, result: SendResult) -> None:
@@ -456,20 +565,64 @@ class DrainWorker:
         if delivery not in self._out:
             return  # settled already (timed out, or handed back)
         _crashpoints.reached("ack_before_record")
-        row = delivery.row
+        row, gate = delivery.row, delivery.gate
+        assert gate is not None
+        gate.in_flight -= 1
         now = self.outbox.clock()
-        if result.ok:
-            completion = _lifecycle.on_ack(row, broker_message_id=result.message_id or "", now=now)
-            if result.duplicate:
-                self._count("duplicates", delivery.route_name)
+        if result.rate_limited:
+            self._rate_limited(delivery, gate, result)
         else:
-            completion = _lifecycle.on_error(
-                row, error=result.error or "unknown_error", permanent=result.permanent,
-                now=now, policy=self._policy, jitter=self._rng.random(),
-            )
+            gate.pacer.answered(trio.current_time(), accepted=result.ok)
+            if result.ok:
+                completion = _lifecycle.on_ack(row, broker_message_id=result.message_id or "", now=now)
+                if result.duplicate:
+                    self._count("duplicates", delivery.route_name)
+            elif result.unanswered:
+                completion = _lifecycle.on_no_answer(
+                    row, reason=result.error or "no_answer", now=now, policy=self._policy,
+                    jitter=self._rng.random(),
+                )
+            else:
+                completion = _lifecycle.on_error(
+                    row, error=result.error or "unknown_error", permanent=result.permanent,
+                    now=now, policy=self._policy, jitter=self._rng.random(),
+                )
             if completion.status is Status.DEAD:
                 log.warning("row %s is dead: %s", row.id, completion.last_error)
-        self._settle(delivery, completion, _Settled.RESULT, delivery.route_name)
+            self._settle(delivery, completion, _Settled.RESULT, delivery.route_name)
+        self._release_held(gate)
+
+    def _rate_limited(self, delivery: _Delivery, gate: _Gate, result: SendResult) -> None:
+        """The broker refused the send for its rate: pace the route, give the row back."""
+        text = result.error or "rate_limited"
+        self._count("rate_limited", gate.name)
+        was_paced = gate.pacer.paced
+        if gate.pacer.refused(trio.current_time(), sent_at=delivery.sent_at, text=text):
+            log.log(logging.INFO if was_paced else logging.WARNING,
+                    "route %s is rate limited by its broker (%.120r); pacing it at %.3g sends/s",
+                    gate.name, text, gate.pacer.rate)
+            while gate.held:  # slow start is over: they wait their turn unclaimed
+                self._pace_back(gate.held.popleft(), gate, "route_paced")
+        self._pace_back(delivery, gate, text)
+
+    def _pace_back(self, delivery: _Delivery, gate: _Gate, error: str) -> None:
+        """Give a row back, attempt returned, until its paced route may send."""
+        now = trio.current_time()
+        retry_at = self.outbox.clock() + math.ceil((gate.pacer.next_send_at(now) - now) * 1000)
+        completion = _lifecycle.on_rate_limited(delivery.row, error=error, now=self.outbox.clock(), retry_at=retry_at)
+        self._settle(delivery, completion, _Settled.GIVEN_BACK, gate.name)
+
+    def _release_held(self, gate: _Gate) -> None:
+        """Send rows slow start held, as far as it now allows."""
+        tasks = self._tasks
+        if tasks is None or self._stopping:
+            return
+        now = trio.current_time()
+        deadline = now + self.config.ack_timeout
+        while gate.held and gate.pacer.may_send(gate.in_flight, now):
+            delivery = gate.held.popleft()
+            if delivery in self._out:
+                self._send(delivery, tasks, deadline)
 
     def _give_back(self, delivery: _Delivery, route: Unavailable) -> None:
         self._block(route)
@@ -486,6 +639,9 @@ class DrainWorker:
         for delivery in deliveries:
             if delivery.handle is not None:
                 delivery.handle.cancel()
+            gate = delivery.gate
+            if gate is not None and not delivery.sent and delivery in gate.held:
+                gate.held.remove(delivery)
             completion = _lifecycle.on_released(delivery.row, sent=delivery.sent, now=now, policy=self._policy)
             kind = _Settled.RELEASED if delivery.sent else _Settled.GIVEN_BACK
             self._settle(delivery, completion, kind, delivery.route_name)
@@ -503,6 +659,11 @@ class DrainWorker:
                 if delivery.handle is not None:
                     delivery.handle.cancel()
                 self._on_result(delivery, _ACK_TIMEOUT)
+            # Rows slow start held while their broker stopped answering: back
+            # they go (attempt returned) before their lease can run out.
+            stuck = [d for d in self._out if not d.sent and d.held_since + self.config.ack_timeout <= now]
+            if stuck:
+                self._hand_back(stuck)
 
     def _settle(self, delivery: _Delivery, completion: Completion, kind: _Settled, route_name: str) -> None:
         """Hand the row's completion to the batch completer; its slot frees once written.

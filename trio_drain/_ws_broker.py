@@ -32,25 +32,40 @@ RECONNECT_BACKOFF: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
 HELLO_TIMEOUT = 5.0
 ACK_TIMEOUT = 15.0
 MAX_FRAME = 4 * 1024 * 1024
-_PERMANENT_TEXT = re.compile(r"payload_too_large|forbidden|not_found|invalid|schema|auth|signature", re.I)
+#: Error texts that mean "never": the real broker's acks carry no
+#: `permanent` field, so its words decide (`payload too large: ...`,
+#: `blocked by recipient grants (...)`).
+PERMANENT_TEXT = re.compile(
+    r"payload[_ ]too[_ ]large|forbidden|not_found|invalid|schema|auth|signature|blocked by recipient grants",
+    re.I,
+)
+#: Back-pressure: a rate limit or an overload is "not now", never a failure.
+RATE_LIMIT_CODES = frozenset({"rate_limit", "rate_limited", "overloaded"})
+RATE_LIMIT_TEXT = re.compile(r"rate[_ ]limit|overloaded", re.I)
+_NOT_QUEUED = "not_queued"
 
 
 def classify_ack(frame: dict[str, Any]) -> SendResult:
-    """The SendResult an `ack` frame stands for.
+    """The SendResult an `ack` frame stands for (section 5 of the spec).
 
     An ack is an error when it carries an `error` or says `queued: false`.
-    An error is permanent if the frame says `"permanent": true`; without that
-    field (older brokers) when the error text matches the permanent pattern.
+    A rate limit (`rate_limit`, `overloaded`, by code or by text) is
+    back-pressure. Otherwise an error is permanent if the frame says
+    `"permanent": true`; without that field (the real broker) when its
+    text matches `PERMANENT_TEXT`; anything else is transient.
     """
     error = frame.get("error")
     if not error and frame.get("queued", True) is not False:
         return SendResult.acked(str(frame.get("messageId") or ""), duplicate=frame.get("duplicate") is True)
-    text = str(error or "not_queued")
+    text = str(error or _NOT_QUEUED)
+    raw_code = frame.get("code")
+    code = None if raw_code is None else str(raw_code)
+    if code in RATE_LIMIT_CODES or RATE_LIMIT_TEXT.search(text):
+        return SendResult.throttled(text, code=code)
     permanent = frame.get("permanent")
     if not isinstance(permanent, bool):
-        permanent = bool(_PERMANENT_TEXT.search(text))
-    code = frame.get("code")
-    return SendResult.failed(text, permanent=permanent, code=None if code is None else str(code))
+        permanent = bool(PERMANENT_TEXT.search(text))
+    return SendResult.failed(text, permanent=permanent, code=code)
 
 
 class _Waiter:
@@ -339,7 +354,7 @@ class WebSocketBroker:
 
     async def _expire_acks(self) -> None:
         """Fail sends whose ack is overdue, as transient `ack_timeout`."""
-        timeout = SendResult.failed("ack_timeout", permanent=False)
+        timeout = SendResult.no_answer("ack_timeout")
         while True:
             await trio.sleep(min(1.0, self.ack_timeout / 4))
             now = trio.current_time()
@@ -360,7 +375,7 @@ class WebSocketBroker:
         was_open = self._open
         self._open = False
         self._ws = None
-        failure = SendResult.failed("broker_disconnected", permanent=False)
+        failure = SendResult.no_answer("broker_disconnected")
         for waiters in list(self._pending.values()):
             for waiter in list(waiters):  # resolving one removes it
                 waiter.resolve(failure)

@@ -8,13 +8,13 @@ the caller, so the same back end runs under a fake clock in tests.
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal, NoReturn, Protocol
 
 import attrs
 
 from .._errors import SchemaError, StoreError
-from .._lifecycle import Completion
+from .._lifecycle import Completion, UnknownFate
 from .._model import AcceptOutcome, NewRow, OutboxRow, Status
 
 Rows = list[OutboxRow]
@@ -65,30 +65,70 @@ class Executes(Protocol):
     def execute(self, sql: Any, parameters: Any = ..., /) -> Any: ...
 
 
+#: A route as the stores see it: ("session", pubkey), ("mesh", slug), or
+#: ("default", None) for rows with neither (they go to the only mesh broker).
+RouteKey = tuple[str, str | None]
+
+
+def route_key(row: OutboxRow) -> RouteKey:
+    """The route a row belongs to (which connection it may leave through)."""
+    if row.sender_session_pubkey is not None:
+        return ("session", row.sender_session_pubkey)
+    if row.mesh is not None:
+        return ("mesh", row.mesh)
+    return ("default", None)
+
+
 @attrs.frozen
 class RouteFilter:
-    """Routes whose rows a claim must leave alone (their socket is down).
+    """Routes whose rows a claim must leave alone (their socket is down, or
+    they are paced and claimed on their own), or the one route it takes.
 
     Attributes:
-        sessions: sender session public keys whose session socket is down.
-        meshes: mesh slugs whose mesh socket is down (rows without a session).
-        null_mesh: rows with neither a session nor a mesh are routed to the
-            only mesh broker, and that one is down.
+        sessions: sender session public keys whose rows are left alone.
+        meshes: mesh slugs whose rows (without a session) are left alone.
+        null_mesh: rows with neither a session nor a mesh are left alone.
+        only: if set, the claim takes rows of this route and no other.
     """
 
     sessions: frozenset[str] = frozenset()
     meshes: frozenset[str] = frozenset()
     null_mesh: bool = False
+    only: RouteKey | None = None
 
     def __bool__(self) -> bool:
-        return bool(self.sessions or self.meshes or self.null_mesh)
+        return bool(self.sessions or self.meshes or self.null_mesh or self.only)
 
     def blocks(self, row: OutboxRow) -> bool:
+        if self.only is not None and route_key(row) != self.only:
+            return True
         if row.sender_session_pubkey is not None:
             return row.sender_session_pubkey in self.sessions
         if row.mesh is not None:
             return row.mesh in self.meshes
         return self.null_mesh
+
+    @classmethod
+    def of(cls, keys: Iterable[RouteKey], *, only: RouteKey | None = None) -> RouteFilter:
+        """A filter leaving out the routes `keys`."""
+        keys = set(keys)
+        return cls(
+            sessions=frozenset(k for kind, k in keys if kind == "session" and k),
+            meshes=frozenset(k for kind, k in keys if kind == "mesh" and k),
+            null_mesh=("default", None) in keys,
+            only=only,
+        )
+
+
+def only_route_clause(only: RouteKey, mark: str) -> tuple[str, list[Any]]:
+    """SQL (after WHERE ...) keeping rows of route `only` alone; `mark` is
+    the driver's placeholder."""
+    kind, key = only
+    if kind == "session":
+        return f" AND sender_session_pubkey = {mark}", [key]
+    if kind == "mesh":
+        return f" AND sender_session_pubkey IS NULL AND mesh = {mark}", [key]
+    return " AND sender_session_pubkey IS NULL AND mesh IS NULL", []
 
 
 NO_FILTER = RouteFilter()
@@ -197,10 +237,12 @@ class OutboxBackend(Protocol):
     ) -> tuple[Applied, Rows]:
         """`complete` then `claim`, in one transaction."""
 
-    async def recover_expired_leases(self, *, now: int, max_attempts: int) -> int:
-        """Put inflight rows whose lease ran out back to pending, or to dead
-        (`LEASE_EXPIRED_AT_CAP`) if they have used every attempt. Returns
-        the rows moved."""
+    async def recover_expired_leases(
+        self, *, now: int, max_attempts: int, unknown_fate: UnknownFate = "resend"
+    ) -> int:
+        """Move inflight rows whose lease ran out where
+        `_lifecycle.on_lease_expired` says: back to pending, or dead at the
+        attempt cap or under ``unknown_fate="dead"``. Returns the rows moved."""
 
     async def expire_stale(self, *, now: int, max_age_ms: int) -> int:
         """Move pending rows older than max_age to dead ("expired")."""

@@ -35,7 +35,7 @@ import trio
 
 from .. import _lifecycle
 from .._errors import ConfigError, StoreClosed, StoreError, StoreUnavailable, UnknownRow
-from .._lifecycle import Completion
+from .._lifecycle import Completion, UnknownFate
 from .._model import NewRow, OutboxRow, Status
 from ._base import (
     COLUMNS,
@@ -50,6 +50,7 @@ from ._base import (
     in_claim_order,
     list_query,
     new_row_values,
+    only_route_clause,
     record_schema_version,
     row_from_values,
     row_values,
@@ -164,7 +165,12 @@ def _route_clause(exclude: RouteFilter) -> tuple[str, list[Any]]:
         params.append(sorted(exclude.meshes))
     if exclude.null_mesh:
         parts.append("(sender_session_pubkey IS NOT NULL OR mesh IS NOT NULL)")
-    return "".join(" AND " + p for p in parts), params
+    clause = "".join(" AND " + p for p in parts)
+    if exclude.only is not None:
+        only, only_params = only_route_clause(exclude.only, "%s")
+        clause += only
+        params.extend(only_params)
+    return clause, params
 
 
 # -- connections -------------------------------------------------------------------
@@ -404,19 +410,29 @@ class PostgresBackend:
 
         return await self._pool.run(op)
 
-    async def recover_expired_leases(self, *, now: int, max_attempts: int) -> int:
+    async def recover_expired_leases(
+        self, *, now: int, max_attempts: int, unknown_fate: UnknownFate = "resend"
+    ) -> int:
+        # The state machine's two answers, at the attempt cap and below it.
+        cap_status, cap_error = _lifecycle.on_lease_expired(unknown_fate=unknown_fate, at_cap=True)
+        status, error = _lifecycle.on_lease_expired(unknown_fate=unknown_fate, at_cap=False)
+
+        def due(to: Status) -> str:  # a row put back is due at once
+            return "%(now)s" if to is Status.PENDING else "outbox.next_attempt_at"
+
         sql = (
             "WITH expired AS (SELECT id FROM outbox WHERE status = 'inflight'"
-            " AND (lease_expires_at IS NULL OR lease_expires_at <= %(now)s) FOR UPDATE SKIP LOCKED)"
+            " AND (lease_expires_at IS NULL OR lease_expires_at <= %(now)s) FOR UPDATE SKIP LOCKED),"
+            " fate AS (SELECT outbox.id, outbox.attempts >= %(cap)s AS at_cap FROM outbox"
+            "  JOIN expired ON outbox.id = expired.id)"
             " UPDATE outbox SET"
-            " status = CASE WHEN outbox.attempts >= %(cap)s THEN 'dead' ELSE 'pending' END,"
-            " last_error = CASE WHEN outbox.attempts >= %(cap)s THEN %(at_cap)s ELSE %(expired)s END,"
-            " next_attempt_at = CASE WHEN outbox.attempts >= %(cap)s THEN outbox.next_attempt_at"
-            "  ELSE %(now)s END,"
-            " lease_token = NULL, lease_expires_at = NULL FROM expired WHERE outbox.id = expired.id"
+            " status = CASE WHEN fate.at_cap THEN %(cap_status)s ELSE %(status)s END,"
+            " last_error = CASE WHEN fate.at_cap THEN %(cap_error)s ELSE %(error)s END,"
+            f" next_attempt_at = CASE WHEN fate.at_cap THEN {due(cap_status)} ELSE {due(status)} END,"
+            " lease_token = NULL, lease_expires_at = NULL FROM fate WHERE outbox.id = fate.id"
         )
-        args = {"now": now, "cap": max_attempts, "at_cap": _lifecycle.LEASE_EXPIRED_AT_CAP,
-                "expired": _lifecycle.LEASE_EXPIRED}
+        args = {"now": now, "cap": max_attempts, "cap_status": cap_status.value, "cap_error": cap_error,
+                "status": status.value, "error": error}
 
         def op(conn: psycopg.Connection[Any]) -> int:
             return conn.execute(sql, args).rowcount

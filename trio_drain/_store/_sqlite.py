@@ -45,7 +45,7 @@ from .._errors import (
     StoreUnavailable,
     UnknownRow,
 )
-from .._lifecycle import Completion
+from .._lifecycle import Completion, UnknownFate
 from .._model import NewRow, OutboxRow, Status
 from ._base import (
     COLUMNS,
@@ -60,6 +60,7 @@ from ._base import (
     check_durability,
     in_claim_order,
     list_query,
+    only_route_clause,
     record_schema_version,
     row_from_values,
     row_values,
@@ -168,7 +169,12 @@ def _route_clause(exclude: RouteFilter) -> tuple[str, list[Any]]:
         params.extend(sorted(exclude.meshes))
     if exclude.null_mesh:
         parts.append("(sender_session_pubkey IS NOT NULL OR mesh IS NOT NULL)")
-    return "".join(" AND " + p for p in parts), params
+    clause = "".join(" AND " + p for p in parts)
+    if exclude.only is not None:
+        only, only_params = only_route_clause(exclude.only, "?")
+        clause += only
+        params.extend(only_params)
+    return clause, params
 
 
 def _claim_statement(
@@ -706,22 +712,25 @@ class SqliteBackend:
 
         return await self._write(op, durable=False)
 
-    async def recover_expired_leases(self, *, now: int, max_attempts: int) -> int:
+    async def recover_expired_leases(
+        self, *, now: int, max_attempts: int, unknown_fate: UnknownFate = "resend"
+    ) -> int:
         expired = "status = 'inflight' AND (lease_expires_at IS NULL OR lease_expires_at <= ?)"
+        # The state machine's two answers, at the attempt cap and below it.
+        fates = [(_lifecycle.on_lease_expired(unknown_fate=unknown_fate, at_cap=cap), cap) for cap in (True, False)]
 
         def op(conn: sqlite3.Connection) -> int:
-            dead = conn.execute(
-                "UPDATE outbox SET status = 'dead', last_error = ?,"
-                " lease_token = NULL, lease_expires_at = NULL"
-                f" WHERE {expired} AND attempts >= ?",
-                (_lifecycle.LEASE_EXPIRED_AT_CAP, now, max_attempts),
-            ).rowcount
-            back = conn.execute(
-                "UPDATE outbox SET status = 'pending', next_attempt_at = ?, last_error = ?,"
-                f" lease_token = NULL, lease_expires_at = NULL WHERE {expired}",
-                (now, _lifecycle.LEASE_EXPIRED, now),
-            ).rowcount
-            return int(dead + back)
+            moved = 0
+            for (status, error), at_cap in fates:
+                due = "?" if status is Status.PENDING else "next_attempt_at"  # put back: due at once
+                moved += conn.execute(
+                    f"UPDATE outbox SET status = ?, last_error = ?, next_attempt_at = {due},"
+                    f" lease_token = NULL, lease_expires_at = NULL WHERE {expired}"
+                    + (" AND attempts >= ?" if at_cap else ""),
+                    (status.value, error, *([now] if status is Status.PENDING else []), now,
+                     *([max_attempts] if at_cap else [])),
+                ).rowcount
+            return moved
 
         return await self._write(op, durable=False)
 
