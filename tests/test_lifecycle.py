@@ -176,3 +176,39 @@ def test_minted_ids_are_valid_increasing_uuid7s() -> None:
     for text in ids[:50]:
         parsed = uuid.UUID(text)
         assert (parsed.version, parsed.variant, str(parsed)) == (7, uuid.RFC_4122, text)
+
+
+# -- back-pressure and unknown fates --------------------------------------------------
+
+
+@given(attempts=st.integers(1, 100), wait=st.integers(-1000, 100_000))
+def test_a_rate_limit_gives_the_attempt_back_and_never_kills_even_at_the_cap(attempts: int, wait: int) -> None:
+    row = claimed_row(attempts=attempts)
+    c = lc.on_rate_limited(row, error="rate_limit: max 60 msg/min", now=1000, retry_at=1000 + wait)
+    assert (c.status, c.attempts, c.last_error) == (Status.PENDING, attempts - 1, "rate_limit: max 60 msg/min")
+    assert c.next_attempt_at == max(1000, 1000 + wait)
+
+
+@pytest.mark.parametrize("reason", ["ack_timeout", "broker_disconnected"])
+def test_no_answer_is_a_transient_error_or_dead_for_review_as_the_policy_says(reason: str) -> None:
+    row = claimed_row(attempts=2)
+    resend = lc.on_no_answer(row, reason=reason, now=1000, policy=POLICY, jitter=0.5)
+    assert resend == lc.on_error(row, error=reason, permanent=False, now=1000, policy=POLICY, jitter=0.5)
+    review = lc.on_no_answer(row, reason=reason, now=1000, policy=attrs.evolve(POLICY, unknown_fate="dead"),
+                             jitter=0.5)
+    assert (review.status, review.attempts, review.last_error) == (Status.DEAD, 2, f"unknown_fate: {reason}")
+
+
+def test_a_row_that_left_when_the_worker_stopped_is_dead_for_review_under_unknown_fate_dead() -> None:
+    policy = attrs.evolve(POLICY, unknown_fate="dead")
+    sent = lc.on_released(claimed_row(), sent=True, now=5, policy=policy)
+    assert (sent.status, sent.last_error) == (Status.DEAD, "unknown_fate: worker_stopped")
+    unsent = lc.on_released(claimed_row(), sent=False, now=5, policy=policy)
+    assert (unsent.status, unsent.attempts) == (Status.PENDING, 0), "a row that never left is known: back it goes"
+
+
+def test_lease_expiry_follows_the_policy_and_the_cap() -> None:
+    assert lc.on_lease_expired(unknown_fate="resend", at_cap=False) == (Status.PENDING, lc.LEASE_EXPIRED)
+    assert lc.on_lease_expired(unknown_fate="resend", at_cap=True) == (Status.DEAD, lc.LEASE_EXPIRED_AT_CAP)
+    for at_cap in (False, True):
+        assert lc.on_lease_expired(unknown_fate="dead", at_cap=at_cap) == (Status.DEAD, "unknown_fate: lease_expired")

@@ -219,3 +219,36 @@ async def test_stored_rows_round_trip_every_column(clocked_outbox: Outbox) -> No
     assert attrs.asdict(row, filter=lambda a, v: a.name in ("nonce", "ciphertext", "priority", "sender_session_pubkey", "target_spec")) == {
         "nonce": "bm9uY2U=", "ciphertext": "Y3Q=", "priority": "low",
         "sender_session_pubkey": "cd" * 32, "target_spec": "ef" * 32}
+
+
+# -- rows whose fate is unknown ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("fate", ["resend", "dead"])
+async def test_expired_leases_go_where_the_state_machine_says_for_each_unknown_fate_policy(
+    clocked_outbox: Outbox, clock: FakeClock, fate: lc.UnknownFate,
+) -> None:
+    ob = clocked_outbox
+    await ob.accept_many([req("young"), req("at-cap"), req("live"), req("other")])
+    rows = {r.client_message_id: r for r in await ob.claim(limit=4, lease_ms=1000, max_age_ms=BIG, token="t")}
+    # One row has used its last attempt; "live" is given back and claimed again (its lease runs on).
+    await ob.complete([lc.Completion(row_id=rows["at-cap"].id, lease_token="t", status=Status.PENDING,
+                                     attempts=3, next_attempt_at=clock.now)])
+    (at_cap,) = await ob.claim(limit=1, lease_ms=1000, max_age_ms=BIG, token="t2")
+    assert at_cap.attempts == 4
+    clock.advance(1000)
+    await ob.complete([lc.on_released(rows["live"], sent=False, now=clock.now, policy=lc.RetryPolicy())])
+    (live,) = await ob.claim(limit=1, lease_ms=5000, max_age_ms=BIG, token="t3")
+    assert live.client_message_id == "live"
+    assert await ob.recover_expired_leases(max_attempts=4, unknown_fate=fate) == 3
+    found = {cid: await ob.get_by_client_id(cid) for cid in ("young", "at-cap", "other", "live")}
+    for cid, row in found.items():
+        assert row is not None
+        if cid == live.client_message_id:
+            assert row.status is Status.INFLIGHT, "a live lease is left alone"
+            continue
+        status, error = lc.on_lease_expired(unknown_fate=fate, at_cap=cid == "at-cap")
+        assert (row.status, row.last_error, row.lease_token) == (status, error, None), cid
+        assert row.next_attempt_at == (clock.now if status is Status.PENDING else row.next_attempt_at)
+    if fate == "dead":
+        assert {r.last_error for r in found.values() if r and r.status is Status.DEAD} == {"unknown_fate: lease_expired"}

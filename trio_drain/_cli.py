@@ -26,7 +26,7 @@ from ._errors import ConfigError, TrioDrainError
 from ._identity import MeshIdentity, generate_secret_key, public_key_hex, signing_key
 from ._model import OutboxRow, SendRequest, Status
 from ._outbox import Outbox, open_outbox, parse_target
-from ._reference_broker import Faults, load_members, serve_broker
+from ._reference_broker import Faults, RateLimit, load_members, serve_broker
 from ._routing import BrokerRegistry
 from ._version import __version__
 from ._worker import DrainWorker
@@ -273,13 +273,14 @@ _OUTBOX_ACTIONS: dict[str, Callable[[Outbox, argparse.Namespace], Any]] = {
 async def cmd_broker_serve(args: argparse.Namespace) -> int:
     members = None if args.open else load_members(args.members)
     faults = Faults(ack_delay=args.ack_delay, drop_ack_rate=args.drop_ack_rate,
-                    transient_error_rate=args.transient_error_rate, disconnect_every=args.disconnect_every)
+                    transient_error_rate=args.transient_error_rate, disconnect_every=args.disconnect_every,
+                    rate_limit=None if args.rate_limit is None else RateLimit.parse(args.rate_limit))
     async with trio.open_nursery() as nursery:
         try:
             server = await nursery.start(lambda task_status: serve_broker(
                 host=args.host, port=args.port, db=args.db, members=members, open_mode=args.open,
-                max_payload=args.max_payload, faults=faults, receipts=args.receipts,
-                task_status=task_status))
+                max_payload=args.max_payload, faults=faults, receipts=args.receipts, compat=args.compat,
+                max_message_bytes=args.max_message_bytes, task_status=task_status))
         except OSError as exc:
             raise TrioDrainError(f"cannot listen on {args.host}:{args.port}: {exc.strerror}") from None
         print(f"reference broker listening on {server.url}", flush=True)
@@ -370,6 +371,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--transient-error-rate", type=_rate, default=0.0, help="fault: share of transient errors")
     serve.add_argument("--disconnect-every", type=int, default=0, help="fault: drop a connection every N sends")
     serve.add_argument("--receipts", help="append every send received to this file (counts transmissions)")
+    serve.add_argument("--rate-limit", metavar="BURST/PER_MIN",
+                       help="refuse a member's sends past a burst and a rate, as 10/60 (the real broker's)")
+    serve.add_argument("--compat", choices=["claudemesh"],
+                       help="answer like the seed's real broker: its ack shape and texts, no dedupe")
+    serve.add_argument("--max-message-bytes", type=_positive_int, default=65_536,
+                       help="with --compat: most characters of ciphertext, nonce and target (65536)")
 
     run = sub.add_parser("run", help="drain an outbox until SIGINT/SIGTERM")
     run.add_argument("--db", required=True)

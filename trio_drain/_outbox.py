@@ -19,7 +19,7 @@ from ._lifecycle import Completion, UnknownFate
 from ._model import AcceptOutcome, OutboxRow, SendRequest, Status
 from ._store._base import NO_FILTER, Applied, Durability, OutboxBackend, Outcomes, RouteFilter, Rows
 from ._store._sqlite import SqliteBackend
-from ._validate import DEFAULT_MAX_PAYLOAD, prepare_row
+from ._validate import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_MAX_PAYLOAD, prepare_row
 
 #: Most rows `list` returns at once.
 MAX_LIST_LIMIT = 10_000
@@ -39,11 +39,16 @@ class Outbox:
         *,
         clock: Callable[[], int] = wall_clock_ms,
         max_payload: int = DEFAULT_MAX_PAYLOAD,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         description: str = "",
     ) -> None:
+        for name, value in (("max_payload", max_payload), ("max_message_bytes", max_message_bytes)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
         self.backend = backend
         self.clock = clock
         self.max_payload = max_payload
+        self.max_message_bytes = max_message_bytes
         self.description = description
         self._listeners: list[Callable[[], None]] = []
 
@@ -72,8 +77,8 @@ class Outbox:
         Every request is validated before anything is written.
         """
         now = self.clock()
-        max_payload = self.max_payload
-        rows = [prepare_row(r, now=now, max_payload=max_payload, row_id=row_id)
+        max_payload, max_message_bytes = self.max_payload, self.max_message_bytes
+        rows = [prepare_row(r, now=now, max_payload=max_payload, max_message_bytes=max_message_bytes, row_id=row_id)
                 for r, row_id in zip(requests, uuid7s(len(requests)), strict=True)]
         if not rows:
             return []
@@ -245,6 +250,7 @@ async def open_outbox(
     durability: Durability = "full",
     clock: Callable[[], int] | None = None,
     max_payload: int = DEFAULT_MAX_PAYLOAD,
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
 ) -> AsyncIterator[Outbox]:
     """Open (creating or migrating as needed) the outbox at `target`.
 
@@ -255,6 +261,9 @@ async def open_outbox(
             power loss; ``"normal"`` survives a process crash only.
         clock: milliseconds since the epoch; tests pass a fake one.
         max_payload: largest payload `accept` takes, in bytes.
+        max_message_bytes: the broker's limit on a send frame's ciphertext,
+            nonce and target, in characters (65,536 at the seed's real
+            broker); `accept` refuses a request whose frame would exceed it.
 
     Raises:
         CorruptDatabase: the file failed its integrity check (left untouched).
@@ -262,6 +271,8 @@ async def open_outbox(
         ConfigError: `target` is malformed.
     """
     kind, location = parse_target(target)
+    if not isinstance(max_message_bytes, int) or isinstance(max_message_bytes, bool) or max_message_bytes < 1:
+        raise ConfigError(f"max_message_bytes must be a positive integer, got {max_message_bytes!r}")
     backend: OutboxBackend
     if kind == "sqlite":
         backend = await SqliteBackend.open(location, durability=durability)
@@ -273,7 +284,7 @@ async def open_outbox(
         backend = await PostgresBackend.open(location, durability=durability)
         description = backend.where
     outbox = Outbox(backend, clock=clock or wall_clock_ms, max_payload=max_payload,
-                    description=description)
+                    max_message_bytes=max_message_bytes, description=description)
     try:
         yield outbox
     finally:

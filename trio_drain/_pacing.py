@@ -48,6 +48,9 @@ _STATED_RATE = re.compile(
     r"(\d+(?:\.\d+)?)\s*(?:msgs?|messages?|sends?|requests?)?\s*(?:/|per\s+)\s*(min(?:ute)?|s(?:ec(?:ond)?)?)\b",
     re.I,
 )
+# Token counts are sums of float products: "one token at next_send_at" must
+# not come out as 0.9999999.
+_EPSILON = 1e-9
 _STATED_BURST = re.compile(r"burst\D{0,3}(\d+)", re.I)
 
 
@@ -129,7 +132,7 @@ class RoutePacer:
     def may_send(self, in_flight: int, now: float) -> bool:
         """Whether one more send may leave now (`in_flight`: unanswered ones)."""
         if self.rate is not None:
-            return self.tokens(now) >= 1.0
+            return self.tokens(now) >= 1.0 - _EPSILON
         return self.cap is None or in_flight < self.cap
 
     def tokens(self, now: float) -> float:
@@ -139,7 +142,7 @@ class RoutePacer:
 
     def allowance(self, now: float) -> int:
         """How many sends a paced route may start now."""
-        return int(self.tokens(now)) if self.rate is not None else 0
+        return int(self.tokens(now) + _EPSILON) if self.rate is not None else 0
 
     def took(self, now: float) -> None:
         """One send left."""

@@ -1,11 +1,20 @@
 """The reference broker: a small, strict broker for tests, demos and CI.
 
 It verifies both hello kinds (signature, clock skew, attestation expiry,
-membership), enforces a payload limit, dedupes on (meshId,
-client_message_id) with fingerprint comparison, keeps what it accepted in
-SQLite when given a file (so dedupe survives a restart), and can inject
-faults: ack delay, dropped acks, a transient error rate, and a disconnect
-every N sends.
+membership, `cwd` present), enforces a payload limit, rate-limits each
+member when asked (a token bucket: a burst, then so many a minute), dedupes
+on (meshId, client_message_id) with fingerprint comparison, keeps what it
+accepted in SQLite when given a file (so dedupe survives a restart), and can
+inject faults: ack delay, dropped acks, a transient error rate, and a
+disconnect every N sends.
+
+With ``compat="claudemesh"`` it answers like the seed's real broker, as
+observed by running it: acks without `code`, `permanent` or `duplicate`,
+its error texts, no dedupe (a resend is accepted again under a new message
+id), the size limit on ciphertext + nonce + target, silence on a hello
+without `cwd` (its presence insert fails and it never answers) and on a
+send frame it cannot handle (no `targetSpec`, a priority outside the
+three: its handler throws and nothing is sent back).
 """
 
 from __future__ import annotations
@@ -22,7 +31,7 @@ import re
 import sqlite3
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import attrs
 import trio
@@ -34,13 +43,63 @@ from ._ids import random_uuid
 from ._routing import encode_json, json_string
 from ._store._sqlite import _GroupCommitter
 from ._transport import ServerConnection, TransportClosed, serve_websocket
+from ._validate import js_length
 from ._ws_broker import MAX_FRAME, parse_frame
 
 log = logging.getLogger("trio_drain.reference_broker")
 
 MAX_SKEW_MS = 60_000
 DEFAULT_MAX_PAYLOAD = 1024 * 1024
+#: The real broker's limit on ciphertext + nonce + target, in characters.
+CLAUDEMESH_MAX_MESSAGE_BYTES = 65_536
 _HEX64 = re.compile(r"[0-9a-f]{64}")
+_PRIORITIES = frozenset({"now", "next", "low"})
+Compat = Literal["claudemesh"]
+
+
+@attrs.frozen
+class RateLimit:
+    """A member may send a burst of `burst`, then `per_minute` a minute."""
+
+    burst: int
+    per_minute: float
+
+    @classmethod
+    def parse(cls, text: str) -> RateLimit:
+        """``"BURST/PER_MIN"``, as ``10/60`` (the real broker's default).
+
+        Raises:
+            ConfigError: not of that form, or not positive.
+        """
+        burst, sep, per_minute = text.partition("/")
+        try:
+            limit = cls(int(burst), float(per_minute))
+        except ValueError:
+            raise ConfigError(f"rate limit must read BURST/PER_MIN, as 10/60; got {text!r}") from None
+        if not sep or limit.burst < 1 or not 0 < limit.per_minute < float("inf"):
+            raise ConfigError(f"rate limit must be a positive burst and rate, as 10/60; got {text!r}")
+        return limit
+
+
+class _Buckets:
+    """Token buckets per key, as the real broker keeps them per member."""
+
+    def __init__(self, limit: RateLimit) -> None:
+        self.limit = limit
+        self._per_second = limit.per_minute / 60
+        self._buckets: dict[Any, list[float]] = {}  # key -> [tokens, stamp]
+
+    def take(self, key: Any, now: float) -> bool:
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            bucket = self._buckets[key] = [float(self.limit.burst), now]
+        tokens = min(float(self.limit.burst), bucket[0] + (now - bucket[1]) * self._per_second)
+        bucket[1] = now
+        if tokens < 1:
+            bucket[0] = tokens
+            return False
+        bucket[0] = tokens - 1
+        return True
 
 
 @attrs.frozen(kw_only=True)
@@ -53,12 +112,14 @@ class Faults:
         drop_ack_rate: probability that a send is accepted but never acked.
         transient_error_rate: probability of a transient error ack.
         disconnect_every: close a connection abruptly after this many sends.
+        rate_limit: refuse a member's sends beyond this rate (`rate_limit`).
     """
 
     ack_delay: float = 0.0
     drop_ack_rate: float = 0.0
     transient_error_rate: float = 0.0
     disconnect_every: int = 0
+    rate_limit: RateLimit | None = None
 
 
 @attrs.frozen
@@ -89,6 +150,11 @@ class BrokerStatistics:
     transient_errors: int = 0
     dropped_acks: int = 0
     disconnects: int = 0
+    rate_limited: int = 0
+    #: Sends accepted again under a new message id (compat mode: no dedupe).
+    redelivered: int = 0
+    #: Send frames it could not handle and so never answered (compat mode).
+    unanswered: int = 0
 
 
 def load_members(path: str | Path) -> dict[str, dict[str, str]]:
@@ -113,10 +179,12 @@ def load_members(path: str | Path) -> dict[str, dict[str, str]]:
 
 
 class _Ledger:
-    """What the broker accepted: (mesh, client id) -> (fingerprint, message id)."""
+    """What the broker accepted: (mesh, client id) -> (fingerprint, message id),
+    and how many times (more than once only where it does not dedupe)."""
 
     def __init__(self, path: Path | None) -> None:
         self.entries: dict[tuple[str, str], tuple[str, str]] = {}
+        self.copies: collections.Counter[tuple[str, str]] = collections.Counter()
         # Acceptances still being written: a resend of one must wait for it,
         # or we would ack a duplicate of something a crash could forget.
         self.unwritten: dict[tuple[str, str], trio.Event] = {}
@@ -128,12 +196,15 @@ class _Ledger:
             conn.execute(
                 "CREATE TABLE IF NOT EXISTS accepted (mesh TEXT NOT NULL, client_message_id TEXT NOT NULL,"
                 " fingerprint TEXT NOT NULL, message_id TEXT NOT NULL, target TEXT, received_at INTEGER,"
-                " PRIMARY KEY (mesh, client_message_id))"
+                " copies INTEGER NOT NULL DEFAULT 1, PRIMARY KEY (mesh, client_message_id))"
             )
-            for mesh, cid, fp, mid in conn.execute(
-                "SELECT mesh, client_message_id, fingerprint, message_id FROM accepted"
+            if "copies" not in {c[1] for c in conn.execute("PRAGMA table_info(accepted)")}:  # older file
+                conn.execute("ALTER TABLE accepted ADD COLUMN copies INTEGER NOT NULL DEFAULT 1")
+            for mesh, cid, fp, mid, copies in conn.execute(
+                "SELECT mesh, client_message_id, fingerprint, message_id, copies FROM accepted"
             ):
                 self.entries[(mesh, cid)] = (fp, mid)
+                self.copies[(mesh, cid)] = copies
             self._committer = _GroupCommitter(conn, durable=False)
 
     @property
@@ -147,7 +218,12 @@ class _Ledger:
         row = (a.mesh, a.client_message_id, a.fingerprint, a.message_id, a.target, wall_clock_ms())
 
         def insert(conn: sqlite3.Connection) -> None:
-            conn.execute("INSERT OR IGNORE INTO accepted VALUES (?, ?, ?, ?, ?, ?)", row)
+            # A key already there is a copy accepted again (a broker that
+            # does not dedupe): count it, keep the newest message id.
+            conn.execute(
+                "INSERT INTO accepted VALUES (?, ?, ?, ?, ?, ?, 1) ON CONFLICT (mesh, client_message_id)"
+                " DO UPDATE SET copies = copies + 1, message_id = excluded.message_id", row,
+            )
 
         await self._committer.submit(insert, durable=False)
 
@@ -176,6 +252,10 @@ class BrokerServer:
         """(meshId, client_message_id) -> (fingerprint hex, message id)."""
         return dict(self.ledger.entries)
 
+    def copies(self) -> dict[tuple[str, str], int]:
+        """(meshId, client_message_id) -> times accepted (1 where it dedupes)."""
+        return dict(self.ledger.copies)
+
 
 async def serve_broker(
     *,
@@ -187,6 +267,8 @@ async def serve_broker(
     max_payload: int = DEFAULT_MAX_PAYLOAD,
     faults: Faults = Faults(),
     receipts: str | Path | None = None,
+    compat: Compat | None = None,
+    max_message_bytes: int = CLAUDEMESH_MAX_MESSAGE_BYTES,
     task_status: trio.TaskStatus[BrokerServer] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the reference broker until cancelled.
@@ -202,12 +284,18 @@ async def serve_broker(
             one ``meshId<TAB>client_message_id`` line, written at once (it
             survives the broker being killed). For counting transmissions
             in tests; it costs a write per frame.
+        compat: ``"claudemesh"`` answers like the seed's real broker (see
+            the module docstring); `max_payload` then does not apply.
+        max_message_bytes: in compat mode, the most characters of
+            ciphertext, nonce and target together (the real broker's 65,536).
     """
     if members is None and not open_mode:
         raise ConfigError("the broker needs a members file, or open mode")
+    if compat not in (None, "claudemesh"):
+        raise ConfigError(f"unknown compat mode {compat!r} (known: claudemesh)")
     ledger = await trio.to_thread.run_sync(_Ledger, None if db is None else Path(db))
     server_state = BrokerServer(host, port, BrokerStatistics(), ledger, faults)
-    handler = _Handler(server_state, dict(members or {}), open_mode, max_payload)
+    handler = _Handler(server_state, dict(members or {}), open_mode, max_payload, compat, max_message_bytes)
     if receipts is not None:
         handler.receipts_fd = os.open(receipts, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
     try:
@@ -225,32 +313,45 @@ async def serve_broker(
 
 class _Handler:
     def __init__(self, state: BrokerServer, members: dict[str, Mapping[str, str]], open_mode: bool,
-                 max_payload: int) -> None:
+                 max_payload: int, compat: Compat | None = None,
+                 max_message_bytes: int = CLAUDEMESH_MAX_MESSAGE_BYTES) -> None:
         self.state = state
         self.stats = state.statistics
         self.members = members
         self.open_mode = open_mode
         self.max_payload = max_payload
+        self.compat = compat
+        self.max_message_bytes = max_message_bytes
+        limit = state.faults.rate_limit
+        self.buckets = None if limit is None else _Buckets(limit)
         self.rng = random.Random()
         self.receipts_fd: int | None = None
 
     async def handle(self, ws: ServerConnection) -> None:
         self.stats.connections += 1
         try:
-            mesh = await self._hello(ws)
-            if mesh is None:
+            member = await self._hello(ws)
+            if member is None:
                 return
-            await self._serve(ws, mesh)
+            await self._serve(ws, *member)
         except TransportClosed:
             pass
 
-    async def _hello(self, ws: ServerConnection) -> str | None:
+    async def _hello(self, ws: ServerConnection) -> tuple[str, str] | None:
+        """The (mesh id, member id) a hello admits, or None (refused, or unanswered)."""
         with trio.move_on_after(5.0):
-            verdict = self._judge_hello(parse_frame(await ws.get_message()))
-            if isinstance(verdict, str):
+            frame = parse_frame(await ws.get_message())
+            if self.compat and frame is not None and not isinstance(frame.get("cwd"), str):
+                # The real broker's presence insert fails on a null cwd; it
+                # logs that and never answers, leaving the socket open.
+                self.stats.hellos_rejected += 1
+                log.warning("hello without cwd: not answered (as the real broker)")
+                await trio.sleep_forever()
+            verdict = self._judge_hello(frame)
+            if isinstance(verdict, tuple) and len(verdict) == 3:
                 ws.send_message_nowait(json.dumps({"type": "hello_ack", "presenceId": random_uuid()}))
-                return verdict
-            code, message = verdict
+                return verdict[1], verdict[2]
+            code, message = verdict[0], verdict[1]
             self.stats.hellos_rejected += 1
             ws.send_message_nowait(json.dumps({"type": "error", "code": code, "message": message}))
             await ws.aclose(4001, code)
@@ -258,15 +359,19 @@ class _Handler:
         await ws.aclose(4008, "hello_timeout")
         return None
 
-    def _judge_hello(self, frame: dict[str, Any] | None) -> str | tuple[str, str]:
-        """The mesh id a hello admits to, or the (code, message) refusing it."""
+    def _judge_hello(self, frame: dict[str, Any] | None) -> tuple[str, str, str] | tuple[str, str]:
+        """("ok", mesh id, member id) for a hello it admits, or the (code,
+        message) refusing it."""
         if frame is None:
             return ("bad_hello", "malformed hello: not a JSON object")
         try:
             problem = self._check_hello(frame)
         except (ValueError, TypeError, KeyError) as exc:
             return ("bad_hello", f"malformed hello: {exc}")
-        return str(frame["meshId"]) if problem is None else problem
+        if problem is not None:
+            return problem
+        member = frame["memberId"] if frame.get("type") == "hello" else frame["parentMemberId"]
+        return ("ok", str(frame["meshId"]), str(member))
 
     def _check_hello(self, f: dict[str, Any]) -> tuple[str, str] | None:
         now = wall_clock_ms()
@@ -278,6 +383,8 @@ class _Handler:
             return ("bad_hello", "meshId, timestamp and signature have the wrong types")
         if abs(now - ts) > MAX_SKEW_MS:
             return ("timestamp_skew", f"timestamp is {abs(now - ts) // 1000}s off")
+        if not isinstance(f.get("cwd"), str):
+            return ("bad_hello", "cwd is required (the working directory, a string)")
         if kind == "hello":
             member, pubkey = f["memberId"], f["pubkey"]
             if not _identity.verify(pubkey, f"{mesh}|{member}|{pubkey}|{ts}", sig):
@@ -308,7 +415,7 @@ class _Handler:
             return ("not_a_member", f"{member} is not a member of {mesh} with that key")
         return None
 
-    async def _serve(self, ws: ServerConnection, mesh: str) -> None:
+    async def _serve(self, ws: ServerConnection, mesh: str, member: str) -> None:
         sends = 0
         acks = _AckQueue(ws, self.state.faults)
         async with trio.open_nursery() as nursery:
@@ -325,7 +432,7 @@ class _Handler:
                     sends += 1
                     if self.receipts_fd is not None:
                         os.write(self.receipts_fd, f"{mesh}\t{frame.get('client_message_id')}\n".encode())
-                    ack, record = self._decide(mesh, frame)
+                    ack, record = self._decide(mesh, member, frame)
                     key = (mesh, str(frame.get("client_message_id")))
                     wait_for = key if record is None and key in self.state.ledger.unwritten else None
                     if record is not None or wait_for is not None:
@@ -352,32 +459,39 @@ class _Handler:
         ledger = self.state.ledger
         if record is not None:
             key = record.key
+            while key in ledger.unwritten:  # a copy accepted again while the first is written
+                await ledger.unwritten[key].wait()
             written = ledger.unwritten[key] = trio.Event()
             try:
                 with trio.CancelScope(shield=True):
                     await ledger.record(record)
             except Exception as exc:
-                ledger.entries.pop(key, None)
+                ledger.copies[key] -= 1
+                if not ledger.copies[key]:
+                    ledger.entries.pop(key, None)
                 self.stats.accepted -= 1
                 log.error("cannot persist %s: %s", record.client_message_id, exc)
-                ack = _error(record.ack_id, "storage_unavailable", "unavailable", False)
+                ack = self._error(record.ack_id, "storage_unavailable", "unavailable", False)
             finally:
                 del ledger.unwritten[key]
                 written.set()
         elif wait_for is not None and wait_for in ledger.unwritten:
             await ledger.unwritten[wait_for].wait()
             if wait_for not in ledger.entries:  # the original failed to persist
-                ack = None if ack is None else _error(ack["id"], "storage_unavailable", "unavailable", False)
+                ack = None if ack is None else self._error(ack["id"], "storage_unavailable", "unavailable", False)
         if ack is not None:
             acks.send(ack)
 
-    def _decide(self, mesh: str, f: dict[str, Any]) -> tuple[dict[str, Any] | None, _Acceptance | None]:
+    def _decide(
+        self, mesh: str, member: str, f: dict[str, Any]
+    ) -> tuple[dict[str, Any] | None, _Acceptance | None]:
         """The answer to one send, decided at once so racing resends dedupe.
 
-        Returns the ack (None for a dropped one) and, for a new acceptance on
-        a persistent broker, the record to write before acking.
+        Returns the ack (None for none: a dropped one, or a frame the
+        claudemesh broker could not handle) and, for a new acceptance on a
+        persistent broker, the record to write before acking.
         """
-        answer, record = self._answer(mesh, f)
+        answer, record = self._answer(mesh, member, f)
         ack: dict[str, Any] | None = answer
         drop = self.state.faults.drop_ack_rate
         if ack is not None and ack.get("queued") and drop and self.rng.random() < drop:
@@ -385,41 +499,80 @@ class _Handler:
             ack = None
         return ack, record
 
-    def _answer(self, mesh: str, f: dict[str, Any]) -> tuple[dict[str, Any], _Acceptance | None]:
+    def _answer(
+        self, mesh: str, member: str, f: dict[str, Any]
+    ) -> tuple[dict[str, Any] | None, _Acceptance | None]:
         cid, fp = f.get("client_message_id"), f.get("request_fingerprint")
         ack_id = f.get("id", cid)
-        if not isinstance(cid, str) or not cid or not isinstance(fp, str):
+        faults = self.state.faults
+        if self.compat:
+            if not isinstance(f.get("targetSpec"), str) or f.get("priority") not in _PRIORITIES:
+                self.stats.unanswered += 1  # its handler throws: nothing is sent back
+                return None, None
+            ack_id = "" if ack_id is None else ack_id
+        if self.buckets is not None and not self.buckets.take((mesh, member), trio.current_time()):
+            self.stats.rate_limited += 1
+            limit = self.buckets.limit
+            text = f"rate_limit: max {limit.per_minute:g} msg/min (burst {limit.burst})"
+            return self._error(ack_id, text + (" — slow down" if self.compat else ""), "rate_limit", False), None
+        problem = self._compat_problem(f) if self.compat else self._problem(f)
+        if problem is not None:
             self.stats.rejected += 1
-            return _error(ack_id, "invalid_send: client_message_id and request_fingerprint required", "invalid", True), None
+            return self._error(ack_id, *problem, True), None
+        if faults.transient_error_rate and self.rng.random() < faults.transient_error_rate:
+            self.stats.transient_errors += 1
+            return self._error(ack_id, "transient_fault", "unavailable", False), None
+        if not isinstance(cid, str) or not cid:  # compat: the real broker queues it with no id
+            cid = random_uuid()
+        entries, key = self.state.ledger.entries, (mesh, cid)
+        known = entries.get(key)
+        if known is not None and not self.compat:
+            if known[0] != fp:
+                self.stats.rejected += 1
+                return self._error(ack_id, "idempotency_key_reused", "idempotency_key_reused", True), None
+            self.stats.duplicates += 1
+            return {"type": "ack", "id": ack_id, "messageId": known[1], "queued": True, "duplicate": True}, None
+        if known is not None:
+            self.stats.redelivered += 1  # no dedupe: a copy delivered again
+        message_id = random_uuid()
+        entries[key] = (str(fp), message_id)  # at once, so a racing resend is a duplicate
+        self.state.ledger.copies[key] += 1
+        self.stats.accepted += 1
+        ack = {"type": "ack", "id": ack_id, "messageId": message_id, "queued": True}
+        if not self.state.ledger.persistent:
+            return ack, None
+        return ack, _Acceptance(mesh, cid, str(fp), message_id, str(f.get("targetSpec")), ack_id)
+
+    def _problem(self, f: dict[str, Any]) -> tuple[str, str] | None:
+        """Why this broker refuses a send for good: (error, code), or None."""
+        cid, fp = f.get("client_message_id"), f.get("request_fingerprint")
+        if not isinstance(cid, str) or not cid or not isinstance(fp, str):
+            return "invalid_send: client_message_id and request_fingerprint required", "invalid"
+        if not isinstance(f.get("targetSpec"), str) or f.get("priority") not in _PRIORITIES:
+            return "invalid_send: targetSpec and a priority of now, next or low required", "invalid"
         ciphertext = f.get("ciphertext")
         try:
             size = len(base64.b64decode(ciphertext, validate=True)) if isinstance(ciphertext, str) else -1
         except (binascii.Error, ValueError):
             size = -1
         if size < 0:
-            self.stats.rejected += 1
-            return _error(ack_id, "invalid_send: ciphertext must be base64", "invalid", True), None
+            return "invalid_send: ciphertext must be base64", "invalid"
         if size > self.max_payload:
-            self.stats.rejected += 1
-            return _error(ack_id, "payload_too_large", "payload_too_large", True), None
-        faults, entries = self.state.faults, self.state.ledger.entries
-        if faults.transient_error_rate and self.rng.random() < faults.transient_error_rate:
-            self.stats.transient_errors += 1
-            return _error(ack_id, "transient_fault", "unavailable", False), None
-        known = entries.get((mesh, cid))
-        if known is not None:
-            if known[0] != fp:
-                self.stats.rejected += 1
-                return _error(ack_id, "idempotency_key_reused", "idempotency_key_reused", True), None
-            self.stats.duplicates += 1
-            return {"type": "ack", "id": ack_id, "messageId": known[1], "queued": True, "duplicate": True}, None
-        message_id = random_uuid()
-        entries[(mesh, cid)] = (fp, message_id)  # at once, so a racing resend is a duplicate
-        self.stats.accepted += 1
-        ack = {"type": "ack", "id": ack_id, "messageId": message_id, "queued": True}
-        if not self.state.ledger.persistent:
-            return ack, None
-        return ack, _Acceptance(mesh, cid, fp, message_id, str(f.get("targetSpec")), ack_id)
+            return "payload_too_large", "payload_too_large"
+        return None
+
+    def _compat_problem(self, f: dict[str, Any]) -> tuple[str, str] | None:
+        """The real broker checks only the size of what it would store."""
+        size = sum(js_length(v) for v in (f.get("ciphertext"), f.get("nonce"), f.get("targetSpec"))
+                   if isinstance(v, str))
+        if size > self.max_message_bytes:
+            return f"payload too large: {size} bytes > MAX_MESSAGE_BYTES={self.max_message_bytes}", "too_large"
+        return None
+
+    def _error(self, ack_id: Any, error: str, code: str, permanent: bool) -> dict[str, Any]:
+        if self.compat:  # the real broker's acks carry no code, permanent or duplicate
+            return {"type": "ack", "id": ack_id, "messageId": "", "queued": False, "error": error}
+        return _error(ack_id, error, code, permanent)
 
 
 _ACK_TEMPLATE = '{"type":"ack","id":%s,"messageId":%s,"queued":true}'

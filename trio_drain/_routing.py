@@ -313,6 +313,25 @@ class BrokerRegistry:
         return broker is not None and not broker.is_open()
 
 
+_PRIORITIES = frozenset({"now", "next", "low"})
+
+
+def unsendable(row: OutboxRow) -> str | None:
+    """Why `row` can never go out, or None.
+
+    The real broker sends no answer at all to a frame its handler cannot
+    take (a priority outside the three, no target): such a frame must never
+    leave, or it would only time out and be retried until it died. Accept
+    validates new rows; this catches rows written by other software (the
+    seed's daemon's, or edited by hand).
+    """
+    if row.target_spec is not None and (row.priority or "next") not in _PRIORITIES:
+        return f"invalid_row: priority {row.priority!r} is not now, next or low"
+    if row.target_spec is not None and not row.target_spec:
+        return "invalid_row: empty target_spec"
+    return None
+
+
 def outgoing_message(row: OutboxRow) -> OutgoingMessage:
     """The frame a row goes out as.
 

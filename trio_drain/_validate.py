@@ -13,6 +13,11 @@ from ._ids import uuid7
 from ._model import DestinationKind, NewRow, Priority, SendRequest
 
 DEFAULT_MAX_PAYLOAD = 1024 * 1024
+#: The real broker refuses a send whose ciphertext, nonce and target
+#: together exceed this many characters (section 3 of the spec).
+DEFAULT_MAX_MESSAGE_BYTES = 65_536
+#: base64 of the 24-byte nonce a row without ciphertext is sent with.
+_NONCE_CHARS = 32
 MAX_ID_LENGTH = 256
 MAX_TARGET_LENGTH = 1024
 _HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -38,6 +43,21 @@ def _text(name: str, value: object, *, max_length: int, optional: bool = True) -
     return value
 
 
+def js_length(text: str) -> int:
+    """`text.length` as the broker (JavaScript) counts it: UTF-16 code units."""
+    return len(text) if text.isascii() else len(text.encode("utf-16-le")) // 2
+
+
+def send_frame_size(*, target_spec: str | None, payload_size: int, nonce: str | None,
+                    ciphertext: str | None) -> int:
+    """Characters of ciphertext, nonce and target in the row's send frame
+    (what the real broker measures against its limit), as
+    `_routing.outgoing_message` will build it."""
+    if target_spec is not None and nonce is not None and ciphertext is not None:
+        return len(ciphertext) + len(nonce) + js_length(target_spec)
+    return 4 * ((payload_size + 2) // 3) + _NONCE_CHARS + js_length(target_spec if target_spec is not None else "*")
+
+
 def _base64(name: str, value: str | None) -> None:
     if value is None:
         return
@@ -48,11 +68,15 @@ def _base64(name: str, value: str | None) -> None:
 
 
 def prepare_row(
-    req: SendRequest, *, now: int, max_payload: int = DEFAULT_MAX_PAYLOAD, row_id: str | None = None
+    req: SendRequest, *, now: int, max_payload: int = DEFAULT_MAX_PAYLOAD,
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, row_id: str | None = None,
 ) -> NewRow:
     """Validate `req` and build the pending row `accept` would insert.
 
-    `row_id` is the new row's id (a fresh UUIDv7 when omitted).
+    `row_id` is the new row's id (a fresh UUIDv7 when omitted). A request
+    whose send frame could never fit the broker's limit
+    (`max_message_bytes` of ciphertext, nonce and target) is refused here
+    rather than retried until it dies.
 
     Raises:
         InvalidRequest: the request is malformed; nothing has been written.
@@ -99,6 +123,14 @@ def prepare_row(
             raise InvalidRequest(f"ciphertext is over the {max_payload}-byte limit")
         if target_spec is None:
             raise InvalidRequest("a request with ciphertext needs a target_spec")
+    size = send_frame_size(target_spec=target_spec, payload_size=len(payload), nonce=req.nonce,
+                           ciphertext=req.ciphertext)
+    if size > max_message_bytes:
+        raise InvalidRequest(
+            f"the send frame would carry {size} characters of ciphertext, nonce and target, over the"
+            f" broker's limit of {max_message_bytes} (max_message_bytes): a payload of about"
+            f" {3 * (max_message_bytes - _NONCE_CHARS - 64) // 4} bytes fits"
+        )
     session = req.sender_session_pubkey
     if session is not None and (not isinstance(session, str) or not _HEX64.fullmatch(session)):
         raise InvalidRequest("sender_session_pubkey must be 64 lowercase hex characters")

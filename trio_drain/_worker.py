@@ -63,6 +63,7 @@ from ._routing import (
     SendResult,
     Unavailable,
     outgoing_message,
+    unsendable,
 )
 from ._store._base import Applied, RouteFilter, RouteKey
 
@@ -209,8 +210,10 @@ class DrainWorker:
         )
         # Blocked routes: (kind, key) as understood by BrokerRegistry.
         self._blocked: dict[RouteKey, str] = {}
-        # Every route a row went out through, with its pacing.
+        # Every route a row went out through, with its pacing, and those
+        # whose held rows may go once the batch of outcomes is written.
         self._gates: dict[RouteKey, _Gate] = {}
+        self._unheld: set[_Gate] = set()
         # Rows claimed and not yet handed to the completer.
         self._out: set[_Delivery] = set()
         # The batch of outcomes being written: the slots it frees, and the
@@ -475,6 +478,9 @@ class DrainWorker:
         go to the rows claimed with it, the rest back to the limiter."""
         freed, self._freed = self._freed, []
         rows, self._refill = self._refill, []
+        unheld, self._unheld = self._unheld, set()
+        for gate in unheld:
+            self._release_held(gate)
         deliveries = self._claimed(rows, freed)
         if self._stopping:  # nothing leaves: straight back, attempts returned
             self._hand_back(deliveries)
@@ -493,6 +499,13 @@ class DrainWorker:
             return
         if isinstance(route, Unavailable):
             self._give_back(delivery, route)
+            return
+        problem = unsendable(row)
+        if problem is not None:
+            log.warning("row %s can never be sent: %s", row.id, problem)
+            completion = _lifecycle.on_error(row, error=problem, permanent=True, now=self.outbox.clock(),
+                                             policy=self._policy, jitter=0.0)
+            self._settle(delivery, completion, _Settled.RESULT, route.name)
             return
         gate = self._gate(route)
         delivery.gate, delivery.route, delivery.route_name = gate, route, route.name
@@ -513,47 +526,46 @@ class DrainWorker:
         return gate
 
     def _send(self, delivery: _Delivery, tasks: trio.Nursery, deadline: float) -> None:
-        """Hand a routed row to its broker."""
+        """Hand a routed row to its broker. It counts against its route's
+        pacing from here, whether it leaves now or from a task."""
         route, gate = delivery.route, delivery.gate
         assert route is not None and gate is not None
+        now = trio.current_time()
+        delivery.sent_at = now
+        gate.in_flight += 1
+        gate.pacer.took(now)
         message = outgoing_message(delivery.row)
         start_send = getattr(route.broker, "start_send", None)
         if start_send is None:  # a plain Broker: a task waits for its answer
             tasks.start_soon(self._send_in_task, delivery, route, message)
             return
-        self._mark_sent(delivery, gate)
+        delivery.sent = True
         delivery.deadline = deadline
         try:
             delivery.handle = start_send(message, functools.partial(self._on_result, delivery))
         except BrokerUnavailable:  # closed since we resolved the route: nothing left
-            self._mark_unsent(delivery, gate)
-            self._give_back(delivery, self.registry.unavailable_route(delivery.row))
+            self._unsent(delivery, gate)
             return
         self._count("sent", route.name)
 
-    def _mark_sent(self, delivery: _Delivery, gate: _Gate) -> None:
-        now = trio.current_time()
-        delivery.sent, delivery.sent_at = True, now
-        gate.in_flight += 1
-        gate.pacer.took(now)
-
-    def _mark_unsent(self, delivery: _Delivery, gate: _Gate) -> None:
+    def _unsent(self, delivery: _Delivery, gate: _Gate) -> None:
+        """The socket closed before the frame could leave: back it goes."""
         delivery.sent = False
         gate.in_flight -= 1
+        self._give_back(delivery, self.registry.unavailable_route(delivery.row))
 
     async def _send_in_task(self, delivery: _Delivery, route: Ready, message: OutgoingMessage) -> None:
         await trio.lowlevel.checkpoint_if_cancelled()  # stopping already: nothing leaves
         gate = delivery.gate
         assert gate is not None
-        self._mark_sent(delivery, gate)
+        delivery.sent = True
         self._count("sent", route.name)
         result = _ACK_TIMEOUT
         try:
             with trio.move_on_after(self.config.ack_timeout):
                 result = await route.broker.send(message)
         except BrokerUnavailable:  # nothing left: the socket closed under us
-            self._mark_unsent(delivery, gate)
-            self._give_back(delivery, self.registry.unavailable_route(delivery.row))
+            self._unsent(delivery, gate)
             return
         except Exception as exc:  # a broker bug must not kill the worker
             log.exception("broker %s raised while sending %s", route.name, message.client_message_id)
@@ -590,7 +602,11 @@ class DrainWorker:
             if completion.status is Status.DEAD:
                 log.warning("row %s is dead: %s", row.id, completion.last_error)
             self._settle(delivery, completion, _Settled.RESULT, delivery.route_name)
-        self._release_held(gate)
+        if gate.held:
+            # Released once this batch of outcomes is written, not now: a
+            # refusal later in the same burst of answers must be seen first,
+            # or slow start would send more into a broker already refusing.
+            self._unheld.add(gate)
 
     def _rate_limited(self, delivery: _Delivery, gate: _Gate, result: SendResult) -> None:
         """The broker refused the send for its rate: pace the route, give the row back."""
