@@ -315,9 +315,11 @@ def toml_value(value: Any) -> str:
     return json.dumps(str(value))
 
 
-toml_scalars = st.one_of(st.booleans(), st.integers(-(2**63), 2**63 - 1), st.floats(), st.text(max_size=20))
+toml_scalars = st.one_of(st.booleans(), st.integers(-(2**63), 2**63 - 1), st.floats(), st.text(max_size=20),
+                         st.sampled_from(["resend", "dead"]))
 DRAIN_KEYS = ["max_inflight", "batch_size", "poll_interval", "lease", "ack_timeout", "max_attempts",
-              "backoff_base", "backoff_cap", "route_retry", "max_age", "maintenance_interval", "bogus"]
+              "backoff_base", "backoff_cap", "route_retry", "max_age", "maintenance_interval", "unknown_fate",
+              "bogus"]
 MESH_KEYS = ["slug", "mesh_id", "member_id", "broker_url", "secret_key", "secret_key_file", "extra"]
 
 

@@ -164,6 +164,11 @@ def test_broker_serve_rejects_a_malformed_members_file(tmp_path: Path) -> None:
 
 
 
+@pytest.mark.parametrize("limit", ["10", "ten/60", "0/60", "10/0", "10/-1", "10/inf"])
+def test_broker_serve_refuses_a_malformed_rate_limit_in_one_line(limit: str) -> None:
+    assert_clean_error(run("broker", "serve", "--open", "--port", "0", "--rate-limit", limit), 2, "rate limit")
+
+
 def test_run_with_an_unreachable_broker_fails_in_one_line(tmp_path: Path) -> None:
     import socket
 
