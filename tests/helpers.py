@@ -62,6 +62,9 @@ class FakeBroker:
     def add_open_listener(self, callback: Callable[[], None]) -> None:
         self._listeners.append(callback)
 
+    def remove_open_listener(self, callback: Callable[[], None]) -> None:
+        self._listeners.remove(callback)
+
     async def send(self, message: OutgoingMessage) -> SendResult:
         if not self._open:
             raise BrokerUnavailable("fake broker is closed")

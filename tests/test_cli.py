@@ -169,20 +169,6 @@ def test_broker_serve_refuses_a_malformed_rate_limit_in_one_line(limit: str) -> 
     assert_clean_error(run("broker", "serve", "--open", "--port", "0", "--rate-limit", limit), 2, "rate limit")
 
 
-def test_run_with_an_unreachable_broker_fails_in_one_line(tmp_path: Path) -> None:
-    import socket
-
-    with socket.socket() as s:  # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    db = tmp_path / "o.db"
-    run("send", "--db", str(db), "--mesh", "alpha", "--to", "*", "x")
-    config = write_config(tmp_path / "c.toml", f"ws://127.0.0.1:{port}/ws", generate_secret_key())
-    result = run("run", "--db", str(db), "--config", str(config))
-    assert_clean_error(result, 1, "cannot reach the broker of mesh alpha")
-    assert counts(db)["pending"] == 1
-
-
 def test_json_logs_are_one_object_per_line_and_hold_no_secret(tmp_path: Path) -> None:
     broker, url = start_broker(tmp_path)
     secret = generate_secret_key()

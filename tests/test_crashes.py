@@ -20,6 +20,7 @@ import random
 import signal
 import sqlite3
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -177,3 +178,11 @@ def test_drain_processes_sharing_one_outbox_never_send_a_row_twice(tmp_path: Pat
     sent = broker.sent()
     assert set(sent) == {f"r-{i}" for i in range(n)}
     assert max(sent.values()) == 1, "a row was transmitted twice while its lease held"
+
+
+@pytest.mark.parametrize("value", ["nonsense", "claim_after_commit@zero", "send_left@0", "@3"])
+def test_a_stray_crash_point_variable_does_not_stop_the_library_importing(value: str) -> None:
+    result = subprocess.run([sys.executable, "-c", "import trio_drain; print('imported')"],
+                            capture_output=True, text=True, env={**os.environ, ENV: value}, timeout=60)
+    assert result.returncode == 0 and result.stdout.strip() == "imported", result.stderr
+    assert "ignoring" in result.stderr and "Traceback" not in result.stderr

@@ -124,3 +124,29 @@ def test_a_send_frame_is_the_json_of_its_fields_whatever_they_contain(
     text = message.to_json()
     assert text == encode_json(message.to_frame())
     assert json.loads(text) == message.to_frame()
+
+
+def test_brokers_removed_from_the_registry_stop_waking_it_and_are_not_kept() -> None:
+    reg, wakes = BrokerRegistry(), []
+    reg.add_listener(lambda: wakes.append(1))
+    mesh = FakeBroker()
+    reg.set_mesh("alpha", mesh)
+    sessions = []
+    for i in range(500):  # sessions that come and go
+        session = FakeBroker()
+        sessions.append(session)
+        key = f"{i:064x}"
+        reg.set_session(key, session)
+        reg.remove_session(key)
+    assert all(not s._listeners for s in sessions), "the registry's open-listener is removed with the broker"
+    assert len(reg._subscribed) == 1
+    wakes.clear()
+    sessions[0].set_open(True)
+    assert not wakes, "a removed broker no longer wakes the worker"
+    # A broker registered twice keeps its listener until its last removal.
+    reg.set_session(SESSION, mesh)
+    reg.remove_session(SESSION)
+    mesh.set_open(True)
+    assert wakes, "still registered as mesh alpha"
+    reg.remove_mesh("alpha")
+    assert not mesh._listeners

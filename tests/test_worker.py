@@ -541,3 +541,50 @@ async def test_the_completer_writes_a_burst_at_once_without_waiting_out_its_dela
         finally:
             completer.close()  # its run ends only when closed
     assert writes == [10] and recorded == [True] * 10
+
+
+# -- stopping gracefully, and what a stop must not leak ----------------------------------------
+
+
+async def test_stop_claims_nothing_more_and_returns_once_the_rows_out_are_answered(rig: Rig) -> None:
+    await rig.outbox.accept_many([req(f"m-{i}") for i in range(40)])
+    broker = PipelinedFake()
+    registry = BrokerRegistry()
+    registry.set_mesh("alpha", broker)
+    worker = DrainWorker(rig.outbox, registry, attrs.evolve(FAST, max_inflight=16))
+    finished = trio.Event()
+
+    async def run(*, task_status: trio.TaskStatus[None]) -> None:
+        await worker.run(task_status=task_status)
+        finished.set()
+
+    await rig.nursery.start(run)
+    await wait_until(lambda: len(broker.waiting) == 16)
+    worker.stop()
+    await trio.sleep(0.2)
+    assert not finished.is_set(), "sends are out: it waits for their answers"
+    broker.answer_all(SendResult.acked("b"))
+    with trio.fail_after(5):
+        await finished.wait()
+    counts = await rig.outbox.counts()
+    assert (counts["done"], counts["pending"], counts["inflight"]) == (16, 24, 0), "no new claim after stop()"
+    assert worker.statistics().in_flight == 0
+
+
+async def test_cancelling_the_worker_during_maintenance_leaks_no_send_slot(rig: Rig) -> None:
+    entered = trio.Event()
+
+    async def stuck(**kw: Any) -> int:
+        entered.set()
+        await trio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    worker = DrainWorker(rig.outbox, rig.registry, attrs.evolve(FAST, maintenance_interval=0.05))
+    with trio.CancelScope() as scope:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(worker.run)  # its first maintenance is done
+            rig.outbox.expire_stale = stuck  # type: ignore[method-assign]
+            await entered.wait()  # the loop's: slots taken for the claim that follows
+            assert worker.statistics().in_flight > 0
+            scope.cancel()
+    assert worker.statistics().in_flight == 0

@@ -15,7 +15,7 @@ import signal
 import sys
 import tempfile
 import tomllib
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -30,10 +30,10 @@ from ._reference_broker import Faults, RateLimit, load_members, serve_broker
 from ._routing import BrokerRegistry
 from ._version import __version__
 from ._worker import DrainWorker
-from ._ws_broker import WebSocketBroker
+from ._ws_broker import WebSocketBroker, check_broker_url
 
 log = logging.getLogger("trio_drain.cli")
-EXIT_RUNTIME, EXIT_USAGE = 1, 2
+EXIT_RUNTIME, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 
 
 class UsageError(TrioDrainError):
@@ -130,8 +130,10 @@ def _load_config(path: str) -> tuple[DrainConfig, list[dict[str, Any]]]:
         if m["slug"] in slugs:
             raise ConfigError(f"config: two [[mesh]] tables have the slug {m['slug']}")
         slugs.add(m["slug"])
-        if not str(m["broker_url"]).startswith(("ws://", "wss://")):
-            raise ConfigError(f"config: broker_url of {m['slug']} must start with ws:// or wss://")
+        try:
+            check_broker_url(m["broker_url"])
+        except ConfigError as exc:
+            raise ConfigError(f"config: [[mesh]] {m['slug']}: {exc}") from None
         if "secret_key_file" in m:
             key_path = base / str(m["secret_key_file"])
             try:
@@ -146,11 +148,27 @@ def _load_config(path: str) -> tuple[DrainConfig, list[dict[str, Any]]]:
     return config, meshes
 
 
-async def _wait_for_signal() -> None:
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async for signum in signals:
-            log.info("received %s; shutting down", signal.Signals(signum).name)
-            return
+class _Signals:
+    """SIGINT and SIGTERM for the whole of `run`: the first asks for a
+    graceful stop, a second exits at once (rows still in flight come back
+    through their lease)."""
+
+    def __init__(self) -> None:
+        self.received = trio.Event()
+        self.name = ""
+
+    async def watch(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            task_status.started()
+            async for signum in signals:
+                if not self.received.is_set():
+                    self.name = signal.Signals(signum).name
+                    self.received.set()
+                    continue
+                sys.stderr.write("trio-drain: interrupted again; exiting at once"
+                                 " (rows in flight come back when their lease ends)\n")
+                sys.stderr.flush()
+                os._exit(EXIT_INTERRUPTED)
 
 
 # -- commands --------------------------------------------------------------------------
@@ -158,27 +176,76 @@ async def _wait_for_signal() -> None:
 
 async def cmd_run(args: argparse.Namespace) -> int:
     config, meshes = _load_config(args.config)
-    async with open_outbox(_existing_db(args.db)) as outbox, trio.open_nursery() as nursery:
-        registry = BrokerRegistry()
-        for m in meshes:
-            identity = MeshIdentity(mesh_id=m["mesh_id"], member_id=m["member_id"], secret_key=m["secret_key"])
-            broker = WebSocketBroker(m["broker_url"], identity)
-            await nursery.start(broker.run)
-            if not broker.is_open():
-                # A typo'd URL or a refused key should not look like a running
-                # drain. Later outages are waited out (rows stay pending).
-                raise TrioDrainError(
-                    f"cannot reach the broker of mesh {m['slug']} at {m['broker_url']}: {broker.last_error}"
-                )
-            registry.set_mesh(m["slug"], broker)
-        worker = DrainWorker(outbox, registry, config)
-        await nursery.start(worker.run)
-        log.info("draining %s", outbox.description)
-        await _wait_for_signal()
-        nursery.cancel_scope.cancel()
+    signals = _Signals()
+    async with trio.open_nursery() as outer:
+        await outer.start(signals.watch)
+        async with open_outbox(_existing_db(args.db)) as outbox:
+            stopped = await _drain_until_signal(outbox, config, meshes, signals)
+        outer.cancel_scope.cancel()
+    if not stopped:
+        sys.stderr.write("trio-drain: interrupted before draining began\n")
+        return EXIT_INTERRUPTED
     counts = await _counts_after(args.db)
-    log.info("stopped; outbox now %s", counts)
+    log.warning("stopped; outbox now %s", counts)
     return 0
+
+
+async def _drain_until_signal(
+    outbox: Outbox, config: DrainConfig, meshes: list[dict[str, Any]], signals: _Signals,
+) -> bool:
+    """Run the brokers and the worker until a signal; stop within
+    `shutdown_timeout`. Returns False if the signal came before the worker
+    started."""
+    async with trio.open_nursery() as nursery:
+        registry = BrokerRegistry()
+        worker = DrainWorker(outbox, registry, config)
+        worker_done = trio.Event()
+
+        async def run_worker(*, task_status: trio.TaskStatus[None]) -> None:
+            await worker.run(task_status=task_status)
+            worker_done.set()
+
+        async def start() -> None:
+            for m in meshes:
+                identity = MeshIdentity(mesh_id=m["mesh_id"], member_id=m["member_id"], secret_key=m["secret_key"])
+                broker = WebSocketBroker(m["broker_url"], identity)
+                await nursery.start(broker.run)
+                if broker.fatal_error is not None:  # retrying cannot mend it
+                    raise TrioDrainError(
+                        f"cannot start: the broker of mesh {m['slug']} at {m['broker_url']}: {broker.fatal_error}"
+                    )
+                if not broker.is_open():  # an outage: normal, waited out
+                    log.warning("the broker of mesh %s at %s is not reachable (%s); draining the other routes"
+                                " and reconnecting with backoff", m["slug"], m["broker_url"], broker.last_error)
+                registry.set_mesh(m["slug"], broker)
+            await nursery.start(run_worker)
+            log.warning("draining %s through %d mesh broker(s)", outbox.description, len(meshes))
+
+        with trio.CancelScope() as starting:
+            nursery.start_soon(_cancel_on, signals.received, starting)
+            await start()
+        if starting.cancelled_caught:
+            nursery.cancel_scope.cancel()
+            return False
+        await signals.received.wait()
+        log.warning("received %s; stopping within %gs (again to exit at once)", signals.name,
+                    config.shutdown_timeout)
+        # Graceful: claim nothing more, wait (bounded) for the answers to what
+        # is out; whatever is still unanswered then goes back to pending.
+        worker.stop()
+        with trio.move_on_after(max(config.shutdown_timeout - _HAND_BACK_RESERVE, 0)):
+            await worker_done.wait()
+        nursery.cancel_scope.cancel()
+    return True
+
+
+#: Of `shutdown_timeout`, what is kept for handing back the rows still out.
+_HAND_BACK_RESERVE = 0.5
+
+
+async def _cancel_on(event: trio.Event, scope: trio.CancelScope) -> None:
+    await event.wait()
+    scope.cancel()
 
 
 async def _counts_after(db: str) -> dict[str, int]:
@@ -187,9 +254,14 @@ async def _counts_after(db: str) -> dict[str, int]:
 
 
 async def cmd_send(args: argparse.Namespace) -> int:
+    for name in ("mesh", "to", "client_id"):
+        _utf8_argument(name, getattr(args, name))
+    # The message is bytes: as given, even when it is not UTF-8 (the
+    # interpreter hands such arguments over with surrogate escapes).
+    payload = os.fsencode(args.message)
     async with open_outbox(args.db) as outbox:
         outcome = await outbox.accept(SendRequest(
-            mesh=args.mesh, target_spec=args.to, payload=args.message.encode(), priority=args.priority,
+            mesh=args.mesh, target_spec=args.to, payload=payload, priority=args.priority,
             client_message_id=args.client_id,
         ))
     fields = {"kind": outcome.kind.value, "code": outcome.code, "client_message_id": outcome.client_message_id,
@@ -197,6 +269,15 @@ async def cmd_send(args: argparse.Namespace) -> int:
     _emit(args, fields, f"{outcome.kind.value} ({outcome.code}) {outcome.client_message_id}"
           + (f": {outcome.reason}" if outcome.reason else ""))
     return 0 if outcome.accepted else EXIT_RUNTIME
+
+
+def _utf8_argument(name: str, value: str | None) -> None:
+    if value is None:
+        return
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        raise UsageError(f"--{name.replace('_', '-')} is not valid UTF-8 text") from None
 
 
 async def cmd_outbox(args: argparse.Namespace) -> int:
@@ -275,18 +356,27 @@ async def cmd_broker_serve(args: argparse.Namespace) -> int:
     faults = Faults(ack_delay=args.ack_delay, drop_ack_rate=args.drop_ack_rate,
                     transient_error_rate=args.transient_error_rate, disconnect_every=args.disconnect_every,
                     rate_limit=None if args.rate_limit is None else RateLimit.parse(args.rate_limit))
-    async with trio.open_nursery() as nursery:
-        try:
+    try:
+        async with trio.open_nursery() as nursery:
             server = await nursery.start(lambda task_status: serve_broker(
                 host=args.host, port=args.port, db=args.db, members=members, open_mode=args.open,
                 max_payload=args.max_payload, faults=faults, receipts=args.receipts, compat=args.compat,
                 max_message_bytes=args.max_message_bytes, task_status=task_status))
-        except OSError as exc:
-            raise TrioDrainError(f"cannot listen on {args.host}:{args.port}: {exc.strerror}") from None
-        print(f"reference broker listening on {server.url}", flush=True)
-        await _wait_for_signal()
-        nursery.cancel_scope.cancel()
+            print(f"reference broker listening on {server.url}", flush=True)
+            await _wait_for_signal()
+            nursery.cancel_scope.cancel()
+    except* OSError as group:  # a port in use, a host that does not resolve: inside the nursery
+        exc = _leaves(group)[0]
+        reason = getattr(exc, "strerror", None) or str(exc)
+        raise TrioDrainError(f"cannot listen on {args.host}:{args.port}: {reason}") from None
     return 0
+
+
+async def _wait_for_signal() -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            log.info("received %s; shutting down", signal.Signals(signum).name)
+            return
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:
@@ -340,6 +430,7 @@ def _number(kind: type[int] | type[float], what: str, low: float, high: float = 
 
 
 _positive_int = _number(int, "a whole number", 1)
+_port = _number(int, "a port number", 0, 65535)
 _rate = _number(float, "a number", 0, 1)
 _seconds = _number(float, "a number of seconds", 0)
 
@@ -360,7 +451,7 @@ def build_parser() -> argparse.ArgumentParser:
     broker_sub = broker.add_subparsers(dest="broker_command", required=True, metavar="ACTION")
     serve = broker_sub.add_parser("serve", help="serve the reference broker")
     serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8765)
+    serve.add_argument("--port", type=_port, default=8765, help="0 picks a free port")
     serve.add_argument("--db", help="SQLite file keeping accepted ids (dedupe survives restarts)")
     who = serve.add_mutually_exclusive_group(required=True)
     who.add_argument("--members", help='JSON file: {"meshId": {"memberId": "pubkey hex"}}')
@@ -421,25 +512,64 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     _setup_logging(args.log_level, args.log_format)
     commands: dict[str, Callable[[argparse.Namespace], Any]] = {
-        "run": cmd_run, "send": cmd_send, "outbox": cmd_outbox, "broker": cmd_broker_serve, "demo": cmd_demo,
+        "run": cmd_run, "broker": cmd_broker_serve,  # these two stop gracefully on a signal themselves
+        "send": _interruptible(cmd_send), "outbox": _interruptible(cmd_outbox), "demo": _interruptible(cmd_demo),
     }
     try:
         status = cmd_keygen(args) if args.command == "keygen" else trio.run(commands[args.command], args)
-    except (UsageError, ConfigError) as exc:
-        _fail(str(exc), EXIT_USAGE)
-    except TrioDrainError as exc:
-        _fail(str(exc), EXIT_RUNTIME)
-    except KeyboardInterrupt:
-        _fail("interrupted", EXIT_RUNTIME)
-    except BaseExceptionGroup as group:
-        # A nursery may wrap one of our errors; report the first we own.
-        for leaf in _leaves(group):
-            if isinstance(leaf, (UsageError, ConfigError)):
-                _fail(str(leaf), EXIT_USAGE)
-            if isinstance(leaf, TrioDrainError):
-                _fail(str(leaf), EXIT_RUNTIME)
-        raise
+    except BaseException as exc:  # the one boundary: what a user caused ends in one line
+        _fail_for(exc)
     raise SystemExit(status)
+
+
+def _interruptible(
+    command: Callable[[argparse.Namespace], Awaitable[int]],
+) -> Callable[[argparse.Namespace], Awaitable[int]]:
+    """`command`, cancelled by SIGINT or SIGTERM (which then reads as an
+    interrupt: exit 130, one line). Trio's own KeyboardInterrupt can wait a
+    long time: a write the database has taken refuses cancellation."""
+
+    async def run(args: argparse.Namespace) -> int:
+        interrupted = False
+        async with trio.open_nursery() as nursery:
+
+            async def watch(*, task_status: trio.TaskStatus[None]) -> None:
+                nonlocal interrupted
+                with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                    task_status.started()
+                    async for _ in signals:
+                        interrupted = True
+                        nursery.cancel_scope.cancel()
+                        return
+
+            await nursery.start(watch)
+            status = await command(args)
+            nursery.cancel_scope.cancel()
+        if interrupted:
+            raise KeyboardInterrupt
+        return status
+
+    return run
+
+
+def _fail_for(exc: BaseException) -> NoReturn:
+    """Exit with one line for an error a user can cause; re-raise anything else.
+
+    A nursery wraps what escapes it in an exception group, so the group's
+    leaves are what count: an interrupt anywhere is exit 130; else the
+    first error of ours decides the status.
+    """
+    leaves = _leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc]
+    if any(isinstance(leaf, KeyboardInterrupt) for leaf in leaves):
+        _fail("interrupted", EXIT_INTERRUPTED)
+    for leaf in leaves:
+        if isinstance(leaf, SystemExit):
+            raise leaf
+        if isinstance(leaf, (UsageError, ConfigError)):
+            _fail(str(leaf), EXIT_USAGE)
+        if isinstance(leaf, TrioDrainError):
+            _fail(str(leaf), EXIT_RUNTIME)
+    raise exc
 
 
 def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:

@@ -56,6 +56,9 @@ class DrainConfig:
         max_age: pending rows older than this go `dead` ("expired") unsent:
             brokers dedupe for 24 hours, so a resend after that could apply twice.
         maintenance_interval: how often expired leases and stale rows are swept.
+        shutdown_timeout: how long `trio-drain run` waits, once told to
+            stop, for the answers to sends already out before it gives the
+            rest back to `pending` and exits (see `DrainWorker.stop`).
         unknown_fate: what becomes of a row whose send may have reached the
             broker but was never answered (no ack in time, the connection
             lost, the worker crashed or stopped): ``"resend"`` it (the
@@ -78,6 +81,7 @@ class DrainConfig:
     route_retry: float = attrs.field(default=0.25, validator=_positive)
     max_age: float = attrs.field(default=23 * 3600.0, validator=_positive)
     maintenance_interval: float = attrs.field(default=5.0, validator=_positive)
+    shutdown_timeout: float = attrs.field(default=10.0, validator=_positive)
     unknown_fate: UnknownFate = attrs.field(default="resend", validator=_one_of("resend", "dead"))
 
     def __attrs_post_init__(self) -> None:

@@ -23,6 +23,7 @@ When off, `reached` costs one global lookup and comparison.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import threading
@@ -39,6 +40,8 @@ class _Armed:
         point, _, nth = spec.partition("@")
         if point not in POINTS:
             raise ValueError(f"{ENV}={spec!r}: unknown crash point; known: {', '.join(sorted(POINTS))}")
+        if nth and not (nth.isdigit() and int(nth) >= 1):
+            raise ValueError(f"{ENV}={spec!r}: the count after @ must be a whole number from 1")
         self.point = point
         self.remaining = int(nth) if nth else 1
         self._lock = threading.Lock()  # points are passed in worker threads too
@@ -53,7 +56,20 @@ class _Armed:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-_ARMED: _Armed | None = _Armed(os.environ[ENV]) if os.environ.get(ENV) else None
+def _arm(spec: str | None) -> _Armed | None:
+    """The crash point `spec` names, or None. A value that names none is
+    ignored with a warning: a stray environment variable must not stop the
+    library from importing."""
+    if not spec:
+        return None
+    try:
+        return _Armed(spec)
+    except ValueError as exc:
+        logging.getLogger("trio_drain").warning("ignoring %s", exc)
+        return None
+
+
+_ARMED: _Armed | None = _arm(os.environ.get(ENV))
 
 
 def armed(point: str) -> bool:

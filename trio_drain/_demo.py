@@ -7,6 +7,7 @@ import time
 import trio
 
 from ._config import DrainConfig
+from ._errors import TrioDrainError
 from ._identity import MeshIdentity, generate_secret_key
 from ._lifecycle import Completion
 from ._model import SendRequest, Status
@@ -31,7 +32,7 @@ async def run_demo(*, db: str, messages: int, max_inflight: int, progress: bool)
         broker = WebSocketBroker(server.url, identity)
         await nursery.start(broker.run)
         if not broker.is_open():
-            raise RuntimeError(f"the demo broker did not answer: {broker.last_error}")
+            raise TrioDrainError(f"the demo's own broker did not answer: {broker.last_error}")
         registry = BrokerRegistry()
         registry.set_mesh("demo", broker)
 

@@ -64,4 +64,13 @@ class BrokerUnavailable(BrokerError):
 
 
 class HandshakeError(BrokerError):
-    """The broker refused our hello or did not answer it in time."""
+    """The broker refused our hello or did not answer it in time.
+
+    Attributes:
+        refused: the broker said no (an `error` frame): retrying as we are
+            will not help. False when it merely did not answer in time.
+    """
+
+    def __init__(self, message: str, *, refused: bool = False) -> None:
+        super().__init__(message)
+        self.refused = refused

@@ -38,7 +38,7 @@ import trio
 
 from . import _identity
 from ._clock import wall_clock_ms
-from ._errors import ConfigError
+from ._errors import ConfigError, StoreError
 from ._ids import random_uuid
 from ._routing import encode_json, json_string
 from ._store._sqlite import _GroupCommitter
@@ -293,7 +293,10 @@ async def serve_broker(
         raise ConfigError("the broker needs a members file, or open mode")
     if compat not in (None, "claudemesh"):
         raise ConfigError(f"unknown compat mode {compat!r} (known: claudemesh)")
-    ledger = await trio.to_thread.run_sync(_Ledger, None if db is None else Path(db))
+    try:
+        ledger = await trio.to_thread.run_sync(_Ledger, None if db is None else Path(db))
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot open the broker's database {db}: {exc}") from None
     server_state = BrokerServer(host, port, BrokerStatistics(), ledger, faults)
     handler = _Handler(server_state, dict(members or {}), open_mode, max_payload, compat, max_message_bytes)
     if receipts is not None:

@@ -127,8 +127,9 @@ class Broker(Protocol):
     connection is the transient failure `broker_disconnected`). The worker
     bounds each send with its own ack timeout.
 
-    A broker may also offer `add_open_listener(callback)`: the registry then
-    wakes the worker whenever that broker's connection (re)opens; and
+    A broker may also offer `add_open_listener(callback)` (and
+    `remove_open_listener(callback)`): the registry then wakes the worker
+    whenever that broker's connection (re)opens, until it is removed; and
     `start_send` (see `PipelinedBroker`), which the worker prefers.
     """
 
@@ -226,7 +227,9 @@ class BrokerRegistry:
         self._changed()
 
     def remove_mesh(self, slug: str) -> None:
-        self._meshes.pop(slug, None)
+        broker = self._meshes.pop(slug, None)
+        if broker is not None:
+            self._unsubscribe(broker)
         self._changed()
 
     def set_session(self, session_pubkey: str, broker: Broker) -> None:
@@ -239,7 +242,9 @@ class BrokerRegistry:
         self._changed()
 
     def remove_session(self, session_pubkey: str) -> None:
-        self._sessions.pop(session_pubkey.lower(), None)
+        broker = self._sessions.pop(session_pubkey.lower(), None)
+        if broker is not None:
+            self._unsubscribe(broker)
         self._changed()
 
     @property
@@ -263,6 +268,20 @@ class BrokerRegistry:
         if add is not None and not any(b is broker for b in self._subscribed):
             self._subscribed.append(broker)
             add(self._changed)
+
+    def _unsubscribe(self, broker: Broker) -> None:
+        """Stop listening to a broker no longer registered anywhere: sessions
+        come and go, and a removed broker must neither wake the worker nor
+        be kept alive by the registry."""
+        if any(b is broker for b in (*self._meshes.values(), *self._sessions.values())):
+            return
+        for i, known in enumerate(self._subscribed):
+            if known is broker:
+                del self._subscribed[i]
+                remove = getattr(broker, "remove_open_listener", None)
+                if remove is not None:
+                    remove(self._changed)
+                return
 
     def _changed(self) -> None:
         for callback in list(self._listeners):

@@ -226,6 +226,10 @@ class DrainWorker:
         self._tasks: trio.Nursery | None = None
         self._stopping = False
         self._running = False
+        # stop(): the claim loop's scope, and set when no row is out.
+        self._claims: trio.CancelScope | None = None
+        self._stop_requested = False
+        self._idle = trio.Event()
         self._counts: dict[str, int] = dict.fromkeys(_WORKER_COUNTERS, 0)
         self._per_route: dict[str, dict[str, int]] = {}
         #: Called with each row that reached a final state or was rescheduled;
@@ -243,6 +247,21 @@ class DrainWorker:
             self._wake_send.send_nowait(None)
         except trio.WouldBlock:
             pass
+
+    def stop(self) -> None:
+        """Stop gracefully, without cancelling anything: claim nothing more,
+        give back (attempt returned) rows claimed but not yet sent, and let
+        `run` return once every row already sent is answered and recorded.
+
+        Never blocks. Bound the wait yourself, and cancel `run` if the
+        brokers take too long: what is still unanswered then goes back to
+        `pending` at once (``trio-drain run`` does this within
+        `DrainConfig.shutdown_timeout`).
+        """
+        self._stop_requested = True
+        self._stopping = True
+        if self._claims is not None:
+            self._claims.cancel()
 
     def statistics(self) -> WorkerStatistics:
         """A frozen snapshot of the worker's counters."""
@@ -263,7 +282,8 @@ class DrainWorker:
         if self._running:
             raise TrioDrainError("this DrainWorker is already running")
         self._running = True
-        self._stopping = False
+        self._stopping = self._stop_requested = False
+        self._idle = trio.Event()
         self.outbox.add_listener(self.wake)
         self.registry.add_listener(self.wake)
         try:
@@ -295,11 +315,20 @@ class DrainWorker:
 
     async def _loop(self) -> None:
         try:
-            await self._claim_loop()
+            with trio.CancelScope() as self._claims:
+                if not self._stop_requested:
+                    await self._claim_loop()
         finally:
             # From here on, rows that a batch of outcomes claims go straight
             # back (the other tasks may take a moment to stop).
             self._stopping = True
+            self._claims = None
+        # stop(): rows not yet sent go back now; those sent wait for their answer.
+        self._hand_back([d for d in self._out if not d.sent])
+        if self._out:
+            await self._idle.wait()
+        assert self._tasks is not None
+        self._tasks.cancel_scope.cancel()
 
     async def _claim_loop(self) -> None:
         config = self.config
@@ -321,7 +350,10 @@ class DrainWorker:
                     await self._claim_into(rows, len(slots))
             except StoreError as exc:
                 error = exc
-            deliveries = self._claimed(rows, slots)
+            finally:
+                # Whatever happened (cancelled in maintenance, too), every
+                # slot becomes a delivery or goes back to the limiter.
+                deliveries = self._claimed(rows, slots)
             # Stopping already? Then nothing leaves, and every attempt is given back.
             await trio.lowlevel.checkpoint_if_cancelled()
             self._launch(deliveries)
@@ -690,6 +722,8 @@ class DrainWorker:
         if delivery not in self._out:
             return
         self._out.remove(delivery)
+        if not self._out and self._stop_requested:
+            self._idle.set()
         self._completer.submit(completion, functools.partial(self._recorded, delivery, completion, kind, route_name))
 
     def _recorded(

@@ -17,14 +17,22 @@ import re
 import ssl
 from collections.abc import Callable, Sequence
 from typing import Any
+from urllib.parse import urlsplit
 
 import trio
 
 from ._clock import wall_clock_ms
-from ._errors import BrokerUnavailable, HandshakeError
+from ._errors import BrokerUnavailable, ConfigError, HandshakeError
 from ._identity import Identity, MeshIdentity
 from ._routing import OutgoingMessage, SendHandle, SendResult
-from ._transport import Connection, TransportClosed, TransportName, TransportRejected, open_connection
+from ._transport import (
+    TRANSPORTS,
+    Connection,
+    TransportClosed,
+    TransportName,
+    TransportRejected,
+    open_connection,
+)
 
 log = logging.getLogger("trio_drain.broker")
 
@@ -138,6 +146,9 @@ class WebSocketBroker:
         clock: Callable[[], int] | None = None,
         transport: TransportName = "native",
     ) -> None:
+        check_broker_url(url)
+        if transport not in TRANSPORTS:
+            raise ConfigError(f"unknown transport {transport!r}; choose one of {', '.join(TRANSPORTS)}")
         self.url = url
         self.transport = transport
         self.identity = identity
@@ -155,6 +166,10 @@ class WebSocketBroker:
         self._listeners: list[Callable[[], None]] = []
         self.connects = 0
         self.last_error: str | None = None
+        #: Why the last attempt failed, when retrying cannot mend it: the
+        #: broker refused our hello, or its TLS certificate failed
+        #: verification. None after a success or an ordinary failure.
+        self.fatal_error: str | None = None
         self.presence_id: str | None = None
 
     def __repr__(self) -> str:
@@ -170,6 +185,13 @@ class WebSocketBroker:
     def add_open_listener(self, callback: Callable[[], None]) -> None:
         """Call `callback` each time a connection's hello is acknowledged."""
         self._listeners.append(callback)
+
+    def remove_open_listener(self, callback: Callable[[], None]) -> None:
+        """Stop calling `callback` (a no-op if it was not added)."""
+        for i, known in enumerate(self._listeners):
+            if known == callback:
+                del self._listeners[i]
+                return
 
     async def send(self, message: OutgoingMessage) -> SendResult:
         """Send one message and wait for its ack.
@@ -253,11 +275,14 @@ class WebSocketBroker:
                 await self._connect_once(opened)
             except HandshakeError as exc:
                 self.last_error = f"hello refused: {exc}"
+                self.fatal_error = self.last_error if exc.refused else None
                 # The first attempt's outcome is the caller's to report
                 # (nursery.start returns with is_open() False).
                 log.log(logging.WARNING if started else logging.INFO, "broker %s: %s", self.url, self.last_error)
             except (TransportRejected, TransportClosed, OSError, trio.BrokenResourceError) as exc:
                 self.last_error = str(exc) or type(exc).__name__
+                self.fatal_error = (f"TLS certificate verification failed: {self.last_error}"
+                                    if _CERTIFICATE_FAILED.search(self.last_error) else None)
                 log.log(logging.WARNING if started else logging.INFO,
                         "broker %s: connection failed: %s", self.url, self.last_error)
             finally:
@@ -281,7 +306,7 @@ class WebSocketBroker:
             self._ws = ws
             self._open = True
             self.connects += 1
-            self.last_error = None
+            self.last_error = self.fatal_error = None
             log.info("broker %s: connected (presence %s)", self.url, self.presence_id)
             opened()
             for callback in list(self._listeners):
@@ -306,7 +331,7 @@ class WebSocketBroker:
                     self.presence_id = str(frame.get("presenceId", ""))
                     return
                 if frame.get("type") == "error":
-                    raise HandshakeError(f"{frame.get('code', 'error')}: {frame.get('message', '')}")
+                    raise HandshakeError(f"{frame.get('code', 'error')}: {frame.get('message', '')}", refused=True)
                 self._push(frame)
         raise HandshakeError(f"no hello_ack within {self.hello_timeout}s")
 
@@ -382,6 +407,31 @@ class WebSocketBroker:
         stopping = trio.current_effective_deadline() == float("-inf")
         if was_open and not stopping:
             log.warning("broker %s: disconnected", self.url)
+
+
+_CERTIFICATE_FAILED = re.compile(r"certificate verify failed|CERTIFICATE_VERIFY_FAILED", re.I)
+
+
+def check_broker_url(url: object) -> None:
+    """Refuse a broker URL no connection attempt could use.
+
+    Raises:
+        ConfigError: not a string, not ws:// or wss://, no host, or a port
+            outside 1-65535.
+    """
+    if not isinstance(url, str):
+        raise ConfigError(f"broker URL must be a string, got {type(url).__name__}")
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # raises for a port out of range or not a number
+    except ValueError as exc:
+        raise ConfigError(f"broker URL {url!r} is malformed: {exc}") from None
+    if parts.scheme not in ("ws", "wss"):
+        raise ConfigError(f"broker URL {url!r} must start with ws:// or wss://")
+    if not parts.hostname:
+        raise ConfigError(f"broker URL {url!r} has no host")
+    if port == 0:
+        raise ConfigError(f"broker URL {url!r}: port must be between 1 and 65535")
 
 
 def parse_frame(raw: str | bytes) -> dict[str, Any] | None:
