@@ -22,6 +22,7 @@ from typing import Any, NoReturn
 import trio
 
 from ._config import DrainConfig
+from ._display import bounded, visible
 from ._errors import ConfigError, TrioDrainError
 from ._identity import MeshIdentity, generate_secret_key, public_key_hex, signing_key
 from ._model import OutboxRow, SendRequest, Status
@@ -54,21 +55,55 @@ def _print_json(value: Any) -> None:
 
 
 def _emit(args: argparse.Namespace, value: Any, text: str) -> None:
-    """Print `value` as JSON under --json, else one line of text."""
+    """Print `value` as JSON under --json, else one line of text (made inert:
+    it may quote the outbox or a request)."""
     if args.json:
         _print_json(value)
     else:
-        print(text)
+        print(visible(text))
 
 
 def _rows_table(rows: Sequence[OutboxRow]) -> None:
     from rich.table import Table
+    from rich.text import Text
+
+    def cell(value: str | None, limit: int = 200) -> Text:
+        # Text is never parsed as markup; bounded() makes controls visible.
+        return Text("-" if value is None else bounded(value, limit))
 
     table = Table("id", "client_message_id", "status", "attempts", "mesh", "target", "last_error")
     for r in rows:
-        table.add_row(r.id, r.client_message_id, r.status.value, str(r.attempts), r.mesh or "-",
-                      r.target_spec or "-", (r.last_error or "")[:60])
+        table.add_row(cell(r.id), cell(r.client_message_id), cell(r.status.value), cell(str(r.attempts)),
+                      cell(r.mesh), cell(r.target_spec), cell(r.last_error, 60))
     _console().print(table)
+
+
+#: `outbox inspect` shows this much of a payload unless --full.
+PAYLOAD_PREVIEW = 1024
+
+
+def _payload_lines(payload: bytes, full: bool) -> str:
+    """A payload for a person: text made inert, or hex if it is not UTF-8;
+    cut after PAYLOAD_PREVIEW bytes unless `full`."""
+    shown = payload if full else payload[:PAYLOAD_PREVIEW]
+    try:
+        payload.decode("utf-8")
+    except UnicodeDecodeError:
+        text = f"<{len(payload):,} bytes, not UTF-8> {shown.hex()}"
+    else:  # a cut may split a character: drop its first bytes
+        text = visible(shown.decode("utf-8", errors="ignore"))
+    if len(shown) < len(payload):
+        text += f" … ({len(payload):,} bytes in all; --full shows them)"
+    return text
+
+
+class _TextFormatter(logging.Formatter):
+    """Log lines with every message made inert: a broker's words, a row's
+    error or a client id may quote terminal escapes (JSON logs escape them
+    by themselves)."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return visible(super().formatMessage(record))
 
 
 class _JsonFormatter(logging.Formatter):
@@ -85,7 +120,7 @@ def _setup_logging(level: str, fmt: str) -> None:
     if fmt == "json":
         handler.setFormatter(_JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(_TextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger("trio_drain")
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
@@ -306,9 +341,12 @@ async def _outbox_inspect(outbox: Outbox, args: argparse.Namespace) -> int:
     row = await _find(outbox, args.id)
     if args.json:
         _print_json(row.to_dict())
-    else:
-        for key, value in row.to_dict().items():
-            print(f"{key:>22}: {value}")
+        return 0
+    for key, value in row.to_dict().items():
+        if key == "payload":
+            print(f"{key:>22}: {_payload_lines(row.payload, args.full)}")
+        elif key != "payload_hex":
+            print(f"{key:>22}: {'-' if value is None else visible(str(value))}")
     return 0
 
 
@@ -492,6 +530,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--json", action="store_true")
         if name in ("inspect", "requeue", "drop"):
             p.add_argument("id", help="row id or client_message_id")
+        if name == "inspect":
+            p.add_argument("--full", action="store_true", help=f"the whole payload (else the first {PAYLOAD_PREVIEW} bytes)")
         if name == "list":
             p.add_argument("--status", choices=[s.value for s in Status])
             p.add_argument("--limit", type=_positive_int, default=50)

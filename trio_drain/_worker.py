@@ -48,6 +48,7 @@ import trio
 from . import _crashpoints, _lifecycle
 from ._completer import BatchCompleter
 from ._config import DrainConfig
+from ._display import Throttle, bounded, quieted, visible
 from ._errors import BrokerUnavailable, StoreError, TrioDrainError
 from ._ids import new_token
 from ._lifecycle import Completion
@@ -231,6 +232,7 @@ class DrainWorker:
         self._stop_requested = False
         self._idle = trio.Event()
         self._counts: dict[str, int] = dict.fromkeys(_WORKER_COUNTERS, 0)
+        self._throttle = Throttle()
         self._per_route: dict[str, dict[str, int]] = {}
         #: Called with each row that reached a final state or was rescheduled;
         #: used by the CLI for progress. Must not block.
@@ -526,7 +528,9 @@ class DrainWorker:
         row = delivery.row
         route = self.registry.resolve(row)
         if isinstance(route, NoBroker):
-            log.warning("no broker for mesh %s: row %s is dead", row.mesh, row.id)
+            quiet = self._throttle(("no broker", row.mesh))
+            if quiet is not None:
+                log.warning("no broker for mesh %s: row %s is dead%s", visible(str(row.mesh)), row.id, quieted(quiet))
             self._settle(delivery, _lifecycle.on_no_broker(row), _Settled.RESULT, "mesh:" + str(row.mesh))
             return
         if isinstance(route, Unavailable):
@@ -632,13 +636,19 @@ class DrainWorker:
                     now=now, policy=self._policy, jitter=self._rng.random(),
                 )
             if completion.status is Status.DEAD:
-                log.warning("row %s is dead: %s", row.id, completion.last_error)
+                self._warn_dead(row, completion, gate.name)
             self._settle(delivery, completion, _Settled.RESULT, delivery.route_name)
         if gate.held:
             # Released once this batch of outcomes is written, not now: a
             # refusal later in the same burst of answers must be seen first,
             # or slow start would send more into a broker already refusing.
             self._unheld.add(gate)
+
+    def _warn_dead(self, row: OutboxRow, completion: Completion, route_name: str) -> None:
+        """A row went dead: say so, but not ten thousand times a minute."""
+        quiet = self._throttle(("dead", route_name))
+        if quiet is not None:
+            log.warning("row %s is dead: %s%s", row.id, bounded(completion.last_error or "", 300), quieted(quiet))
 
     def _rate_limited(self, delivery: _Delivery, gate: _Gate, result: SendResult) -> None:
         """The broker refused the send for its rate: pace the route, give the row back."""
@@ -647,8 +657,8 @@ class DrainWorker:
         was_paced = gate.pacer.paced
         if gate.pacer.refused(trio.current_time(), sent_at=delivery.sent_at, text=text):
             log.log(logging.INFO if was_paced else logging.WARNING,
-                    "route %s is rate limited by its broker (%.120r); pacing it at %.3g sends/s",
-                    gate.name, text, gate.pacer.rate)
+                    "route %s is rate limited by its broker (%s); pacing it at %.3g sends/s",
+                    visible(gate.name), bounded(text, 120), gate.pacer.rate)
             while gate.held:  # slow start is over: they wait their turn unclaimed
                 self._pace_back(gate.held.popleft(), gate, "route_paced")
         self._pace_back(delivery, gate, text)

@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 import trio
 
 from ._clock import wall_clock_ms
+from ._display import Throttle, bounded, quieted
 from ._errors import BrokerUnavailable, ConfigError, HandshakeError
 from ._identity import Identity, MeshIdentity
 from ._routing import OutgoingMessage, SendHandle, SendResult
@@ -65,9 +66,10 @@ def classify_ack(frame: dict[str, Any]) -> SendResult:
     error = frame.get("error")
     if not error and frame.get("queued", True) is not False:
         return SendResult.acked(str(frame.get("messageId") or ""), duplicate=frame.get("duplicate") is True)
-    text = str(error or _NOT_QUEUED)
+    # Kept inert and bounded: it goes into last_error, logs and terminals.
+    text = bounded(str(error or _NOT_QUEUED))
     raw_code = frame.get("code")
-    code = None if raw_code is None else str(raw_code)
+    code = None if raw_code is None else bounded(str(raw_code), 64)
     if code in RATE_LIMIT_CODES or RATE_LIMIT_TEXT.search(text):
         return SendResult.throttled(text, code=code)
     permanent = frame.get("permanent")
@@ -170,6 +172,7 @@ class WebSocketBroker:
         #: broker refused our hello, or its TLS certificate failed
         #: verification. None after a success or an ordinary failure.
         self.fatal_error: str | None = None
+        self._throttle = Throttle()
         self.presence_id: str | None = None
 
     def __repr__(self) -> str:
@@ -331,7 +334,8 @@ class WebSocketBroker:
                     self.presence_id = str(frame.get("presenceId", ""))
                     return
                 if frame.get("type") == "error":
-                    raise HandshakeError(f"{frame.get('code', 'error')}: {frame.get('message', '')}", refused=True)
+                    code, message = bounded(str(frame.get("code", "error")), 64), bounded(str(frame.get("message", "")), 300)
+                    raise HandshakeError(f"{code}: {message}", refused=True)
                 self._push(frame)
         raise HandshakeError(f"no hello_ack within {self.hello_timeout}s")
 
@@ -348,19 +352,27 @@ class WebSocketBroker:
     def _on_frame(self, raw: str | bytes) -> None:
         frame = parse_frame(raw)
         if frame is None:
-            log.warning("broker %s sent a frame that is not a JSON object; ignored", self.url)
+            quiet = self._throttle("garbage")
+            if quiet is not None:
+                log.warning("broker %s sent a frame that is not a JSON object; ignored%s", self.url, quieted(quiet))
             return
         kind = frame.get("type")
         if kind == "ack":
             waiters = self._pending.get(str(frame.get("id")))
             if not waiters:
-                log.info("broker %s acked an id we are not waiting for: %.80s", self.url, frame.get("id"))
+                quiet = self._throttle("unknown ack")
+                if quiet is not None:
+                    log.info("broker %s acked an id we are not waiting for: %s%s", self.url,
+                             bounded(str(frame.get("id")), 80), quieted(quiet))
                 return
             result = classify_ack(frame)
             for waiter in list(waiters):  # resolving one removes it
                 waiter.resolve(result)
         elif kind == "error":
-            log.warning("broker %s error: %s %s", self.url, frame.get("code"), frame.get("message"))
+            quiet = self._throttle("error frame")
+            if quiet is not None:
+                log.warning("broker %s error: %s %s%s", self.url, bounded(str(frame.get("code")), 64),
+                            bounded(str(frame.get("message")), 300), quieted(quiet))
         else:
             self._push(frame)
 
