@@ -318,9 +318,25 @@ async def test_an_accept_wakes_an_idle_worker_at_once(rig: Rig) -> None:
 
 
 async def test_wake_never_blocks_and_coalesces(rig: Rig) -> None:
-    worker = DrainWorker(rig.outbox, rig.registry, FAST)
-    for _ in range(1000):
+    worker = DrainWorker(rig.outbox, rig.registry, attrs.evolve(FAST, poll_interval=60.0, maintenance_interval=60.0))
+    claims = 0
+    original = rig.outbox.claim
+
+    async def counting_claim(**kw: Any) -> Any:
+        nonlocal claims
+        claims += 1
+        return await original(**kw)
+
+    rig.outbox.claim = counting_claim  # type: ignore[method-assign]
+    await rig.nursery.start(worker.run)
+    await wait_until(lambda: claims >= 1)  # the first look, at start
+    await trio.sleep(0.1)
+    settled = claims
+    for _ in range(1000):  # a plain function: it cannot block
         worker.wake()
+    await trio.sleep(0.2)
+    # A thousand wakes while idle are one look at the outbox, not a thousand.
+    assert claims == settled + 1, (settled, claims)
 
 
 async def test_a_worker_cannot_run_twice_at_once(rig: Rig) -> None:
