@@ -381,8 +381,10 @@ async def test_an_acceptance_is_persisted_even_if_the_sender_hangs_up_before_the
                         client_message_id=f"m-{burst}-{i}", request_fingerprint="aa", target_spec="*",
                         priority="next", nonce="bm9uY2U=", ciphertext="aGk=").to_frame()
                     await ws.send_message(json.dumps(frame))
+        # Every frame read (they were sent before each hang-up), then stop at
+        # once: the writes in progress must be waited out, not raced.
+        await wait_until(lambda: len(server.accepted()) == 500)
         accepted_before = set(server.accepted())
-        await trio.sleep(0.2)
         nursery.cancel_scope.cancel()
     async with trio.open_nursery() as nursery:
         server = await start_broker(nursery, db=db)
