@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import struct
+import time
 
 import pytest
 import trio
@@ -18,6 +19,8 @@ from wsproto.events import AcceptConnection, BytesMessage, Message, Request, Tex
 
 from trio_drain import _wsframes as wf
 from trio_drain._transport import TransportClosed, open_connection, serve_websocket
+
+from . import wsconformance as wsc
 
 MAX = 1 << 20
 
@@ -151,11 +154,13 @@ def test_the_server_answers_only_a_proper_upgrade() -> None:
     response_head, _ = wf.split_head(answer) or (b"", b"")
     wf.check_response(response_head, key)  # our client accepts our server's answer
     cases = {
-        b"POST /ws HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade": b"400",
+        b"POST /ws HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\nConnection: Upgrade": b"400",
         b"GET /ws HTTP/1.1\r\nHost: h": b"426",
-        b"GET /ws HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 8": b"426",
-        b"GET /ws HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+        b"GET /ws HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 8": b"426",
+        b"GET /ws HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
         b"Sec-WebSocket-Key: short": b"400",
+        # RFC 6455 4.2.1 (and RFC 7230 5.4): no Host header is a 400, however good the rest.
+        head.replace(b"Host: h\r\n", b""): b"400",
     }
     for bad, status in cases.items():
         with pytest.raises(wf.HandshakeFailed) as caught:
@@ -237,3 +242,154 @@ def test_a_long_close_reason_is_cut_on_a_character_boundary() -> None:
     assert event[0] == "close" and event[1] == 1000
     received = event[2]
     assert isinstance(received, str) and reason.startswith(received) and len(received.encode()) <= 123
+
+
+# -- issue 14: lengths in their shortest form, long frames in pieces, fail fast -------------------
+
+
+def head(first: int, n: int, *, masked: bool, form: int) -> bytes:
+    """A frame header with the length `n` in the `form` (7, 16 or 64 bits) given."""
+    mask_bit = 0x80 if masked else 0
+    if form == 7:
+        return bytes((first, mask_bit | n))
+    if form == 16:
+        return struct.pack("!BBH", first, mask_bit | 126, n)
+    return struct.pack("!BBQ", first, mask_bit | 127, n)
+
+
+NOT_SHORTEST = [
+    ("16-bit length for 5 bytes", 16, 5),
+    ("16-bit length for 125 bytes", 16, 125),
+    ("64-bit length for 5 bytes", 64, 5),
+    ("64-bit length for 200 bytes", 64, 200),
+    ("64-bit length for 65535 bytes", 64, 65535),
+    ("64-bit length with its top bit set", 64, 1 << 63),
+]
+
+
+@pytest.mark.parametrize("is_client", [True, False], ids=["client", "server"])
+@pytest.mark.parametrize(("form", "n"), [(f, n) for _, f, n in NOT_SHORTEST], ids=[i for i, _, _ in NOT_SHORTEST])
+def test_a_length_not_in_its_shortest_form_is_a_protocol_error(is_client: bool, form: int, n: int) -> None:
+    # RFC 6455 5.2: "the minimal number of bytes MUST be used to encode the
+    # length"; a 64-bit length's most significant bit MUST be 0. Refused from
+    # the header alone, on both ends, with 1002 (never 1009, however long).
+    codec = client() if is_client else server()
+    masked = not is_client  # what this end expects
+    wire = head(0x80 | wf.OP_BINARY, n, masked=masked, form=form) + b"\x01\x02\x03\x04" * masked + b"\x00" * min(n, 300)
+    with pytest.raises(wf.ProtocolError) as caught:
+        codec.receive(wire)
+    assert caught.value.code == wf.CLOSE_PROTOCOL_ERROR
+
+
+def test_the_shortest_forms_at_their_edges_are_accepted() -> None:
+    for n in (0, 125, 126, 65535, 65536):
+        payload = b"\xfe" * n
+        assert client().receive(wf.encode_frame(wf.OP_BINARY, payload, masked=False)) == [("message", payload)]
+        assert server().receive(wf.encode_frame(wf.OP_BINARY, payload, masked=True)) == [("message", payload)]
+
+
+def test_messages_parsed_before_a_bad_frame_are_handed_over_with_the_error() -> None:
+    wire = client().text("first") + client().ping(b"p") + raw_frame(0xC0 | wf.OP_TEXT, b"x", masked=True)
+    codec = server()
+    with pytest.raises(wf.ProtocolError) as caught:
+        codec.receive(wire)
+    assert caught.value.code == wf.CLOSE_PROTOCOL_ERROR
+    assert caught.value.events == [("message", "first"), ("ping", b"p")]
+    with pytest.raises(wf.ProtocolError):  # and nothing more is parsed
+        codec.receive(client().text("later"))
+
+
+def test_nothing_after_a_close_frame_is_parsed() -> None:
+    codec = server()
+    wire = client().close(1000) + client().text("after") + b"\xff\xff garbage"
+    assert codec.receive(wire) == [("close", 1000, "")]
+    assert codec.receive(client().text("later")) == []
+
+
+# The invalid sequence 0xF4 0x90 (past U+10FFFF) is refused at its second byte.
+KOSME = wsc.KOSME
+
+
+def test_bad_utf8_in_an_unfinished_fragmented_message_fails_at_that_fragment() -> None:
+    codec = client()
+    assert codec.receive(raw_frame(wf.OP_TEXT, KOSME, masked=False)) == []
+    with pytest.raises(wf.ProtocolError) as caught:  # its last fragment has not come
+        codec.receive(raw_frame(wf.OP_CONTINUATION, b"\xf4\x90", masked=False))
+    assert caught.value.code == wf.CLOSE_INVALID_DATA
+
+
+def test_bad_utf8_in_a_frame_arriving_in_pieces_fails_at_that_piece() -> None:
+    text = KOSME + b"\xf4\x90\x80\x80edited"
+    wire = wf.encode_frame(wf.OP_TEXT, text, masked=True)
+    codec = server()
+    assert codec.receive(wire[:6 + len(KOSME) + 1]) == []  # the header, the valid part and 0xF4
+    with pytest.raises(wf.ProtocolError) as caught:
+        codec.receive(wire[6 + len(KOSME) + 1:6 + len(KOSME) + 2])  # 0x90
+    assert caught.value.code == wf.CLOSE_INVALID_DATA
+
+
+@pytest.mark.parametrize("valid_and_data", wsc.UTF8_SEQUENCES, ids=lambda v: v[1].hex()[:24])
+def test_autobahns_utf8_sequences_whole_fragmented_and_in_pieces(valid_and_data: tuple[bool, bytes]) -> None:
+    valid, data = valid_and_data
+    assert valid == _is_utf8(data)  # the table agrees with Python's strict decoder
+    whole = wf.encode_frame(wf.OP_TEXT, data, masked=True)
+    octet_fragments = b"".join(wsc.Frame(op, data[i:i + 1], fin=i == len(data) - 1).wire(masked=True)
+                               for i, op in enumerate([wf.OP_TEXT] + [wf.OP_CONTINUATION] * (len(data) - 1)))
+    for wire, step in ((whole, len(whole)), (octet_fragments, len(octet_fragments)), (whole, 1)):
+        codec = server()
+        if valid:
+            assert in_pieces(codec, wire, list(range(step, len(wire), step))) == [("message", data.decode())]
+        else:
+            with pytest.raises(wf.ProtocolError) as caught:
+                in_pieces(codec, wire, list(range(step, len(wire), step)))
+            assert caught.value.code == wf.CLOSE_INVALID_DATA
+
+
+def _is_utf8(data: bytes) -> bool:
+    try:
+        data.decode()
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+@given(st.lists(st.tuples(st.booleans(), st.binary(max_size=3000), st.booleans()), min_size=1, max_size=4),
+       st.lists(st.integers(0, 15_000), max_size=12), st.booleans())
+def test_messages_of_any_kind_arrive_whole_however_the_bytes_are_cut(
+    messages: list[tuple[bool, bytes, bool]], cuts: list[int], from_client: bool,
+) -> None:
+    # Text and binary, masked or not, fragmented or not: the same messages
+    # whatever the cuts (a frame cut anywhere is taken in pieces).
+    expected: list[wf.Event] = []
+    wire = b""
+    for is_text, data, fragmented in messages:
+        payload = data.decode("utf-8", "replace").encode() if is_text else data
+        opcode = wf.OP_TEXT if is_text else wf.OP_BINARY
+        half = len(payload) // 2 if fragmented else len(payload)
+        wire += wsc.Frame(opcode, payload[:half], fin=not fragmented).wire(masked=from_client)
+        if fragmented:
+            wire += wsc.Frame(wf.OP_CONTINUATION, payload[half:]).wire(masked=from_client)
+        expected.append(("message", payload.decode() if is_text else payload))
+    receiver = server() if from_client else client()
+    assert in_pieces(receiver, wire, cuts) == expected
+
+
+def test_a_long_frame_in_small_pieces_takes_time_linear_in_its_length() -> None:
+    # Regression: every piece used to be joined to all the frame's bytes so
+    # far (a 4 MiB frame in 1,460-byte TCP segments took 7x as long as in
+    # 64 KiB reads). Pieces are now taken as they come.
+    def feed(size: int) -> float:
+        data = wf.encode_frame(wf.OP_BINARY, b"\xfe" * size, masked=False)
+        best = float("inf")
+        for _ in range(3):
+            codec = wf.FrameCodec(client=True, max_message_size=size)
+            start = time.perf_counter()
+            for at in range(0, len(data), 1460):
+                events = codec.receive(data[at:at + 1460])
+                assert len(codec._buffer) < 14  # never more than a header held back
+            best = min(best, time.perf_counter() - start)
+            assert events == [("message", b"\xfe" * size)]
+        return best
+
+    small, large = feed(1024 * 1024), feed(4 * 1024 * 1024)
+    assert large < 8 * small  # linear: about 4 (quadratic would be about 16)

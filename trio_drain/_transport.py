@@ -49,6 +49,10 @@ log = logging.getLogger("trio_drain.transport")
 TransportName = Literal["native", "wsproto", "trio-websocket"]
 TRANSPORTS: tuple[TransportName, ...] = ("native", "wsproto", "trio-websocket")
 
+#: Seconds the closing handshake may take (the native connection's, client
+#: and server) before TCP is closed regardless.
+CLOSE_TIMEOUT = 1.0
+
 
 class TransportClosed(Exception):
     """The connection is closed (by either side, or because the stream broke)."""
@@ -220,7 +224,9 @@ class _WsprotoCodec:
                     self._parts.append(bytes(event.data) if isinstance(event.data, bytearray) else event.data)
                     self._part_size += len(event.data)
                     if self._part_size > self._max:
-                        raise _wsframes.ProtocolError(_wsframes.CLOSE_TOO_BIG, f"message over {self._max} bytes")
+                        error = _wsframes.ProtocolError(_wsframes.CLOSE_TOO_BIG, f"message over {self._max} bytes")
+                        error.events = events
+                        raise error
                     if event.message_finished:
                         first = self._parts[0]
                         whole = "".join(self._parts) if isinstance(first, str) else b"".join(self._parts)  # type: ignore[arg-type]
@@ -233,7 +239,9 @@ class _WsprotoCodec:
                 elif isinstance(event, CloseConnection):
                     events.append(("close", event.code, event.reason or ""))
         except wsproto.utilities.RemoteProtocolError as exc:
-            raise _wsframes.ProtocolError(_wsframes.CLOSE_PROTOCOL_ERROR, str(exc)) from None
+            error = _wsframes.ProtocolError(_wsframes.CLOSE_PROTOCOL_ERROR, str(exc))
+            error.events = events
+            raise error from None
         return events
 
 
@@ -245,6 +253,13 @@ class _StreamConnection:
     reader task parses what arrives into a queue that `get_messages` takes
     whole. The codec does the protocol; this does the I/O and the close
     handshake.
+
+    Closing (RFC 6455 7.1.1), also when the connection's user is cancelled:
+    the writer finishes the write it is in (it is shielded, and given
+    `CLOSE_TIMEOUT` once the connection is being left, so a frame is never
+    cut in half), then `aclose` sends a close frame, waits for the peer's
+    (and a client for the server's end of TCP), and closes TCP; all of it
+    within `CLOSE_TIMEOUT`.
     """
 
     def __init__(
@@ -265,14 +280,22 @@ class _StreamConnection:
         # Fault injection (tests only): crash once a message after the hello
         # has been written to the socket.
         self._crash_on_send = not server and _crashpoints.armed("send_left")
-        # A server that closes waits for the client's close frame before
-        # dropping TCP (RFC 6455 7.1.1), so the client can close cleanly.
         self._server = server
-        self._peer_gone = trio.Event()  # the peer's close frame or EOF arrived
+        # Set when the peer is done talking: its close frame or EOF arrived,
+        # or it broke the protocol (nothing more it says can be trusted).
+        self._peer_gone = trio.Event()
+        self._failed = False  # we failed the connection (a protocol error)
+        self._eof = False  # the peer closed its side of TCP
         self._reading = False  # the reader task is running
+        self._reader_done = trio.Event()
         self._messages_queued = 0
         self._message_in_out = False  # the bytes in _out carry a message (not just a ping)
         self._writing = False  # the writer task is running
+        self._writer_scope = trio.CancelScope(shield=True)
+        self._mid_write = False
+        self._write_torn = False  # a write was cut off: no frame can follow it
+        self._leaving = False  # the connection is being left: the writer flushes and ends
+        self._close_deadline = math.inf  # when closing gives up
 
     # -- the seam
 
@@ -329,23 +352,44 @@ class _StreamConnection:
     async def writer(self) -> None:
         self._writing = True
         try:
-            while True:
-                await self._out_ready.wait()
-                self._out_ready = trio.Event()
-                data, self._out = bytes(self._out), bytearray()
-                carries_message, self._message_in_out = self._message_in_out, False
-                try:
-                    await self._stream.send_all(data)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    self._close("the connection broke while writing")
-                    return
-                if self._crash_on_send and carries_message and self._messages_queued > 1:
-                    _crashpoints.reached("send_left")
-                if not self._out:
-                    self._drained.set()
+            with self._writer_scope:  # shielded: see `leave`
+                while True:
+                    await self._out_ready.wait()
+                    self._out_ready = trio.Event()
+                    if self._out:
+                        data, self._out = bytes(self._out), bytearray()
+                        carries_message, self._message_in_out = self._message_in_out, False
+                        self._mid_write = True
+                        try:
+                            await self._stream.send_all(data)
+                        except (trio.BrokenResourceError, trio.ClosedResourceError):
+                            self._close("the connection broke while writing")
+                            return
+                        self._mid_write = False
+                        if self._crash_on_send and carries_message and self._messages_queued > 1:
+                            _crashpoints.reached("send_left")
+                    if not self._out:
+                        self._drained.set()
+                        if self._leaving:
+                            return
+            if self._mid_write:  # `leave`'s deadline passed in the middle of a write
+                self._write_torn = True
+                self._close("timed out writing")
         finally:
             self._writing = False
             self._drained.set()  # nobody is left to drain it: don't keep aclose waiting
+
+    def leave(self) -> None:
+        """The connection's user is done with it (or was cancelled): the
+        writer finishes what is queued, within `CLOSE_TIMEOUT`, and ends.
+
+        The reader task is cancelled then; `aclose` does the rest.
+        """
+        if not self._leaving:
+            self._leaving = True
+            self._close_deadline = trio.current_time() + CLOSE_TIMEOUT
+            self._writer_scope.deadline = self._close_deadline
+            self._out_ready.set()
 
     async def reader(self) -> None:
         self._reading = True
@@ -360,23 +404,21 @@ class _StreamConnection:
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     data = b""
                 if not data:
+                    self._eof = True
+                    self._peer_gone.set()
                     self._close("the peer closed the TCP connection")
                     return
                 self._receive(data)
         finally:
             self._reading = False
-            self._peer_gone.set()
+            self._reader_done.set()
 
     def _receive(self, data: bytes | bytearray) -> None:
         try:
             events = self._codec.receive(bytes(data))
+            error = None
         except _wsframes.ProtocolError as exc:
-            if not self._sent_close:
-                self._sent_close = True
-                self._queue(self._codec.close(exc.code, exc.reason[:120]))
-            self._close(f"protocol error: {exc.reason}")
-            self._peer_gone.set()  # nothing more it says can be trusted
-            return
+            events, error = exc.events, exc  # what came before the bad frame still counts
         for event in events:
             if event[0] == "message":
                 if self._closed is None:
@@ -386,11 +428,15 @@ class _StreamConnection:
                 if not self._sent_close:
                     self._queue(self._codec.pong(event[1]))
             elif event[0] == "pong":
-                # A pong answers its ping and every ping sent before it.
-                for payload in list(self._pings):
-                    self._pings.pop(payload).set()
-                    if payload == event[1]:
-                        break
+                # A pong answers the ping whose payload it echoes, and the
+                # pings before that one (a peer may answer only the latest,
+                # RFC 6455 5.5.3). A pong echoing none of ours is unsolicited
+                # (a heartbeat, 5.5.3): it answers nothing.
+                if event[1] in self._pings:
+                    for payload in list(self._pings):
+                        self._pings.pop(payload).set()
+                        if payload == event[1]:
+                            break
             else:
                 _, code, reason = event
                 if not self._sent_close:  # the peer began the close: answer it
@@ -399,6 +445,13 @@ class _StreamConnection:
                 self._close(f"closed by the peer: {code} {reason}".strip())
                 self._peer_gone.set()
                 return
+        if error is not None:
+            if not self._sent_close:
+                self._sent_close = True
+                self._queue(self._codec.close(error.code, error.reason[:120]))
+            self._close(f"protocol error: {error.reason}")
+            self._failed = True
+            self._peer_gone.set()  # nothing more it says can be trusted
 
     def _close(self, reason: str) -> None:
         if self._closed is None:
@@ -409,26 +462,59 @@ class _StreamConnection:
             self._pings.clear()
 
     async def aclose(self, code: int = 1000, reason: str | None = None) -> None:
-        """Send a close frame (if none was sent) and close the stream."""
+        """Close: send a close frame (unless one was sent, or the peer is
+        gone), wait for the peer's, and close the stream. Bounded by
+        `CLOSE_TIMEOUT` and shielded from cancellation."""
         initiated = not self._sent_close and not self._peer_gone.is_set()
         if initiated:
             self._sent_close = True
             self._queue(self._codec.close(code, reason or ""))
             self._close("closed by us")
-        with trio.move_on_after(1.0), contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+        deadline = min(self._close_deadline, trio.current_time() + CLOSE_TIMEOUT)
+        # Bounded and shielded: trio.move_on_at(deadline, shield=True) on
+        # Trio 0.27+; spelled out for the older Trio that pyproject allows.
+        with trio.CancelScope(deadline=deadline, shield=True), contextlib.suppress(
+            trio.BrokenResourceError, trio.ClosedResourceError, _wsframes.ProtocolError
+        ):
             if self._writing:  # it owns the stream's sending side: let it flush
                 await self._drained.wait()
-            elif self._out:
-                await self._stream.send_all(bytes(self._out))
-            if initiated and self._server:
-                await (self._peer_gone.wait() if self._reading else self._read_until_peer_closes())
-        await self._stream.aclose()
+            elif self._out and not self._write_torn:
+                data, self._out = bytes(self._out), bytearray()
+                await self._stream.send_all(data)
+            if not self._write_torn:
+                await self._closing_handshake(initiated)
+        with trio.CancelScope(shield=True):
+            await self._stream.aclose()
 
-    async def _read_until_peer_closes(self) -> None:
-        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, _wsframes.ProtocolError):
-            while data := await self._stream.receive_some(65536):
-                if any(event[0] == "close" for event in self._codec.receive(bytes(data))):
-                    return
+    async def _closing_handshake(self, initiated: bool) -> None:
+        """Our close frame is out: wait for the peer's (if we began the
+        close), then, on the client, for the server to close TCP: the server
+        closes first (RFC 6455 7.1.1), which spares it the TIME_WAIT."""
+        if self._reading:  # the reader reads until the peer's close frame or EOF
+            await self._reader_done.wait()
+        if self._failed:
+            # We failed the connection. Let the peer read our close frame
+            # before TCP goes: closing a socket with its data unread resets
+            # the connection, which can destroy the frame in flight. So say
+            # we are done (EOF) and read what it still sends until it closes.
+            if isinstance(self._stream, trio.abc.HalfCloseableStream):
+                await self._stream.send_eof()
+            elif self._server:  # (TLS) a client waits for the server to close first
+                return
+            while not self._eof:
+                self._eof = not await self._stream.receive_some(65536)
+            return
+        if not initiated and self._server:
+            return
+        while not self._eof and (not self._peer_gone.is_set() or not self._server):
+            data = await self._stream.receive_some(65536)
+            if not data:
+                self._eof = True
+                self._peer_gone.set()
+            elif not self._peer_gone.is_set() and any(
+                event[0] == "close" for event in self._codec.receive(bytes(data))
+            ):
+                self._peer_gone.set()
 
 
 def _split_url(url: str) -> tuple[str, int, bool, str, str]:
@@ -481,7 +567,7 @@ async def _stream_connection(
         raise TransportRejected("timed out connecting")
     connection = _StreamConnection(stream, codec, received=received)
     try:
-        async with _running(connection.reader, connection.writer):
+        async with _running(connection.reader, connection.writer, leave=connection.leave):
             yield connection
     finally:
         with trio.CancelScope(shield=True):
@@ -542,7 +628,7 @@ async def serve_websocket(
         codec = _wsframes.FrameCodec(client=False, max_message_size=max_message_size)
         connection = _StreamConnection(stream, codec, server=True, received=received)
         try:
-            async with _running(connection.reader, connection.writer):
+            async with _running(connection.reader, connection.writer, leave=connection.leave):
                 await handler(connection)
         except TransportClosed:
             pass
@@ -573,8 +659,13 @@ async def _accept_upgrade(stream: trio.abc.Stream) -> bytes | None:
 
 
 @asynccontextmanager
-async def _running(*tasks: Callable[[], Awaitable[None]]) -> AsyncIterator[None]:
+async def _running(
+    *tasks: Callable[[], Awaitable[None]], leave: Callable[[], None] | None = None,
+) -> AsyncIterator[None]:
     """Run a connection's background tasks around the caller's body.
+
+    When the body ends (or is cancelled), `leave` is called, then the tasks
+    are cancelled (a shielded task ends when `leave` tells it to).
 
     The tasks handle their own failures, so whatever a nursery would group
     came from the caller's body: it is handed back unwrapped.
@@ -586,6 +677,8 @@ async def _running(*tasks: Callable[[], Awaitable[None]]) -> AsyncIterator[None]
             try:
                 yield
             finally:
+                if leave is not None:
+                    leave()
                 nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
         if len(group.exceptions) == 1:
