@@ -74,15 +74,42 @@ def test_without_a_stated_limit_the_first_guess_spreads_what_was_accepted() -> N
     assert pacer.rate == 1.0
 
 
-def test_a_later_refusal_paces_at_what_the_broker_let_through() -> None:
+def test_later_refusals_pace_toward_what_the_broker_let_through_halving_at_most() -> None:
     pacer = RoutePacer(window=64, measured_margin=0.9)
     pacer.refused(0.0, sent_at=0.0, text="overloaded")  # nothing accepted before: the floor
     assert pacer.rate == pacer.min_rate
     pacer.rate = 10.0  # as if it had probed up since
-    for i in range(20):  # ten seconds at 2 a second got through
-        pacer.answered(i / 2, accepted=True)
-    assert pacer.refused(10.0, sent_at=9.9, text="overloaded")
-    assert pacer.rate is not None and math.isclose(pacer.rate, 2.0 * 0.9)
+    now, rates = 0.0, []
+    for _ in range(4):  # each time, ten seconds at 2 a second got through, then a refusal
+        for i in range(20):
+            pacer.answered(now + i / 2, accepted=True)
+        now += 10
+        pacer.refused(now, sent_at=now - 0.1, text="overloaded")
+        assert pacer.rate is not None
+        rates.append(round(pacer.rate, 3))
+    assert rates == [4.5, 2.025, 1.8, 1.62], "each refusal lowers the pace; the measure keeps it from collapsing"
+
+
+def test_a_refusal_after_a_quiet_spell_does_not_collapse_the_pace() -> None:
+    pacer = RoutePacer(window=64)
+    pacer.refused(0.0, sent_at=0.0, text=REAL_BROKER.replace("60 msg/min", "600 msg/min"))
+    assert pacer.rate == 9.8
+    # An hour of one send a minute, then someone else empties the member's bucket.
+    for minute in range(60):
+        pacer.took(60.0 * minute)
+        pacer.answered(60.0 * minute, accepted=True)
+    pacer.refused(3600.0, sent_at=3599.0, text=REAL_BROKER.replace("60 msg/min", "600 msg/min"))
+    assert pacer.rate is not None and pacer.rate >= 9.8 / 2 * 0.9
+
+
+def test_a_paced_route_idle_long_enough_returns_to_slow_start_and_remembers_its_rate() -> None:
+    pacer = RoutePacer(window=64, idle_after=300.0)
+    pacer.rate = 3.0
+    pacer.took(0.0)
+    assert not pacer.rest(299.0) and pacer.paced
+    assert pacer.rest(300.0) and not pacer.paced and pacer.cap == 16
+    pacer.refused(400.0, sent_at=400.0, text="overloaded")
+    assert pacer.rate == 3.0, "the first refusal after a rest starts from what was learned"
 
 
 def test_a_busy_route_probes_upward_fast_then_slowly_after_a_refusal_under_pacing() -> None:
@@ -90,9 +117,10 @@ def test_a_busy_route_probes_upward_fast_then_slowly_after_a_refusal_under_pacin
     pacer.refused(0.0, sent_at=0.0, text="overloaded")
     assert pacer.rate == 1.0
     now = 0.0
-    while now < 3.5:  # send all it allows: the bucket holds it back, so it probes
+    while now < 3.5:  # send all it allows, with more waiting: the bucket holds it back, so it probes
         now = pacer.next_send_at(now)
         pacer.took(now)
+        pacer.held_back(now)
     assert pacer.rate is not None and pacer.rate >= 4.0, "fast growth: doubling a second"
     fast_rate = pacer.rate
     pacer.refused(now + 0.01, sent_at=now + 0.005, text="overloaded")
@@ -102,6 +130,7 @@ def test_a_busy_route_probes_upward_fast_then_slowly_after_a_refusal_under_pacin
     while now < start + 25:
         now = pacer.next_send_at(now)
         pacer.took(now)
+        pacer.held_back(now)
     assert pacer.rate is not None and lowered < pacer.rate <= lowered * 1.1**3 + 1e-9, "slow growth"
 
 
@@ -109,8 +138,8 @@ def test_an_idle_route_does_not_probe() -> None:
     pacer = RoutePacer(window=64)
     pacer.refused(0.0, sent_at=0.0, text=REAL_BROKER.replace("60 msg/min", "6000 msg/min"))
     rate = pacer.rate
-    pacer.took(1.0)  # one send an hour leaves the bucket full: nothing learned
-    pacer.took(3600.0)
+    for minute in range(120):  # a send a minute, never more due than the bucket allows
+        pacer.took(60.0 * minute)
     assert pacer.rate == rate
 
 
@@ -129,6 +158,7 @@ def test_the_pacer_never_lets_a_burst_past_its_bucket_nor_stalls(events: list[tu
             pacer.refused(now, sent_at=now - step / 2, text="rate_limit")
         elif pacer.may_send(0, now):
             pacer.took(now)
+            pacer.held_back(now)
         if pacer.paced:
             assert pacer.rate is not None and pacer.rate >= pacer.min_rate
             assert pacer.tokens(now) <= max(1.0, pacer.rate * 0.1) + 1e-9

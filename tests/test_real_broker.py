@@ -453,3 +453,68 @@ async def test_a_paced_route_holds_back_only_its_own_rows(tmp_path: Path) -> Non
     # the route was paced (at most a claim's worth); pacing itself claims
     # no row it cannot send, so the count does not grow with the backlog.
     assert stats.given_back <= stats.rate_limited + 32, stats
+
+
+def test_an_explicit_permanent_wins_and_only_the_text_before_a_parenthesis_is_judged() -> None:
+    permanent = classify_ack({"type": "ack", "id": "c", "queued": False, "error": "rate_limit: banned",
+                              "permanent": True})
+    assert permanent.permanent and not permanent.rate_limited
+    quoted = classify_ack({"type": "ack", "id": "c", "queued": False,
+                           "error": "no connected peer for target (oauth-bot, rate_limit-tester)"})
+    assert not quoted.permanent and not quoted.rate_limited
+
+
+async def test_a_claudemesh_hello_without_cwd_is_left_open_not_timed_out(nursery: trio.Nursery) -> None:
+    server = await start(nursery, compat="claudemesh")
+    frame = mesh_identity().hello(wall_clock_ms())
+    del frame["cwd"]
+    async with websocket_client(server.url) as ws:
+        await ws.send_message(json.dumps(frame))
+        with trio.move_on_after(6.0) as waited:  # past the broker's 5 s hello deadline
+            await ws.get_message()
+        assert waited.cancelled_caught and not ws.closed, "the socket is left open, silent"
+
+
+async def test_a_members_mesh_and_session_routes_share_one_pace(tmp_path: Path) -> None:
+    """The broker limits the member, not the connection: rows of its mesh
+    socket and of its session drain together at the member's rate."""
+    n, limit = 60, RateLimit(burst=10, per_minute=1200)
+    async with open_outbox(tmp_path / "o.db", durability="normal") as outbox, trio.open_nursery() as nursery:
+        server = await start(nursery, compat="claudemesh", faults=Faults(rate_limit=limit))
+        registry = BrokerRegistry()
+        registry.set_mesh("alpha", await connected(nursery, server.url, mesh_identity()))
+        registry.set_session(public_key_hex(SESSION), await connected(nursery, server.url, session_identity()))
+        await outbox.accept_many(
+            [SendRequest(mesh="alpha", target_spec="*", payload=b"m", client_message_id=f"m-{i}") for i in range(n // 2)]
+            + [SendRequest(mesh="alpha", target_spec="*", payload=b"s", client_message_id=f"s-{i}",
+                           sender_session_pubkey=public_key_hex(SESSION)) for i in range(n // 2)])
+        worker = DrainWorker(outbox, registry, DrainConfig(max_inflight=64, poll_interval=0.05))
+        await nursery.start(worker.run)
+        await wait_until(lambda: worker.statistics().acked == n, seconds=30)
+        stats = worker.statistics()
+        nursery.cancel_scope.cancel()
+    assert stats.rate_limited <= 16, stats
+    paced = {name: r.rate for name, r in stats.per_route.items()}
+    assert len(set(paced.values())) == 1 and None not in paced.values(), paced
+
+
+async def test_a_route_in_slow_start_does_not_hold_the_window_against_other_routes(tmp_path: Path) -> None:
+    from .helpers import FakeBroker
+
+    slow, quick = FakeBroker(delay=30.0), FakeBroker()
+    async with open_outbox(tmp_path / "o.db", durability="normal") as outbox, trio.open_nursery() as nursery:
+        registry = BrokerRegistry()
+        registry.set_mesh("slow", slow)
+        registry.set_mesh("quick", quick)
+        await outbox.accept_many([SendRequest(mesh="slow", target_spec="*", payload=b"x", client_message_id=f"s-{i}")
+                                  for i in range(200)])
+        await outbox.accept_many([SendRequest(mesh="quick", target_spec="*", payload=b"x", client_message_id=f"q-{i}")
+                                  for i in range(100)])
+        worker = DrainWorker(outbox, registry, DrainConfig(max_inflight=64, poll_interval=0.05, ack_timeout=20.0,
+                                                           lease=60.0))
+        await nursery.start(worker.run)
+        # The slow broker answers nothing for 30 s: its route holds 16 sends
+        # and the rows of its first claim; the quick route gets the rest.
+        await wait_until(lambda: len(quick.accepted) == 100, seconds=5)
+        assert len(slow.received) == 16
+        nursery.cancel_scope.cancel()

@@ -21,19 +21,27 @@ Its rate comes, in order of trust, from:
 1. the broker's own words: the real broker says
    ``rate_limit: max 60 msg/min (burst 10)``; we keep a small margin
    under the rate it states and never probe past it;
-2. what it let through: after a refusal, sends accepted since the rate was
-   last set, over the time since (a broker that refuses whatever exceeds
-   its refill rate lets through exactly that rate);
+2. what it let through: after a refusal under pacing, the sends accepted
+   in the last `guess_span` seconds (a broker that refuses whatever
+   exceeds its refill rate lets a saturating sender through at exactly
+   that rate), but never less than half the rate we had: a refusal after
+   a quiet spell (another process using the same member's bucket) must
+   not collapse the pace;
 3. at the very first refusal with neither: what it accepted in the last
    `guess_span` seconds, spread over that span (a burst is commonly a few
-   seconds' worth of the rate).
+   seconds' worth of the rate), or the rate learned before, if the route
+   was paced once.
 
-While nothing is refused the rate probes upward: fast (`fast_growth` a
-second) until the first refusal under pacing, then slowly
-(`slow_growth` every `probe_interval`), so a limit that was raised is
-found again without a storm of refusals. Refusals of sends that left
-before the rate was last lowered belong to the episode already answered
-and change nothing.
+While nothing is refused and the route has more due rows than its bucket
+lets go (the worker says so with `held_back`), the rate probes upward:
+fast (`fast_growth` a second) until the first refusal under pacing, then
+slowly (`slow_growth` every `probe_interval`), so a limit that was raised
+is found again without a storm of refusals. An idle route learns nothing
+and probes nothing. Refusals of sends that left before the rate was last
+lowered belong to the episode already answered and change nothing. A
+paced route that has sent nothing for `idle_after` seconds goes back to
+slow start (its broker's bucket has refilled meanwhile), keeping what it
+learned for the next refusal.
 """
 
 from __future__ import annotations
@@ -88,10 +96,12 @@ class RoutePacer:
         initial_window: unanswered sends allowed at first.
         stated_margin: share of a stated rate we use (clocks differ).
         measured_margin: share of a measured rate we fall back to.
-        min_rate: never slower than this (sends a second).
+        min_rate: never slower than this (sends a second), unless the
+            broker states a lower rate.
         guess_span: seconds of accepted sends that the first guess spreads.
         fast_growth, slow_growth: rate multipliers of the upward probe.
         probe_interval: seconds between slow probe steps.
+        idle_after: seconds without a send after which pacing ends.
     """
 
     window: int
@@ -103,6 +113,7 @@ class RoutePacer:
     fast_growth: float = 1.25
     slow_growth: float = 1.02
     probe_interval: float = 10.0
+    idle_after: float = 300.0
 
     #: Sends a second, or None while the route is not paced.
     rate: float | None = attrs.field(default=None, init=False)
@@ -114,8 +125,9 @@ class RoutePacer:
     _tokens: float = attrs.field(default=0.0, init=False)
     _stamp: float = attrs.field(default=0.0, init=False)
     _set_at: float = attrs.field(default=-math.inf, init=False)
-    _accepted_since_set: int = attrs.field(default=0, init=False)
     _fast: bool = attrs.field(default=True, init=False)
+    _last_send: float = attrs.field(default=-math.inf, init=False)
+    _remembered: float | None = attrs.field(default=None, init=False)
     _next_probe: float = attrs.field(default=math.inf, init=False)
     # Accepted sends per whole second, for the first guess.
     _recent: collections.deque[list[int]] = attrs.field(factory=collections.deque, init=False)
@@ -146,15 +158,29 @@ class RoutePacer:
 
     def took(self, now: float) -> None:
         """One send left."""
+        self._last_send = now
         if self.rate is None:
             return
         self._refill(now)
         self._tokens -= 1.0
-        # Probe upward only while the bucket is what holds the route back:
-        # an idle route learns nothing about the broker's limit.
-        if self._tokens < 1.0 and now >= self._next_probe and self.rate < self._ceiling:
+
+    def held_back(self, now: float) -> None:
+        """The route had more due rows than its bucket let go: the bucket is
+        what holds it back, so probe upward (at most one step a probe
+        interval). An idle route never calls this, and learns nothing."""
+        if self.rate is not None and now >= self._next_probe and self.rate < self._ceiling:
+            self._refill(now)
             self.rate = min(self._ceiling, self.rate * (self.fast_growth if self._fast else self.slow_growth))
             self._next_probe = now + (1.0 if self._fast else self.probe_interval)
+
+    def rest(self, now: float) -> bool:
+        """End pacing after `idle_after` seconds without a send (back to slow
+        start, remembering the rate). Returns whether it ended."""
+        if self.rate is None or now - self._last_send < self.idle_after:
+            return False
+        self._remembered, self.rate = self.rate, None
+        self.cap = self.initial_window if self.initial_window < self.window else None
+        return True
 
     def next_send_at(self, now: float) -> float:
         """When a paced route may send again (now or later)."""
@@ -173,7 +199,6 @@ class RoutePacer:
                 self.cap = None
         if not accepted:
             return
-        self._accepted_since_set += 1
         second = int(now)
         if self._recent and self._recent[-1][0] == second:
             self._recent[-1][1] += 1
@@ -196,9 +221,9 @@ class RoutePacer:
         if self.rate is None:
             rate = self._first_guess(now)
         else:
-            elapsed = now - self._set_at
-            measured = self._accepted_since_set / elapsed if elapsed >= 1.0 else self.rate / 2
-            rate = min(self.rate, measured) * self.measured_margin
+            span = min(self.guess_span, now - self._set_at)
+            measured = self._accepted_rate(now, span) if span >= 1.0 else 0.0
+            rate = min(self.rate, max(measured, self.rate / 2)) * self.measured_margin
             self._fast = False
         self._set(min(self._ceiling, max(self.min_rate, rate)), now)
         self._tokens = 0.0  # the broker's bucket is empty now
@@ -210,15 +235,21 @@ class RoutePacer:
     def _first_guess(self, now: float) -> float:
         if self._ceiling < math.inf:
             return self._ceiling
-        second = int(now)
-        recent = sum(n for s, n in self._recent if s > second - self.guess_span)
-        return recent / self.guess_span
+        if self._remembered is not None:
+            return self._remembered
+        return self._accepted_rate(now, self.guess_span)
+
+    def _accepted_rate(self, now: float, span: float) -> float:
+        """Sends accepted a second over about the last `span` seconds (from
+        the start of the whole second `span` ago)."""
+        start = math.floor(now - span)
+        accepted = sum(n for s, n in self._recent if s >= start)
+        return accepted / max(now - start, 1.0)
 
     def _set(self, rate: float, now: float) -> None:
         self.rate = rate
         self._stamp = now
         self._set_at = now
-        self._accepted_since_set = 0
         self._next_probe = now + (1.0 if self._fast else self.probe_interval)
 
     def _refill(self, now: float) -> None:

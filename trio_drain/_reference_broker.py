@@ -132,6 +132,7 @@ class _Acceptance:
     message_id: str
     target: str
     ack_id: Any  # the send frame's id, echoed in the ack
+    previous: tuple[str, str] | None = None  # what was there before, for a copy (no dedupe)
 
     @property
     def key(self) -> tuple[str, str]:
@@ -342,24 +343,26 @@ class _Handler:
 
     async def _hello(self, ws: ServerConnection) -> tuple[str, str] | None:
         """The (mesh id, member id) a hello admits, or None (refused, or unanswered)."""
-        with trio.move_on_after(5.0):
+        frame: dict[str, Any] | None = None
+        with trio.move_on_after(5.0) as waiting:
             frame = parse_frame(await ws.get_message())
-            if self.compat and frame is not None and not isinstance(frame.get("cwd"), str):
-                # The real broker's presence insert fails on a null cwd; it
-                # logs that and never answers, leaving the socket open.
-                self.stats.hellos_rejected += 1
-                log.warning("hello without cwd: not answered (as the real broker)")
-                await trio.sleep_forever()
-            verdict = self._judge_hello(frame)
-            if isinstance(verdict, tuple) and len(verdict) == 3:
-                ws.send_message_nowait(json.dumps({"type": "hello_ack", "presenceId": random_uuid()}))
-                return verdict[1], verdict[2]
-            code, message = verdict[0], verdict[1]
-            self.stats.hellos_rejected += 1
-            ws.send_message_nowait(json.dumps({"type": "error", "code": code, "message": message}))
-            await ws.aclose(4001, code)
+        if waiting.cancelled_caught:
+            await ws.aclose(4008, "hello_timeout")
             return None
-        await ws.aclose(4008, "hello_timeout")
+        if self.compat and frame is not None and not isinstance(frame.get("cwd"), str):
+            # The real broker's presence insert fails on a null cwd; it logs
+            # that and never answers, leaving the socket open.
+            self.stats.hellos_rejected += 1
+            log.warning("hello without cwd: not answered (as the real broker)")
+            await trio.sleep_forever()
+        verdict = self._judge_hello(frame)
+        if len(verdict) == 3:
+            ws.send_message_nowait(json.dumps({"type": "hello_ack", "presenceId": random_uuid()}))
+            return verdict[1], verdict[2]
+        code, message = verdict[0], verdict[1]
+        self.stats.hellos_rejected += 1
+        ws.send_message_nowait(json.dumps({"type": "error", "code": code, "message": message}))
+        await ws.aclose(4001, code)
         return None
 
     def _judge_hello(self, frame: dict[str, Any] | None) -> tuple[str, str, str] | tuple[str, str]:
@@ -462,16 +465,19 @@ class _Handler:
         ledger = self.state.ledger
         if record is not None:
             key = record.key
-            while key in ledger.unwritten:  # a copy accepted again while the first is written
-                await ledger.unwritten[key].wait()
+            with trio.CancelScope(shield=True):  # it was entered: it is written, or undone
+                while key in ledger.unwritten:  # a copy accepted again while the first is written
+                    await ledger.unwritten[key].wait()
             written = ledger.unwritten[key] = trio.Event()
             try:
                 with trio.CancelScope(shield=True):
                     await ledger.record(record)
             except Exception as exc:
                 ledger.copies[key] -= 1
-                if not ledger.copies[key]:
+                if record.previous is None:
                     ledger.entries.pop(key, None)
+                else:  # a copy (no dedupe): the earlier acceptance stands
+                    ledger.entries[key] = record.previous
                 self.stats.accepted -= 1
                 log.error("cannot persist %s: %s", record.client_message_id, exc)
                 ack = self._error(record.ack_id, "storage_unavailable", "unavailable", False)
@@ -544,7 +550,7 @@ class _Handler:
         ack = {"type": "ack", "id": ack_id, "messageId": message_id, "queued": True}
         if not self.state.ledger.persistent:
             return ack, None
-        return ack, _Acceptance(mesh, cid, str(fp), message_id, str(f.get("targetSpec")), ack_id)
+        return ack, _Acceptance(mesh, cid, str(fp), message_id, str(f.get("targetSpec")), ack_id, known)
 
     def _problem(self, f: dict[str, Any]) -> tuple[str, str] | None:
         """Why this broker refuses a send for good: (error, code), or None."""

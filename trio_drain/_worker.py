@@ -142,8 +142,8 @@ class _Settled(enum.Enum):
 class _Delivery:
     """One claimed row on its way out, held until its outcome is handed on."""
 
-    __slots__ = ("deadline", "gate", "handle", "held_since", "route", "route_name", "row", "sent", "sent_at",
-                 "slot")
+    __slots__ = ("counted", "deadline", "gate", "handle", "held_since", "route", "route_name", "row", "sent",
+                 "sent_at", "slot")
 
     def __init__(self, row: OutboxRow, slot: object) -> None:
         self.row = row
@@ -156,6 +156,7 @@ class _Delivery:
         self.gate: _Gate | None = None  # its route's pacing, once routed
         self.route: Ready | None = None
         self.held_since = math.inf  # waiting for its route's slow start (trio time)
+        self.counted = False  # in its gate's in_flight (from _send until settled)
 
 
 class _Gate:
@@ -214,6 +215,7 @@ class DrainWorker:
         # Every route a row went out through, with its pacing, and those
         # whose held rows may go once the batch of outcomes is written.
         self._gates: dict[RouteKey, _Gate] = {}
+        self._pacers: dict[object, RoutePacer] = {}
         self._unheld: set[_Gate] = set()
         # Rows claimed and not yet handed to the completer.
         self._out: set[_Delivery] = set()
@@ -377,17 +379,25 @@ class DrainWorker:
         share (no more than its bucket allows), then the rest in one claim
         that leaves paced and blocked routes out."""
         now = trio.current_time()
+        granted: dict[int, int] = {}  # per pacer: what this pass's claims took (routes may share one)
         for gate in list(self._gates.values()):
+            if gate.pacer.rest(now):
+                log.info("route %s sent nothing for %.0fs: pacing ends until the broker refuses again",
+                         visible(gate.name), gate.pacer.idle_after)
             if len(rows) >= room or not gate.pacer.paced or gate.key in self._blocked:
                 continue
             if not gate.maybe_more and now - gate.last_claim < self.config.poll_interval:
                 continue
-            limit = min(gate.pacer.allowance(now), room - len(rows))
+            allowance = gate.pacer.allowance(now) - granted.get(id(gate.pacer), 0)
+            limit = min(allowance, room - len(rows))
             if limit < 1:
                 continue
             found = await self.outbox.claim(**self._claim_terms(limit, only=gate.key))
+            granted[id(gate.pacer)] = granted.get(id(gate.pacer), 0) + len(found)
             gate.maybe_more = len(found) == limit
             gate.last_claim = now
+            if gate.maybe_more and limit == allowance:
+                gate.pacer.held_back(now)  # more is due than the bucket lets go
             rows.extend(found)
         free = room - len(rows)
         if free:
@@ -454,8 +464,11 @@ class DrainWorker:
         claimed on its own), unless it claims the one route `only`."""
         if only is not None:
             return RouteFilter(only=only)
-        paced = [key for key, gate in self._gates.items() if gate.pacer.paced]
-        return RouteFilter.of([*self._blocked, *paced])
+        # Paced routes are claimed on their own; a route in slow start that
+        # already holds rows takes no more until they go (else it would sit
+        # on the window's slots while other routes wait).
+        own = [key for key, gate in self._gates.items() if gate.pacer.paced or gate.held]
+        return RouteFilter.of([*self._blocked, *own])
 
     def _refresh_blocked(self) -> None:
         for key in list(self._blocked):
@@ -558,7 +571,13 @@ class DrainWorker:
         key = (route.kind, route.key)
         gate = self._gates.get(key)
         if gate is None:
-            gate = self._gates[key] = _Gate(route.name, key, RoutePacer(window=self.config.max_inflight))
+            # Brokers limit a member, not a connection: routes of one member
+            # (its mesh socket, its sessions) share one pacer.
+            member = getattr(route.broker, "rate_limit_key", None) or ("route", key)
+            pacer = self._pacers.get(member)
+            if pacer is None:
+                pacer = self._pacers[member] = RoutePacer(window=self.config.max_inflight)
+            gate = self._gates[key] = _Gate(route.name, key, pacer)
         return gate
 
     def _send(self, delivery: _Delivery, tasks: trio.Nursery, deadline: float) -> None:
@@ -567,7 +586,8 @@ class DrainWorker:
         route, gate = delivery.route, delivery.gate
         assert route is not None and gate is not None
         now = trio.current_time()
-        delivery.sent_at = now
+        delivery.sent_at, delivery.held_since = now, math.inf
+        delivery.counted = True
         gate.in_flight += 1
         gate.pacer.took(now)
         message = outgoing_message(delivery.row)
@@ -587,13 +607,14 @@ class DrainWorker:
     def _unsent(self, delivery: _Delivery, gate: _Gate) -> None:
         """The socket closed before the frame could leave: back it goes."""
         delivery.sent = False
-        gate.in_flight -= 1
         self._give_back(delivery, self.registry.unavailable_route(delivery.row))
 
     async def _send_in_task(self, delivery: _Delivery, route: Ready, message: OutgoingMessage) -> None:
         await trio.lowlevel.checkpoint_if_cancelled()  # stopping already: nothing leaves
         gate = delivery.gate
         assert gate is not None
+        if delivery not in self._out:  # handed back (stop(), or held too long) before this task ran
+            return
         delivery.sent = True
         self._count("sent", route.name)
         result = _ACK_TIMEOUT
@@ -615,7 +636,6 @@ class DrainWorker:
         _crashpoints.reached("ack_before_record")
         row, gate = delivery.row, delivery.gate
         assert gate is not None
-        gate.in_flight -= 1
         now = self.outbox.clock()
         if result.rate_limited:
             self._rate_limited(delivery, gate, result)
@@ -732,6 +752,10 @@ class DrainWorker:
         if delivery not in self._out:
             return
         self._out.remove(delivery)
+        if delivery.counted:
+            delivery.counted = False
+            assert delivery.gate is not None
+            delivery.gate.in_flight -= 1
         if not self._out and self._stop_requested:
             self._idle.set()
         self._completer.submit(completion, functools.partial(self._recorded, delivery, completion, kind, route_name))

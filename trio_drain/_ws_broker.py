@@ -58,10 +58,11 @@ def classify_ack(frame: dict[str, Any]) -> SendResult:
     """The SendResult an `ack` frame stands for (section 5 of the spec).
 
     An ack is an error when it carries an `error` or says `queued: false`.
-    A rate limit (`rate_limit`, `overloaded`, by code or by text) is
-    back-pressure. Otherwise an error is permanent if the frame says
-    `"permanent": true`; without that field (the real broker) when its
-    text matches `PERMANENT_TEXT`; anything else is transient.
+    An error is permanent if the frame says `"permanent": true`. Otherwise
+    a rate limit (`rate_limit`, `overloaded`, by code or by text) is
+    back-pressure; without a `permanent` field (the real broker) an error
+    is permanent when its text (before any parenthesis) matches
+    `PERMANENT_TEXT`; anything else is transient.
     """
     error = frame.get("error")
     if not error and frame.get("queued", True) is not False:
@@ -70,11 +71,17 @@ def classify_ack(frame: dict[str, Any]) -> SendResult:
     text = bounded(str(error or _NOT_QUEUED))
     raw_code = frame.get("code")
     code = None if raw_code is None else bounded(str(raw_code), 64)
-    if code in RATE_LIMIT_CODES or RATE_LIMIT_TEXT.search(text):
-        return SendResult.throttled(text, code=code)
     permanent = frame.get("permanent")
+    if permanent is True:  # the broker's word: never, whatever the text says
+        return SendResult.failed(text, permanent=True, code=code)
+    # The real broker adds an explanation in parentheses, which may quote
+    # the sender's own words (a target named "oauth-bot"): judge the error
+    # by what comes before it.
+    head = text.split(" (", 1)[0]
+    if code in RATE_LIMIT_CODES or RATE_LIMIT_TEXT.search(head):
+        return SendResult.throttled(text, code=code)
     if not isinstance(permanent, bool):
-        permanent = bool(PERMANENT_TEXT.search(text))
+        permanent = bool(PERMANENT_TEXT.search(head))
     return SendResult.failed(text, permanent=permanent, code=code)
 
 
@@ -178,6 +185,15 @@ class WebSocketBroker:
     def __repr__(self) -> str:
         kind = "mesh" if isinstance(self.identity, MeshIdentity) else "session"
         return f"<WebSocketBroker {kind} {self.url} {'open' if self._open else 'closed'}>"
+
+    @property
+    def rate_limit_key(self) -> tuple[str, str]:
+        """Who a broker's rate limit counts against: the member (a session
+        counts against its parent), so the worker paces them together."""
+        identity = self.identity
+        if isinstance(identity, MeshIdentity):
+            return (identity.mesh_id, identity.member_id)
+        return (identity.mesh_id, identity.parent_member_id)
 
     # -- the Broker protocol
 
