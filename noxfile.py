@@ -1,4 +1,4 @@
-"""Sessions: tests (the default CI run), lint, typecheck, bench, crash, soak."""
+"""Sessions: tests (the default CI run), lint, typecheck, bench, crash, soak, durability."""
 
 from __future__ import annotations
 
@@ -65,3 +65,15 @@ def soak(session: nox.Session) -> None:
     watching file descriptors, Trio tasks and memory (`-- --seconds N`)."""
     session.run("python", "-m", "pip", "install", "-q", "-e", ".[test]", external=True)
     session.run("python", "-m", "tests.soak", *session.posargs, external=True)
+
+
+@nox.session(python=False)
+def durability(session: nox.Session) -> None:
+    """The long durability check: about 1,800 accepts traced with strace, then
+    power cuts simulated at 3,000 points of the trace (`nox -s durability --
+    10000` for more; TRIO_DRAIN_DURABILITY_SEED=N for other cut points).
+    Needs strace, and permission to ptrace."""
+    cuts = session.posargs[0] if session.posargs else "3000"
+    session.run("python", "-m", "pip", "install", "-q", "-e", ".[test]", external=True)
+    session.run("python", "-m", "pytest", "-s", "tests/test_durability.py", external=True,
+                env={"TRIO_DRAIN_DURABILITY_CUTS": cuts, "TRIO_DRAIN_REQUIRE_STRACE": "1"})
