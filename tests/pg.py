@@ -15,9 +15,14 @@ import socket
 import subprocess
 import tempfile
 import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import psycopg
+
+from trio_drain import Outbox, open_outbox
+from trio_drain._store._postgres import PostgresBackend
 
 
 def find_binaries() -> Path | None:
@@ -94,3 +99,20 @@ class PostgresServer:
     def destroy(self) -> None:
         self.stop("immediate")
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+def fake_server_clock(outbox: Outbox, clock: Callable[[], int]) -> None:
+    """Let `clock` stand in for the PostgreSQL server's clock too (no-op on
+    SQLite). PostgreSQL judges leases, due times and max_age by its own
+    clock, which a test's fake clock cannot move."""
+    if isinstance(outbox.backend, PostgresBackend):
+        outbox.backend.server_clock = clock
+
+
+@asynccontextmanager
+async def open_clocked_outbox(target: str, clock: Callable[[], int]) -> AsyncIterator[Outbox]:
+    """An outbox (either back end) whose times all follow `clock`, the
+    database's included: for tests of the state machine's timing."""
+    async with open_outbox(target, clock=clock, durability="normal") as ob:
+        fake_server_clock(ob, clock)
+        yield ob

@@ -7,6 +7,7 @@ import os
 import random
 import threading
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import attrs
@@ -14,6 +15,7 @@ import pytest
 import trio
 
 from trio_drain import (
+    AcceptOutcome,
     InvalidRequest,
     Outbox,
     OutcomeKind,
@@ -23,8 +25,20 @@ from trio_drain import (
     request_fingerprint,
 )
 from trio_drain._ids import uuid7, uuid7s
+from trio_drain._validate import prepare_row
+
+from .helpers import FakeClock
+from .pg import open_clocked_outbox
 
 REQ = SendRequest(mesh="alpha", target_spec="#general", payload=b"hi", client_message_id="m-1")
+
+
+@pytest.fixture
+async def clocked_outbox(outbox_target: str, clock: FakeClock) -> AsyncIterator[Outbox]:
+    """conftest's outbox whose clock moves only when the test says, with the
+    fake clock standing in for the PostgreSQL server's own as well."""
+    async with open_clocked_outbox(outbox_target, clock) as ob:
+        yield ob
 
 
 async def test_a_new_request_is_inserted_pending(outbox: Outbox) -> None:
@@ -264,6 +278,53 @@ async def test_bad_requests_are_refused_and_write_nothing(
     assert sum((await outbox.counts()).values()) == 0
     # The id was not consumed: a good request under it goes through.
     assert (await outbox.accept(REQ)).inserted
+
+
+# A lone surrogate: a str Python holds but no UTF-8 (so no database) can.
+LONE = "\ud800"
+UNENCODABLE = [
+    ("client_message_id", attrs.evolve(REQ, client_message_id=f"m-{LONE}")),
+    ("target_spec", attrs.evolve(REQ, target_spec=f"#gen{LONE}")),
+    ("mesh", attrs.evolve(REQ, mesh=f"alpha{LONE}")),
+    ("reply_to_id", attrs.evolve(REQ, reply_to_id=f"r{LONE}")),
+    ("destination_ref", attrs.evolve(REQ, destination_kind="topic", destination_ref=f"x{LONE}")),
+    ("nonce", attrs.evolve(REQ, nonce=f"AAAA{LONE}", ciphertext="AAAA")),
+    ("ciphertext", attrs.evolve(REQ, nonce="AAAA", ciphertext=f"AAAA{LONE}")),
+    ("meta value", attrs.evolve(REQ, meta={"a": [{"b": f"x{LONE}"}]})),
+    ("meta key", attrs.evolve(REQ, meta={f"k{LONE}": 1})),
+    ("priority", attrs.evolve(REQ, priority=f"next{LONE}")),
+    ("destination_kind", attrs.evolve(REQ, destination_kind=f"topic{LONE}", destination_ref="x")),
+    ("sender_session_pubkey", attrs.evolve(REQ, sender_session_pubkey="ab" * 31 + f"a{LONE}")),
+]
+
+
+@pytest.mark.parametrize(("field", "request_"), UNENCODABLE, ids=[u[0] for u in UNENCODABLE])
+def test_text_with_no_utf8_form_is_refused_by_validation(field: str, request_: SendRequest) -> None:
+    with pytest.raises(InvalidRequest, match=field.split()[0]):
+        prepare_row(request_, now=0)
+
+
+async def test_an_unencodable_request_fails_alone_among_concurrent_accepts(outbox: Outbox) -> None:
+    # Ten accepts at once share a commit on SQLite; the one whose id has no
+    # UTF-8 form is refused before anything is written, and the nine others
+    # go in (they used to fail with it, all raising one UnicodeEncodeError).
+    results: dict[int, AcceptOutcome | Exception] = {}
+
+    async def accept(i: int) -> None:
+        cid = f"m-{i}{LONE}" if i == 6 else f"m-{i}"
+        try:
+            results[i] = await outbox.accept(attrs.evolve(REQ, client_message_id=cid))
+        except Exception as exc:
+            results[i] = exc
+
+    async with trio.open_nursery() as nursery:
+        for i in range(10):
+            nursery.start_soon(accept, i)
+    bad = results.pop(6)
+    assert isinstance(bad, InvalidRequest) and "client_message_id" in str(bad)
+    assert all(isinstance(r, AcceptOutcome) and r.inserted for r in results.values()), results
+    assert (await outbox.counts())["pending"] == 9
+    assert {r.client_message_id for r in await outbox.list(limit=20)} == {f"m-{i}" for i in range(10) if i != 6}
 
 
 async def test_one_bad_request_in_accept_many_writes_none(outbox: Outbox) -> None:

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import logging
 import sqlite3
+import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 import attrs
@@ -27,11 +30,16 @@ from trio_drain import (
     Outbox,
     SchemaError,
     SendRequest,
+    Status,
+    StoreError,
     StoreUnavailable,
     open_outbox,
 )
+from trio_drain import _lifecycle as lc
 from trio_drain._identity import generate_secret_key
-from trio_drain._store._postgres import PostgresBackend
+from trio_drain._store import _postgres
+from trio_drain._store._base import RouteFilter
+from trio_drain._store._postgres import Commit, PostgresBackend, committed
 
 from .helpers import FakeBroker, wait_until
 from .pg import PostgresServer, free_port
@@ -39,6 +47,7 @@ from .procs import SHORT_LEASES, Broker, counts, fill, start_run, stop_all, wait
 
 FAST = DrainConfig(poll_interval=30.0, lease=5.0, ack_timeout=2.0, maintenance_interval=0.2,
                    max_inflight=16, batch_size=16, backoff_base=0.01, backoff_cap=0.05)
+BIG = 10**12  # a max_age no test row reaches
 
 
 def req(cid: str, **kw: Any) -> SendRequest:
@@ -84,6 +93,19 @@ async def test_a_newer_schema_is_refused(pg_url: str) -> None:
             pass
 
 
+async def test_a_server_too_old_for_the_sql_is_refused_at_open_and_nothing_is_created(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(psycopg.ConnectionInfo, "server_version", property(lambda self: 110009))
+    with pytest.raises(StoreError, match=r"version 11\.9; trio-drain needs 12\.0 or newer"):
+        async with open_outbox(pg_url):
+            pass
+    monkeypatch.undo()
+    with psycopg.connect(pg_url) as conn:
+        assert conn.execute("SELECT to_regclass('outbox'), to_regclass('trio_drain_schema')").fetchone() == (None, None)
+        assert conn.info.server_version >= _postgres.MIN_POSTGRES  # the real server is new enough
+
+
 async def test_the_claim_query_uses_the_claim_index(pg_url: str) -> None:
     async with open_outbox(pg_url) as ob:
         await ob.accept_many([req(f"m-{i}") for i in range(2000)])
@@ -93,6 +115,22 @@ async def test_the_claim_query_uses_the_claim_index(pg_url: str) -> None:
             "EXPLAIN SELECT id FROM outbox WHERE status = 'pending' AND next_attempt_at <= 1e13"
             " AND enqueued_at >= 0 ORDER BY priority_rank, enqueued_at LIMIT 128 FOR UPDATE SKIP LOCKED"))
     assert "outbox_claim" in plan and "Sort" not in plan, plan
+
+
+async def test_the_claim_by_the_servers_clock_still_uses_the_claim_index(pg_url: str) -> None:
+    # The server's now is written so that the planner sees its value: as a
+    # subquery (evaluated once) it could not, and claimed by the due index
+    # and a sort of every due row.
+    async with open_outbox(pg_url) as ob:
+        await ob.accept_many([req(f"m-{i}") for i in range(2000)])
+    sql, args = _postgres._claim_statement(128, 60_000, BIG, "t", RouteFilter(meshes=frozenset({"beta"})))
+    with psycopg.connect(pg_url) as conn:
+        conn.execute("ANALYZE outbox")
+        cursor = psycopg.ClientCursor(conn)
+        cursor.execute("EXPLAIN " + sql, args)
+        plan = "\n".join(r[0] for r in cursor.fetchall())
+    assert "outbox_claim" in plan and "Sort" not in plan, plan
+    assert "statement_timestamp()" in plan
 
 
 # -- many connections on one outbox ----------------------------------------------------------
@@ -237,3 +275,174 @@ def test_a_drain_process_killed_mid_drain_loses_nothing(tmp_path: Path, pg_url: 
         assert ledger.execute("SELECT count(*), count(DISTINCT client_message_id) FROM accepted").fetchone() == (n, n)
     finally:
         ledger.close()
+
+
+# -- a COMMIT whose answer is lost -------------------------------------------------------------
+
+
+@contextmanager
+def connection_dropped_at_commit(monkeypatch: pytest.MonkeyPatch, *, applied: bool = True) -> Iterator[list[int]]:
+    """The next transaction's COMMIT is applied by the server (or, with
+    `applied=False`, never reaches it), then the connection drops before the
+    answer arrives: the caller's psycopg raises OperationalError either way.
+    Yields a list that holds one item once the drop was made."""
+    real_exit = psycopg.Transaction.__exit__
+    drops: list[int] = []
+    lock = threading.Lock()
+
+    def exit_then_drop(self: psycopg.Transaction, exc_type: type[BaseException] | None,
+                       exc: BaseException | None, tb: TracebackType | None) -> bool:
+        with lock:
+            armed = exc_type is None and not drops
+            if armed:
+                drops.append(1)
+        if not armed:
+            return real_exit(self, exc_type, exc, tb)
+        if applied:
+            real_exit(self, None, None, None)  # COMMIT: the server applies it
+        self.connection.close()  # and the answer is lost with the connection
+        raise psycopg.OperationalError("server closed the connection unexpectedly (injected)")
+
+    monkeypatch.setattr(psycopg.Transaction, "__exit__", exit_then_drop)
+    try:
+        yield drops
+    finally:
+        monkeypatch.setattr(psycopg.Transaction, "__exit__", real_exit)
+
+
+async def _acked_batch(ob: Outbox) -> list[lc.Completion]:
+    """Six rows accepted, the first three claimed (token t1) and acked."""
+    await ob.accept_many([req(f"m-{i}") for i in range(6)])
+    first = await ob.claim(limit=3, lease_ms=60_000, max_age_ms=BIG, token="t1")
+    return [lc.on_ack(r, broker_message_id=f"b-{r.client_message_id}", now=ob.clock()) for r in first]
+
+
+async def _held_by(ob: Outbox, token: str) -> list[str]:
+    return sorted(r.client_message_id for r in await ob.list(Status.INFLIGHT) if r.lease_token == token)
+
+
+async def test_complete_and_claim_whose_commit_answer_is_lost_still_returns_its_rows_and_outcomes(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with open_outbox(pg_url) as ob:
+        acks = await _acked_batch(ob)
+        with connection_dropped_at_commit(monkeypatch) as drops:
+            applied, rows = await ob.complete_and_claim(acks, limit=3, lease_ms=60_000, max_age_ms=BIG, token="t2")
+        assert drops == [1]
+        assert applied == [True, True, True]
+        assert sorted(r.client_message_id for r in rows) == ["m-3", "m-4", "m-5"]
+        assert all(r.status is Status.INFLIGHT and r.lease_token == "t2" for r in rows)
+        assert await _held_by(ob, "t2") == ["m-3", "m-4", "m-5"]
+        assert await ob.counts() == {"pending": 0, "inflight": 3, "done": 3, "dead": 0, "aborted": 0}
+
+
+async def test_complete_whose_commit_answer_is_lost_reports_its_outcomes_applied(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with open_outbox(pg_url) as ob:
+        acks = await _acked_batch(ob)
+        with connection_dropped_at_commit(monkeypatch) as drops:
+            assert await ob.complete(acks) == [True, True, True]
+        assert drops == [1]
+        assert (await ob.counts())["done"] == 3
+
+
+async def test_a_claim_whose_commit_answer_is_lost_still_returns_its_rows(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with open_outbox(pg_url) as ob:
+        await ob.accept_many([req(f"m-{i}") for i in range(4)])
+        with connection_dropped_at_commit(monkeypatch) as drops:
+            rows = await ob.claim(limit=3, lease_ms=60_000, max_age_ms=BIG, token="t1")
+        assert drops == [1]
+        assert sorted(r.client_message_id for r in rows) == ["m-0", "m-1", "m-2"]
+        assert await _held_by(ob, "t1") == ["m-0", "m-1", "m-2"]
+
+
+async def _lost_unsettled(ob: Outbox, monkeypatch: pytest.MonkeyPatch, acks: list[lc.Completion]) -> list[int]:
+    """complete_and_claim (token t2) whose COMMIT is applied but answered by
+    a dropped connection, and the server then cannot be reached to settle
+    it: the caller gets StoreUnavailable. Returns the refused reconnects."""
+    backend = ob.backend
+    assert isinstance(backend, PostgresBackend)
+    pool = backend._pool
+    real_connect = pool.connect
+    refusals: list[int] = []
+
+    def connect_refused_once() -> psycopg.Connection[Any]:
+        if not refusals:
+            refusals.append(1)
+            raise StoreUnavailable("injected: the server cannot be reached")
+        return real_connect()
+
+    with connection_dropped_at_commit(monkeypatch):
+        monkeypatch.setattr(pool, "connect", connect_refused_once)
+        with pytest.raises(StoreUnavailable):
+            await ob.complete_and_claim(acks, limit=3, lease_ms=60_000, max_age_ms=BIG, token="t2")
+    monkeypatch.setattr(pool, "connect", real_connect)  # the server is back
+    return refusals
+
+
+async def test_the_retry_of_a_lost_commit_nobody_could_settle_learns_what_it_did(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The answer to COMMIT is lost and the server cannot be asked at once
+    # (reconnecting fails too): the caller gets StoreUnavailable. Its retry
+    # of the same outcomes, with a fresh claim token as the completer makes
+    # it, finds out what the lost transaction did: outcomes applied (not
+    # stale), and the rows it claimed handed over rather than stranded
+    # until their lease runs out.
+    async with open_outbox(pg_url) as ob:
+        acks = await _acked_batch(ob)
+        refusals = await _lost_unsettled(ob, monkeypatch, acks)
+        applied, rows = await ob.complete_and_claim(acks, limit=3, lease_ms=60_000, max_age_ms=BIG, token="t3")
+        assert applied == [True, True, True]  # not reported stale
+        assert sorted(r.client_message_id for r in rows) == ["m-3", "m-4", "m-5"]
+        assert all(r.lease_token == "t2" for r in rows)
+        assert await ob.counts() == {"pending": 0, "inflight": 3, "done": 3, "dead": 0, "aborted": 0}
+        assert refusals == [1]  # the first call did try to settle it
+
+
+async def test_rows_a_lost_commit_claimed_that_its_retry_cannot_take_are_handed_back(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The retry is a plain `complete` (a stopping worker claims nothing):
+    # the rows the lost transaction claimed go back to pending at once, their
+    # attempt given back, rather than wait out their lease.
+    async with open_outbox(pg_url) as ob:
+        acks = await _acked_batch(ob)
+        await _lost_unsettled(ob, monkeypatch, acks)
+        assert await ob.complete(acks) == [True, True, True]
+        back = await ob.list(Status.PENDING)
+        assert sorted(r.client_message_id for r in back) == ["m-3", "m-4", "m-5"]
+        assert all(r.attempts == 0 and r.lease_token is None for r in back)
+        assert len(await ob.claim(limit=10, lease_ms=60_000, max_age_ms=BIG, token="t4")) == 3  # due now
+
+
+async def test_a_commit_that_never_reached_the_server_changes_nothing_and_its_retry_applies(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with open_outbox(pg_url) as ob:
+        acks = await _acked_batch(ob)
+        with connection_dropped_at_commit(monkeypatch, applied=False), \
+                pytest.raises(StoreUnavailable, match="rolled back"):
+            await ob.complete_and_claim(acks, limit=3, lease_ms=60_000, max_age_ms=BIG, token="t2")
+        assert await ob.counts() == {"pending": 3, "inflight": 3, "done": 0, "dead": 0, "aborted": 0}
+        applied, rows = await ob.complete_and_claim(acks, limit=3, lease_ms=60_000, max_age_ms=BIG, token="t3")
+        assert applied == [True, True, True]
+        assert sorted(r.client_message_id for r in rows) == ["m-3", "m-4", "m-5"]
+        assert all(r.lease_token == "t3" for r in rows)
+
+
+def test_a_transaction_its_client_left_open_is_ended_and_reported_rolled_back(pg_url: str) -> None:
+    # The session that ran it has not noticed its client is gone: settling
+    # ends that session (and its transaction) rather than wait for it.
+    with psycopg.connect(pg_url) as stuck, psycopg.connect(pg_url, autocommit=True) as asker:
+        xid = stuck.execute("SELECT txid_current()").fetchone()[0]  # type: ignore[index]
+        assert committed(asker, Commit(xid=xid, pid=stuck.info.backend_pid)) is False
+        with pytest.raises(psycopg.OperationalError):
+            stuck.execute("SELECT 1")
+    with psycopg.connect(pg_url) as done:
+        xid = done.execute("SELECT txid_current()").fetchone()[0]  # type: ignore[index]
+        done.commit()
+        assert committed(done, Commit(xid=xid)) is True

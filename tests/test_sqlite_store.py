@@ -10,8 +10,9 @@ import stat
 import tempfile
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -29,9 +30,12 @@ from trio_drain import (
     Status,
     StoreClosed,
     StoreError,
+    StoreUnavailable,
     open_outbox,
 )
 from trio_drain._outbox import parse_target
+from trio_drain._store._sqlite import MIN_SQLITE
+from trio_drain._validate import prepare_row
 
 from .helpers import FakeClock, wait_until
 
@@ -112,6 +116,23 @@ async def test_missing_folder_and_directory_paths_are_clear_errors(tmp_path: Pat
     with pytest.raises(StoreError, match="directory"):
         async with open_outbox(tmp_path):
             pass
+
+
+async def test_an_sqlite_too_old_for_the_sql_is_refused_at_open_and_nothing_is_created(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The claim needs RETURNING (3.35); an older library used to open the
+    # outbox and fail every claim, which the worker retried forever.
+    monkeypatch.setattr(sqlite3, "sqlite_version_info", (3, 34, 1))
+    monkeypatch.setattr(sqlite3, "sqlite_version", "3.34.1")
+    with pytest.raises(StoreError, match=r"version 3\.34\.1; trio-drain needs 3\.35\.5 or newer"):
+        async with open_outbox(db_path):
+            pass
+    assert not db_path.exists()
+    monkeypatch.undo()
+    assert sqlite3.sqlite_version_info >= MIN_SQLITE
+    async with open_outbox(db_path) as ob:  # the real library is new enough
+        assert (await ob.accept(req("m-1"))).inserted
 
 
 def test_targets_parse_paths_and_urls() -> None:
@@ -440,3 +461,80 @@ def test_accepts_sharing_a_commit_get_the_answers_of_accepts_made_one_at_a_time(
 
     with tempfile.TemporaryDirectory() as folder:
         trio.run(scenario, folder)
+
+
+# -- a failure in a shared commit reaches only its own caller -------------------------------
+
+
+async def _run_behind_a_held_writer(
+    ob: Outbox, writes: list[Callable[[], Awaitable[Any]]],
+    then: Callable[[sqlite3.Connection], object] = lambda conn: None,
+) -> list[Any]:
+    """Start `writes` together while the writer is held busy, so that they go
+    to it as one batch; each one's result, or the exception it raised.
+    `then` runs on the writer's connection as it is let go."""
+    committer = ob.backend._committer  # type: ignore[attr-defined]
+    release = threading.Event()
+    results: dict[int, Any] = {}
+
+    def hold(conn: sqlite3.Connection) -> None:
+        release.wait(10)
+        then(conn)
+
+    async def write(i: int) -> None:
+        try:
+            results[i] = await writes[i]()
+        except Exception as exc:
+            results[i] = exc
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(functools.partial(committer.submit, hold, durable=False))
+        await wait_until(lambda: committer._busy)
+        for i in range(len(writes)):
+            nursery.start_soon(write, i)
+        await wait_until(lambda: len(committer._queue) == len(writes))
+        release.set()
+    return [results[i] for i in range(len(writes))]
+
+
+async def test_a_row_the_driver_cannot_store_fails_only_its_own_accept_in_a_shared_commit(db_path: Path) -> None:
+    # Validation refuses such text; this is the store's own line of defence,
+    # for rows that reach it some other way. The joint insert of the batch
+    # fails on the bad rows, and every caller then gets its own answer.
+    async with open_outbox(db_path) as ob:
+        rows = [prepare_row(req(f"m-{i}"), now=1) for i in range(10)]
+        rows[3] = rows[3]._replace(client_message_id="m-3\ud800")
+        rows[7] = rows[7]._replace(target_spec="*\udfff")
+        backend = ob.backend
+        results = await _run_behind_a_held_writer(
+            ob, [functools.partial(backend.accept_many, [row]) for row in rows])
+        bad = [results.pop(7), results.pop(3)]
+        assert all(isinstance(e, UnicodeEncodeError) for e in bad), bad
+        assert bad[0] is not bad[1]
+        assert all(isinstance(r, list) and r[0].inserted for r in results), results
+        assert (await ob.counts())["pending"] == 8
+
+
+async def test_callers_of_a_batch_that_fails_as_a_whole_each_get_an_exception_of_their_own(db_path: Path) -> None:
+    # BEGIN fails (another connection holds the write lock): every caller in
+    # the batch fails, each raising its own exception object (one shared
+    # instance would have its traceback rewritten by every task raising it).
+    async with open_outbox(db_path) as ob:
+        ob.backend._writer.execute("PRAGMA busy_timeout = 50")  # type: ignore[attr-defined]
+        locker = sqlite3.connect(db_path, isolation_level=None, check_same_thread=False)
+
+        def lock_out_the_next_batch(conn: sqlite3.Connection) -> None:
+            conn.execute("COMMIT")  # the holding batch lets the write lock go early,
+            locker.execute("BEGIN IMMEDIATE")  # another connection takes it,
+            conn.execute("BEGIN")  # and the holding batch commits an empty transaction
+
+        try:
+            results = await _run_behind_a_held_writer(
+                ob, [functools.partial(ob.accept, req(f"m-{i}")) for i in range(5)], then=lock_out_the_next_batch)
+        finally:
+            locker.execute("ROLLBACK")
+            locker.close()
+        assert all(isinstance(r, StoreUnavailable) and "busy" in str(r) for r in results), results
+        assert len({id(r) for r in results}) == 5
+        assert all(isinstance(r.__cause__, sqlite3.OperationalError) for r in results)
+        assert (await ob.accept(req("m-0"))).inserted  # nothing was consumed

@@ -21,14 +21,17 @@ import trio
 
 from trio_drain import (
     BrokerRegistry,
+    CorruptDatabase,
     DrainConfig,
     DrainWorker,
     Outbox,
     SendRequest,
+    StoreError,
     StoreUnavailable,
     open_outbox,
 )
 from trio_drain._identity import generate_secret_key
+from trio_drain._store._sqlite import _translate
 
 from .helpers import FakeBroker, wait_until
 from .procs import assert_clean_error, run
@@ -208,3 +211,53 @@ async def test_the_worker_backs_off_instead_of_spinning_while_the_store_fails(
 
         await wait_until(done, seconds=10)
         nursery.cancel_scope.cancel()
+
+
+# -- telling errors apart --------------------------------------------------------------
+
+
+def test_sqlite_errors_are_told_apart_by_their_result_code_not_their_message(tmp_path: Path) -> None:
+    # A message may quote a table, a column or a value: words such as
+    # "locked", "busy", "full" or "corrupt" in it say nothing of the error.
+    conn = sqlite3.connect(tmp_path / "names.db", isolation_level=None)
+    try:
+        with pytest.raises(sqlite3.OperationalError) as missing:
+            conn.execute("SELECT * FROM locked_busy_full_readonly_corrupt")
+        conn.execute("CREATE TABLE t (disk_full INTEGER CONSTRAINT is_locked CHECK (disk_full > 0))")
+        with pytest.raises(sqlite3.IntegrityError) as check:
+            conn.execute("INSERT INTO t VALUES (0)")
+    finally:
+        conn.close()
+    for exc in (missing.value, check.value):
+        translated = _translate(exc)
+        assert type(translated) is StoreError, (exc, translated)
+        assert translated.__cause__ is exc
+
+    # A real SQLITE_BUSY, whatever its text.
+    holder = sqlite3.connect(tmp_path / "busy.db", isolation_level=None)
+    other = sqlite3.connect(tmp_path / "busy.db", isolation_level=None, timeout=0)
+    try:
+        holder.execute("BEGIN IMMEDIATE")
+        with pytest.raises(sqlite3.OperationalError) as busy:
+            other.execute("BEGIN IMMEDIATE")
+    finally:
+        holder.close()
+        other.close()
+    assert busy.value.sqlite_errorname == "SQLITE_BUSY"
+    assert isinstance(_translate(busy.value), StoreUnavailable)
+
+    # Extended codes count as their primary code; the message plays no part.
+    def coded(name: str, text: str = "something went wrong") -> sqlite3.Error:
+        exc = sqlite3.OperationalError(text)
+        exc.sqlite_errorname = name
+        return exc
+
+    assert type(_translate(coded("SQLITE_CORRUPT_INDEX"))) is CorruptDatabase
+    assert type(_translate(coded("SQLITE_NOTADB"))) is CorruptDatabase
+    assert "busy" in str(_translate(coded("SQLITE_BUSY_SNAPSHOT")))
+    assert "busy" in str(_translate(coded("SQLITE_LOCKED_SHAREDCACHE")))
+    assert "cannot grow" in str(_translate(coded("SQLITE_FULL")))
+    assert "read-only" in str(_translate(coded("SQLITE_READONLY_DBMOVED")))
+    assert type(_translate(coded("SQLITE_IOERR_SHORT_READ", "database is locked"))) is StoreError
+    # An error of the sqlite3 module's own has no result code: a plain StoreError.
+    assert type(_translate(sqlite3.ProgrammingError("Cannot operate on a closed database."))) is StoreError

@@ -263,7 +263,11 @@ class PostgresOutboxMachine(OutboxMachine):
     async def open_backend(self) -> OutboxBackend:
         assert self.new_database is not None
         url = await trio.to_thread.run_sync(self.new_database)
-        return await PostgresBackend.open(url, durability="normal")
+        backend = await PostgresBackend.open(url, durability="normal")
+        # PostgreSQL judges leases, due times and max_age by the server's
+        # clock: let the machine's fake clock stand in for it.
+        backend.server_clock = self.clock
+        return backend
 
 
 PostgresOutboxMachine.TestCase.settings = settings(

@@ -113,6 +113,11 @@ class Completion:
     last_error: str | None = None
     delivered_at: int | None = None
     broker_message_id: str | None = None
+    #: For a row put back to pending: how long after the store's own now it
+    #: is due. A store that keeps time by another clock than the worker's
+    #: (PostgreSQL: the server's) counts from its now, so a worker host's
+    #: clock being off moves no retry; None: `next_attempt_at` as it stands.
+    retry_in_ms: int | None = None
 
 
 def _require_inflight(row: OutboxRow) -> str:
@@ -156,7 +161,7 @@ def on_error(
     )
     return Completion(
         row_id=row.id, lease_token=token, status=Status.PENDING,
-        attempts=row.attempts, next_attempt_at=now + delay, last_error=error,
+        attempts=row.attempts, next_attempt_at=now + delay, last_error=error, retry_in_ms=delay,
     )
 
 
@@ -168,7 +173,7 @@ def on_route_unavailable(row: OutboxRow, *, now: int, policy: RetryPolicy) -> Co
     return Completion(
         row_id=row.id, lease_token=_require_inflight(row), status=Status.PENDING,
         attempts=max(row.attempts - 1, 0), next_attempt_at=now + policy.route_retry_ms,
-        last_error=ROUTE_UNAVAILABLE,
+        last_error=ROUTE_UNAVAILABLE, retry_in_ms=policy.route_retry_ms,
     )
 
 
@@ -182,6 +187,7 @@ def on_rate_limited(row: OutboxRow, *, error: str, now: int, retry_at: int) -> C
     return Completion(
         row_id=row.id, lease_token=_require_inflight(row), status=Status.PENDING,
         attempts=max(row.attempts - 1, 0), next_attempt_at=max(now, retry_at), last_error=error,
+        retry_in_ms=max(0, retry_at - now),
     )
 
 
@@ -249,7 +255,7 @@ def on_released(row: OutboxRow, *, sent: bool, now: int, policy: RetryPolicy) ->
     return Completion(
         row_id=row.id, lease_token=token, status=Status.PENDING,
         attempts=row.attempts if sent else max(row.attempts - 1, 0),
-        next_attempt_at=now, last_error=WORKER_STOPPED if sent else row.last_error,
+        next_attempt_at=now, last_error=WORKER_STOPPED if sent else row.last_error, retry_in_ms=0,
     )
 
 

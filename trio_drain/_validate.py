@@ -40,7 +40,22 @@ def _text(name: str, value: object, *, max_length: int, optional: bool = True) -
         raise InvalidRequest(f"{name} is longer than {max_length} characters")
     if _CONTROL.search(value):
         raise InvalidRequest(f"{name} must not contain control characters")
+    _utf8(name, value)
     return value
+
+
+def _utf8(name: str, value: str) -> None:
+    """Refuse text that has no UTF-8 form (a lone surrogate such as "\\ud800"):
+    the database driver could not store it. `isascii` is a flag read, so
+    ASCII text, the usual case, is never encoded here."""
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise InvalidRequest(
+                f"{name} is not valid Unicode text (character {exc.start} is a lone surrogate"
+                " with no UTF-8 form)"
+            ) from None
 
 
 def js_length(text: str) -> int:
@@ -118,6 +133,7 @@ def prepare_row(
     if req.ciphertext is not None:
         if not isinstance(req.ciphertext, str):
             raise InvalidRequest("ciphertext must be base64 text")
+        _utf8("ciphertext", req.ciphertext)
         _base64("ciphertext", req.ciphertext)
         if len(req.ciphertext) > 2 * max_payload:
             raise InvalidRequest(f"ciphertext is over the {max_payload}-byte limit")

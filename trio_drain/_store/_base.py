@@ -1,8 +1,14 @@
 """The interface every outbox back end implements.
 
 Back ends persist the decisions of the lifecycle module; they decide
-nothing themselves. Every time is an integer of milliseconds passed in by
-the caller, so the same back end runs under a fake clock in tests.
+nothing themselves. Times are integers of milliseconds since the epoch.
+
+Whose clock: SQLite (one host) uses the `now` the caller passes, so it runs
+under a fake clock in tests. PostgreSQL, shared by hosts whose clocks may
+disagree, judges due times, lease expiry and max_age by the database
+server's clock and stamps accepted rows with it; there the `now` arguments
+decide nothing and serve only to translate between the caller's clock and
+the server's (see each method and `_postgres`).
 """
 
 from __future__ import annotations
@@ -218,39 +224,50 @@ class OutboxBackend(Protocol):
 
     async def accept_many(self, rows: Sequence[NewRow]) -> Outcomes:
         """Insert each prepared pending row unless its client_message_id exists,
-        applying the idempotency table, all in one transaction."""
+        applying the idempotency table, all in one transaction. PostgreSQL
+        stamps enqueued_at and next_attempt_at with the server's now instead
+        of the rows' own."""
 
     async def claim(
         self, *, now: int, limit: int, lease_ms: int, max_age_ms: int, token: str,
         exclude: RouteFilter = NO_FILTER,
     ) -> Rows:
         """Move up to `limit` due, unexpired, pending rows to inflight under
-        `token`, highest priority and oldest first, and return them."""
+        `token`, highest priority and oldest first, and return them.
+        PostgreSQL judges due-ness, age and the lease's end by the server's
+        clock (`now` decides nothing there)."""
 
     async def complete(self, completions: Sequence[Completion]) -> Applied:
         """Apply each completion if its row is still inflight under its token.
-        Returns, per completion, whether it applied (False: stale lease)."""
+        Returns, per completion, whether it applied (False: stale lease).
+        PostgreSQL moves a pending row's retry time (the caller's now plus a
+        delay) onto the server's clock."""
 
     async def complete_and_claim(
         self, completions: Sequence[Completion], *, now: int, limit: int, lease_ms: int, max_age_ms: int,
         token: str, exclude: RouteFilter = NO_FILTER,
     ) -> tuple[Applied, Rows]:
-        """`complete` then `claim`, in one transaction."""
+        """`complete` then `claim`, in one transaction. On PostgreSQL `now`
+        only translates retry times onto the server's clock."""
 
     async def recover_expired_leases(
         self, *, now: int, max_attempts: int, unknown_fate: UnknownFate = "resend"
     ) -> int:
         """Move inflight rows whose lease ran out where
         `_lifecycle.on_lease_expired` says: back to pending, or dead at the
-        attempt cap or under ``unknown_fate="dead"``. Returns the rows moved."""
+        attempt cap or under ``unknown_fate="dead"``. Returns the rows moved.
+        PostgreSQL judges expiry by the server's clock (`now` is ignored)."""
 
     async def expire_stale(self, *, now: int, max_age_ms: int) -> int:
-        """Move pending rows older than max_age to dead ("expired")."""
+        """Move pending rows older than max_age to dead ("expired"). PostgreSQL
+        judges age by the server's clock (`now` is ignored)."""
 
     async def next_due_at(
         self, *, now: int, max_age_ms: int, exclude: RouteFilter = NO_FILTER
     ) -> int | None:
-        """The earliest next_attempt_at of a claimable-in-future pending row."""
+        """The earliest next_attempt_at of a claimable-in-future pending row,
+        on the caller's clock: PostgreSQL answers `now` plus how far in the
+        server's future the row is due."""
 
     async def watch(self, wake: Callable[[], None]) -> NoReturn:
         """Call `wake` when another process may have added rows; runs until

@@ -128,21 +128,77 @@ _ADD_PRIORITY_RANK = (
 )
 
 
+# -- what the SQL needs ---------------------------------------------------------------
+
+#: The oldest SQLite this SQL runs on: RETURNING (claims) came in 3.35.0 and
+#: its early defects were fixed by 3.35.5; UPDATE ... FROM (completions)
+#: needs 3.33.0, generated columns (priority_rank) 3.31.0, PRAGMA
+#: table_xinfo (migration) 3.26.0 and ON CONFLICT DO NOTHING (accept) 3.24.0.
+MIN_SQLITE = (3, 35, 5)
+
+
+def _check_sqlite_version() -> None:
+    """Refuse an SQLite library too old for the outbox's SQL, before any file
+    is touched (it would otherwise fail every claim, and the worker retry
+    it forever)."""
+    found = tuple(sqlite3.sqlite_version_info)
+    if found < MIN_SQLITE:
+        raise StoreError(
+            f"the SQLite library is version {sqlite3.sqlite_version}; trio-drain needs"
+            f" {'.'.join(map(str, MIN_SQLITE))} or newer (RETURNING, UPDATE ... FROM, generated"
+            " columns): use a Python built against a newer SQLite"
+        )
+
+
 # -- errors ----------------------------------------------------------------------
 
 
+# What each primary result code means to a caller. Errors are told apart by
+# `sqlite_errorname` (its primary part: SQLITE_BUSY_SNAPSHOT is BUSY), never
+# by message text, which may quote a table, a column or a value.
+_UNAVAILABLE = {
+    "BUSY": "the outbox database is busy (another writer holds it)",
+    "LOCKED": "the outbox database is busy (another writer holds it)",
+    "FULL": "the outbox database cannot grow (disk or page limit full)",
+    "READONLY": "the outbox database is read-only",
+}
+_CORRUPT = frozenset({"CORRUPT", "NOTADB"})
+
+
+def _primary_code(exc: sqlite3.Error) -> str:
+    """BUSY for SQLITE_BUSY or SQLITE_BUSY_SNAPSHOT; "" for an error the
+    sqlite3 module raised itself (it has no SQLite result code)."""
+    name = getattr(exc, "sqlite_errorname", None)
+    if not isinstance(name, str):
+        return ""
+    return name.removeprefix("SQLITE_").partition("_")[0]
+
+
 def _translate(exc: sqlite3.Error) -> StoreError:
+    """The store error for `exc`: a new exception object on every call (so no
+    two callers share one), caused by `exc`."""
     text = str(exc)
-    lowered = text.lower()
-    if "malformed" in lowered or "not a database" in lowered or "corrupt" in lowered:
-        return CorruptDatabase(f"the outbox database is corrupt: {text}")
-    if "locked" in lowered or "busy" in lowered:
-        return StoreUnavailable(f"the outbox database is busy (another writer holds it): {text}")
-    if "full" in lowered:
-        return StoreUnavailable(f"the outbox database cannot grow (disk or page limit full): {text}")
-    if "readonly" in lowered or "read-only" in lowered:
-        return StoreUnavailable(f"the outbox database is read-only: {text}")
-    return StoreError(f"outbox database error: {text}")
+    code = _primary_code(exc)
+    error: StoreError
+    if code in _CORRUPT:
+        error = CorruptDatabase(f"the outbox database is corrupt: {text}")
+    elif code in _UNAVAILABLE:
+        error = StoreUnavailable(f"{_UNAVAILABLE[code]}: {text}")
+    else:
+        error = StoreError(f"outbox database error: {text}")
+    error.__cause__ = exc
+    return error
+
+
+def _own_error(exc: BaseException) -> StoreError:
+    """What one caller of a failed batch raises: an exception object of its
+    own (one instance raised in many tasks would have its traceback and
+    context rewritten by each of them)."""
+    if isinstance(exc, sqlite3.Error):
+        return _translate(exc)
+    error = StoreError(f"the outbox writer failed: {exc!r}")
+    error.__cause__ = exc
+    return error
 
 
 @contextlib.contextmanager
@@ -451,11 +507,14 @@ class _GroupCommitter:
                 self._run_batch(batch)
             except BaseException as exc:  # never leave a caller parked forever
                 for op in batch:
-                    op.value, op.error = None, exc
+                    op.value, op.error = None, _own_error(exc)
             self._done = batch
             self._bell.ring()
 
     def _run_batch(self, batch: list[_Op[Any]]) -> None:
+        """Run `batch` in one transaction. An operation that fails gets its
+        own exception and leaves the others be; a failure of the whole batch
+        (BEGIN or COMMIT failed) gives each operation an exception of its own."""
         conn = self._conn
         try:
             synchronous = "FULL" if any(op.durable for op in batch) else "NORMAL"
@@ -490,23 +549,24 @@ class _GroupCommitter:
                     conn.rollback()
                 raise
         except sqlite3.Error as exc:
-            error = _translate(exc)
             for op in batch:
-                op.value, op.error = None, error
+                op.value, op.error = None, _translate(exc)
         finally:
             self.batches += 1
             self.operations += len(batch)
 
     def _run_joint(self, run: list[_Op[Any]]) -> bool:
         """Run neighbouring operations of one kind as one; False (with
-        nothing changed) if they must run one by one after all."""
+        nothing changed) if they must run one by one after all: an id
+        already taken, or any error (say one row's text the driver cannot
+        bind), which then meets only the operation it belongs to."""
         conn = self._conn
         joint = run[0].joint
         assert joint is not None
         conn.execute("SAVEPOINT joint")
         try:
             values = joint(conn, [op.fn for op in run])
-        except sqlite3.Error:  # each operation will meet its own error alone
+        except Exception:  # each operation will meet its own error alone
             values = None
         if values is None:
             conn.execute("ROLLBACK TO joint")
@@ -614,6 +674,7 @@ class SqliteBackend:
 
     @classmethod
     def _open_sync(cls, path: Path, durability: Durability) -> SqliteBackend:
+        _check_sqlite_version()
         if path.exists():
             if path.is_dir():
                 raise StoreError(f"{path} is a directory, not an outbox database")
