@@ -346,3 +346,15 @@ async def test_a_row_is_durable_once_accept_returns(db_path: Path) -> None:
     async with open_outbox(db_path) as ob:
         row = await ob.get_by_client_id("m-1")
         assert row is not None and row.payload == b"hi"
+
+
+@pytest.mark.parametrize("bad", ["\x1b[2J", "\x9b31m", "a\u202eb", "a\u2066b", "line\u2028break", "\x7f"])
+@pytest.mark.parametrize("field", ["client_message_id", "mesh", "target_spec", "reply_to_id"])
+async def test_ids_meshes_and_targets_refuse_controls_c1_and_bidi_characters(
+    outbox: Outbox, field: str, bad: str,
+) -> None:
+    fields: dict[str, Any] = {"mesh": "alpha", "target_spec": "*", "payload": b"x", "client_message_id": "c-1"}
+    fields[field] = f"x{bad}y"
+    with pytest.raises(InvalidRequest, match="control or bidi"):
+        await outbox.accept(SendRequest(**fields))
+    assert await outbox.counts() == dict.fromkeys(("pending", "inflight", "done", "dead", "aborted"), 0)

@@ -31,7 +31,7 @@ from trio_drain import (
     open_outbox,
 )
 from trio_drain._identity import generate_secret_key
-from trio_drain._store._sqlite import _translate
+from trio_drain._store._sqlite import SqliteBackend, _translate
 
 from .helpers import FakeBroker, wait_until
 from .procs import assert_clean_error, run
@@ -51,9 +51,18 @@ async def ob(db_path: Path) -> AsyncIterator[Outbox]:
         yield outbox
 
 
-def writer(ob: Outbox) -> sqlite3.Connection:
-    """The store's own write connection, to inject a fault into it."""
-    return ob.backend._writer  # type: ignore[attr-defined, no-any-return]
+async def on_writer(ob: Outbox, sql: str) -> Any:
+    """Inject a fault into the store's own write connection: `sql` runs on
+    the writer thread between batches (never from the Trio thread, where it
+    would race a write in progress). Returns the first column of the first row."""
+    backend = ob.backend
+    assert isinstance(backend, SqliteBackend)
+
+    def run(conn: sqlite3.Connection) -> Any:
+        found = conn.execute(sql).fetchone()
+        return None if found is None else found[0]
+
+    return await backend.on_writer(run)
 
 
 HOLD_LOCK = """
@@ -89,7 +98,7 @@ async def test_a_long_lock_is_a_clear_busy_error_and_the_worker_rides_it_out(
 ) -> None:
     await ob.accept_many([req(f"m-{i}") for i in range(20)])
     # Half a second of patience instead of five, to keep the test short.
-    writer(ob).execute("PRAGMA busy_timeout = 500")
+    await on_writer(ob, "PRAGMA busy_timeout = 500")
     locker = hold_write_lock(db_path, 3.0)
     try:
         registry, broker = BrokerRegistry(), FakeBroker()
@@ -116,9 +125,8 @@ async def test_a_long_lock_is_a_clear_busy_error_and_the_worker_rides_it_out(
 
 async def test_a_full_disk_refuses_accepts_cleanly_and_recovers(ob: Outbox, caplog: pytest.LogCaptureFixture) -> None:
     await ob.accept_many([req(f"m-{i}") for i in range(50)])
-    conn = writer(ob)
-    pages = conn.execute("PRAGMA page_count").fetchone()[0]
-    conn.execute(f"PRAGMA max_page_count = {pages}")  # the disk is full now
+    pages = await on_writer(ob, "PRAGMA page_count")
+    await on_writer(ob, f"PRAGMA max_page_count = {pages}")  # the disk is full now
     with pytest.raises(StoreUnavailable, match="cannot grow"):
         await ob.accept_many([req(f"big-{i}", meta={"pad": "x" * 2000}) for i in range(20)])
     assert (await ob.counts())["pending"] == 50
@@ -134,7 +142,7 @@ async def test_a_full_disk_refuses_accepts_cleanly_and_recovers(ob: Outbox, capl
             return (await ob.counts())["done"] == 50
 
         await wait_until(all_done, seconds=10)
-        conn.execute("PRAGMA max_page_count = 1073741823")  # space freed
+        await on_writer(ob, "PRAGMA max_page_count = 1073741823")  # space freed
         outcomes = await ob.accept_many([req(f"big-{i}", meta={"pad": "x" * 2000}) for i in range(20)])
         assert all(o.inserted for o in outcomes)
 
@@ -143,21 +151,20 @@ async def test_a_full_disk_refuses_accepts_cleanly_and_recovers(ob: Outbox, capl
 
         await wait_until(big_done, seconds=10)
         nursery.cancel_scope.cancel()
-    assert await trio.to_thread.run_sync(lambda: conn.execute("PRAGMA quick_check").fetchone()[0]) == "ok"
+    assert await on_writer(ob, "PRAGMA quick_check") == "ok"
 
 
 async def test_a_file_gone_read_only_refuses_writes_and_recovers(ob: Outbox) -> None:
     # Root ignores file modes, so the read-only state is set on the
     # connection, as when the file system is remounted read-only.
     await ob.accept(req("m-1"))
-    conn = writer(ob)
-    conn.execute("PRAGMA query_only = ON")
+    await on_writer(ob, "PRAGMA query_only = ON")
     with pytest.raises(StoreUnavailable, match="read-only"):
         await ob.accept(req("m-2"))
     with pytest.raises(StoreUnavailable, match="read-only"):
         await ob.claim(limit=1, lease_ms=1000, max_age_ms=10**9, token="t")
     assert await ob.counts() == {"pending": 1, "inflight": 0, "done": 0, "dead": 0, "aborted": 0}
-    conn.execute("PRAGMA query_only = OFF")
+    await on_writer(ob, "PRAGMA query_only = OFF")
     assert (await ob.accept(req("m-2"))).inserted
 
 
@@ -195,7 +202,7 @@ async def test_the_worker_backs_off_instead_of_spinning_while_the_store_fails(
 ) -> None:
     caplog.set_level(logging.ERROR)
     await ob.accept(req("m-1"))
-    writer(ob).execute("PRAGMA query_only = ON")
+    await on_writer(ob, "PRAGMA query_only = ON")
     registry, broker = BrokerRegistry(), FakeBroker()
     registry.set_mesh("alpha", broker)
     async with trio.open_nursery() as nursery:
@@ -204,7 +211,7 @@ async def test_the_worker_backs_off_instead_of_spinning_while_the_store_fails(
         failures = caplog.text.count("outbox unavailable")
         # poll_interval 0.05 doubling to a 5 s cap: a handful of tries, not hundreds.
         assert 2 <= failures <= 10, failures
-        writer(ob).execute("PRAGMA query_only = OFF")
+        await on_writer(ob, "PRAGMA query_only = OFF")
 
         async def done() -> bool:
             return (await ob.counts())["done"] == 1

@@ -21,7 +21,10 @@ _NONCE_CHARS = 32
 MAX_ID_LENGTH = 256
 MAX_TARGET_LENGTH = 1024
 _HEX64 = re.compile(r"[0-9a-f]{64}")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# Controls (C0, DEL, C1), bidi embeddings, overrides, isolates and marks,
+# and line separators have no place in an id, a mesh or a target: they
+# would reorder or rewrite what an operator reads.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
 _new_row = NewRow._make
 _PRIORITIES = frozenset(p.value for p in Priority)
 _KINDS = frozenset(k.value for k in DestinationKind)
@@ -39,7 +42,7 @@ def _text(name: str, value: object, *, max_length: int, optional: bool = True) -
     if len(value) > max_length:
         raise InvalidRequest(f"{name} is longer than {max_length} characters")
     if _CONTROL.search(value):
-        raise InvalidRequest(f"{name} must not contain control characters")
+        raise InvalidRequest(f"{name} must not contain control or bidi characters")
     _utf8(name, value)
     return value
 

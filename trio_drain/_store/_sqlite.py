@@ -366,6 +366,9 @@ class _Op(Generic[T]):
     # statement: `joint(conn, fns)` returns each one's value, or None when
     # they must run one by one after all (see `_run_batch`).
     joint: _Joint | None = None
+    # Runs on the writer's connection outside any transaction (a PRAGMA that
+    # must not meet a batch half-way), before the batch it came with.
+    bare: bool = False
     taken: bool = False
     value: Any = None
     error: BaseException | None = None
@@ -418,10 +421,11 @@ class _GroupCommitter:
         self.joint_operations = 0  # operations that ran as part of a joint statement
 
     async def submit(
-        self, fn: Callable[[sqlite3.Connection], T], *, durable: bool, joint: _Joint | None = None
+        self, fn: Callable[[sqlite3.Connection], T], *, durable: bool, joint: _Joint | None = None,
+        bare: bool = False,
     ) -> T:
         await trio.lowlevel.checkpoint_if_cancelled()
-        op: _Op[T] = _Op(fn, durable and self._durable, trio.lowlevel.current_task(), joint)
+        op: _Op[T] = _Op(fn, durable and self._durable, trio.lowlevel.current_task(), joint, bare)
         self._queue.append(op)
         if self._idle.is_set():
             self._idle = trio.Event()
@@ -504,17 +508,28 @@ class _GroupCommitter:
                 self._conn.close()
                 return
             try:
-                self._run_batch(batch)
+                self._run_bare([op for op in batch if op.bare])
+                self._run_batch([op for op in batch if not op.bare])
             except BaseException as exc:  # never leave a caller parked forever
                 for op in batch:
                     op.value, op.error = None, _own_error(exc)
             self._done = batch
             self._bell.ring()
 
+    def _run_bare(self, ops: list[_Op[Any]]) -> None:
+        """Operations that run outside any transaction, each alone."""
+        for op in ops:
+            try:
+                op.value = op.fn(self._conn)
+            except Exception as exc:
+                op.error = _translate(exc) if isinstance(exc, sqlite3.Error) else exc
+
     def _run_batch(self, batch: list[_Op[Any]]) -> None:
         """Run `batch` in one transaction. An operation that fails gets its
         own exception and leaves the others be; a failure of the whole batch
         (BEGIN or COMMIT failed) gives each operation an exception of its own."""
+        if not batch:
+            return
         conn = self._conn
         try:
             synchronous = "FULL" if any(op.durable for op in batch) else "NORMAL"
@@ -714,6 +729,14 @@ class SqliteBackend:
     ) -> T:
         self._check_open()
         return await self._committer.submit(fn, durable=durable, joint=joint)
+
+    async def on_writer(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `fn` with the write connection on the writer thread, between
+        batches and outside any transaction (for settings such as PRAGMAs,
+        which must never meet a batch half-way). Not for writes: they
+        belong in a transaction."""
+        self._check_open()
+        return await self._committer.submit(fn, durable=False, bare=True)
 
     async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         self._check_open()
