@@ -61,8 +61,20 @@ class BrokerProcess:
 
     def start(self, port: int = 0) -> BrokerProcess:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "trio_drain", "broker", "serve", "--open", "--port", str(port), *self.args],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+            [
+                sys.executable,
+                "-m",
+                "trio_drain",
+                "broker",
+                "serve",
+                "--open",
+                "--port",
+                str(port),
+                *self.args,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
         )
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
@@ -107,9 +119,17 @@ async def connected(nursery: trio.Nursery, url: str, transport: TransportName = 
 
 async def ceiling(url: str, n: int, window: int = 64, transport: TransportName = "trio-websocket") -> float:
     """Round trips a second: pipelined sends and acks on one connection, no database."""
-    messages = [OutgoingMessage(client_message_id=f"c-{time.time_ns()}-{i}", request_fingerprint="ab" * 32,
-                                target_spec="#bench", priority="next", nonce="bm9uY2U=",
-                                ciphertext="aGVsbG8gd29ybGQ=") for i in range(n)]
+    messages = [
+        OutgoingMessage(
+            client_message_id=f"c-{time.time_ns()}-{i}",
+            request_fingerprint="ab" * 32,
+            target_spec="#bench",
+            priority="next",
+            nonce="bm9uY2U=",
+            ciphertext="aGVsbG8gd29ybGQ=",
+        )
+        for i in range(n)
+    ]
     async with trio.open_nursery() as nursery:
         broker = await connected(nursery, url, transport)
         it = iter(messages)
@@ -131,11 +151,17 @@ async def ceiling(url: str, n: int, window: int = 64, transport: TransportName =
 async def fill(db: str, n: int, *, mesh: str = "bench") -> None:
     async with open_outbox(db, durability="normal") as outbox:
         for start in range(0, n, 10_000):
-            await outbox.accept_many([
-                SendRequest(mesh=mesh, target_spec="#bench", payload=b"hello world",
-                            client_message_id=f"r-{i:09d}")
-                for i in range(start, min(start + 10_000, n))
-            ])
+            await outbox.accept_many(
+                [
+                    SendRequest(
+                        mesh=mesh,
+                        target_spec="#bench",
+                        payload=b"hello world",
+                        client_message_id=f"r-{i:09d}",
+                    )
+                    for i in range(start, min(start + 10_000, n))
+                ]
+            )
 
 
 @dataclass
@@ -202,16 +228,25 @@ async def commit_paces(folder: str, n: int, chunk: int = 250) -> dict[str, float
         pass  # creates the schema
     schema = sqlite3.connect(schema_db, isolation_level=None)
     schema.execute("PRAGMA synchronous = FULL")
-    rows = [prepare_row(SendRequest(mesh="bench", target_spec="#b", payload=b"x", client_message_id=f"s-{i}"),
-                        now=0, row_id=row_id) for i, row_id in enumerate(uuid7s(n))]
+    rows = [
+        prepare_row(
+            SendRequest(mesh="bench", target_spec="#b", payload=b"x", client_message_id=f"s-{i}"),
+            now=0,
+            row_id=row_id,
+        )
+        for i, row_id in enumerate(uuid7s(n))
+    ]
     spent = dict.fromkeys(("raw", "schema", "one_caller", "concurrent_64"), 0.0)
     callers, per_caller = 64, max(1, chunk // 16)  # about 1,000 accepts a chunk (of 250)
     concurrent_rows = 0
 
     async def caller(start: int, k: int) -> None:
         for i in range(per_caller):
-            await outbox.accept(SendRequest(mesh="bench", target_spec="#b", payload=b"x",
-                                            client_message_id=f"many-{start}-{k}-{i}"))
+            await outbox.accept(
+                SendRequest(
+                    mesh="bench", target_spec="#b", payload=b"x", client_message_id=f"many-{start}-{k}-{i}"
+                )
+            )
 
     try:
         async with open_outbox(Path(folder) / "accept.db") as outbox:
@@ -224,15 +259,18 @@ async def commit_paces(folder: str, n: int, chunk: int = 250) -> dict[str, float
                     raw.execute("COMMIT")
                 spent["raw"] += time.perf_counter() - t
                 t = time.perf_counter()
-                for row in rows[start:start + count]:
+                for row in rows[start : start + count]:
                     schema.execute("BEGIN IMMEDIATE")
                     schema.execute(_INSERT_NEW, row)
                     schema.execute("COMMIT")
                 spent["schema"] += time.perf_counter() - t
                 t = time.perf_counter()
                 for i in range(start, start + count):
-                    await outbox.accept(SendRequest(mesh="bench", target_spec="#b", payload=b"x",
-                                                    client_message_id=f"one-{i}"))
+                    await outbox.accept(
+                        SendRequest(
+                            mesh="bench", target_spec="#b", payload=b"x", client_message_id=f"one-{i}"
+                        )
+                    )
                 spent["one_caller"] += time.perf_counter() - t
                 t = time.perf_counter()
                 async with trio.open_nursery() as nursery:
@@ -243,18 +281,24 @@ async def commit_paces(folder: str, n: int, chunk: int = 250) -> dict[str, float
     finally:
         raw.close()
         schema.close()
-    return {"raw": n / spent["raw"], "schema": n / spent["schema"], "one_caller": n / spent["one_caller"],
-            "concurrent_64": concurrent_rows / spent["concurrent_64"]}
+    return {
+        "raw": n / spent["raw"],
+        "schema": n / spent["schema"],
+        "one_caller": n / spent["one_caller"],
+        "concurrent_64": concurrent_rows / spent["concurrent_64"],
+    }
 
 
 async def accept_many_rate(folder: str) -> float:
     """`accept_many`: 50,000 rows in transactions of 10,000 (rows per second)."""
     async with open_outbox(Path(folder) / "accept.db") as outbox:
-        batch = [SendRequest(mesh="bench", target_spec="#b", payload=b"x", client_message_id=f"batch-{i}")
-                 for i in range(50_000)]
+        batch = [
+            SendRequest(mesh="bench", target_spec="#b", payload=b"x", client_message_id=f"batch-{i}")
+            for i in range(50_000)
+        ]
         started = time.perf_counter()
         for start in range(0, len(batch), 10_000):
-            await outbox.accept_many(batch[start:start + 10_000])
+            await outbox.accept_many(batch[start : start + 10_000])
         return len(batch) / (time.perf_counter() - started)
 
 
@@ -285,7 +329,9 @@ async def wake_latency(folder: str, samples: int) -> list[float]:
         for i in range(samples):
             await trio.sleep(0.01)  # idle again
             broker.arrived = trio.Event()
-            await outbox.accept(SendRequest(mesh="bench", target_spec="#b", payload=b"x", client_message_id=f"w-{i}"))
+            await outbox.accept(
+                SendRequest(mesh="bench", target_spec="#b", payload=b"x", client_message_id=f"w-{i}")
+            )
             returned = time.perf_counter()
             await broker.arrived.wait()
             latencies.append(broker.arrivals[f"w-{i}"] - returned)
@@ -327,8 +373,14 @@ async def outage(folder: str, rows: int, seconds: float) -> dict[str, float]:
         drained = time.perf_counter()
         nursery.cancel_scope.cancel()
     broker_proc.stop()
-    return {"rows": rows, "seconds": seconds, "cpu_share": cpu_share, "attempts_burned": attempts,
-            "reconnect_s": reconnected - returned, "drain_after_reconnect_s": drained - reconnected}
+    return {
+        "rows": rows,
+        "seconds": seconds,
+        "cpu_share": cpu_share,
+        "attempts_burned": attempts,
+        "reconnect_s": reconnected - returned,
+        "drain_after_reconnect_s": drained - reconnected,
+    }
 
 
 async def rate_limited(folder: str, *, rows: int, burst: int, per_minute: float) -> dict[str, Any]:
@@ -345,16 +397,29 @@ async def rate_limited(folder: str, *, rows: int, burst: int, per_minute: float)
             started = time.perf_counter()
             await nursery.start(worker.run)
             allowed_s = (rows - burst) / (per_minute / 60)
-            await wait_until(lambda: worker.statistics().acked + worker.statistics().dead >= rows,
-                             seconds=allowed_s * 3 + 60)
+            await wait_until(
+                lambda: worker.statistics().acked + worker.statistics().dead >= rows,
+                seconds=allowed_s * 3 + 60,
+            )
             elapsed = time.perf_counter() - started
             stats = worker.statistics()
             counts = await outbox.counts()
             nursery.cancel_scope.cancel()
-    return {"rows": rows, "burst": burst, "per_minute": per_minute, "elapsed_s": elapsed, "allowed_s": allowed_s,
-            "pace_ratio": allowed_s / elapsed, "sent": stats.sent, "refused": stats.rate_limited,
-            "refused_share": stats.rate_limited / stats.sent, "dead": counts["dead"], "done": counts["done"],
-            "paced_at": stats.per_route["mesh:bench"].rate, "target_refused_share": 0.05}
+    return {
+        "rows": rows,
+        "burst": burst,
+        "per_minute": per_minute,
+        "elapsed_s": elapsed,
+        "allowed_s": allowed_s,
+        "pace_ratio": allowed_s / elapsed,
+        "sent": stats.sent,
+        "refused": stats.rate_limited,
+        "refused_share": stats.rate_limited / stats.sent,
+        "dead": counts["dead"],
+        "done": counts["done"],
+        "paced_at": stats.per_route["mesh:bench"].rate,
+        "target_refused_share": 0.05,
+    }
 
 
 async def big_backlog(folder: str, rows: int) -> dict[str, float]:
@@ -371,7 +436,9 @@ async def big_backlog(folder: str, rows: int) -> dict[str, float]:
                     t = time.perf_counter()
                     claimed = await outbox.claim(limit=128, lease_ms=60_000, max_age_ms=10**12, token=f"t{k}")
                     times[db].append(time.perf_counter() - t)
-                    await outbox.complete([_lifecycle.on_ack(r, broker_message_id="b", now=0) for r in claimed])
+                    await outbox.complete(
+                        [_lifecycle.on_ack(r, broker_message_id="b", now=0) for r in claimed]
+                    )
         return statistics.median(times[small]), statistics.median(times[large])
 
     small, large = str(Path(folder) / "small.db"), str(Path(folder) / "large.db")
@@ -380,10 +447,14 @@ async def big_backlog(folder: str, rows: int) -> dict[str, float]:
     await fill(small, small_rows)
     await fill(large, rows)
     small_cost, large_cost = await claim_costs(small, large, cycles)
-    return {"rows": rows, "small_rows": small_rows, "claim_ms_small": small_cost * 1000,
-            "claim_ms_large": large_cost * 1000,
-            "ratio": large_cost / small_cost,
-            "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    return {
+        "rows": rows,
+        "small_rows": small_rows,
+        "claim_ms_small": small_cost * 1000,
+        "claim_ms_large": large_cost * 1000,
+        "ratio": large_cost / small_cost,
+        "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
 
 
 # -- several drain processes on one outbox, per back end ------------------------------------------
@@ -391,8 +462,12 @@ async def big_backlog(folder: str, rows: int) -> dict[str, float]:
 
 def spawn_drains(target: str, config: Path, workers: int) -> list[subprocess.Popen[str]]:
     return [
-        subprocess.Popen([sys.executable, "-m", "trio_drain", "run", "--db", target, "--config", str(config)],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            [sys.executable, "-m", "trio_drain", "run", "--db", target, "--config", str(config)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for _ in range(workers)
     ]
 
@@ -434,8 +509,13 @@ async def backends(folder: str, broker_url: str, n: int, runs: int) -> dict[str,
     """Rows/s with 1, 2 and 4 drain processes, on SQLite and on PostgreSQL."""
     from .pg import PostgresServer, find_binaries
 
-    config = write_config(Path(folder) / "run.toml", broker_url, generate_secret_key(), slug="bench",
-                          drain={"max_inflight": 64, "batch_size": 128, "poll_interval": 0.2})
+    config = write_config(
+        Path(folder) / "run.toml",
+        broker_url,
+        generate_secret_key(),
+        slug="bench",
+        drain={"max_inflight": 64, "batch_size": 128, "poll_interval": 0.2},
+    )
     results: dict[str, Any] = {"rows": n, "workers": [1, 2, 4]}
     bindir = find_binaries()
     server = PostgresServer(bindir, fsync=True).start() if bindir is not None else None
@@ -446,14 +526,14 @@ async def backends(folder: str, broker_url: str, n: int, runs: int) -> dict[str,
                 continue
             per: dict[str, Any] = {}
             for workers in (1, 2, 4):
+
                 def target(backend: str = backend) -> str:
                     if backend == "sqlite":
                         return str(Path(folder) / f"procs-{time.time_ns()}.db")
                     assert server is not None
                     return server.create_database()
 
-                rate, values = await median_of(
-                    runs, lambda: processes_rate(target(), config, n, workers))  # noqa: B023
+                rate, values = await median_of(runs, lambda: processes_rate(target(), config, n, workers))  # noqa: B023
                 per[str(workers)] = {"median": rate, "runs": values}
             results[backend] = per
     finally:
@@ -480,8 +560,14 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     runs = args.runs
     backlog = 20_000 if quick else 100_000
     results: dict[str, Any] = {
-        "machine": {"cores": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
-        "quick": quick, "runs": runs, "only": args.only,
+        "machine": {
+            "cores": os.cpu_count(),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+        },
+        "quick": quick,
+        "runs": runs,
+        "only": args.only,
     }
     if args.only == "backends":
         with tempfile.TemporaryDirectory(prefix="trio-drain-bench-") as folder, BrokerProcess() as broker:
@@ -498,8 +584,14 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         n_ceiling = 20_000 if quick else 50_000
         ceil, ceil_runs = await median_of(runs, lambda: ceiling(broker.url, n_ceiling))
         results["ceiling_rps"] = {"median": ceil, "runs": ceil_runs, "transport": "trio-websocket"}
-        native, native_runs = await median_of(runs, lambda: ceiling(broker.url, n_ceiling, transport="native"))
-        results["ceiling_native_rps"] = {"median": native, "runs": native_runs, "ratio_to_ceiling": native / ceil}
+        native, native_runs = await median_of(
+            runs, lambda: ceiling(broker.url, n_ceiling, transport="native")
+        )
+        results["ceiling_native_rps"] = {
+            "median": native,
+            "runs": native_runs,
+            "ratio_to_ceiling": native / ceil,
+        }
         fast, fast_runs = await median_of(runs, lambda: ceiling(broker.url, n_ceiling, transport="wsproto"))
         results["ceiling_wsproto_rps"] = {"median": fast, "runs": fast_runs, "ratio_to_ceiling": fast / ceil}
 
@@ -512,27 +604,38 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             return drains[-1].rows_per_s
 
         rate, rate_runs = await median_of(runs, one_drain)
-        results["drain_rps"] = {"median": rate, "runs": rate_runs, "backlog": backlog,
-                                "ratio_to_ceiling": rate / ceil, "target": 0.7}
+        results["drain_rps"] = {
+            "median": rate,
+            "runs": rate_runs,
+            "backlog": backlog,
+            "ratio_to_ceiling": rate / ceil,
+            "target": 0.7,
+        }
         # The reference broker against a drain: the share of a core it used,
         # and the rows a second one core of it would serve at that cost.
         broker_share = statistics.median(d.broker_cpu_share for d in drains)
         capacity = statistics.median(d.rows_per_s / d.broker_cpu_share for d in drains)
-        results["broker"] = {"cpu_share_during_drain": broker_share,
-                             "drain_cpu_share": statistics.median(d.drain_cpu_share for d in drains),
-                             "capacity_rps": capacity, "capacity_ratio_to_ceiling": capacity / ceil,
-                             "target": 0.5}
+        results["broker"] = {
+            "cpu_share_during_drain": broker_share,
+            "drain_cpu_share": statistics.median(d.drain_cpu_share for d in drains),
+            "capacity_rps": capacity,
+            "capacity_ratio_to_ceiling": capacity / ceil,
+            "target": 0.5,
+        }
 
         n_commits = 500 if quick else 2000
         paces = [await commit_paces(tempfile.mkdtemp(dir=folder), n_commits) for _ in range(runs)]
         accept_many = [await accept_many_rate(tempfile.mkdtemp(dir=folder)) for _ in range(runs)]
         raw = statistics.median(p["raw"] for p in paces)
         schema = statistics.median(p["schema"] for p in paces)
-        acc = {"one_caller": statistics.median(p["one_caller"] for p in paces),
-               "concurrent_64": statistics.median(p["concurrent_64"] for p in paces),
-               "accept_many": statistics.median(accept_many)}
+        acc = {
+            "one_caller": statistics.median(p["one_caller"] for p in paces),
+            "concurrent_64": statistics.median(p["concurrent_64"] for p in paces),
+            "accept_many": statistics.median(accept_many),
+        }
         results["accept"] = {
-            "raw_full_commit_rps": raw, "schema_full_commit_rps": schema,
+            "raw_full_commit_rps": raw,
+            "schema_full_commit_rps": schema,
             # Ratios per run (its chunks interleaved), then their median.
             "schema_ratio_to_raw": statistics.median(p["schema"] / p["raw"] for p in paces),
             **{f"{k}_rps": v for k, v in acc.items()},
@@ -543,8 +646,10 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             "accept_many_target_rps": 50_000,
         }
 
-    with tempfile.TemporaryDirectory(prefix="trio-drain-bench-") as folder, \
-            BrokerProcess("--ack-delay", "0.001") as delayed:
+    with (
+        tempfile.TemporaryDirectory(prefix="trio-drain-bench-") as folder,
+        BrokerProcess("--ack-delay", "0.001") as delayed,
+    ):
         seed_n, ours_n = (1_000, 10_000) if quick else (3_000, 30_000)
 
         async def seed() -> float:
@@ -569,16 +674,26 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             our_runs.append(await ours(64))
             wide_runs.append(await ours(WIDE_WINDOW))
         results["seed_schedule_1ms"] = {
-            "seed_rps": statistics.median(seed_runs), "ours_rps": statistics.median(our_runs),
+            "seed_rps": statistics.median(seed_runs),
+            "ours_rps": statistics.median(our_runs),
             "ratio": statistics.median(o / s for o, s in zip(our_runs, seed_runs, strict=True)),
-            "ours_wide_rps": statistics.median(wide_runs), "wide_window": WIDE_WINDOW,
+            "ours_wide_rps": statistics.median(wide_runs),
+            "wide_window": WIDE_WINDOW,
             "ratio_wide": statistics.median(w / s for w, s in zip(wide_runs, seed_runs, strict=True)),
-            "target": 30.0, "seed_runs": seed_runs, "our_runs": our_runs, "wide_runs": wide_runs,
+            "target": 30.0,
+            "seed_runs": seed_runs,
+            "our_runs": our_runs,
+            "wide_runs": wide_runs,
         }
 
         lat = await wake_latency(folder, 100 if quick else 300)
-        results["wake_to_send_ms"] = {"p50": percentile(lat, 50) * 1000, "p99": percentile(lat, 99) * 1000,
-                                      "samples": len(lat), "target_p50": 1.0, "target_p99": 5.0}
+        results["wake_to_send_ms"] = {
+            "p50": percentile(lat, 50) * 1000,
+            "p99": percentile(lat, 99) * 1000,
+            "samples": len(lat),
+            "target_p50": 1.0,
+            "target_p99": 5.0,
+        }
     with tempfile.TemporaryDirectory(prefix="trio-drain-bench-") as folder:
         results["outage"] = await outage(folder, 10_000, 10.0 if quick else 60.0)
     with tempfile.TemporaryDirectory(prefix="trio-drain-bench-") as folder:
@@ -599,18 +714,29 @@ def backend_rows(r: dict[str, Any]) -> list[tuple[str, str, str]]:
         for backend in ("sqlite", "postgresql"):
             per = b[backend]
             cells.append(f"{per[str(workers)]['median']:,.0f}" if isinstance(per, dict) else "-")
-        rows.append((f"{workers} drain process(es), {b['rows']:,} rows: SQLite / PostgreSQL (rows/s)",
-                     " / ".join(cells), ""))
+        rows.append(
+            (
+                f"{workers} drain process(es), {b['rows']:,} rows: SQLite / PostgreSQL (rows/s)",
+                " / ".join(cells),
+                "",
+            )
+        )
     return rows
 
 
 def rate_limit_rows(r: dict[str, Any]) -> list[tuple[str, str, str]]:
     x = r["rate_limit"]
     return [
-        (f"{x['rows']} rows through claudemesh's rate limit ({x['burst']} burst, {x['per_minute']:g}/min): s",
-         f"{x['elapsed_s']:.0f}", f"{x['pace_ratio']:.2f} of the allowed pace ({x['allowed_s']:.0f} s)"),
-        ("  sends refused / dead", f"{x['refused']} / {x['dead']}",
-         f"{x['refused_share'] * 100:.1f}% of {x['sent']} sends (target < 5%, 0 dead)"),
+        (
+            f"{x['rows']} rows through claudemesh's rate limit ({x['burst']} burst, {x['per_minute']:g}/min): s",
+            f"{x['elapsed_s']:.0f}",
+            f"{x['pace_ratio']:.2f} of the allowed pace ({x['allowed_s']:.0f} s)",
+        ),
+        (
+            "  sends refused / dead",
+            f"{x['refused']} / {x['dead']}",
+            f"{x['refused_share'] * 100:.1f}% of {x['sent']} sends (target < 5%, 0 dead)",
+        ),
     ]
 
 
@@ -622,42 +748,90 @@ def print_table(r: dict[str, Any]) -> None:
         print_rows(r, rate_limit_rows(r))
         return
     rows = [
-        ("ceiling: trio-websocket round trips/s (window 64)", f"{r['ceiling_rps']['median']:,.0f}", "the reference"),
-        ("same over the native transport (the default)", f"{r['ceiling_native_rps']['median']:,.0f}",
-         f"{r['ceiling_native_rps']['ratio_to_ceiling']:.2f} of ceiling"),
-        ("same over the wsproto transport", f"{r['ceiling_wsproto_rps']['median']:,.0f}",
-         f"{r['ceiling_wsproto_rps']['ratio_to_ceiling']:.2f} of ceiling"),
-        (f"drain {r['drain_rps']['backlog']:,} rows (rows/s)", f"{r['drain_rps']['median']:,.0f}",
-         f"{r['drain_rps']['ratio_to_ceiling']:.2f} of ceiling (target >= 0.7)"),
-        ("reference broker during that drain: CPU (share of a core)", f"{r['broker']['cpu_share_during_drain']:.2f}",
-         f"drain process {r['broker']['drain_cpu_share']:.2f}"),
-        ("  rows/s one broker core serves at that cost", f"{r['broker']['capacity_rps']:,.0f}",
-         f"{r['broker']['capacity_ratio_to_ceiling']:.2f} of ceiling (target >= 0.5)"),
+        (
+            "ceiling: trio-websocket round trips/s (window 64)",
+            f"{r['ceiling_rps']['median']:,.0f}",
+            "the reference",
+        ),
+        (
+            "same over the native transport (the default)",
+            f"{r['ceiling_native_rps']['median']:,.0f}",
+            f"{r['ceiling_native_rps']['ratio_to_ceiling']:.2f} of ceiling",
+        ),
+        (
+            "same over the wsproto transport",
+            f"{r['ceiling_wsproto_rps']['median']:,.0f}",
+            f"{r['ceiling_wsproto_rps']['ratio_to_ceiling']:.2f} of ceiling",
+        ),
+        (
+            f"drain {r['drain_rps']['backlog']:,} rows (rows/s)",
+            f"{r['drain_rps']['median']:,.0f}",
+            f"{r['drain_rps']['ratio_to_ceiling']:.2f} of ceiling (target >= 0.7)",
+        ),
+        (
+            "reference broker during that drain: CPU (share of a core)",
+            f"{r['broker']['cpu_share_during_drain']:.2f}",
+            f"drain process {r['broker']['drain_cpu_share']:.2f}",
+        ),
+        (
+            "  rows/s one broker core serves at that cost",
+            f"{r['broker']['capacity_rps']:,.0f}",
+            f"{r['broker']['capacity_ratio_to_ceiling']:.2f} of ceiling (target >= 0.5)",
+        ),
         ("raw single-row FULL commits (/s)", f"{r['accept']['raw_full_commit_rps']:,.0f}", ""),
-        ("  the accept's INSERT into the outbox schema, FULL commits, no threads (/s)",
-         f"{r['accept']['schema_full_commit_rps']:,.0f}", f"{r['accept']['schema_ratio_to_raw']:.2f} of raw"),
-        ("accept, one caller (/s)", f"{r['accept']['one_caller_rps']:,.0f}",
-         f"{r['accept']['one_caller_ratio_to_raw']:.2f} of raw (target >= 0.5)"),
-        ("accept, 64 callers (/s)", f"{r['accept']['concurrent_64_rps']:,.0f}",
-         f"{r['accept']['concurrent_ratio_to_one']:.1f}x one caller (target >= 5)"),
+        (
+            "  the accept's INSERT into the outbox schema, FULL commits, no threads (/s)",
+            f"{r['accept']['schema_full_commit_rps']:,.0f}",
+            f"{r['accept']['schema_ratio_to_raw']:.2f} of raw",
+        ),
+        (
+            "accept, one caller (/s)",
+            f"{r['accept']['one_caller_rps']:,.0f}",
+            f"{r['accept']['one_caller_ratio_to_raw']:.2f} of raw (target >= 0.5)",
+        ),
+        (
+            "accept, 64 callers (/s)",
+            f"{r['accept']['concurrent_64_rps']:,.0f}",
+            f"{r['accept']['concurrent_ratio_to_one']:.1f}x one caller (target >= 5)",
+        ),
         ("accept_many (rows/s)", f"{r['accept']['accept_many_rps']:,.0f}", "target >= 50,000"),
         ("seed schedule, 1 ms ack delay (rows/s)", f"{r['seed_schedule_1ms']['seed_rps']:,.0f}", ""),
-        ("ours, 1 ms ack delay, max_inflight 64 (rows/s)", f"{r['seed_schedule_1ms']['ours_rps']:,.0f}",
-         f"{r['seed_schedule_1ms']['ratio']:.1f}x the seed (target >= 30)"),
-        (f"ours, 1 ms ack delay, max_inflight {r['seed_schedule_1ms']['wide_window']} (rows/s)",
-         f"{r['seed_schedule_1ms']['ours_wide_rps']:,.0f}",
-         f"{r['seed_schedule_1ms']['ratio_wide']:.1f}x the seed (target >= 30)"),
-        ("wake-to-send p50 / p99 (ms)", f"{r['wake_to_send_ms']['p50']:.2f} / {r['wake_to_send_ms']['p99']:.2f}",
-         "target < 1 / < 5"),
-        (f"outage of {r['outage']['seconds']:.0f} s, {r['outage']['rows']:,} rows: worker CPU",
-         f"{r['outage']['cpu_share'] * 100:.1f}%", "target < 5%"),
+        (
+            "ours, 1 ms ack delay, max_inflight 64 (rows/s)",
+            f"{r['seed_schedule_1ms']['ours_rps']:,.0f}",
+            f"{r['seed_schedule_1ms']['ratio']:.1f}x the seed (target >= 30)",
+        ),
+        (
+            f"ours, 1 ms ack delay, max_inflight {r['seed_schedule_1ms']['wide_window']} (rows/s)",
+            f"{r['seed_schedule_1ms']['ours_wide_rps']:,.0f}",
+            f"{r['seed_schedule_1ms']['ratio_wide']:.1f}x the seed (target >= 30)",
+        ),
+        (
+            "wake-to-send p50 / p99 (ms)",
+            f"{r['wake_to_send_ms']['p50']:.2f} / {r['wake_to_send_ms']['p99']:.2f}",
+            "target < 1 / < 5",
+        ),
+        (
+            f"outage of {r['outage']['seconds']:.0f} s, {r['outage']['rows']:,} rows: worker CPU",
+            f"{r['outage']['cpu_share'] * 100:.1f}%",
+            "target < 5%",
+        ),
         ("  attempts burned during the outage", f"{r['outage']['attempts_burned']}", "target 0"),
-        ("  drained after the broker's return (s)",
-         f"{r['outage']['drain_after_reconnect_s']:.2f} (+{r['outage']['reconnect_s']:.2f} reconnect)", "target < 2"),
-        (f"claim of 128 rows, {r['backlog']['small_rows']:,} vs {r['backlog']['rows']:,} pending (ms)",
-         f"{r['backlog']['claim_ms_small']:.2f} / {r['backlog']['claim_ms_large']:.2f}",
-         f"{r['backlog']['ratio']:.2f}x (target: flat)"),
-        ("peak memory of the benchmark process (MB)", f"{r['max_rss_mb']:.0f}", "target < 150 with 1M pending"),
+        (
+            "  drained after the broker's return (s)",
+            f"{r['outage']['drain_after_reconnect_s']:.2f} (+{r['outage']['reconnect_s']:.2f} reconnect)",
+            "target < 2",
+        ),
+        (
+            f"claim of 128 rows, {r['backlog']['small_rows']:,} vs {r['backlog']['rows']:,} pending (ms)",
+            f"{r['backlog']['claim_ms_small']:.2f} / {r['backlog']['claim_ms_large']:.2f}",
+            f"{r['backlog']['ratio']:.2f}x (target: flat)",
+        ),
+        (
+            "peak memory of the benchmark process (MB)",
+            f"{r['max_rss_mb']:.0f}",
+            "target < 150 with 1M pending",
+        ),
         *rate_limit_rows(r),
         *backend_rows(r),
     ]
@@ -666,8 +840,10 @@ def print_table(r: dict[str, Any]) -> None:
 
 def print_rows(r: dict[str, Any], rows: list[tuple[str, str, str]]) -> None:
     width = max(len(a) for a, _, _ in rows)
-    print(f"machine: {r['machine']['cores']} cores, Python {r['machine']['python']}; "
-          f"median of {r['runs']} run(s){' (quick)' if r['quick'] else ''}")
+    print(
+        f"machine: {r['machine']['cores']} cores, Python {r['machine']['python']}; "
+        f"median of {r['runs']} run(s){' (quick)' if r['quick'] else ''}"
+    )
     for name, value, note in rows:
         print(f"  {name:<{width}}  {value:>14}  {note}")
 
@@ -677,9 +853,13 @@ if __name__ == "__main__":
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--out", default="bench-results/bench.json")
-    parser.add_argument("--only", choices=["all", "backends", "rate_limit"], default="all",
-                        help="backends: only the drain processes per back end; rate_limit: only the"
-                             " drain through the real broker's rate limit")
+    parser.add_argument(
+        "--only",
+        choices=["all", "backends", "rate_limit"],
+        default="all",
+        help="backends: only the drain processes per back end; rate_limit: only the"
+        " drain through the real broker's rate limit",
+    )
     ns = parser.parse_args()
     res = trio.run(main, ns)
     print_table(res)

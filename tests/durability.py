@@ -64,11 +64,27 @@ ROOT = Path(__file__).resolve().parent.parent
 #: Calls traced: everything that creates, changes, syncs or removes a file,
 #: so that one we do not model fails loudly instead of being missed. "?"
 #: lets strace skip a name this architecture lacks.
-TRACED = ",".join([
-    "openat", "write", "pwrite64", "fsync", "fdatasync", "ftruncate", "unlinkat", "?unlink",
-    "?writev", "?pwritev", "?pwritev2", "?fallocate", "?sync_file_range",
-    "?rename", "?renameat", "?renameat2", "?truncate",
-])
+TRACED = ",".join(
+    [
+        "openat",
+        "write",
+        "pwrite64",
+        "fsync",
+        "fdatasync",
+        "ftruncate",
+        "unlinkat",
+        "?unlink",
+        "?writev",
+        "?pwritev",
+        "?pwritev2",
+        "?fallocate",
+        "?sync_file_range",
+        "?rename",
+        "?renameat",
+        "?renameat2",
+        "?truncate",
+    ]
+)
 
 #: The files SQLite recovers from, by suffix on the database's name; the
 #: -shm file is left out (SQLite rebuilds it from the WAL).
@@ -90,7 +106,9 @@ def strace_problem() -> str | None:
     strace = strace_binary()
     if strace is None:
         return "strace is not installed (apt-get install strace)"
-    probe = subprocess.run([strace, "-f", "-o", os.devnull, "true"], capture_output=True, text=True, timeout=30)
+    probe = subprocess.run(
+        [strace, "-f", "-o", os.devnull, "true"], capture_output=True, text=True, timeout=30
+    )
     if probe.returncode != 0:
         return f"strace cannot trace here (ptrace not permitted?): {probe.stderr.strip()[:300]}"
     return None
@@ -99,8 +117,12 @@ def strace_problem() -> str | None:
 def seccomp_flag(strace: str) -> list[str]:
     """`--seccomp-bpf` where it works: untraced calls (Trio's epoll_wait,
     the reads) then cost nothing."""
-    probe = subprocess.run([strace, "-f", "--seccomp-bpf", "-e", "trace=write", "-o", os.devnull, "true"],
-                           capture_output=True, text=True, timeout=30)
+    probe = subprocess.run(
+        [strace, "-f", "--seccomp-bpf", "-e", "trace=write", "-o", os.devnull, "true"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     return ["--seccomp-bpf"] if probe.returncode == 0 and not probe.stderr.strip() else []
 
 
@@ -116,8 +138,20 @@ class Plan:
     mixed: int = 32
 
     def arguments(self) -> list[str]:
-        return ["--singles", str(self.singles), "--rounds", str(self.rounds), "--callers", str(self.callers),
-                "--batches", str(self.batches), "--batch-size", str(self.batch_size), "--mixed", str(self.mixed)]
+        return [
+            "--singles",
+            str(self.singles),
+            "--rounds",
+            str(self.rounds),
+            "--callers",
+            str(self.callers),
+            "--batches",
+            str(self.batches),
+            "--batch-size",
+            str(self.batch_size),
+            "--mixed",
+            str(self.mixed),
+        ]
 
     @property
     def accepts(self) -> int:
@@ -131,12 +165,25 @@ def trace_workload(folder: Path, durability: str, plan: Plan) -> Trace:
     db = folder / "outbox.db"
     log = folder / "strace.txt"
     command = [
-        strace, "-f", *seccomp_flag(strace), "-ttt",
+        strace,
+        "-f",
+        *seccomp_flag(strace),
+        "-ttt",
         "-y",  # descriptors with their paths: fd 11</tmp/.../outbox.db-wal>
         "-xx",  # every string byte as \xHH: data is exact, and no quote or comma inside a string
-        "-s", str(1 << 20),  # whole writes (a WAL frame is 4 KiB)
-        "-e", f"trace={TRACED}", "-o", str(log),
-        sys.executable, "-m", "tests.durability_workload", str(db), "--durability", durability, *plan.arguments(),
+        "-s",
+        str(1 << 20),  # whole writes (a WAL frame is 4 KiB)
+        "-e",
+        f"trace={TRACED}",
+        "-o",
+        str(log),
+        sys.executable,
+        "-m",
+        "tests.durability_workload",
+        str(db),
+        "--durability",
+        durability,
+        *plan.arguments(),
     ]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, f"the traced workload failed:\n{done.stderr[-3000:]}"
@@ -326,10 +373,13 @@ class Trace:
         self.phases = [op for op in ops if isinstance(op, Phase)]
         self.name_ops = [op for op in ops if isinstance(op, Create | Unlink)]
         self.dir_syncs = [op for op in ops if isinstance(op, DirSync)]
-        self.data_ops = {inode: [op for op in ops if isinstance(op, Write | Truncate) and op.inode == inode]
-                         for inode in self.names}
-        self.syncs = {inode: [op for op in ops if isinstance(op, Sync) and op.inode == inode]
-                      for inode in self.names}
+        self.data_ops = {
+            inode: [op for op in ops if isinstance(op, Write | Truncate) and op.inode == inode]
+            for inode in self.names
+        }
+        self.syncs = {
+            inode: [op for op in ops if isinstance(op, Sync) and op.inode == inode] for inode in self.names
+        }
 
     def inodes(self, name: str) -> list[int]:
         """The inodes created under `name` ("", "-wal", "-journal"), in order."""
@@ -344,7 +394,7 @@ class Trace:
         then built on the last such prefix asked for (power cuts are tried
         in trace order, so each adds a few operations to the last)."""
         ops = self.data_ops[inode]
-        if ops[:len(durable)] != durable:  # writes from two threads overlapped a sync: rare
+        if ops[: len(durable)] != durable:  # writes from two threads overlapped a sync: rare
             content = bytearray()
             for op in durable:
                 apply(content, op)
@@ -353,7 +403,7 @@ class Trace:
         if done > len(durable):
             done, before = 0, b""
         content = bytearray(before)
-        for op in ops[done:len(durable)]:
+        for op in ops[done : len(durable)]:
             apply(content, op)
         self._prefix[inode] = (len(durable), bytes(content))
         return content
@@ -432,7 +482,9 @@ def read_trace(calls: Sequence[Call], db: Path) -> Trace:
             inode = target(call)
             if isinstance(inode, int):
                 data = string_arg(call.args[1])
-                assert call.result == str(len(data)), f"line {call.start}: a short or failed write: {call.result}"
+                assert call.result == str(len(data)), (
+                    f"line {call.start}: a short or failed write: {call.result}"
+                )
                 ops.append(Write(**span, inode=inode, offset=int(call.args[3]), data=data))
         elif call.name in ("fsync", "fdatasync"):
             inode = target(call)
@@ -446,9 +498,12 @@ def read_trace(calls: Sequence[Call], db: Path) -> Trace:
         elif call.args and _DESCRIPTOR.fullmatch(call.args[0]) and target(call) is not None:
             raise Unmodelled(f"line {call.start}: {call.name} on a database file")
         elif call.name in ("rename", "renameat", "renameat2", "truncate") and any(
-                str(db) in string_arg(arg).decode("utf-8", "replace") for arg in call.args if arg.startswith('"')):
+            str(db) in string_arg(arg).decode("utf-8", "replace") for arg in call.args if arg.startswith('"')
+        ):
             raise Unmodelled(f"line {call.start}: {call.name} of a database file")
-    assert not ops or (isinstance(ops[0], Create) and ops[0].name == ""), "the trace must begin with no database"
+    assert not ops or (isinstance(ops[0], Create) and ops[0].name == ""), (
+        "the trace must begin with no database"
+    )
     return Trace(db=db, ops=ops, names=names, lines=last + 1)
 
 
@@ -489,7 +544,12 @@ def wal_frames(trace: Trace) -> list[Frame]:
             header[op.inode] = op
             continue
         frame_header = header.pop(op.inode, None)
-        if within != 24 or len(op.data) != size or frame_header is None or frame_header.offset != op.offset - 24:
+        if (
+            within != 24
+            or len(op.data) != size
+            or frame_header is None
+            or frame_header.offset != op.offset - 24
+        ):
             raise Unmodelled(f"line {op.start}: a WAL write of {len(op.data)} bytes at {op.offset}")
         frames.append(Frame(op.inode, frame_header, op))
     return frames
@@ -567,7 +627,9 @@ def disk_at_cut(
     """
     durable_names, pending_names = pending_and_durable(trace.name_ops, trace.dir_syncs, cut)
     files: dict[str, int] = {}
-    for name_op in durable_names + [op for op in pending_names if choose(op) != "drop"]:  # (no half-made name)
+    for name_op in durable_names + [
+        op for op in pending_names if choose(op) != "drop"
+    ]:  # (no half-made name)
         if isinstance(name_op, Create):
             files[name_op.name] = name_op.inode
         else:
@@ -591,10 +653,10 @@ def apply(content: bytearray, op: Write | Truncate) -> None:
     if isinstance(op, Write):
         if len(content) < op.offset:
             content.extend(bytes(op.offset - len(content)))
-        content[op.offset:op.offset + len(op.data)] = op.data
+        content[op.offset : op.offset + len(op.data)] = op.data
     elif isinstance(op, Truncate):
         if len(content) > op.size:
-            del content[op.size:]
+            del content[op.size :]
         else:
             content.extend(bytes(op.size - len(content)))
 
@@ -615,7 +677,9 @@ def recovery_problems(folder: Path, files: dict[str, bytes], acked: Sequence[str
         conn.execute("PRAGMA synchronous = OFF")  # the checkpoint at close need not fsync a scratch copy
         integrity = [r[0] for r in conn.execute("PRAGMA integrity_check")]
         tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        rows = dict(conn.execute("SELECT client_message_id, payload FROM outbox")) if "outbox" in tables else {}
+        rows = (
+            dict(conn.execute("SELECT client_message_id, payload FROM outbox")) if "outbox" in tables else {}
+        )
     except sqlite3.DatabaseError as exc:
         return [f"SQLite cannot read the recovered database: {exc}"]
     finally:
@@ -700,11 +764,14 @@ def tear(rng: random.Random, write: Write) -> list[Write]:
     it was before."""
     how = rng.choice(["prefix", "zeros", "sectors"])
     if how == "prefix":
-        return [attrs.evolve(write, data=write.data[:rng.randrange(len(write.data))])]
+        return [attrs.evolve(write, data=write.data[: rng.randrange(len(write.data))])]
     if how == "zeros":
         return [attrs.evolve(write, data=bytes(len(write.data)))]
-    return [attrs.evolve(write, offset=write.offset + at, data=write.data[at:at + 512])
-            for at in range(0, len(write.data), 512) if rng.random() < 0.5]
+    return [
+        attrs.evolve(write, offset=write.offset + at, data=write.data[at : at + 512])
+        for at in range(0, len(write.data), 512)
+        if rng.random() < 0.5
+    ]
 
 
 def simulate_power_cuts(trace: Trace, folder: Path, *, cuts: int, torn_per_cut: int, seed: int) -> PowerCuts:
@@ -720,7 +787,9 @@ def simulate_power_cuts(trace: Trace, folder: Path, *, cuts: int, torn_per_cut: 
         rng = random.Random(f"{seed}/{cut}")
         variants: list[tuple[str, Chooser]] = [("synced only", keep_none), ("every started write", keep_all)]
         variants += [(f"torn #{k}", functools.partial(random_fate, rng)) for k in range(torn_per_cut)]
-        rebuilt = [(name, disk_at_cut(trace, cut, choose, functools.partial(tear, rng))) for name, choose in variants]
+        rebuilt = [
+            (name, disk_at_cut(trace, cut, choose, functools.partial(tear, rng))) for name, choose in variants
+        ]
         found.unsynced += rebuilt[0][1] != rebuilt[1][1]
         for name, files in rebuilt:
             here = folder / f"cut-{cut}"

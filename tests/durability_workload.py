@@ -58,8 +58,12 @@ def payload_for(client_message_id: str) -> bytes:
 
 
 def request(client_message_id: str) -> SendRequest:
-    return SendRequest(mesh="alpha", target_spec="*", client_message_id=client_message_id,
-                       payload=payload_for(client_message_id))
+    return SendRequest(
+        mesh="alpha",
+        target_spec="*",
+        client_message_id=client_message_id,
+        payload=payload_for(client_message_id),
+    )
 
 
 class Markers:
@@ -117,7 +121,9 @@ async def run(db: Path, args: argparse.Namespace) -> None:
                 claimed = await outbox.claim(limit=16, lease_ms=60_000, max_age_ms=10**12, token="drainer")
                 if claimed:
                     now = outbox.clock()
-                    await outbox.complete([on_ack(row, broker_message_id=f"b-{row.id}", now=now) for row in claimed])
+                    await outbox.complete(
+                        [on_ack(row, broker_message_id=f"b-{row.id}", now=now) for row in claimed]
+                    )
                 elif accepted_all.is_set():
                     return
                 else:
@@ -134,7 +140,9 @@ async def run(db: Path, args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("db", type=Path, help="the outbox to create (must not exist)")
     parser.add_argument("--durability", choices=["full", "normal"], default="full")
     parser.add_argument("--singles", type=int, default=20)

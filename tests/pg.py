@@ -71,15 +71,26 @@ class PostgresServer:
 
     def start(self) -> PostgresServer:
         if not self.data.exists():
-            self._run("initdb", "-D", str(self.data), "-U", "postgres", "--auth=trust",
-                      "--no-sync", "-E", "UTF8", "--locale=C")
+            self._run(
+                "initdb",
+                "-D",
+                str(self.data),
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "--no-sync",
+                "-E",
+                "UTF8",
+                "--locale=C",
+            )
         options = (
             f"-c listen_addresses=127.0.0.1 -c port={self.port} -c unix_socket_directories=''"
             f" -c max_connections=200 -c fsync={'on' if self.fsync else 'off'}"
             " -c full_page_writes=off -c shared_buffers=128MB"
         )
-        self._run("pg_ctl", "start", "-w", "-t", "60", "-D", str(self.data), "-l", str(self.log),
-                  "-o", options)
+        self._run(
+            "pg_ctl", "start", "-w", "-t", "60", "-D", str(self.data), "-l", str(self.log), "-o", options
+        )
         return self
 
     def stop(self, mode: str = "fast") -> None:

@@ -37,8 +37,13 @@ def assert_clean_error(result: subprocess.CompletedProcess[str], status: int, fr
 
 
 def write_config(
-    path: Path, url: str, secret: str, extra: str = "", drain: Mapping[str, float] | None = None,
-    *, slug: str = "alpha",
+    path: Path,
+    url: str,
+    secret: str,
+    extra: str = "",
+    drain: Mapping[str, float] | None = None,
+    *,
+    slug: str = "alpha",
 ) -> Path:
     """A `trio-drain run` config for one mesh; `drain` sets [drain] fields."""
     settings = {"max_inflight": 16, "poll_interval": 0.05, **(drain or {})}
@@ -51,8 +56,12 @@ def write_config(
 
 
 def start_broker(tmp_path: Path, *extra: str) -> tuple[subprocess.Popen[str], str]:
-    proc = subprocess.Popen([*CLI, "broker", "serve", "--open", "--port", "0", "--db", str(tmp_path / "broker.db"), *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [*CLI, "broker", "serve", "--open", "--port", "0", "--db", str(tmp_path / "broker.db"), *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     assert proc.stdout is not None
     line = proc.stdout.readline()
     assert "listening on" in line, proc.stderr.read() if proc.stderr else ""
@@ -65,8 +74,12 @@ def counts(db: Path | str) -> dict[str, int]:
 
 def start_run(db: Path | str, config: Path, *flags: str) -> subprocess.Popen[str]:
     """`trio-drain [flags] run` as a background process."""
-    return subprocess.Popen([*CLI, *flags, "run", "--db", str(db), "--config", str(config)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [*CLI, *flags, "run", "--db", str(db), "--config", str(config)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def wait_for_done(db: Path | str, n: int, seconds: float, *procs: subprocess.Popen[str]) -> None:
@@ -90,8 +103,14 @@ def stop_all(*procs: subprocess.Popen[str]) -> list[str]:
 def fill(target: str | Path, n: int) -> None:
     async def go() -> None:
         async with open_outbox(target) as ob:
-            await ob.accept_many([SendRequest(mesh="alpha", target_spec="#t", payload=b"r%d" % i,
-                                              client_message_id=f"r-{i}") for i in range(n)])
+            await ob.accept_many(
+                [
+                    SendRequest(
+                        mesh="alpha", target_spec="#t", payload=b"r%d" % i, client_message_id=f"r-{i}"
+                    )
+                    for i in range(n)
+                ]
+            )
 
     trio.run(go)
 
@@ -113,9 +132,23 @@ class Broker:
 
     def start(self) -> Broker:
         self.proc = subprocess.Popen(
-            [*CLI, "broker", "serve", "--open", "--port", str(self.port), "--db", str(self.ledger),
-             "--receipts", str(self.receipts), *self.extra],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            [
+                *CLI,
+                "broker",
+                "serve",
+                "--open",
+                "--port",
+                str(self.port),
+                "--db",
+                str(self.ledger),
+                "--receipts",
+                str(self.receipts),
+                *self.extra,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
         assert "listening on" in line, self.proc.communicate()[1]

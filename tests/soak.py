@@ -41,8 +41,16 @@ from trio_drain import (
 from .benchmark import BrokerProcess
 from .helpers import wait_until
 
-CONFIG = DrainConfig(max_inflight=64, batch_size=128, poll_interval=0.2, lease=6.0, ack_timeout=2.0,
-                     maintenance_interval=1.0, backoff_base=0.05, backoff_cap=0.5)
+CONFIG = DrainConfig(
+    max_inflight=64,
+    batch_size=128,
+    poll_interval=0.2,
+    lease=6.0,
+    ack_timeout=2.0,
+    maintenance_interval=1.0,
+    backoff_base=0.05,
+    backoff_cap=0.5,
+)
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
@@ -82,12 +90,22 @@ async def soak(seconds: float, rate: int = 1500) -> dict[str, Any]:
     identity = MeshIdentity(mesh_id="mesh-soak", member_id="soak", secret_key=generate_secret_key())
     samples: list[Sample] = []
     accepted = 0
-    with tempfile.TemporaryDirectory(prefix="trio-drain-soak-") as folder, \
-            BrokerProcess("--disconnect-every", "700", "--transient-error-rate", "0.01") as broker:
-        async with open_outbox(Path(folder) / "o.db", durability="normal") as outbox, \
-                trio.open_nursery() as nursery:
-            client = WebSocketBroker(broker.url, identity, reconnect_backoff=(0.05, 0.2), ack_timeout=2.0,
-                                     ping_interval=1.0, pong_timeout=1.0)
+    with (
+        tempfile.TemporaryDirectory(prefix="trio-drain-soak-") as folder,
+        BrokerProcess("--disconnect-every", "700", "--transient-error-rate", "0.01") as broker,
+    ):
+        async with (
+            open_outbox(Path(folder) / "o.db", durability="normal") as outbox,
+            trio.open_nursery() as nursery,
+        ):
+            client = WebSocketBroker(
+                broker.url,
+                identity,
+                reconnect_backoff=(0.05, 0.2),
+                ack_timeout=2.0,
+                ping_interval=1.0,
+                pong_timeout=1.0,
+            )
             await nursery.start(client.run)
             registry = BrokerRegistry()
             registry.set_mesh("soak", client)
@@ -98,11 +116,17 @@ async def soak(seconds: float, rate: int = 1500) -> dict[str, Any]:
                 nonlocal accepted
                 batch = max(1, rate // 20)
                 while True:
-                    await outbox.accept_many([
-                        SendRequest(mesh="soak", target_spec="#soak", payload=b"x" * 200,
-                                    client_message_id=f"s-{accepted + i}")
-                        for i in range(batch)
-                    ])
+                    await outbox.accept_many(
+                        [
+                            SendRequest(
+                                mesh="soak",
+                                target_spec="#soak",
+                                payload=b"x" * 200,
+                                client_message_id=f"s-{accepted + i}",
+                            )
+                            for i in range(batch)
+                        ]
+                    )
                     accepted += batch
                     await trio.sleep(0.05)
 
@@ -110,8 +134,9 @@ async def soak(seconds: float, rate: int = 1500) -> dict[str, Any]:
                 start = trio.current_time()
                 while True:
                     counts = await outbox.counts()
-                    samples.append(Sample(trio.current_time() - start, fds(), count_tasks(), rss_mb(),
-                                          counts["done"]))
+                    samples.append(
+                        Sample(trio.current_time() - start, fds(), count_tasks(), rss_mb(), counts["done"])
+                    )
                     await trio.sleep(1.0)
 
             async with trio.open_nursery() as inner:
@@ -132,9 +157,11 @@ async def soak(seconds: float, rate: int = 1500) -> dict[str, Any]:
     return report
 
 
-def _report(samples: list[Sample], accepted: int, counts: dict[str, int], retried: int, seconds: float) -> dict[str, Any]:
+def _report(
+    samples: list[Sample], accepted: int, counts: dict[str, int], retried: int, seconds: float
+) -> dict[str, Any]:
     quarter = max(1, len(samples) // 4)
-    early = samples[quarter:2 * quarter]
+    early = samples[quarter : 2 * quarter]
     late = samples[-quarter:]
 
     def median(rows: list[Sample], field: str) -> float:
@@ -142,10 +169,17 @@ def _report(samples: list[Sample], accepted: int, counts: dict[str, int], retrie
 
     growth = {f: median(late, f) - median(early, f) for f in ("fds", "tasks", "rss_mb")}
     report = {
-        "seconds": seconds, "accepted": accepted, "counts": counts, "retried": retried,
-        "samples": len(samples), "growth_late_vs_early": growth,
-        "peak": {"fds": max(s.fds for s in samples), "tasks": max(s.tasks for s in samples),
-                 "rss_mb": max(s.rss_mb for s in samples)},
+        "seconds": seconds,
+        "accepted": accepted,
+        "counts": counts,
+        "retried": retried,
+        "samples": len(samples),
+        "growth_late_vs_early": growth,
+        "peak": {
+            "fds": max(s.fds for s in samples),
+            "tasks": max(s.tasks for s in samples),
+            "rss_mb": max(s.rss_mb for s in samples),
+        },
     }
     assert counts["done"] == accepted and counts["dead"] == 0, report
     assert growth["fds"] <= 4, f"file descriptors grew: {report}"

@@ -15,7 +15,9 @@ targets = st.sampled_from(["*", "#general", "@ops", "a" * 64]) | st.none()
 payloads = st.binary(max_size=64)
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**53) + 1, 2**53 - 1) | st.text(max_size=10),
-    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=5), children, max_size=3),
+    lambda children: (
+        st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=5), children, max_size=3)
+    ),
     max_leaves=8,
 )
 metas = st.none() | st.dictionaries(st.text(max_size=8), json_values, max_size=4)

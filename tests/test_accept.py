@@ -48,10 +48,16 @@ async def test_a_new_request_is_inserted_pending(outbox: Outbox) -> None:
     row = await outbox.get_by_client_id("m-1")
     assert row is not None
     assert (row.status, row.attempts, row.mesh, row.target_spec, row.priority) == (
-        Status.PENDING, 0, "alpha", "#general", "next")
+        Status.PENDING,
+        0,
+        "alpha",
+        "#general",
+        "next",
+    )
     assert row.next_attempt_at == row.enqueued_at
     assert row.request_fingerprint == request_fingerprint(
-        destination_kind="topic", destination_ref="general", payload=b"hi")
+        destination_kind="topic", destination_ref="general", payload=b"hi"
+    )
     assert outcome.row_id == row.id
 
 
@@ -59,7 +65,11 @@ async def test_the_same_request_again_is_accepted_without_a_second_row(outbox: O
     first = await outbox.accept(REQ)
     again = await outbox.accept(REQ)
     assert (again.kind, again.code, again.inserted, again.row_id) == (
-        OutcomeKind.ACCEPTED_PENDING, 202, False, first.row_id)
+        OutcomeKind.ACCEPTED_PENDING,
+        202,
+        False,
+        first.row_id,
+    )
     assert (await outbox.counts())["pending"] == 1
 
 
@@ -69,7 +79,10 @@ async def test_a_different_request_under_the_same_id_conflicts(outbox: Outbox) -
     assert row is not None
     outcome = await outbox.accept(attrs.evolve(REQ, payload=b"other"))
     assert (outcome.kind, outcome.code, outcome.reason) == (
-        OutcomeKind.CONFLICT, 409, "outbox_pending_fingerprint_mismatch")
+        OutcomeKind.CONFLICT,
+        409,
+        "outbox_pending_fingerprint_mismatch",
+    )
     assert outcome.fingerprint_prefix == row.request_fingerprint[:8].hex()
     assert outcome.row_id == first.row_id
     stored = await outbox.get_by_client_id("m-1")
@@ -81,6 +94,7 @@ async def test_a_done_row_answers_200_with_the_broker_message_id(clocked_outbox:
     await ob.accept(REQ)
     (row,) = await ob.claim(limit=1, lease_ms=1000, max_age_ms=10**9, token="t")
     from trio_drain import _lifecycle as lc
+
     await ob.complete([lc.on_ack(row, broker_message_id="b-42", now=ob.clock())])
     outcome = await ob.accept(REQ)
     assert (outcome.kind, outcome.code, outcome.broker_message_id) == (OutcomeKind.ACCEPTED_DONE, 200, "b-42")
@@ -157,7 +171,9 @@ def test_random_bytes_come_from_the_os_a_pool_at_a_time(monkeypatch: pytest.Monk
     # In order, nothing handed out twice; a read's tail too short for a take is left.
     assert b"".join(taken[:170]) == reads[0][:4080]
     assert b"".join(taken[170:]) == reads[1][:720]
-    assert pool.take(5000) == reads[-1] and len(reads[-1]) == 5000  # more than a pool: a read of its own  # more than a pool: one read of its own
+    assert (
+        pool.take(5000) == reads[-1] and len(reads[-1]) == 5000
+    )  # more than a pool: a read of its own  # more than a pool: one read of its own
 
 
 def test_each_thread_draws_on_a_random_pool_of_its_own(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -207,8 +223,11 @@ async def test_a_batch_retried_in_part_answers_each_row_by_its_own_state(outbox:
     again = [*first, attrs.evolve(REQ, client_message_id="r-new"), attrs.evolve(first[2], payload=b"other")]
     outcomes = await outbox.accept_many(again)
     assert [(o.kind, o.inserted) for o in outcomes] == [
-        (OutcomeKind.ACCEPTED_PENDING, False), (OutcomeKind.ACCEPTED_PENDING, False),
-        (OutcomeKind.ACCEPTED_PENDING, False), (OutcomeKind.ACCEPTED_PENDING, True), (OutcomeKind.CONFLICT, False),
+        (OutcomeKind.ACCEPTED_PENDING, False),
+        (OutcomeKind.ACCEPTED_PENDING, False),
+        (OutcomeKind.ACCEPTED_PENDING, False),
+        (OutcomeKind.ACCEPTED_PENDING, True),
+        (OutcomeKind.CONFLICT, False),
     ]
     assert outcomes[4].reason == "outbox_pending_fingerprint_mismatch"
     assert (await outbox.counts())["pending"] == 4
@@ -265,7 +284,11 @@ BAD = [
     ("bad session key", attrs.evolve(REQ, sender_session_pubkey="xyz"), "sender_session_pubkey"),
     ("empty client id", attrs.evolve(REQ, client_message_id=""), "client_message_id"),
     ("control chars in id", attrs.evolve(REQ, client_message_id="a\nb"), "client_message_id"),
-    ("bad destination kind", attrs.evolve(REQ, destination_kind="room", destination_ref="x"), "destination_kind"),
+    (
+        "bad destination kind",
+        attrs.evolve(REQ, destination_kind="room", destination_ref="x"),
+        "destination_kind",
+    ),
     ("half a destination", attrs.evolve(REQ, destination_kind="topic"), "destination"),
 ]
 
@@ -325,7 +348,9 @@ async def test_an_unencodable_request_fails_alone_among_concurrent_accepts(outbo
     assert isinstance(bad, InvalidRequest) and "client_message_id" in str(bad)
     assert all(isinstance(r, AcceptOutcome) and r.inserted for r in results.values()), results
     assert (await outbox.counts())["pending"] == 9
-    assert {r.client_message_id for r in await outbox.list(limit=20)} == {f"m-{i}" for i in range(10) if i != 6}
+    assert {r.client_message_id for r in await outbox.list(limit=20)} == {
+        f"m-{i}" for i in range(10) if i != 6
+    }
 
 
 async def test_one_bad_request_in_accept_many_writes_none(outbox: Outbox) -> None:
@@ -352,9 +377,16 @@ async def test_a_row_is_durable_once_accept_returns(db_path: Path) -> None:
 @pytest.mark.parametrize("bad", ["\x1b[2J", "\x9b31m", "a\u202eb", "a\u2066b", "line\u2028break", "\x7f"])
 @pytest.mark.parametrize("field", ["client_message_id", "mesh", "target_spec", "reply_to_id"])
 async def test_ids_meshes_and_targets_refuse_controls_c1_and_bidi_characters(
-    outbox: Outbox, field: str, bad: str,
+    outbox: Outbox,
+    field: str,
+    bad: str,
 ) -> None:
-    fields: dict[str, Any] = {"mesh": "alpha", "target_spec": "*", "payload": b"x", "client_message_id": "c-1"}
+    fields: dict[str, Any] = {
+        "mesh": "alpha",
+        "target_spec": "*",
+        "payload": b"x",
+        "client_message_id": "c-1",
+    }
     fields[field] = f"x{bad}y"
     with pytest.raises(InvalidRequest, match="control or bidi"):
         await outbox.accept(SendRequest(**fields))

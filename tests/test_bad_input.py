@@ -41,8 +41,14 @@ from .helpers import TrioPortal, websocket_client
 
 SECRET = generate_secret_key()
 IDENTITY = MeshIdentity(mesh_id="mesh-alpha", member_id="member-1", secret_key=SECRET)
-MESSAGE = OutgoingMessage(client_message_id="m-1", request_fingerprint="aa", target_spec="*",
-                          priority="next", nonce="", ciphertext="")
+MESSAGE = OutgoingMessage(
+    client_message_id="m-1",
+    request_fingerprint="aa",
+    target_spec="*",
+    priority="next",
+    nonce="",
+    ciphertext="",
+)
 
 json_scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20)
 json_values = st.recursive(
@@ -91,11 +97,17 @@ def _loads_verdict(text: str) -> Any:
     return value if isinstance(value, dict) else None
 
 
-@given(text=st.one_of(
-    st.text(max_size=30),
-    st.builds(lambda pad, frame, tail: pad + json.dumps(frame) + tail,
-              st.sampled_from(["", " ", "\n\t"]), json_values, st.sampled_from(["", " \r\n", "x", "{}", ","])),
-))
+@given(
+    text=st.one_of(
+        st.text(max_size=30),
+        st.builds(
+            lambda pad, frame, tail: pad + json.dumps(frame) + tail,
+            st.sampled_from(["", " ", "\n\t"]),
+            json_values,
+            st.sampled_from(["", " \r\n", "x", "{}", ","]),
+        ),
+    )
+)
 @example(text=' {"a": 1}')
 @example(text='{"a": 1}  ')
 @example(text='{"a": 1}x')
@@ -126,6 +138,7 @@ async def _scripted_exchange(junk: list[Any]) -> tuple[Any, bool]:
     """A server that acks the hello, answers the first send with `junk`,
     then a valid ack; returns what the client's send got, and whether the
     connection is still open afterwards."""
+
     async def handler(request: trio_websocket.WebSocketRequest) -> None:
         ws = await request.accept()
         try:
@@ -138,15 +151,22 @@ async def _scripted_exchange(junk: list[Any]) -> tuple[Any, bool]:
                 elif isinstance(frame, str) and not frame.isprintable() and "\ud800" in frame:
                     frame = "\\ud800"  # a lone surrogate cannot go on the wire as UTF-8
                 await ws.send_message(frame)
-            await ws.send_message(json.dumps({"type": "ack", "id": send["id"], "messageId": "b-1", "queued": True}))
+            await ws.send_message(
+                json.dumps({"type": "ack", "id": send["id"], "messageId": "b-1", "queued": True})
+            )
             await trio.sleep_forever()
         except trio_websocket.ConnectionClosed:
             pass
 
     async with trio.open_nursery() as nursery:
         server = await nursery.start(trio_websocket.serve_websocket, handler, "127.0.0.1", 0, None)
-        broker = WebSocketBroker(f"ws://127.0.0.1:{server.port}/ws", IDENTITY, on_push=lambda f: None,
-                                 reconnect_backoff=(0.05,), ack_timeout=5.0)
+        broker = WebSocketBroker(
+            f"ws://127.0.0.1:{server.port}/ws",
+            IDENTITY,
+            on_push=lambda f: None,
+            reconnect_backoff=(0.05,),
+            ack_timeout=5.0,
+        )
         await nursery.start(broker.run)
         with trio.fail_after(10):
             result = await broker.send(MESSAGE)
@@ -169,13 +189,23 @@ def test_generated_frames_from_a_broker_are_survived(junk: list[Any]) -> None:
 
 # -- requests against accept --------------------------------------------------------------------
 
-anything = st.one_of(st.none(), st.text(max_size=30), st.binary(max_size=30), st.integers(),
-                     st.floats(), st.booleans(), st.lists(st.integers(), max_size=3))
+anything = st.one_of(
+    st.none(),
+    st.text(max_size=30),
+    st.binary(max_size=30),
+    st.integers(),
+    st.floats(),
+    st.booleans(),
+    st.lists(st.integers(), max_size=3),
+)
 hostile_meta = st.one_of(
-    st.none(), anything,
-    st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=10),
-                 lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
-                 max_leaves=10),
+    st.none(),
+    anything,
+    st.recursive(
+        st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=10),
+        lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+        max_leaves=10,
+    ),
     st.just({"deep": json.loads("[" * 900 + "]" * 900)}),
     st.just({1: "non-string key"}),
     st.just({"big": 2**80}),
@@ -235,8 +265,19 @@ def test_hostile_requests_are_refused_clearly_or_stored_exactly(
 
 # -- hellos against the reference broker ---------------------------------------------------------
 
-HELLO_KEYS = ["type", "meshId", "memberId", "pubkey", "timestamp", "signature", "parentMemberId",
-              "parentMemberPubkey", "sessionPubkey", "parentAttestation", "sessionId"]
+HELLO_KEYS = [
+    "type",
+    "meshId",
+    "memberId",
+    "pubkey",
+    "timestamp",
+    "signature",
+    "parentMemberId",
+    "parentMemberPubkey",
+    "sessionPubkey",
+    "parentAttestation",
+    "sessionId",
+]
 
 
 @st.composite
@@ -249,7 +290,9 @@ def malformed_hellos(draw: st.DrawFn) -> Any:
 async def _hello_exchange(frames: list[Any]) -> list[Any]:
     answers = []
     async with trio.open_nursery() as nursery:
-        server = await nursery.start(lambda task_status: serve_broker(open_mode=True, task_status=task_status))
+        server = await nursery.start(
+            lambda task_status: serve_broker(open_mode=True, task_status=task_status)
+        )
         for frame in frames:
             async with websocket_client(server.url) as ws:
                 await ws.send_message(frame if isinstance(frame, str) else json.dumps(frame))
@@ -289,7 +332,9 @@ async def test_a_replayed_hello_is_accepted_only_inside_the_skew_window() -> Non
     fresh = json.dumps(IDENTITY.hello(now))
     stale = json.dumps(IDENTITY.hello(now - 61_000))
     async with trio.open_nursery() as nursery:
-        server = await nursery.start(lambda task_status: serve_broker(open_mode=True, task_status=task_status))
+        server = await nursery.start(
+            lambda task_status: serve_broker(open_mode=True, task_status=task_status)
+        )
         answers = []
         for hello in (fresh, fresh, stale):
             async with websocket_client(server.url) as ws:
@@ -307,7 +352,11 @@ def toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, float):
-        return "nan" if math.isnan(value) else ("inf" if value == math.inf else "-inf" if value == -math.inf else repr(value))
+        return (
+            "nan"
+            if math.isnan(value)
+            else ("inf" if value == math.inf else "-inf" if value == -math.inf else repr(value))
+        )
     if isinstance(value, (int, str)):
         return json.dumps(value)
     if isinstance(value, list):
@@ -315,11 +364,28 @@ def toml_value(value: Any) -> str:
     return json.dumps(str(value))
 
 
-toml_scalars = st.one_of(st.booleans(), st.integers(-(2**63), 2**63 - 1), st.floats(), st.text(max_size=20),
-                         st.sampled_from(["resend", "dead"]))
-DRAIN_KEYS = ["max_inflight", "batch_size", "poll_interval", "lease", "ack_timeout", "max_attempts",
-              "backoff_base", "backoff_cap", "route_retry", "max_age", "maintenance_interval", "unknown_fate",
-              "bogus"]
+toml_scalars = st.one_of(
+    st.booleans(),
+    st.integers(-(2**63), 2**63 - 1),
+    st.floats(),
+    st.text(max_size=20),
+    st.sampled_from(["resend", "dead"]),
+)
+DRAIN_KEYS = [
+    "max_inflight",
+    "batch_size",
+    "poll_interval",
+    "lease",
+    "ack_timeout",
+    "max_attempts",
+    "backoff_base",
+    "backoff_cap",
+    "route_retry",
+    "max_age",
+    "maintenance_interval",
+    "unknown_fate",
+    "bogus",
+]
 MESH_KEYS = ["slug", "mesh_id", "member_id", "broker_url", "secret_key", "secret_key_file", "extra"]
 
 
@@ -328,7 +394,11 @@ def hostile_configs(draw: st.DrawFn) -> str:
     lines = []
     if draw(st.booleans()):
         lines.append("[drain]")
-        for key, value in draw(st.dictionaries(st.sampled_from(DRAIN_KEYS), toml_scalars | st.lists(toml_scalars, max_size=2), max_size=6)).items():
+        for key, value in draw(
+            st.dictionaries(
+                st.sampled_from(DRAIN_KEYS), toml_scalars | st.lists(toml_scalars, max_size=2), max_size=6
+            )
+        ).items():
             lines.append(f"{key} = {toml_value(value)}")
     for _ in range(draw(st.integers(0, 2))):
         lines.append("[[mesh]]")
@@ -365,8 +435,10 @@ def test_a_config_that_is_not_utf8_is_a_config_error(tmp_path: Path, content: by
 
 
 def test_two_meshes_with_one_slug_are_a_config_error(tmp_path: Path) -> None:
-    mesh = (f'[[mesh]]\nslug = "alpha"\nmesh_id = "m"\nmember_id = "u"\nbroker_url = "ws://h/ws"\n'
-            f'secret_key = "{SECRET}"\n')
+    mesh = (
+        f'[[mesh]]\nslug = "alpha"\nmesh_id = "m"\nmember_id = "u"\nbroker_url = "ws://h/ws"\n'
+        f'secret_key = "{SECRET}"\n'
+    )
     path = tmp_path / "c.toml"
     path.write_text(mesh + mesh)
     with pytest.raises(ConfigError, match="alpha"):

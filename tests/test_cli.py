@@ -24,11 +24,18 @@ def test_version() -> None:
 
 def test_send_then_inspect_with_json(tmp_path: Path) -> None:
     db = str(tmp_path / "o.db")
-    sent = run("send", "--db", db, "--mesh", "alpha", "--to", "#general", "--client-id", "c-1", "--json", "hello")
+    sent = run(
+        "send", "--db", db, "--mesh", "alpha", "--to", "#general", "--client-id", "c-1", "--json", "hello"
+    )
     assert sent.returncode == 0, sent.stderr
     assert json.loads(sent.stdout)["kind"] == "accepted_pending"
     assert json.loads(run("outbox", "stats", "--db", db, "--json").stdout) == {
-        "pending": 1, "inflight": 0, "done": 0, "dead": 0, "aborted": 0}
+        "pending": 1,
+        "inflight": 0,
+        "done": 0,
+        "dead": 0,
+        "aborted": 0,
+    }
     (row,) = json.loads(run("outbox", "list", "--db", db, "--json").stdout)
     assert (row["client_message_id"], row["payload"], row["status"]) == ("c-1", "hello", "pending")
     inspected = json.loads(run("outbox", "inspect", "--db", db, "c-1", "--json").stdout)
@@ -55,9 +62,13 @@ def test_a_corrupt_database_is_a_runtime_error_and_is_left_alone(tmp_path: Path)
 
 
 def test_bad_arguments_are_usage_errors(tmp_path: Path) -> None:
-    result = run("send", "--db", str(tmp_path / "o.db"), "--mesh", "a", "--to", "*", "--priority", "urgent", "x")
+    result = run(
+        "send", "--db", str(tmp_path / "o.db"), "--mesh", "a", "--to", "*", "--priority", "urgent", "x"
+    )
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert_clean_error(run("send", "--db", str(tmp_path / "o.db"), "--mesh", "a", "--to", "", "x"), 1, "target_spec")
+    assert_clean_error(
+        run("send", "--db", str(tmp_path / "o.db"), "--mesh", "a", "--to", "", "x"), 1, "target_spec"
+    )
     unknown = run("outbox", "inspect", "--db", str(tmp_path / "o.db"), "nope")
     assert_clean_error(unknown, 1, "no outbox row")
 
@@ -69,9 +80,18 @@ def test_bad_arguments_are_usage_errors(tmp_path: Path) -> None:
         ("[drain]\nmax_inflight = 0\n[[mesh]]\n", "max_inflight"),
         ("[drain]\nbogus = 1\n", "unknown [drain] setting"),
         ("", "at least one [[mesh]]"),
-        ('[[mesh]]\nslug = "a"\nmesh_id = "m"\nmember_id = "u"\nbroker_url = "http://x"\nsecret_key = "ab"\n', "ws://"),
-        ('[[mesh]]\nslug = "a"\nmesh_id = "m"\nmember_id = "u"\nbroker_url = "ws://x"\nsecret_key = "ab"\n', "128 hex"),
-        ('[[mesh]]\nslug = "a"\nmesh_id = "m"\nmember_id = "u"\nbroker_url = "ws://x"\nsecret_key_file = "nope"\n', "secret_key_file"),
+        (
+            '[[mesh]]\nslug = "a"\nmesh_id = "m"\nmember_id = "u"\nbroker_url = "http://x"\nsecret_key = "ab"\n',
+            "ws://",
+        ),
+        (
+            '[[mesh]]\nslug = "a"\nmesh_id = "m"\nmember_id = "u"\nbroker_url = "ws://x"\nsecret_key = "ab"\n',
+            "128 hex",
+        ),
+        (
+            '[[mesh]]\nslug = "a"\nmesh_id = "m"\nmember_id = "u"\nbroker_url = "ws://x"\nsecret_key_file = "nope"\n',
+            "secret_key_file",
+        ),
     ],
     ids=["malformed", "bad value", "unknown key", "no mesh", "bad url", "bad key", "missing key file"],
 )
@@ -91,7 +111,11 @@ def secret_not_in(result: subprocess.CompletedProcess[str]) -> bool:
 
 def test_missing_config_file_exits_2(tmp_path: Path) -> None:
     run("send", "--db", str(tmp_path / "o.db"), "--mesh", "alpha", "--to", "*", "x")
-    assert_clean_error(run("run", "--db", str(tmp_path / "o.db"), "--config", str(tmp_path / "no.toml")), 2, "cannot read config")
+    assert_clean_error(
+        run("run", "--db", str(tmp_path / "o.db"), "--config", str(tmp_path / "no.toml")),
+        2,
+        "cannot read config",
+    )
 
 
 def test_keygen_writes_a_0600_key_and_refuses_to_overwrite(tmp_path: Path) -> None:
@@ -124,7 +148,9 @@ def test_sigterm_during_a_drain_loses_nothing(tmp_path: Path) -> None:
 
         async def fill() -> None:
             async with open_outbox(db) as ob:
-                await ob.accept_many([SendRequest(mesh="alpha", target_spec="#t", payload=b"m%d" % i) for i in range(3000)])
+                await ob.accept_many(
+                    [SendRequest(mesh="alpha", target_spec="#t", payload=b"m%d" % i) for i in range(3000)]
+                )
 
         trio.run(fill)
         config = write_config(tmp_path / "c.toml", url, generate_secret_key())
@@ -162,11 +188,11 @@ def test_broker_serve_rejects_a_malformed_members_file(tmp_path: Path) -> None:
     assert_clean_error(run("broker", "serve", "--members", str(members), "--port", "0"), 2, "members file")
 
 
-
-
 @pytest.mark.parametrize("limit", ["10", "ten/60", "0/60", "10/0", "10/-1", "10/inf"])
 def test_broker_serve_refuses_a_malformed_rate_limit_in_one_line(limit: str) -> None:
-    assert_clean_error(run("broker", "serve", "--open", "--port", "0", "--rate-limit", limit), 2, "rate limit")
+    assert_clean_error(
+        run("broker", "serve", "--open", "--port", "0", "--rate-limit", limit), 2, "rate limit"
+    )
 
 
 def test_json_logs_are_one_object_per_line_and_hold_no_secret(tmp_path: Path) -> None:

@@ -41,7 +41,12 @@ def slow() -> int:
 
 
 def req(cid: str, **kw: Any) -> SendRequest:
-    fields: dict[str, Any] = {"mesh": "alpha", "target_spec": "#t", "payload": cid.encode(), "client_message_id": cid}
+    fields: dict[str, Any] = {
+        "mesh": "alpha",
+        "target_spec": "#t",
+        "payload": cid.encode(),
+        "client_message_id": cid,
+    }
     fields.update(kw)
     return SendRequest(**fields)
 
@@ -56,8 +61,12 @@ class Hosts:
 @pytest.fixture
 async def hosts(pg_url: str) -> AsyncIterator[Hosts]:
     async with AsyncExitStack() as stack:
-        yield Hosts(*[await stack.enter_async_context(open_outbox(pg_url, clock=clock))
-                      for clock in (fast, wall_clock_ms, slow)])
+        yield Hosts(
+            *[
+                await stack.enter_async_context(open_outbox(pg_url, clock=clock))
+                for clock in (fast, wall_clock_ms, slow)
+            ]
+        )
 
 
 async def test_a_fast_host_neither_takes_live_leases_nor_expires_young_rows(hosts: Hosts) -> None:
@@ -110,11 +119,20 @@ async def test_retry_times_follow_the_servers_clock_whoever_wrote_them(hosts: Ho
     # would be due at once. (One writes through `complete`, the other
     # through `complete_and_claim`, as the worker does.)
     before = wall_clock_ms()
-    assert await hosts.fast.complete([lc.on_error(fast_row, error="x", permanent=False, now=hosts.fast.clock(),
-                                                  policy=policy, jitter=1.0)]) == [True]
+    assert await hosts.fast.complete(
+        [lc.on_error(fast_row, error="x", permanent=False, now=hosts.fast.clock(), policy=policy, jitter=1.0)]
+    ) == [True]
     applied, _ = await hosts.slow.complete_and_claim(
-        [lc.on_error(slow_row, error="x", permanent=False, now=hosts.slow.clock(), policy=policy, jitter=1.0)],
-        limit=0, lease_ms=LEASE, max_age_ms=BIG, token="slow-2")
+        [
+            lc.on_error(
+                slow_row, error="x", permanent=False, now=hosts.slow.clock(), policy=policy, jitter=1.0
+            )
+        ],
+        limit=0,
+        lease_ms=LEASE,
+        max_age_ms=BIG,
+        token="slow-2",
+    )
     after = wall_clock_ms()
     assert applied == [True]
     retries = await hosts.right.list(Status.PENDING)
@@ -163,8 +181,9 @@ async def test_workers_on_hosts_whose_clocks_are_off_send_each_row_once(pg_url: 
     # A worker ten minutes fast drains its share quickly, then sweeps leases
     # every 0.1 s while a worker with the right clock holds rows in flight
     # for a second under a 5 s lease.
-    config = DrainConfig(poll_interval=0.05, lease=5.0, ack_timeout=3.0, maintenance_interval=0.1,
-                         max_inflight=8, batch_size=8)
+    config = DrainConfig(
+        poll_interval=0.05, lease=5.0, ack_timeout=3.0, maintenance_interval=0.1, max_inflight=8, batch_size=8
+    )
     n = 40
     brokers = {"fast": FakeBroker(delay=0.02), "right": FakeBroker(delay=1.0)}
     async with open_outbox(pg_url, clock=fast) as ob_fast, open_outbox(pg_url) as ob_right:

@@ -77,8 +77,14 @@ async def scripted_server(handler: Any) -> AsyncIterator[str]:
 
 
 def connect(url: str, **kw: Any) -> Any:
-    return open_connection(url, transport="native", ssl_context=None, max_message_size=kw.pop("limit", LIMIT),
-                           connect_timeout=5, **kw)
+    return open_connection(
+        url,
+        transport="native",
+        ssl_context=None,
+        max_message_size=kw.pop("limit", LIMIT),
+        connect_timeout=5,
+        **kw,
+    )
 
 
 async def read_all(ws: Connection) -> tuple[list[str | bytes], str]:
@@ -137,7 +143,10 @@ async def test_the_reference_broker(case: Case) -> None:
         async with trio.open_nursery() as nursery:
             stream, rest = await open_broker_socket(nursery)
             peer = Peer(stream, client=True, received=rest)
-            assert json.loads(await peer.hello(json.dumps(IDENTITY.hello(wall_clock_ms()))))["type"] == "hello_ack"
+            assert (
+                json.loads(await peer.hello(json.dumps(IDENTITY.hello(wall_clock_ms()))))["type"]
+                == "hello_ack"
+            )
             outcome = await peer.play(case, until=lambda o: expected <= acked_ids(o.texts))
             nursery.cancel_scope.cancel()
     check(case, outcome)
@@ -158,8 +167,9 @@ HANDSHAKES = [
 ]
 
 
-@pytest.mark.parametrize(("request_kw", "status"), [(kw, s) for _, kw, s in HANDSHAKES],
-                         ids=[n for n, _, _ in HANDSHAKES])
+@pytest.mark.parametrize(
+    ("request_kw", "status"), [(kw, s) for _, kw, s in HANDSHAKES], ids=[n for n, _, _ in HANDSHAKES]
+)
 async def test_the_reference_broker_refuses_a_bad_upgrade(request_kw: dict[str, Any], status: bytes) -> None:
     with trio.fail_after(5):
         async with trio.open_nursery() as nursery:
@@ -176,21 +186,42 @@ async def test_the_reference_broker_refuses_a_bad_upgrade(request_kw: dict[str, 
 
 ANSWERS = [
     ("refused", lambda key: b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0", "HTTP 403"),
-    ("wrong accept", lambda key: b"HTTP/1.1 101 OK\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-     b"Sec-WebSocket-Accept: " + accept_for("x").encode(), "does not match"),
-    ("no upgrade", lambda key: b"HTTP/1.1 101 OK\r\nSec-WebSocket-Accept: " + accept_for(key).encode(),
-     "did not upgrade"),
-    ("an extension we did not offer", lambda key: b"HTTP/1.1 101 OK\r\nUpgrade: websocket\r\nConnection: Upgrade"
-     b"\r\nSec-WebSocket-Extensions: permessage-deflate\r\nSec-WebSocket-Accept: " + accept_for(key).encode(),
-     "extension"),
+    (
+        "wrong accept",
+        lambda key: (
+            b"HTTP/1.1 101 OK\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Accept: " + accept_for("x").encode()
+        ),
+        "does not match",
+    ),
+    (
+        "no upgrade",
+        lambda key: b"HTTP/1.1 101 OK\r\nSec-WebSocket-Accept: " + accept_for(key).encode(),
+        "did not upgrade",
+    ),
+    (
+        "an extension we did not offer",
+        lambda key: (
+            b"HTTP/1.1 101 OK\r\nUpgrade: websocket\r\nConnection: Upgrade"
+            b"\r\nSec-WebSocket-Extensions: permessage-deflate\r\nSec-WebSocket-Accept: "
+            + accept_for(key).encode()
+        ),
+        "extension",
+    ),
 ]
 
 
-@pytest.mark.parametrize(("answer", "complaint"), [(a, c) for _, a, c in ANSWERS], ids=[n for n, _, _ in ANSWERS])
+@pytest.mark.parametrize(
+    ("answer", "complaint"), [(a, c) for _, a, c in ANSWERS], ids=[n for n, _, _ in ANSWERS]
+)
 async def test_the_client_refuses_a_bad_answer(answer: Any, complaint: str) -> None:
     async def answer_badly(stream: trio.SocketStream) -> None:
         head, _ = await read_head(stream)
-        key = next(line.split(": ")[1] for line in head.decode().split("\r\n") if line.startswith("Sec-WebSocket-Key"))
+        key = next(
+            line.split(": ")[1]
+            for line in head.decode().split("\r\n")
+            if line.startswith("Sec-WebSocket-Key")
+        )
         await stream.send_all(answer(key) + b"\r\n\r\n")
         await stream.receive_some(100)
 
@@ -230,7 +261,9 @@ class ClosingServer:
                             await stream.send_all(close_frame(1000).wire(masked=False))
                             self.answered_at = trio.current_time()
                     elif not self.closes and opcode == 0x1 and b'"hello"' in payload:
-                        await stream.send_all(Frame(0x1, b'{"type":"hello_ack","presenceId":"p"}').wire(masked=False))
+                        await stream.send_all(
+                            Frame(0x1, b'{"type":"hello_ack","presenceId":"p"}').wire(masked=False)
+                        )
                 data = await stream.receive_some(65536)
                 if not data:
                     break
@@ -265,10 +298,14 @@ async def test_a_cancelled_broker_run_completes_the_closing_handshake() -> None:
                 nursery.cancel_scope.cancel()
             await server.done.wait()
     assert server.closes and server.closes[0][:2] == b"\x03\xe8"
-    assert server.answered_at is not None and server.eof_at is not None and server.eof_at >= server.answered_at
+    assert (
+        server.answered_at is not None and server.eof_at is not None and server.eof_at >= server.answered_at
+    )
 
 
-async def test_the_closing_handshake_is_bounded_when_the_peer_never_answers(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_the_closing_handshake_is_bounded_when_the_peer_never_answers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     monkeypatch.setattr(_transport, "CLOSE_TIMEOUT", 0.3)
     server = ClosingServer(delay=None)
     with trio.fail_after(2):

@@ -24,8 +24,33 @@ from . import wsconformance as wsc
 
 Result = tuple[list[Any], int | None, bool]  # events, failure code, waiting for the rest of a frame
 
-CLOSE_CODES = [1000, 1001, 1002, 1003, 1005, 1006, 1007, 1008, 1009, 1011, 1012, 1013, 1015, 1016, 0, 999,
-               1004, 2000, 2999, 3000, 3999, 4000, 4999, 5000, 65535]
+CLOSE_CODES = [
+    1000,
+    1001,
+    1002,
+    1003,
+    1005,
+    1006,
+    1007,
+    1008,
+    1009,
+    1011,
+    1012,
+    1013,
+    1015,
+    1016,
+    0,
+    999,
+    1004,
+    2000,
+    2999,
+    3000,
+    3999,
+    4000,
+    4999,
+    5000,
+    65535,
+]
 
 
 @st.composite
@@ -41,7 +66,9 @@ def close_payloads(draw: st.DrawFn) -> bytes:
 
 @st.composite
 def frames(draw: st.DrawFn, masked: bool) -> bytes:
-    opcode = draw(st.one_of(st.sampled_from([0x1, 0x1, 0x1, 0x2, 0x0, 0x0, 0x8, 0x9, 0xA]), st.integers(0, 15)))
+    opcode = draw(
+        st.one_of(st.sampled_from([0x1, 0x1, 0x1, 0x2, 0x0, 0x0, 0x8, 0x9, 0xA]), st.integers(0, 15))
+    )
     is_data = opcode < 8
     fin = draw(st.booleans()) if is_data else draw(st.sampled_from([True] * 9 + [False]))
     rsv = draw(st.sampled_from([0] * 15 + [1, 2, 4, 7]))
@@ -65,7 +92,7 @@ def streams(draw: st.DrawFn, masked: bool) -> tuple[bytes, list[int]]:
     for _ in range(draw(st.sampled_from([0, 0, 0, 1, 2, 3]))):
         wire[draw(st.integers(0, len(wire) - 1))] ^= draw(st.integers(1, 255))
     if draw(st.integers(0, 5)) == 0:
-        del wire[draw(st.integers(0, len(wire))):]
+        del wire[draw(st.integers(0, len(wire))) :]
     cuts = draw(st.lists(st.integers(0, len(wire)), max_size=6))
     return bytes(wire), sorted(set(cuts))
 
@@ -144,8 +171,10 @@ def test_the_client_codec_reads_like_wsprotos(stream: tuple[bytes, list[int]]) -
     check(*stream, client=True)
 
 
-@given(st.lists(st.tuples(st.booleans(), st.binary(max_size=200)), min_size=1, max_size=5),
-       st.lists(st.integers(0, 2000), max_size=8))
+@given(
+    st.lists(st.tuples(st.booleans(), st.binary(max_size=200)), min_size=1, max_size=5),
+    st.lists(st.integers(0, 2000), max_size=8),
+)
 def test_valid_streams_give_the_same_messages(messages: list[tuple[bool, bytes]], cuts: list[int]) -> None:
     # Valid traffic, fragmented where the data is long enough: both see
     # every message and neither fails.
@@ -153,9 +182,11 @@ def test_valid_streams_give_the_same_messages(messages: list[tuple[bool, bytes]]
     for is_text, data in messages:
         payload = data.decode("utf-8", "replace").encode() if is_text else data
         opcode = 0x1 if is_text else 0x2
-        pieces = [payload[i:i + 50] for i in range(0, len(payload), 50)] or [b""]
-        wire += b"".join(wsc.Frame(opcode if i == 0 else 0x0, p, fin=i == len(pieces) - 1).wire(masked=True)
-                         for i, p in enumerate(pieces))
+        pieces = [payload[i : i + 50] for i in range(0, len(payload), 50)] or [b""]
+        wire += b"".join(
+            wsc.Frame(opcode if i == 0 else 0x0, p, fin=i == len(pieces) - 1).wire(masked=True)
+            for i, p in enumerate(pieces)
+        )
     cuts = sorted({c % (len(wire) + 1) for c in cuts})
     mine, wsproto_s = ours(wire, cuts, client=False), theirs(wire, cuts, client=False)
     assert mine == wsproto_s

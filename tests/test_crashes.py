@@ -47,8 +47,12 @@ def integrity(db: Path) -> str:
 def outbox_rows(db: Path) -> dict[str, tuple[str, str | None]]:
     conn = sqlite3.connect(db)
     try:
-        return {cid: (status, bmid) for cid, status, bmid in
-                conn.execute("SELECT client_message_id, status, broker_message_id FROM outbox")}
+        return {
+            cid: (status, bmid)
+            for cid, status, bmid in conn.execute(
+                "SELECT client_message_id, status, broker_message_id FROM outbox"
+            )
+        }
     finally:
         conn.close()
 
@@ -62,8 +66,14 @@ def account(db: Path, broker: Broker, n: int, kills: int) -> dict[str, Any]:
     wrong = sorted(cid for cid in ids if accepted.get(cid) != rows[cid][1])
     sent = broker.sent()
     resent = sum(c - 1 for c in sent.values())
-    report = {"lost": lost[:5], "n_lost": len(lost), "wrong_message_id": wrong[:5],
-              "effects": len(accepted), "resent": resent, "kills": kills}
+    report = {
+        "lost": lost[:5],
+        "n_lost": len(lost),
+        "wrong_message_id": wrong[:5],
+        "effects": len(accepted),
+        "resent": resent,
+        "kills": kills,
+    }
     assert not lost, report
     assert set(accepted) == ids and not wrong, report
     assert set(sent) == ids, report
@@ -102,9 +112,13 @@ def test_a_kill_at_a_named_point_loses_nothing_and_applies_nothing_twice(tmp_pat
     broker = Broker(tmp_path, "--ack-delay", "0.005").start()
     config = write_config(tmp_path / "c.toml", broker.url, generate_secret_key(), drain=CRASHY)
     try:
-        crashing = subprocess.Popen([*CLI, "run", "--db", str(db), "--config", str(config)],
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                    env={**os.environ, ENV: KILL_AT[point]})
+        crashing = subprocess.Popen(
+            [*CLI, "run", "--db", str(db), "--config", str(config)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, ENV: KILL_AT[point]},
+        )
         _, err = crashing.communicate(timeout=60)
         assert crashing.returncode == -signal.SIGKILL, f"never reached {point}: {err}"
         assert integrity(db) == "ok"
@@ -151,8 +165,10 @@ def test_a_short_crash_loop_loses_nothing(tmp_path: Path) -> None:
     assert report["kills"] >= 6
 
 
-@pytest.mark.skipif(not os.environ.get("TRIO_DRAIN_CRASH_LOOPS"),
-                    reason="the long crash loop runs in `nox -s crash` (set TRIO_DRAIN_CRASH_LOOPS)")
+@pytest.mark.skipif(
+    not os.environ.get("TRIO_DRAIN_CRASH_LOOPS"),
+    reason="the long crash loop runs in `nox -s crash` (set TRIO_DRAIN_CRASH_LOOPS)",
+)
 def test_the_long_crash_loop_loses_nothing(tmp_path: Path) -> None:
     kills = int(os.environ["TRIO_DRAIN_CRASH_LOOPS"])
     report = crash_loop(tmp_path, kills=kills, n=kills * 600, seed=int(time.time()))
@@ -162,18 +178,24 @@ def test_the_long_crash_loop_loses_nothing(tmp_path: Path) -> None:
 # -- several drain processes on one outbox ---------------------------------------------------------
 
 
-def test_drain_processes_sharing_one_outbox_never_send_a_row_twice(tmp_path: Path, outbox_target: str) -> None:
+def test_drain_processes_sharing_one_outbox_never_send_a_row_twice(
+    tmp_path: Path, outbox_target: str
+) -> None:
     n = 3000
     fill(outbox_target, n)
     broker = Broker(tmp_path, "--ack-delay", "0.002").start()
-    config = write_config(tmp_path / "c.toml", broker.url, generate_secret_key(), drain={"poll_interval": 0.2})
+    config = write_config(
+        tmp_path / "c.toml", broker.url, generate_secret_key(), drain={"poll_interval": 0.2}
+    )
     workers = [start_run(outbox_target, config) for _ in range(3 if "postgresql" in outbox_target else 2)]
     try:
         wait_for_done(outbox_target, n, 120, *workers)
     finally:
         errors = stop_all(*workers)
         broker.stop()
-    assert all(w.returncode == 0 and "Traceback" not in e for w, e in zip(workers, errors, strict=True)), errors
+    assert all(w.returncode == 0 and "Traceback" not in e for w, e in zip(workers, errors, strict=True)), (
+        errors
+    )
     assert counts(outbox_target)["done"] == n
     sent = broker.sent()
     assert set(sent) == {f"r-{i}" for i in range(n)}
@@ -182,7 +204,12 @@ def test_drain_processes_sharing_one_outbox_never_send_a_row_twice(tmp_path: Pat
 
 @pytest.mark.parametrize("value", ["nonsense", "claim_after_commit@zero", "send_left@0", "@3"])
 def test_a_stray_crash_point_variable_does_not_stop_the_library_importing(value: str) -> None:
-    result = subprocess.run([sys.executable, "-c", "import trio_drain; print('imported')"],
-                            capture_output=True, text=True, env={**os.environ, ENV: value}, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-c", "import trio_drain; print('imported')"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, ENV: value},
+        timeout=60,
+    )
     assert result.returncode == 0 and result.stdout.strip() == "imported", result.stderr
     assert "ignoring" in result.stderr and "Traceback" not in result.stderr

@@ -32,8 +32,10 @@ def config_for(path: Path, meshes: dict[str, str], secret: str, **drain: object)
     settings = {**QUICK, **drain}
     text = "[drain]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in settings.items())
     for slug, url in meshes.items():
-        text += (f'\n[[mesh]]\nslug = "{slug}"\nmesh_id = "mesh-{slug}"\nmember_id = "member-1"\n'
-                 f'broker_url = "{url}"\nsecret_key = "{secret}"\n')
+        text += (
+            f'\n[[mesh]]\nslug = "{slug}"\nmesh_id = "mesh-{slug}"\nmember_id = "member-1"\n'
+            f'broker_url = "{url}"\nsecret_key = "{secret}"\n'
+        )
     path.write_text(text)
     return path
 
@@ -43,13 +45,20 @@ def fill_meshes(db: Path, per_mesh: dict[str, int]) -> None:
 
     async def go() -> None:
         async with open_outbox(db) as ob:
-            await ob.accept_many([SendRequest(mesh=slug, target_spec="*", payload=b"x", client_message_id=f"{slug}-{i}")
-                                  for slug, n in per_mesh.items() for i in range(n)])
+            await ob.accept_many(
+                [
+                    SendRequest(mesh=slug, target_spec="*", payload=b"x", client_message_id=f"{slug}-{i}")
+                    for slug, n in per_mesh.items()
+                    for i in range(n)
+                ]
+            )
 
     trio.run(go)
 
 
-def test_run_started_during_an_outage_waits_drains_the_other_routes_and_then_everything(tmp_path: Path) -> None:
+def test_run_started_during_an_outage_waits_drains_the_other_routes_and_then_everything(
+    tmp_path: Path,
+) -> None:
     (tmp_path / "up").mkdir()
     (tmp_path / "down").mkdir()
     up = Broker(tmp_path / "up").start()
@@ -81,8 +90,12 @@ def test_run_started_during_an_outage_waits_drains_the_other_routes_and_then_eve
 def test_run_refuses_to_start_when_the_broker_refuses_its_hello(tmp_path: Path) -> None:
     members = tmp_path / "members.json"
     members.write_text(json.dumps({"mesh-alpha": {"member-1": public_key_hex(generate_secret_key())}}))
-    broker = subprocess.Popen([*CLI, "broker", "serve", "--members", str(members), "--port", "0"],
-                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    broker = subprocess.Popen(
+        [*CLI, "broker", "serve", "--members", str(members), "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     try:
         assert broker.stdout is not None
         url = broker.stdout.readline().split()[-1]
@@ -97,13 +110,18 @@ def test_run_refuses_to_start_when_the_broker_refuses_its_hello(tmp_path: Path) 
     assert counts(db)["pending"] == 3
 
 
-@pytest.mark.parametrize(("url", "fragment"), [
-    ("ws://127.0.0.1:99999/ws", "out of range"),
-    ("ws://127.0.0.1:-1/ws", "malformed"),
-    ("http://127.0.0.1:8765/ws", "ws:// or wss://"),
-    ("ws:///ws", "no host"),
-])
-def test_a_malformed_broker_url_is_a_config_error_in_one_line(tmp_path: Path, url: str, fragment: str) -> None:
+@pytest.mark.parametrize(
+    ("url", "fragment"),
+    [
+        ("ws://127.0.0.1:99999/ws", "out of range"),
+        ("ws://127.0.0.1:-1/ws", "malformed"),
+        ("http://127.0.0.1:8765/ws", "ws:// or wss://"),
+        ("ws:///ws", "no host"),
+    ],
+)
+def test_a_malformed_broker_url_is_a_config_error_in_one_line(
+    tmp_path: Path, url: str, fragment: str
+) -> None:
     db = tmp_path / "o.db"
     fill(db, 1)
     config = config_for(tmp_path / "c.toml", {"alpha": url}, generate_secret_key())
@@ -116,8 +134,26 @@ def untrusted_certificate(tmp_path: Path) -> tuple[Path, Path]:
     if shutil.which("openssl") is None:
         pytest.skip("openssl is not installed: no certificate for the wss:// test")
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=x",
-                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=x",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )
     return cert, key
 
 
@@ -135,10 +171,13 @@ async def test_a_certificate_that_fails_verification_is_fatal_not_an_outage(
 
     async with trio.open_nursery() as nursery:
         (listener,) = await nursery.start(
-            functools.partial(trio.serve_ssl_over_tcp, handler, 0, server_context, host="127.0.0.1"))
+            functools.partial(trio.serve_ssl_over_tcp, handler, 0, server_context, host="127.0.0.1")
+        )
         port = listener.transport_listener.socket.getsockname()[1]
-        broker = WebSocketBroker(f"wss://127.0.0.1:{port}/ws",
-                                 MeshIdentity(mesh_id="m", member_id="u", secret_key=generate_secret_key()))
+        broker = WebSocketBroker(
+            f"wss://127.0.0.1:{port}/ws",
+            MeshIdentity(mesh_id="m", member_id="u", secret_key=generate_secret_key()),
+        )
         await nursery.start(broker.run)
         assert not broker.is_open()
         assert broker.fatal_error is not None and "certificate" in broker.fatal_error
@@ -147,8 +186,11 @@ async def test_a_certificate_that_fails_verification_is_fatal_not_an_outage(
 
 def test_an_unknown_transport_is_refused_when_the_broker_is_made() -> None:
     with pytest.raises(ConfigError, match="unknown transport"):
-        WebSocketBroker("ws://127.0.0.1:1/ws", MeshIdentity(mesh_id="m", member_id="u", secret_key=generate_secret_key()),
-                        transport="x")  # type: ignore[arg-type]
+        WebSocketBroker(
+            "ws://127.0.0.1:1/ws",
+            MeshIdentity(mesh_id="m", member_id="u", secret_key=generate_secret_key()),
+            transport="x",  # type: ignore[arg-type]
+        )
 
 
 # -- stopping ---------------------------------------------------------------------------------
@@ -166,8 +208,15 @@ def test_shutdown_is_bounded_with_a_broker_that_never_acks_and_loses_nothing(tmp
     broker = Broker(tmp_path, "--drop-ack-rate", "1.0").start()
     db = tmp_path / "o.db"
     fill(db, 50)
-    config = config_for(tmp_path / "c.toml", {"alpha": broker.url}, generate_secret_key(),
-                        shutdown_timeout=1.5, ack_timeout=30.0, lease=60.0, max_inflight=16)
+    config = config_for(
+        tmp_path / "c.toml",
+        {"alpha": broker.url},
+        generate_secret_key(),
+        shutdown_timeout=1.5,
+        ack_timeout=30.0,
+        lease=60.0,
+        max_inflight=16,
+    )
     worker = start_run(db, config)
     try:
         wait_for_receipts(broker, 16)  # the whole window is out, and will never be answered
@@ -187,8 +236,15 @@ def test_a_second_signal_exits_at_once(tmp_path: Path) -> None:
     broker = Broker(tmp_path, "--drop-ack-rate", "1.0").start()
     db = tmp_path / "o.db"
     fill(db, 20)
-    config = config_for(tmp_path / "c.toml", {"alpha": broker.url}, generate_secret_key(),
-                        shutdown_timeout=60.0, ack_timeout=30.0, lease=60.0, max_inflight=16)
+    config = config_for(
+        tmp_path / "c.toml",
+        {"alpha": broker.url},
+        generate_secret_key(),
+        shutdown_timeout=60.0,
+        ack_timeout=30.0,
+        lease=60.0,
+        max_inflight=16,
+    )
     worker = start_run(db, config)
     try:
         wait_for_receipts(broker, 16)
@@ -214,7 +270,9 @@ def test_an_interrupt_while_run_connects_is_one_line_and_status_130(tmp_path: Pa
         port = silent.getsockname()[1]
         db = tmp_path / "o.db"
         fill(db, 1)
-        config = config_for(tmp_path / "c.toml", {"alpha": f"ws://127.0.0.1:{port}/ws"}, generate_secret_key())
+        config = config_for(
+            tmp_path / "c.toml", {"alpha": f"ws://127.0.0.1:{port}/ws"}, generate_secret_key()
+        )
         worker = start_run(db, config)
         time.sleep(1.0)
         worker.send_signal(signal.SIGINT)
@@ -224,8 +282,12 @@ def test_an_interrupt_while_run_connects_is_one_line_and_status_130(tmp_path: Pa
 
 
 def test_an_interrupt_during_the_demo_is_one_line_and_status_130(tmp_path: Path) -> None:
-    demo = subprocess.Popen([*CLI, "demo", "--messages", "2000000", "--db", str(tmp_path / "d.db")],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    demo = subprocess.Popen(
+        [*CLI, "demo", "--messages", "2000000", "--db", str(tmp_path / "d.db")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     time.sleep(2.0)
     demo.send_signal(signal.SIGINT)
     _, err = demo.communicate(timeout=60)
@@ -251,26 +313,42 @@ def test_broker_serve_refuses_a_port_out_of_range(port: str) -> None:
 
 
 def test_broker_serve_on_a_host_that_does_not_resolve_is_one_line() -> None:
-    assert_clean_error(run("broker", "serve", "--open", "--host", "no-such-host.invalid", "--port", "0"), 1,
-                       "cannot listen on no-such-host.invalid")
+    assert_clean_error(
+        run("broker", "serve", "--open", "--host", "no-such-host.invalid", "--port", "0"),
+        1,
+        "cannot listen on no-such-host.invalid",
+    )
 
 
 def test_broker_serve_with_a_database_in_a_missing_folder_is_one_line(tmp_path: Path) -> None:
-    assert_clean_error(run("broker", "serve", "--open", "--port", "0", "--db", str(tmp_path / "no" / "x.db")),
-                       1, "cannot open the broker's database")
+    assert_clean_error(
+        run("broker", "serve", "--open", "--port", "0", "--db", str(tmp_path / "no" / "x.db")),
+        1,
+        "cannot open the broker's database",
+    )
 
 
 def test_send_takes_a_message_that_is_not_utf8_as_its_bytes_and_refuses_such_a_target(tmp_path: Path) -> None:
     db = tmp_path / "o.db"
     raw = b"caf\xe9 \xff"
-    done = subprocess.run([*CLI, "send", "--db", str(db), "--mesh", "alpha", "--to", "*", "--client-id", "b-1",
-                           "--json", raw], capture_output=True, timeout=60)
+    done = subprocess.run(
+        [*CLI, "send", "--db", str(db), "--mesh", "alpha", "--to", "*", "--client-id", "b-1", "--json", raw],
+        capture_output=True,
+        timeout=60,
+    )
     assert done.returncode == 0, done.stderr
-    shown = subprocess.run([*CLI, "outbox", "inspect", "--db", str(db), "--json", "b-1"], capture_output=True,
-                           text=True, timeout=60)
+    shown = subprocess.run(
+        [*CLI, "outbox", "inspect", "--db", str(db), "--json", "b-1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert json.loads(shown.stdout)["payload_hex"] == raw.hex()
-    bad = subprocess.run([*CLI, "send", "--db", str(db), "--mesh", "alpha", "--to", b"\xff", "x"],
-                         capture_output=True, text=True, timeout=60)
+    bad = subprocess.run(
+        [*CLI, "send", "--db", str(db), "--mesh", "alpha", "--to", b"\xff", "x"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert_clean_error(bad, 2, "--to is not valid UTF-8")
     assert sys.getfilesystemencoding() == "utf-8"
-

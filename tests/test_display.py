@@ -32,8 +32,13 @@ def assert_inert(text: str) -> None:
 
 def unsafe(c: str) -> bool:
     code = ord(c)
-    return (code < 0x20 or 0x7F <= code <= 0x9F or c in "\u061c\u200e\u200f\u2028\u2029"
-            or 0x202A <= code <= 0x202E or 0x2066 <= code <= 0x2069)
+    return (
+        code < 0x20
+        or 0x7F <= code <= 0x9F
+        or c in "\u061c\u200e\u200f\u2028\u2029"
+        or 0x202A <= code <= 0x202E
+        or 0x2066 <= code <= 0x2069
+    )
 
 
 @given(st.text())
@@ -45,11 +50,16 @@ def test_visible_text_holds_no_control_bidi_or_separator_character_and_leaves_th
 
 
 def hostile_row(db: Path) -> None:
-    assert run("send", "--db", str(db), "--mesh", "alpha", "--to", "*", "--client-id", "h-1", HOSTILE).returncode == 0
+    assert (
+        run("send", "--db", str(db), "--mesh", "alpha", "--to", "*", "--client-id", "h-1", HOSTILE).returncode
+        == 0
+    )
     conn = sqlite3.connect(db)
     with conn:  # as other software (or an old version) could have written it
-        conn.execute("UPDATE outbox SET target_spec = ?, last_error = ?, client_message_id = ?",
-                     (HOSTILE, HOSTILE, "[b]X[/b]\x1b[2J"))
+        conn.execute(
+            "UPDATE outbox SET target_spec = ?, last_error = ?, client_message_id = ?",
+            (HOSTILE, HOSTILE, "[b]X[/b]\x1b[2J"),
+        )
     conn.close()
 
 
@@ -71,7 +81,12 @@ def test_outbox_inspect_and_list_show_hostile_text_inert_and_json_stays_exact(tm
 
 def test_inspect_abbreviates_a_payload_over_a_kibibyte_unless_full(tmp_path: Path) -> None:
     db = tmp_path / "o.db"
-    assert run("send", "--db", str(db), "--mesh", "alpha", "--to", "*", "--client-id", "big", "é" * 3000).returncode == 0
+    assert (
+        run(
+            "send", "--db", str(db), "--mesh", "alpha", "--to", "*", "--client-id", "big", "é" * 3000
+        ).returncode
+        == 0
+    )
     short = run("outbox", "inspect", "--db", str(db), "big").stdout
     line = next(line for line in short.splitlines() if line.strip().startswith("payload:"))
     assert "6,000 bytes in all; --full shows them" in line and line.count("é") == 512
@@ -88,8 +103,9 @@ def test_a_brokers_error_text_is_stored_and_logged_inert_and_bounded() -> None:
 
 
 def test_log_lines_are_made_inert() -> None:
-    record = logging.LogRecord("trio_drain.worker", logging.WARNING, __file__, 1, "row %s is dead: %s",
-                               ("r-1", HOSTILE), None)
+    record = logging.LogRecord(
+        "trio_drain.worker", logging.WARNING, __file__, 1, "row %s is dead: %s", ("r-1", HOSTILE), None
+    )
     line = _TextFormatter("%(levelname)s %(message)s").format(record)
     assert_inert(line)
     assert line.startswith("WARNING row r-1 is dead: \\x1b[2J")
@@ -109,8 +125,9 @@ def test_throttle_lets_the_first_few_through_then_one_a_period_with_a_count() ->
 def test_a_broker_sending_garbage_on_every_frame_gets_a_few_warnings_not_one_per_frame(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    broker = WebSocketBroker("ws://127.0.0.1:1/ws",
-                             MeshIdentity(mesh_id="m", member_id="u", secret_key=generate_secret_key()))
+    broker = WebSocketBroker(
+        "ws://127.0.0.1:1/ws", MeshIdentity(mesh_id="m", member_id="u", secret_key=generate_secret_key())
+    )
     with caplog.at_level(logging.INFO, logger="trio_drain.broker"):
         for _ in range(1000):
             broker._on_frame("this is not json")

@@ -103,25 +103,35 @@ def test_the_trace_reader_joins_a_call_split_by_another_threads_event() -> None:
     assert (sync.start, sync.end, sync.result) == (6, 8, "0")
     trace = read_trace(calls, Path("/d/o.db"))
     assert trace.names == {0: "", 1: "-wal"}
-    assert [(a.client_message_id, a.start) for a in trace.acks] == [("single-0000-0000", 7), ("single-0000-0001", 10)]
+    assert [(a.client_message_id, a.start) for a in trace.acks] == [
+        ("single-0000-0000", 7),
+        ("single-0000-0001", 10),
+    ]
     assert trace.syncs[1] == [Sync(start=6, end=8, inode=1)]
     # The first ACK came while the fdatasync was still under way: caught.
     (problem,) = acks_before_sync(trace)
     assert problem.startswith("single-0000-0000") and "synced only at line 8" in problem
     # After it returned: fine.
-    assert acks_before_sync(read_trace(parse_calls(hand_written_trace(first_ack_line=9)), Path("/d/o.db"))) == []
+    assert (
+        acks_before_sync(read_trace(parse_calls(hand_written_trace(first_ack_line=9)), Path("/d/o.db"))) == []
+    )
 
 
 def test_the_power_cut_model_keeps_what_was_synced_and_may_keep_the_rest() -> None:
-    trace = Trace(db=Path("/d/o.db"), names={0: "", 1: "-wal"}, lines=8, ops=[
-        Create(1, 1, name="", inode=0),
-        DirSync(2, 2),
-        Write(3, 3, inode=0, offset=0, data=b"aaaa"),
-        Sync(4, 4, inode=0),
-        Write(5, 5, inode=0, offset=2, data=b"bb"),
-        Create(6, 6, name="-wal", inode=1),  # the folder is never synced again
-        Ack(7, 7, client_message_id="x"),
-    ])
+    trace = Trace(
+        db=Path("/d/o.db"),
+        names={0: "", 1: "-wal"},
+        lines=8,
+        ops=[
+            Create(1, 1, name="", inode=0),
+            DirSync(2, 2),
+            Write(3, 3, inode=0, offset=0, data=b"aaaa"),
+            Sync(4, 4, inode=0),
+            Write(5, 5, inode=0, offset=2, data=b"bb"),
+            Create(6, 6, name="-wal", inode=1),  # the folder is never synced again
+            Ack(7, 7, client_message_id="x"),
+        ],
+    )
 
     def no_tear(write: Write) -> list[Write]:
         raise AssertionError("nothing is torn here")
@@ -172,11 +182,17 @@ def test_no_accept_returns_before_the_wal_holding_its_row_is_synced(full_trace: 
     acked = [a.client_message_id for a in full_trace.acks]
     assert len(acked) == len(set(acked)) == PLAN.accepts, where(full_trace)
     by_phase = collections.Counter(full_trace.phase_at(a.start) for a in full_trace.acks)
-    assert by_phase == {"single": PLAN.singles, "concurrent": PLAN.rounds * PLAN.callers,
-                        "many": PLAN.batches * PLAN.batch_size, "mixed": PLAN.mixed}
+    assert by_phase == {
+        "single": PLAN.singles,
+        "concurrent": PLAN.rounds * PLAN.callers,
+        "many": PLAN.batches * PLAN.batch_size,
+        "mixed": PLAN.mixed,
+    }
 
     problems = acks_before_sync(full_trace)
-    assert not problems, f"accepts returned before their row was fsynced {where(full_trace)}:\n{shown(problems)}"
+    assert not problems, (
+        f"accepts returned before their row was fsynced {where(full_trace)}:\n{shown(problems)}"
+    )
 
     # The concurrent callers did share commits: this phase checked group commit.
     (wal,) = full_trace.inodes("-wal")
@@ -197,8 +213,10 @@ def test_a_power_cut_at_any_point_loses_no_accepted_row(full_trace: Trace, tmp_p
     assert checkpoints - {"", "close"}, where(full_trace)
 
     found = simulate_power_cuts(full_trace, tmp_path, cuts=CUTS, torn_per_cut=TORN_PER_CUT, seed=SEED)
-    print(f"\n{found.cuts} power cuts (seed {SEED}), {found.recoveries} recoveries, {found.acked} accepted rows"
-          f" looked for; at {found.unsynced} cuts unsynced writes made a difference")
+    print(
+        f"\n{found.cuts} power cuts (seed {SEED}), {found.recoveries} recoveries, {found.acked} accepted rows"
+        f" looked for; at {found.unsynced} cuts unsynced writes made a difference"
+    )
     assert not found.problems, f"seed {SEED} {where(full_trace)}:\n{shown(found.problems)}"
     assert found.acked > 0 and found.unsynced > 0
 
@@ -208,4 +226,3 @@ def test_the_power_cut_check_fails_when_accept_does_not_wait_for_an_fsync(
 ) -> None:
     found = simulate_power_cuts(normal_trace, tmp_path, cuts=12, torn_per_cut=1, seed=SEED)
     assert any("accepted rows lost" in p for p in found.problems), where(normal_trace)
-

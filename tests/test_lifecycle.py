@@ -17,9 +17,17 @@ POLICY = lc.RetryPolicy(max_attempts=5, backoff_base_ms=500, backoff_cap_ms=30_0
 
 def claimed_row(**changes: Any) -> OutboxRow:
     row = OutboxRow(
-        id="r1", client_message_id="m-1", request_fingerprint=b"\x01" * 32, payload=b"x",
-        enqueued_at=0, attempts=1, next_attempt_at=0, status=Status.INFLIGHT,
-        lease_token="t", lease_expires_at=60_000, mesh="alpha",
+        id="r1",
+        client_message_id="m-1",
+        request_fingerprint=b"\x01" * 32,
+        payload=b"x",
+        enqueued_at=0,
+        attempts=1,
+        next_attempt_at=0,
+        status=Status.INFLIGHT,
+        lease_token="t",
+        lease_expires_at=60_000,
+        mesh="alpha",
     )
     return attrs.evolve(row, **changes)
 
@@ -30,7 +38,9 @@ def claimed_row(**changes: Any) -> OutboxRow:
     extra=st.integers(0, 100_000),
     jitter=st.floats(0, 1),
 )
-def test_backoff_never_exceeds_the_cap_and_is_positive(attempts: int, base: int, extra: int, jitter: float) -> None:
+def test_backoff_never_exceeds_the_cap_and_is_positive(
+    attempts: int, base: int, extra: int, jitter: float
+) -> None:
     cap = base + extra
     delay = lc.backoff_ms(attempts, base_ms=base, cap_ms=cap, jitter=jitter)
     assert 1 <= delay <= cap
@@ -55,12 +65,19 @@ def test_backoff_grows_with_attempts_below_the_cap(a: int, jitter: float) -> Non
 def test_ack_moves_to_done_keeping_attempts_and_clearing_the_error() -> None:
     c = lc.on_ack(claimed_row(last_error="x"), broker_message_id="b-9", now=123)
     assert (c.status, c.attempts, c.delivered_at, c.broker_message_id, c.last_error) == (
-        Status.DONE, 1, 123, "b-9", None)
+        Status.DONE,
+        1,
+        123,
+        "b-9",
+        None,
+    )
     assert c.lease_token == "t"
 
 
 def test_transient_error_backs_off_and_records_the_error() -> None:
-    c = lc.on_error(claimed_row(attempts=2), error="boom", permanent=False, now=1000, policy=POLICY, jitter=0.5)
+    c = lc.on_error(
+        claimed_row(attempts=2), error="boom", permanent=False, now=1000, policy=POLICY, jitter=0.5
+    )
     assert c.status is Status.PENDING
     assert c.last_error == "boom"
     assert 1000 + 500 <= c.next_attempt_at <= 1000 + 1000
@@ -81,7 +98,9 @@ def test_route_unavailable_gives_the_attempt_back() -> None:
     assert (c.status, c.attempts, c.next_attempt_at) == (Status.PENDING, 2, 100 + POLICY.route_retry_ms)
 
 
-@pytest.mark.parametrize(("mesh", "error"), [("beta", "no_broker_for_mesh:beta"), (None, "no_broker_for_mesh:null")])
+@pytest.mark.parametrize(
+    ("mesh", "error"), [("beta", "no_broker_for_mesh:beta"), (None, "no_broker_for_mesh:null")]
+)
 def test_no_broker_is_dead_naming_the_mesh(mesh: str | None, error: str) -> None:
     c = lc.on_no_broker(claimed_row(mesh=mesh))
     assert (c.status, c.last_error) == (Status.DEAD, error)
@@ -124,8 +143,16 @@ def test_requeue_and_drop_are_allowed_exactly_from_the_specified_states(status: 
     if status in (Status.PENDING, Status.INFLIGHT, Status.DEAD):
         aborted, successor = lc.requeued(row, now=5, new_id="r2", new_client_message_id="m-2", by="op")
         assert (aborted.status, aborted.superseded_by, aborted.aborted_by) == (Status.ABORTED, "r2", "op")
-        assert (successor.status, successor.attempts, successor.client_message_id) == (Status.PENDING, 0, "m-2")
-        assert (successor.payload, successor.request_fingerprint, successor.mesh) == (row.payload, row.request_fingerprint, row.mesh)
+        assert (successor.status, successor.attempts, successor.client_message_id) == (
+            Status.PENDING,
+            0,
+            "m-2",
+        )
+        assert (successor.payload, successor.request_fingerprint, successor.mesh) == (
+            row.payload,
+            row.request_fingerprint,
+            row.mesh,
+        )
     else:
         with pytest.raises(InvalidTransition):
             lc.requeued(row, now=5, new_id="r2", new_client_message_id="m-2", by="op")
@@ -182,10 +209,16 @@ def test_minted_ids_are_valid_increasing_uuid7s() -> None:
 
 
 @given(attempts=st.integers(1, 100), wait=st.integers(-1000, 100_000))
-def test_a_rate_limit_gives_the_attempt_back_and_never_kills_even_at_the_cap(attempts: int, wait: int) -> None:
+def test_a_rate_limit_gives_the_attempt_back_and_never_kills_even_at_the_cap(
+    attempts: int, wait: int
+) -> None:
     row = claimed_row(attempts=attempts)
     c = lc.on_rate_limited(row, error="rate_limit: max 60 msg/min", now=1000, retry_at=1000 + wait)
-    assert (c.status, c.attempts, c.last_error) == (Status.PENDING, attempts - 1, "rate_limit: max 60 msg/min")
+    assert (c.status, c.attempts, c.last_error) == (
+        Status.PENDING,
+        attempts - 1,
+        "rate_limit: max 60 msg/min",
+    )
     assert c.next_attempt_at == max(1000, 1000 + wait)
 
 
@@ -194,8 +227,9 @@ def test_no_answer_is_a_transient_error_or_dead_for_review_as_the_policy_says(re
     row = claimed_row(attempts=2)
     resend = lc.on_no_answer(row, reason=reason, now=1000, policy=POLICY, jitter=0.5)
     assert resend == lc.on_error(row, error=reason, permanent=False, now=1000, policy=POLICY, jitter=0.5)
-    review = lc.on_no_answer(row, reason=reason, now=1000, policy=attrs.evolve(POLICY, unknown_fate="dead"),
-                             jitter=0.5)
+    review = lc.on_no_answer(
+        row, reason=reason, now=1000, policy=attrs.evolve(POLICY, unknown_fate="dead"), jitter=0.5
+    )
     assert (review.status, review.attempts, review.last_error) == (Status.DEAD, 2, f"unknown_fate: {reason}")
 
 
@@ -204,11 +238,16 @@ def test_a_row_that_left_when_the_worker_stopped_is_dead_for_review_under_unknow
     sent = lc.on_released(claimed_row(), sent=True, now=5, policy=policy)
     assert (sent.status, sent.last_error) == (Status.DEAD, "unknown_fate: worker_stopped")
     unsent = lc.on_released(claimed_row(), sent=False, now=5, policy=policy)
-    assert (unsent.status, unsent.attempts) == (Status.PENDING, 0), "a row that never left is known: back it goes"
+    assert (unsent.status, unsent.attempts) == (Status.PENDING, 0), (
+        "a row that never left is known: back it goes"
+    )
 
 
 def test_lease_expiry_follows_the_policy_and_the_cap() -> None:
     assert lc.on_lease_expired(unknown_fate="resend", at_cap=False) == (Status.PENDING, lc.LEASE_EXPIRED)
     assert lc.on_lease_expired(unknown_fate="resend", at_cap=True) == (Status.DEAD, lc.LEASE_EXPIRED_AT_CAP)
     for at_cap in (False, True):
-        assert lc.on_lease_expired(unknown_fate="dead", at_cap=at_cap) == (Status.DEAD, "unknown_fate: lease_expired")
+        assert lc.on_lease_expired(unknown_fate="dead", at_cap=at_cap) == (
+            Status.DEAD,
+            "unknown_fate: lease_expired",
+        )

@@ -87,7 +87,9 @@ def test_later_refusals_pace_toward_what_the_broker_let_through_halving_at_most(
         pacer.refused(now, sent_at=now - 0.1, text="overloaded")
         assert pacer.rate is not None
         rates.append(round(pacer.rate, 3))
-    assert rates == [4.5, 2.025, 1.8, 1.62], "each refusal lowers the pace; the measure keeps it from collapsing"
+    assert rates == [4.5, 2.025, 1.8, 1.62], (
+        "each refusal lowers the pace; the measure keeps it from collapsing"
+    )
 
 
 def test_a_refusal_after_a_quiet_spell_does_not_collapse_the_pace() -> None:

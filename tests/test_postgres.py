@@ -45,13 +45,26 @@ from .helpers import FakeBroker, wait_until
 from .pg import PostgresServer, free_port
 from .procs import SHORT_LEASES, Broker, counts, fill, start_run, stop_all, wait_for_done, write_config
 
-FAST = DrainConfig(poll_interval=30.0, lease=5.0, ack_timeout=2.0, maintenance_interval=0.2,
-                   max_inflight=16, batch_size=16, backoff_base=0.01, backoff_cap=0.05)
+FAST = DrainConfig(
+    poll_interval=30.0,
+    lease=5.0,
+    ack_timeout=2.0,
+    maintenance_interval=0.2,
+    max_inflight=16,
+    batch_size=16,
+    backoff_base=0.01,
+    backoff_cap=0.05,
+)
 BIG = 10**12  # a max_age no test row reaches
 
 
 def req(cid: str, **kw: Any) -> SendRequest:
-    fields: dict[str, Any] = {"mesh": "alpha", "target_spec": "#t", "payload": cid.encode(), "client_message_id": cid}
+    fields: dict[str, Any] = {
+        "mesh": "alpha",
+        "target_spec": "#t",
+        "payload": cid.encode(),
+        "client_message_id": cid,
+    }
     fields.update(kw)
     return SendRequest(**fields)
 
@@ -102,7 +115,10 @@ async def test_a_server_too_old_for_the_sql_is_refused_at_open_and_nothing_is_cr
             pass
     monkeypatch.undo()
     with psycopg.connect(pg_url) as conn:
-        assert conn.execute("SELECT to_regclass('outbox'), to_regclass('trio_drain_schema')").fetchone() == (None, None)
+        assert conn.execute("SELECT to_regclass('outbox'), to_regclass('trio_drain_schema')").fetchone() == (
+            None,
+            None,
+        )
         assert conn.info.server_version >= _postgres.MIN_POSTGRES  # the real server is new enough
 
 
@@ -111,9 +127,13 @@ async def test_the_claim_query_uses_the_claim_index(pg_url: str) -> None:
         await ob.accept_many([req(f"m-{i}") for i in range(2000)])
     with psycopg.connect(pg_url) as conn:
         conn.execute("ANALYZE outbox")
-        plan = "\n".join(r[0] for r in conn.execute(
-            "EXPLAIN SELECT id FROM outbox WHERE status = 'pending' AND next_attempt_at <= 1e13"
-            " AND enqueued_at >= 0 ORDER BY priority_rank, enqueued_at LIMIT 128 FOR UPDATE SKIP LOCKED"))
+        plan = "\n".join(
+            r[0]
+            for r in conn.execute(
+                "EXPLAIN SELECT id FROM outbox WHERE status = 'pending' AND next_attempt_at <= 1e13"
+                " AND enqueued_at >= 0 ORDER BY priority_rank, enqueued_at LIMIT 128 FOR UPDATE SKIP LOCKED"
+            )
+        )
     assert "outbox_claim" in plan and "Sort" not in plan, plan
 
 
@@ -272,7 +292,9 @@ def test_a_drain_process_killed_mid_drain_loses_nothing(tmp_path: Path, pg_url: 
     assert resent <= 16, resent
     ledger = sqlite3.connect(broker.ledger)
     try:
-        assert ledger.execute("SELECT count(*), count(DISTINCT client_message_id) FROM accepted").fetchone() == (n, n)
+        assert ledger.execute(
+            "SELECT count(*), count(DISTINCT client_message_id) FROM accepted"
+        ).fetchone() == (n, n)
     finally:
         ledger.close()
 
@@ -281,7 +303,9 @@ def test_a_drain_process_killed_mid_drain_loses_nothing(tmp_path: Path, pg_url: 
 
 
 @contextmanager
-def connection_dropped_at_commit(monkeypatch: pytest.MonkeyPatch, *, applied: bool = True) -> Iterator[list[int]]:
+def connection_dropped_at_commit(
+    monkeypatch: pytest.MonkeyPatch, *, applied: bool = True
+) -> Iterator[list[int]]:
     """The next transaction's COMMIT is applied by the server (or, with
     `applied=False`, never reaches it), then the connection drops before the
     answer arrives: the caller's psycopg raises OperationalError either way.
@@ -290,8 +314,12 @@ def connection_dropped_at_commit(monkeypatch: pytest.MonkeyPatch, *, applied: bo
     drops: list[int] = []
     lock = threading.Lock()
 
-    def exit_then_drop(self: psycopg.Transaction, exc_type: type[BaseException] | None,
-                       exc: BaseException | None, tb: TracebackType | None) -> bool:
+    def exit_then_drop(
+        self: psycopg.Transaction,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
         with lock:
             armed = exc_type is None and not drops
             if armed:
@@ -327,7 +355,9 @@ async def test_complete_and_claim_whose_commit_answer_is_lost_still_returns_its_
     async with open_outbox(pg_url) as ob:
         acks = await _acked_batch(ob)
         with connection_dropped_at_commit(monkeypatch) as drops:
-            applied, rows = await ob.complete_and_claim(acks, limit=3, lease_ms=60_000, max_age_ms=BIG, token="t2")
+            applied, rows = await ob.complete_and_claim(
+                acks, limit=3, lease_ms=60_000, max_age_ms=BIG, token="t2"
+            )
         assert drops == [1]
         assert applied == [True, True, True]
         assert sorted(r.client_message_id for r in rows) == ["m-3", "m-4", "m-5"]
@@ -359,7 +389,9 @@ async def test_a_claim_whose_commit_answer_is_lost_still_returns_its_rows(
         assert await _held_by(ob, "t1") == ["m-0", "m-1", "m-2"]
 
 
-async def _lost_unsettled(ob: Outbox, monkeypatch: pytest.MonkeyPatch, acks: list[lc.Completion]) -> list[int]:
+async def _lost_unsettled(
+    ob: Outbox, monkeypatch: pytest.MonkeyPatch, acks: list[lc.Completion]
+) -> list[int]:
     """complete_and_claim (token t2) whose COMMIT is applied but answered by
     a dropped connection, and the server then cannot be reached to settle
     it: the caller gets StoreUnavailable. Returns the refused reconnects."""
@@ -395,7 +427,9 @@ async def test_the_retry_of_a_lost_commit_nobody_could_settle_learns_what_it_did
     async with open_outbox(pg_url) as ob:
         acks = await _acked_batch(ob)
         refusals = await _lost_unsettled(ob, monkeypatch, acks)
-        applied, rows = await ob.complete_and_claim(acks, limit=3, lease_ms=60_000, max_age_ms=BIG, token="t3")
+        applied, rows = await ob.complete_and_claim(
+            acks, limit=3, lease_ms=60_000, max_age_ms=BIG, token="t3"
+        )
         assert applied == [True, True, True]  # not reported stale
         assert sorted(r.client_message_id for r in rows) == ["m-3", "m-4", "m-5"]
         assert all(r.lease_token == "t2" for r in rows)
@@ -424,11 +458,15 @@ async def test_a_commit_that_never_reached_the_server_changes_nothing_and_its_re
 ) -> None:
     async with open_outbox(pg_url) as ob:
         acks = await _acked_batch(ob)
-        with connection_dropped_at_commit(monkeypatch, applied=False), \
-                pytest.raises(StoreUnavailable, match="rolled back"):
+        with (
+            connection_dropped_at_commit(monkeypatch, applied=False),
+            pytest.raises(StoreUnavailable, match="rolled back"),
+        ):
             await ob.complete_and_claim(acks, limit=3, lease_ms=60_000, max_age_ms=BIG, token="t2")
         assert await ob.counts() == {"pending": 3, "inflight": 3, "done": 0, "dead": 0, "aborted": 0}
-        applied, rows = await ob.complete_and_claim(acks, limit=3, lease_ms=60_000, max_age_ms=BIG, token="t3")
+        applied, rows = await ob.complete_and_claim(
+            acks, limit=3, lease_ms=60_000, max_age_ms=BIG, token="t3"
+        )
         assert applied == [True, True, True]
         assert sorted(r.client_message_id for r in rows) == ["m-3", "m-4", "m-5"]
         assert all(r.lease_token == "t3" for r in rows)

@@ -47,8 +47,15 @@ from .helpers import wait_until, websocket_client
 
 PARENT = generate_secret_key()
 SESSION = generate_secret_key()
-FAST = DrainConfig(poll_interval=0.05, backoff_base=0.01, backoff_cap=0.05, route_retry=0.02, lease=5.0,
-                   ack_timeout=1.0, maintenance_interval=0.2)
+FAST = DrainConfig(
+    poll_interval=0.05,
+    backoff_base=0.01,
+    backoff_cap=0.05,
+    route_retry=0.02,
+    lease=5.0,
+    ack_timeout=1.0,
+    maintenance_interval=0.2,
+)
 MODES = [None, "claudemesh"]
 
 
@@ -57,25 +64,39 @@ def mesh_identity() -> MeshIdentity:
 
 
 def session_identity() -> SessionIdentity:
-    return SessionIdentity(mesh_id="mesh-alpha", parent_member_id="member-1", parent_secret_key=PARENT,
-                           session_secret_key=SESSION)
+    return SessionIdentity(
+        mesh_id="mesh-alpha",
+        parent_member_id="member-1",
+        parent_secret_key=PARENT,
+        session_secret_key=SESSION,
+    )
 
 
 async def start(nursery: trio.Nursery, **kw: Any) -> BrokerServer:
-    server: BrokerServer = await nursery.start(lambda task_status: serve_broker(
-        open_mode=True, task_status=task_status, **kw))
+    server: BrokerServer = await nursery.start(
+        lambda task_status: serve_broker(open_mode=True, task_status=task_status, **kw)
+    )
     return server
 
 
-async def connected(nursery: trio.Nursery, url: str, identity: MeshIdentity | SessionIdentity) -> WebSocketBroker:
+async def connected(
+    nursery: trio.Nursery, url: str, identity: MeshIdentity | SessionIdentity
+) -> WebSocketBroker:
     broker = WebSocketBroker(url, identity, hello_timeout=1.0, reconnect_backoff=[0.05])
     await nursery.start(broker.run)
     return broker
 
 
 def message(cid: str, **kw: Any) -> OutgoingMessage:
-    fields = {"client_message_id": cid, "request_fingerprint": "ab" * 32, "target_spec": "*",
-              "priority": "next", "nonce": "A" * 32, "ciphertext": "aGk=", **kw}
+    fields = {
+        "client_message_id": cid,
+        "request_fingerprint": "ab" * 32,
+        "target_spec": "*",
+        "priority": "next",
+        "nonce": "A" * 32,
+        "ciphertext": "aGk=",
+        **kw,
+    }
     return OutgoingMessage(**fields)
 
 
@@ -97,7 +118,8 @@ def test_both_hellos_carry_cwd_and_a_session_id_stable_per_process_and_key() -> 
 
 @pytest.mark.parametrize("compat", MODES)
 async def test_a_hello_without_cwd_is_refused_and_the_claudemesh_broker_never_answers_it(
-    compat: str | None, nursery: trio.Nursery,
+    compat: str | None,
+    nursery: trio.Nursery,
 ) -> None:
     server = await start(nursery, compat=compat)
     frame = mesh_identity().hello(wall_clock_ms())
@@ -124,10 +146,21 @@ async def test_mesh_and_session_connections_get_in_and_deliver(compat: str | Non
         registry.set_mesh("alpha", mesh)
         registry.set_session(public_key_hex(SESSION), session)
         await outbox.accept_many(
-            [SendRequest(mesh="alpha", target_spec="*", payload=b"m%d" % i, client_message_id=f"m-{i}")
-             for i in range(20)]
-            + [SendRequest(mesh="alpha", target_spec="*", payload=b"s%d" % i, client_message_id=f"s-{i}",
-                           sender_session_pubkey=public_key_hex(SESSION)) for i in range(20)])
+            [
+                SendRequest(mesh="alpha", target_spec="*", payload=b"m%d" % i, client_message_id=f"m-{i}")
+                for i in range(20)
+            ]
+            + [
+                SendRequest(
+                    mesh="alpha",
+                    target_spec="*",
+                    payload=b"s%d" % i,
+                    client_message_id=f"s-{i}",
+                    sender_session_pubkey=public_key_hex(SESSION),
+                )
+                for i in range(20)
+            ]
+        )
         worker = DrainWorker(outbox, registry, FAST)
         await nursery.start(worker.run)
         await wait_until(lambda: len(server.accepted()) == 40)
@@ -143,8 +176,10 @@ REAL_ACKS = [
     ("payload too large: 70001 bytes > MAX_MESSAGE_BYTES=65536", "permanent"),
     ("blocked by recipient grants (sender lacks dm capability)", "permanent"),
     ("rate_limit: max 60 msg/min (burst 10) — slow down", "rate_limited"),
-    ("no connected peer for target (not online, or targetSpec is your own key without another session)",
-     "transient"),
+    (
+        "no connected peer for target (not online, or targetSpec is your own key without another session)",
+        "transient",
+    ),
     ("database is not reachable", "transient"),
 ]
 
@@ -157,11 +192,20 @@ def test_the_real_brokers_error_acks_are_classified_by_their_text(error: str, me
 
 
 def test_an_overload_is_back_pressure_by_code_whatever_the_permanent_field_says() -> None:
-    frame = {"type": "ack", "id": "c", "queued": False, "error": "busy", "code": "overloaded", "permanent": False}
+    frame = {
+        "type": "ack",
+        "id": "c",
+        "queued": False,
+        "error": "busy",
+        "code": "overloaded",
+        "permanent": False,
+    }
     assert classify_ack(frame) == SendResult.throttled("busy", code="overloaded")
     text_only = {k: v for k, v in frame.items() if k != "permanent"}
     assert classify_ack({**text_only, "code": "x", "error": "payload_too_large"}).permanent
-    assert not classify_ack({**frame, "code": "x", "error": "forbidden"}).permanent, "the field wins over the text"
+    assert not classify_ack({**frame, "code": "x", "error": "forbidden"}).permanent, (
+        "the field wins over the text"
+    )
 
 
 @pytest.mark.parametrize("compat", MODES)
@@ -199,7 +243,8 @@ async def test_rows_whose_frame_the_broker_could_not_take_never_leave(tmp_path: 
     async with open_outbox(tmp_path / "o.db", durability="normal") as outbox, trio.open_nursery() as nursery:
         await outbox.accept(SendRequest(mesh="alpha", target_spec="*", payload=b"x", client_message_id="odd"))
         await outbox.backend._write(  # type: ignore[attr-defined]
-            lambda conn: conn.execute("UPDATE outbox SET priority = 'urgent'"), durable=False)
+            lambda conn: conn.execute("UPDATE outbox SET priority = 'urgent'"), durable=False
+        )
         server = await start(nursery, compat="claudemesh")
         registry = BrokerRegistry()
         registry.set_mesh("alpha", await connected(nursery, server.url, mesh_identity()))
@@ -234,15 +279,26 @@ async def test_accept_refuses_a_request_whose_frame_could_never_fit_the_broker(t
         with pytest.raises(InvalidRequest, match="max_message_bytes"):
             await outbox.accept(over)
         assert await outbox.get_by_client_id("over") is None, "nothing written"
-        sealed = SendRequest(mesh="alpha", target_spec="ab" * 32, payload=b"p", nonce="A" * 32,
-                             ciphertext="QUJD" * 16_368, client_message_id="sealed")
+        sealed = SendRequest(
+            mesh="alpha",
+            target_spec="ab" * 32,
+            payload=b"p",
+            nonce="A" * 32,
+            ciphertext="QUJD" * 16_368,
+            client_message_id="sealed",
+        )
         with pytest.raises(InvalidRequest, match="65568 characters"):
             await outbox.accept(sealed)
         # The id was not consumed: the same id with a smaller payload goes in.
-        assert (await outbox.accept(SendRequest(mesh="alpha", target_spec="*", payload=b"y",
-                                                client_message_id="over"))).accepted
+        assert (
+            await outbox.accept(
+                SendRequest(mesh="alpha", target_spec="*", payload=b"y", client_message_id="over")
+            )
+        ).accepted
     async with open_outbox(tmp_path / "o.db", max_message_bytes=1_000_000) as roomy:
-        assert (await roomy.accept(over)).kind.value == "conflict", "a larger limit takes it (the id is used now)"
+        assert (await roomy.accept(over)).kind.value == "conflict", (
+            "a larger limit takes it (the id is used now)"
+        )
 
 
 # -- rate limits ----------------------------------------------------------------------------------
@@ -250,7 +306,8 @@ async def test_accept_refuses_a_request_whose_frame_could_never_fit_the_broker(t
 
 @pytest.mark.parametrize("compat", MODES)
 async def test_a_rate_limited_backlog_drains_at_the_allowed_rate_and_nothing_dies(
-    compat: str | None, tmp_path: Path,
+    compat: str | None,
+    tmp_path: Path,
 ) -> None:
     """A burst of 10, then 20 a second: 80 rows take about 3.5 s, lose no
     attempt and none dies; refusals stay few once the route is paced."""
@@ -259,9 +316,15 @@ async def test_a_rate_limited_backlog_drains_at_the_allowed_rate_and_nothing_die
         server = await start(nursery, compat=compat, faults=Faults(rate_limit=limit))
         registry = BrokerRegistry()
         registry.set_mesh("alpha", await connected(nursery, server.url, mesh_identity()))
-        await outbox.accept_many([SendRequest(mesh="alpha", target_spec="*", payload=b"r%d" % i,
-                                              client_message_id=f"r-{i}") for i in range(n)])
-        worker = DrainWorker(outbox, registry, DrainConfig(max_inflight=64, poll_interval=0.05, max_attempts=3))
+        await outbox.accept_many(
+            [
+                SendRequest(mesh="alpha", target_spec="*", payload=b"r%d" % i, client_message_id=f"r-{i}")
+                for i in range(n)
+            ]
+        )
+        worker = DrainWorker(
+            outbox, registry, DrainConfig(max_inflight=64, poll_interval=0.05, max_attempts=3)
+        )
         began = trio.current_time()
         await nursery.start(worker.run)
         await wait_until(lambda: worker.statistics().acked == n, seconds=30)
@@ -296,20 +359,33 @@ async def silent_broker(nursery: trio.Nursery) -> AsyncIterator[WebSocketBroker]
     yield await connected(nursery, server.url, mesh_identity())
 
 
-@pytest.mark.parametrize(("fate", "status", "error"), [
-    ("resend", Status.PENDING, "ack_timeout"),
-    ("dead", Status.DEAD, "unknown_fate: ack_timeout"),
-])
+@pytest.mark.parametrize(
+    ("fate", "status", "error"),
+    [
+        ("resend", Status.PENDING, "ack_timeout"),
+        ("dead", Status.DEAD, "unknown_fate: ack_timeout"),
+    ],
+)
 async def test_a_send_never_answered_is_resent_or_left_dead_for_review(
-    fate: str, status: Status, error: str, tmp_path: Path, nursery: trio.Nursery,
+    fate: str,
+    status: Status,
+    error: str,
+    tmp_path: Path,
+    nursery: trio.Nursery,
     silent_broker: WebSocketBroker,
 ) -> None:
     async with open_outbox(tmp_path / "o.db", durability="normal") as outbox:
         registry = BrokerRegistry()
         registry.set_mesh("alpha", silent_broker)
         await outbox.accept(SendRequest(mesh="alpha", target_spec="*", payload=b"x", client_message_id="q"))
-        config = DrainConfig(poll_interval=0.05, ack_timeout=0.3, lease=5.0, backoff_base=30.0, backoff_cap=30.0,
-                             unknown_fate=fate)  # type: ignore[arg-type]
+        config = DrainConfig(
+            poll_interval=0.05,
+            ack_timeout=0.3,
+            lease=5.0,
+            backoff_base=30.0,
+            backoff_cap=30.0,
+            unknown_fate=fate,  # type: ignore[arg-type]
+        )
         silent_broker.ack_timeout = 10.0  # the worker's deadline decides
         with trio.CancelScope() as scope:
             async with trio.open_nursery() as inner:
@@ -339,22 +415,26 @@ def _broker_copies(broker: procs.Broker) -> dict[str, int]:
 def _statuses(db: Path) -> dict[str, tuple[str, str | None]]:
     conn = sqlite3.connect(db)
     try:
-        return {cid: (status, error) for cid, status, error in
-                conn.execute("SELECT client_message_id, status, last_error FROM outbox")}
+        return {
+            cid: (status, error)
+            for cid, status, error in conn.execute("SELECT client_message_id, status, last_error FROM outbox")
+        }
     finally:
         conn.close()
 
 
 @pytest.mark.parametrize("mode", [[], ["--compat", "claudemesh"]], ids=["reference", "claudemesh"])
 def test_run_drains_a_backlog_through_a_rate_limited_broker_with_nothing_dead(
-    tmp_path: Path, mode: list[str],
+    tmp_path: Path,
+    mode: list[str],
 ) -> None:
     n = 100
     db = tmp_path / "o.db"
     procs.fill(db, n)
     broker = procs.Broker(tmp_path, "--rate-limit", "10/1200", *mode).start()
-    config = procs.write_config(tmp_path / "c.toml", broker.url, generate_secret_key(),
-                                drain={"max_inflight": 64, "max_attempts": 2})
+    config = procs.write_config(
+        tmp_path / "c.toml", broker.url, generate_secret_key(), drain={"max_inflight": 64, "max_attempts": 2}
+    )
     try:
         worker = procs.start_run(db, config)
         procs.wait_for_done(db, n, 60, worker)
@@ -368,7 +448,8 @@ def test_run_drains_a_backlog_through_a_rate_limited_broker_with_nothing_dead(
 
 @pytest.mark.parametrize("fate", ["resend", "dead"])
 def test_after_a_crash_between_send_and_record_the_operator_chooses_resend_or_review(
-    tmp_path: Path, fate: str,
+    tmp_path: Path,
+    fate: str,
 ) -> None:
     """The claudemesh broker does not dedupe: a row sent, acked and not yet
     recorded when the drain died is delivered twice if resent. With
@@ -378,14 +459,22 @@ def test_after_a_crash_between_send_and_record_the_operator_chooses_resend_or_re
     db = tmp_path / "o.db"
     procs.fill(db, n)
     broker = procs.Broker(tmp_path, "--compat", "claudemesh", "--ack-delay", "0.005").start()
-    config = procs.write_config(tmp_path / "c.toml", broker.url, generate_secret_key(),
-                                drain={"max_inflight": 16, **procs.SHORT_LEASES},
-                                extra="")
+    config = procs.write_config(
+        tmp_path / "c.toml",
+        broker.url,
+        generate_secret_key(),
+        drain={"max_inflight": 16, **procs.SHORT_LEASES},
+        extra="",
+    )
     config.write_text(config.read_text().replace("[drain]\n", f'[drain]\nunknown_fate = "{fate}"\n'))
     try:
-        crashing = subprocess.Popen([*procs.CLI, "run", "--db", str(db), "--config", str(config)],
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                    env={**os.environ, ENV: "ack_before_record@10"})
+        crashing = subprocess.Popen(
+            [*procs.CLI, "run", "--db", str(db), "--config", str(config)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, ENV: "ack_before_record@10"},
+        )
         _, err = crashing.communicate(timeout=60)
         assert crashing.returncode == -signal.SIGKILL, err
         worker = procs.start_run(db, config)
@@ -403,7 +492,9 @@ def test_after_a_crash_between_send_and_record_the_operator_chooses_resend_or_re
     unknown = sorted(cid for cid, (status, _) in statuses.items() if status == "dead")
     if fate == "resend":
         assert {s for s, _ in statuses.values()} == {"done"}, err
-        assert twice, "the rows in flight at the crash were delivered twice: the hazard this option exists for"
+        assert twice, (
+            "the rows in flight at the crash were delivered twice: the hazard this option exists for"
+        )
     else:
         assert not twice, f"nothing may go out twice: {twice[:5]}"
         assert unknown, "the crash left rows of unknown fate"
@@ -436,12 +527,22 @@ async def test_a_paced_route_holds_back_only_its_own_rows(tmp_path: Path) -> Non
         registry = BrokerRegistry()
         registry.set_mesh("alpha", alpha)
         registry.set_mesh("beta", beta)
-        await outbox.accept_many([SendRequest(mesh=m, target_spec="*", payload=b"x", client_message_id=f"{m}-{i}")
-                                  for i in range(300) for m in ("alpha", "beta")][:330])
+        await outbox.accept_many(
+            [
+                SendRequest(mesh=m, target_spec="*", payload=b"x", client_message_id=f"{m}-{i}")
+                for i in range(300)
+                for m in ("alpha", "beta")
+            ][:330]
+        )
         worker = DrainWorker(outbox, registry, DrainConfig(max_inflight=64, poll_interval=0.05))
         await nursery.start(worker.run)
-        await wait_until(lambda: worker.statistics().per_route.get("mesh:beta") is not None
-                         and worker.statistics().per_route["mesh:beta"].acked == 165, seconds=10)
+        await wait_until(
+            lambda: (
+                worker.statistics().per_route.get("mesh:beta") is not None
+                and worker.statistics().per_route["mesh:beta"].acked == 165
+            ),
+            seconds=10,
+        )
         assert worker.statistics().per_route["mesh:alpha"].acked < 60, "alpha is paced meanwhile"
         await wait_until(lambda: worker.statistics().acked == 330, seconds=30)
         stats = worker.statistics()
@@ -456,11 +557,18 @@ async def test_a_paced_route_holds_back_only_its_own_rows(tmp_path: Path) -> Non
 
 
 def test_an_explicit_permanent_wins_and_only_the_text_before_a_parenthesis_is_judged() -> None:
-    permanent = classify_ack({"type": "ack", "id": "c", "queued": False, "error": "rate_limit: banned",
-                              "permanent": True})
+    permanent = classify_ack(
+        {"type": "ack", "id": "c", "queued": False, "error": "rate_limit: banned", "permanent": True}
+    )
     assert permanent.permanent and not permanent.rate_limited
-    quoted = classify_ack({"type": "ack", "id": "c", "queued": False,
-                           "error": "no connected peer for target (oauth-bot, rate_limit-tester)"})
+    quoted = classify_ack(
+        {
+            "type": "ack",
+            "id": "c",
+            "queued": False,
+            "error": "no connected peer for target (oauth-bot, rate_limit-tester)",
+        }
+    )
     assert not quoted.permanent and not quoted.rate_limited
 
 
@@ -483,11 +591,25 @@ async def test_a_members_mesh_and_session_routes_share_one_pace(tmp_path: Path) 
         server = await start(nursery, compat="claudemesh", faults=Faults(rate_limit=limit))
         registry = BrokerRegistry()
         registry.set_mesh("alpha", await connected(nursery, server.url, mesh_identity()))
-        registry.set_session(public_key_hex(SESSION), await connected(nursery, server.url, session_identity()))
+        registry.set_session(
+            public_key_hex(SESSION), await connected(nursery, server.url, session_identity())
+        )
         await outbox.accept_many(
-            [SendRequest(mesh="alpha", target_spec="*", payload=b"m", client_message_id=f"m-{i}") for i in range(n // 2)]
-            + [SendRequest(mesh="alpha", target_spec="*", payload=b"s", client_message_id=f"s-{i}",
-                           sender_session_pubkey=public_key_hex(SESSION)) for i in range(n // 2)])
+            [
+                SendRequest(mesh="alpha", target_spec="*", payload=b"m", client_message_id=f"m-{i}")
+                for i in range(n // 2)
+            ]
+            + [
+                SendRequest(
+                    mesh="alpha",
+                    target_spec="*",
+                    payload=b"s",
+                    client_message_id=f"s-{i}",
+                    sender_session_pubkey=public_key_hex(SESSION),
+                )
+                for i in range(n // 2)
+            ]
+        )
         worker = DrainWorker(outbox, registry, DrainConfig(max_inflight=64, poll_interval=0.05))
         await nursery.start(worker.run)
         await wait_until(lambda: worker.statistics().acked == n, seconds=30)
@@ -506,12 +628,21 @@ async def test_a_route_in_slow_start_does_not_hold_the_window_against_other_rout
         registry = BrokerRegistry()
         registry.set_mesh("slow", slow)
         registry.set_mesh("quick", quick)
-        await outbox.accept_many([SendRequest(mesh="slow", target_spec="*", payload=b"x", client_message_id=f"s-{i}")
-                                  for i in range(200)])
-        await outbox.accept_many([SendRequest(mesh="quick", target_spec="*", payload=b"x", client_message_id=f"q-{i}")
-                                  for i in range(100)])
-        worker = DrainWorker(outbox, registry, DrainConfig(max_inflight=64, poll_interval=0.05, ack_timeout=20.0,
-                                                           lease=60.0))
+        await outbox.accept_many(
+            [
+                SendRequest(mesh="slow", target_spec="*", payload=b"x", client_message_id=f"s-{i}")
+                for i in range(200)
+            ]
+        )
+        await outbox.accept_many(
+            [
+                SendRequest(mesh="quick", target_spec="*", payload=b"x", client_message_id=f"q-{i}")
+                for i in range(100)
+            ]
+        )
+        worker = DrainWorker(
+            outbox, registry, DrainConfig(max_inflight=64, poll_interval=0.05, ack_timeout=20.0, lease=60.0)
+        )
         await nursery.start(worker.run)
         # The slow broker answers nothing for 30 s: its route holds 16 sends
         # and the rows of its first claim; the quick route gets the rest.

@@ -21,9 +21,18 @@ SESSION = "ab" * 32
 
 def row(**changes: Any) -> OutboxRow:
     base = OutboxRow(
-        id="r1", client_message_id="m-1", request_fingerprint=bytes(range(32)), payload=b"hello",
-        enqueued_at=0, attempts=1, next_attempt_at=0, status=Status.INFLIGHT, lease_token="t",
-        mesh="alpha", target_spec="#general", priority="now",
+        id="r1",
+        client_message_id="m-1",
+        request_fingerprint=bytes(range(32)),
+        payload=b"hello",
+        enqueued_at=0,
+        attempts=1,
+        next_attempt_at=0,
+        status=Status.INFLIGHT,
+        lease_token="t",
+        mesh="alpha",
+        target_spec="#general",
+        priority="now",
     )
     return attrs.evolve(base, **changes)
 
@@ -109,9 +118,14 @@ def test_an_encrypted_row_goes_out_as_stored() -> None:
     m = outgoing_message(row(nonce="bm9uY2U=", ciphertext="Y3Q="))
     assert (m.nonce, m.ciphertext) == ("bm9uY2U=", "Y3Q=")
     assert m.to_frame() == {
-        "type": "send", "id": "m-1", "client_message_id": "m-1",
-        "request_fingerprint": bytes(range(32)).hex(), "targetSpec": "#general", "priority": "now",
-        "nonce": "bm9uY2U=", "ciphertext": "Y3Q=",
+        "type": "send",
+        "id": "m-1",
+        "client_message_id": "m-1",
+        "request_fingerprint": bytes(range(32)).hex(),
+        "targetSpec": "#general",
+        "priority": "now",
+        "nonce": "bm9uY2U=",
+        "ciphertext": "Y3Q=",
     }
 
 
@@ -119,8 +133,14 @@ def test_an_encrypted_row_goes_out_as_stored() -> None:
 def test_a_send_frame_is_the_json_of_its_fields_whatever_they_contain(
     cid: str, target: str, priority: str, nonce: str, ciphertext: str
 ) -> None:
-    message = OutgoingMessage(client_message_id=cid, request_fingerprint="ab" * 32, target_spec=target,
-                              priority=priority, nonce=nonce, ciphertext=ciphertext)
+    message = OutgoingMessage(
+        client_message_id=cid,
+        request_fingerprint="ab" * 32,
+        target_spec=target,
+        priority=priority,
+        nonce=nonce,
+        ciphertext=ciphertext,
+    )
     text = message.to_json()
     assert text == encode_json(message.to_frame())
     assert json.loads(text) == message.to_frame()

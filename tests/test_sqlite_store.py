@@ -43,7 +43,12 @@ BIG = 10**12  # a max_age no test row reaches
 
 
 def req(cid: str, **kw: object) -> SendRequest:
-    fields: dict[str, object] = {"mesh": "alpha", "target_spec": "*", "payload": cid.encode(), "client_message_id": cid}
+    fields: dict[str, object] = {
+        "mesh": "alpha",
+        "target_spec": "*",
+        "payload": cid.encode(),
+        "client_message_id": cid,
+    }
     fields.update(kw)
     return SendRequest(**fields)  # type: ignore[arg-type]
 
@@ -100,7 +105,7 @@ async def test_a_corrupted_database_fails_its_integrity_check_and_is_left_untouc
     data = bytearray(db_path.read_bytes())
     page = 4096
     assert len(data) > 20 * page
-    data[10 * page: 10 * page + 200] = b"\xff" * 200
+    data[10 * page : 10 * page + 200] = b"\xff" * 200
     db_path.write_bytes(bytes(data))
     before = digest(db_path)
     with pytest.raises(CorruptDatabase):
@@ -175,10 +180,94 @@ def write_seed_db(path: Path, now: int) -> None:
     conn = sqlite3.connect(path)
     conn.executescript(SEED_SCHEMA)
     rows = [
-        ("s1", "legacy-1", b"\x01" * 32, b"hello", now - 5000, 0, now - 5000, "pending", None, None, None, None, None, None, None, None, None, None, None, None),
-        ("s2", "legacy-2", b"\x02" * 32, b"stuck", now - 4000, 1, now + 30000, "inflight", None, None, None, None, None, None, None, None, None, None, None, None),
-        ("s3", "routed-3", b"\x03" * 32, b"r", now - 3000, 0, now - 3000, "pending", None, None, None, None, None, None, "alpha", "#t", "bm9uY2U=", "Y3Q=", "now", None),
-        ("s4", "done-4", b"\x04" * 32, b"d", now - 2000, 1, now - 2000, "done", None, now - 1000, "b-4", None, None, None, "alpha", "*", None, None, "next", None),
+        (
+            "s1",
+            "legacy-1",
+            b"\x01" * 32,
+            b"hello",
+            now - 5000,
+            0,
+            now - 5000,
+            "pending",
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+        ),
+        (
+            "s2",
+            "legacy-2",
+            b"\x02" * 32,
+            b"stuck",
+            now - 4000,
+            1,
+            now + 30000,
+            "inflight",
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+        ),
+        (
+            "s3",
+            "routed-3",
+            b"\x03" * 32,
+            b"r",
+            now - 3000,
+            0,
+            now - 3000,
+            "pending",
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            "alpha",
+            "#t",
+            "bm9uY2U=",
+            "Y3Q=",
+            "now",
+            None,
+        ),
+        (
+            "s4",
+            "done-4",
+            b"\x04" * 32,
+            b"d",
+            now - 2000,
+            1,
+            now - 2000,
+            "done",
+            None,
+            now - 1000,
+            "b-4",
+            None,
+            None,
+            None,
+            "alpha",
+            "*",
+            None,
+            None,
+            "next",
+            None,
+        ),
     ]
     conn.executemany("INSERT INTO outbox VALUES (" + ",".join("?" * 20) + ")", rows)
     conn.commit()
@@ -201,7 +290,11 @@ async def test_a_seed_database_migrates_in_place_and_keeps_every_row(db_path: Pa
         # New rows go into the migrated table with every column they do not set NULL.
         assert (await ob.accept(req("after-migration"))).inserted
         fresh = await ob.get_by_client_id("after-migration")
-        assert fresh is not None and (fresh.status, fresh.attempts, fresh.mesh) == (Status.PENDING, 0, "alpha")
+        assert fresh is not None and (fresh.status, fresh.attempts, fresh.mesh) == (
+            Status.PENDING,
+            0,
+            "alpha",
+        )
         assert (fresh.last_error, fresh.delivered_at, fresh.lease_token, fresh.superseded_by) == (None,) * 4
     conn = sqlite3.connect(db_path)
     assert conn.execute("SELECT version FROM trio_drain_schema").fetchone()[0] == 1
@@ -235,9 +328,13 @@ async def test_a_newer_schema_is_refused(db_path: Path) -> None:
 
 async def test_the_claim_query_uses_the_claim_index(sqlite_outbox: Outbox) -> None:
     conn: sqlite3.Connection = sqlite_outbox.backend._reader  # type: ignore[attr-defined]
-    plan = " ".join(str(r) for r in conn.execute(
-        "EXPLAIN QUERY PLAN SELECT id FROM outbox INDEXED BY outbox_claim WHERE status = 'pending'"
-        " AND next_attempt_at <= 1 AND enqueued_at >= 0 ORDER BY priority_rank, enqueued_at LIMIT 5"))
+    plan = " ".join(
+        str(r)
+        for r in conn.execute(
+            "EXPLAIN QUERY PLAN SELECT id FROM outbox INDEXED BY outbox_claim WHERE status = 'pending'"
+            " AND next_attempt_at <= 1 AND enqueued_at >= 0 ORDER BY priority_rank, enqueued_at LIMIT 5"
+        )
+    )
     assert "outbox_claim" in plan and "TEMP B-TREE" not in plan
 
 
@@ -250,7 +347,9 @@ async def test_an_accept_cancelled_while_a_batch_runs_is_withdrawn_and_writes_no
         release = threading.Event()
         async with trio.open_nursery() as nursery:
             # Hold the writer thread busy, so the next accept has to queue.
-            nursery.start_soon(functools.partial(committer.submit, lambda conn: release.wait(10), durable=False))
+            nursery.start_soon(
+                functools.partial(committer.submit, lambda conn: release.wait(10), durable=False)
+            )
             await wait_until(lambda: committer._busy)
             with trio.move_on_after(0.05) as scope:
                 await ob.accept(req("queued-then-cancelled"))
@@ -276,7 +375,9 @@ async def test_a_write_already_running_is_never_abandoned_on_cancel(db_path: Pat
         assert scope.cancelled_caught and running.is_set()
         # The caller left only after the write: it is there now, not later.
         conn = sqlite3.connect(db_path)
-        assert conn.execute("SELECT count(*) FROM sqlite_master WHERE name = 'written_anyway'").fetchone() == (1,)
+        assert conn.execute(
+            "SELECT count(*) FROM sqlite_master WHERE name = 'written_anyway'"
+        ).fetchone() == (1,)
         conn.close()
 
 
@@ -313,6 +414,7 @@ async def test_leaders_cancelled_mid_write_still_hand_on_every_later_batch(db_pa
                     gate.wait(10)
                     conn.execute(f"CREATE TABLE {name} (x)")
                     written.append(name)
+
                 return op
 
             async def cancelled_leader(name: str, gate: threading.Event) -> None:
@@ -328,7 +430,9 @@ async def test_leaders_cancelled_mid_write_still_hand_on_every_later_batch(db_pa
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(cancelled_leader, "first", gates[0])
                 await wait_until(lambda: committer._busy)
-                nursery.start_soon(cancelled_leader, "second", gates[1])  # queued: it will lead the next batch
+                nursery.start_soon(
+                    cancelled_leader, "second", gates[1]
+                )  # queued: it will lead the next batch
                 await wait_until(lambda: "second" in scopes and len(committer._queue) == 1)
                 scopes["first"].cancel()
                 gates[0].set()
@@ -345,7 +449,8 @@ async def test_leaders_cancelled_mid_write_still_hand_on_every_later_batch(db_pa
 
 @pytest.mark.parametrize("kind", ["eventfd", "socketpair"])
 async def test_the_writers_doorbell_wakes_its_waiter_once_per_ring(
-        kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from trio_drain._store._sqlite import _Doorbell
 
     if kind == "socketpair":  # what other systems than Linux get
@@ -370,7 +475,8 @@ async def test_the_writers_doorbell_wakes_its_waiter_once_per_ring(
 
 
 async def _queued_behind_a_held_writer(
-        ob: Outbox, requests: list[SendRequest]) -> tuple[list[AcceptOutcome], list[int]]:
+    ob: Outbox, requests: list[SendRequest]
+) -> tuple[list[AcceptOutcome], list[int]]:
     """Accept `requests` concurrently while the writer is held busy, so that
     all of them go to the writer in one batch; their outcomes, in order, and
     the order their writes were queued in (indices into `requests`)."""
@@ -419,7 +525,9 @@ async def test_a_taken_id_among_concurrent_accepts_gets_each_caller_its_own_answ
         outcomes, _ = await _queued_behind_a_held_writer(ob, requests)
         assert committer.joint_operations == 0
         retry, reuse = outcomes.pop(2), outcomes.pop(3)
-        assert not retry.inserted and retry.kind is OutcomeKind.ACCEPTED_PENDING and retry.row_id == first.row_id
+        assert (
+            not retry.inserted and retry.kind is OutcomeKind.ACCEPTED_PENDING and retry.row_id == first.row_id
+        )
         assert not reuse.inserted and reuse.kind is OutcomeKind.CONFLICT and reuse.row_id == first.row_id
         assert all(o.inserted for o in outcomes)
         assert (await ob.counts())["pending"] == 6
@@ -427,12 +535,18 @@ async def test_a_taken_id_among_concurrent_accepts_gets_each_caller_its_own_answ
 
 @settings(max_examples=30, deadline=None)
 @given(
-    taken=st.lists(st.tuples(st.sampled_from("abcd"), st.sampled_from([b"1", b"2"])), max_size=3,
-                   unique_by=lambda t: t[0]),
-    batch=st.lists(st.tuples(st.sampled_from("abcde"), st.sampled_from([b"1", b"2"])), min_size=2, max_size=10),
+    taken=st.lists(
+        st.tuples(st.sampled_from("abcd"), st.sampled_from([b"1", b"2"])),
+        max_size=3,
+        unique_by=lambda t: t[0],
+    ),
+    batch=st.lists(
+        st.tuples(st.sampled_from("abcde"), st.sampled_from([b"1", b"2"])), min_size=2, max_size=10
+    ),
 )
 def test_accepts_sharing_a_commit_get_the_answers_of_accepts_made_one_at_a_time(
-        taken: list[tuple[str, bytes]], batch: list[tuple[str, bytes]]) -> None:
+    taken: list[tuple[str, bytes]], batch: list[tuple[str, bytes]]
+) -> None:
     # Whatever mix of new ids, retries and reused ids lands in one batch,
     # each id ends up with exactly one row, made by the first request for
     # it (in queue order) unless it was taken before; every other request
@@ -440,7 +554,9 @@ def test_accepts_sharing_a_commit_get_the_answers_of_accepts_made_one_at_a_time(
     # when it does not.
     async def scenario(folder: str) -> None:
         async with open_outbox(Path(folder) / "o.db", durability="normal") as ob:
-            kept = {cid: (payload, (await ob.accept(req(cid, payload=payload))).row_id) for cid, payload in taken}
+            kept = {
+                cid: (payload, (await ob.accept(req(cid, payload=payload))).row_id) for cid, payload in taken
+            }
             requests = [req(cid, payload=payload) for cid, payload in batch]
             outcomes, queued = await _queued_behind_a_held_writer(ob, requests)
             first: dict[str, int] = {}  # the request that makes each new id's row: the first queued
@@ -455,8 +571,9 @@ def test_accepts_sharing_a_commit_get_the_answers_of_accepts_made_one_at_a_time(
                 if cid in kept:
                     assert row.id == kept[cid][1]
                 if not makes_row:
-                    assert outcome.kind is (OutcomeKind.ACCEPTED_PENDING if payload == kept_payload
-                                            else OutcomeKind.CONFLICT)
+                    assert outcome.kind is (
+                        OutcomeKind.ACCEPTED_PENDING if payload == kept_payload else OutcomeKind.CONFLICT
+                    )
             assert (await ob.counts())["pending"] == len({cid for cid, _ in taken + batch})
 
     with tempfile.TemporaryDirectory() as folder:
@@ -467,7 +584,8 @@ def test_accepts_sharing_a_commit_get_the_answers_of_accepts_made_one_at_a_time(
 
 
 async def _run_behind_a_held_writer(
-    ob: Outbox, writes: list[Callable[[], Awaitable[Any]]],
+    ob: Outbox,
+    writes: list[Callable[[], Awaitable[Any]]],
     then: Callable[[sqlite3.Connection], object] = lambda conn: None,
 ) -> list[Any]:
     """Start `writes` together while the writer is held busy, so that they go
@@ -497,7 +615,9 @@ async def _run_behind_a_held_writer(
     return [results[i] for i in range(len(writes))]
 
 
-async def test_a_row_the_driver_cannot_store_fails_only_its_own_accept_in_a_shared_commit(db_path: Path) -> None:
+async def test_a_row_the_driver_cannot_store_fails_only_its_own_accept_in_a_shared_commit(
+    db_path: Path,
+) -> None:
     # Validation refuses such text; this is the store's own line of defence,
     # for rows that reach it some other way. The joint insert of the batch
     # fails on the bad rows, and every caller then gets its own answer.
@@ -507,7 +627,8 @@ async def test_a_row_the_driver_cannot_store_fails_only_its_own_accept_in_a_shar
         rows[7] = rows[7]._replace(target_spec="*\udfff")
         backend = ob.backend
         results = await _run_behind_a_held_writer(
-            ob, [functools.partial(backend.accept_many, [row]) for row in rows])
+            ob, [functools.partial(backend.accept_many, [row]) for row in rows]
+        )
         bad = [results.pop(7), results.pop(3)]
         assert all(isinstance(e, UnicodeEncodeError) for e in bad), bad
         assert bad[0] is not bad[1]
@@ -515,7 +636,9 @@ async def test_a_row_the_driver_cannot_store_fails_only_its_own_accept_in_a_shar
         assert (await ob.counts())["pending"] == 8
 
 
-async def test_callers_of_a_batch_that_fails_as_a_whole_each_get_an_exception_of_their_own(db_path: Path) -> None:
+async def test_callers_of_a_batch_that_fails_as_a_whole_each_get_an_exception_of_their_own(
+    db_path: Path,
+) -> None:
     # BEGIN fails (another connection holds the write lock): every caller in
     # the batch fails, each raising its own exception object (one shared
     # instance would have its traceback rewritten by every task raising it).
@@ -530,7 +653,10 @@ async def test_callers_of_a_batch_that_fails_as_a_whole_each_get_an_exception_of
 
         try:
             results = await _run_behind_a_held_writer(
-                ob, [functools.partial(ob.accept, req(f"m-{i}")) for i in range(5)], then=lock_out_the_next_batch)
+                ob,
+                [functools.partial(ob.accept, req(f"m-{i}")) for i in range(5)],
+                then=lock_out_the_next_batch,
+            )
         finally:
             locker.execute("ROLLBACK")
             locker.close()

@@ -36,12 +36,18 @@ from trio_drain._store._sqlite import SqliteBackend, _translate
 from .helpers import FakeBroker, wait_until
 from .procs import assert_clean_error, run
 
-FAST = DrainConfig(poll_interval=0.05, lease=5.0, ack_timeout=1.0, maintenance_interval=0.2,
-                   max_inflight=8, batch_size=8)
+FAST = DrainConfig(
+    poll_interval=0.05, lease=5.0, ack_timeout=1.0, maintenance_interval=0.2, max_inflight=8, batch_size=8
+)
 
 
 def req(cid: str, **kw: Any) -> SendRequest:
-    fields: dict[str, Any] = {"mesh": "alpha", "target_spec": "#t", "payload": cid.encode(), "client_message_id": cid}
+    fields: dict[str, Any] = {
+        "mesh": "alpha",
+        "target_spec": "#t",
+        "payload": cid.encode(),
+        "client_message_id": cid,
+    }
     return SendRequest(**{**fields, **kw})
 
 
@@ -76,8 +82,9 @@ conn.execute("COMMIT")
 
 
 def hold_write_lock(db: Path, seconds: float) -> subprocess.Popen[str]:
-    proc = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(db), str(seconds)],
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(db), str(seconds)], stdout=subprocess.PIPE, text=True
+    )
     assert proc.stdout is not None and proc.stdout.readline().strip() == "locked"
     return proc
 
@@ -123,7 +130,9 @@ async def test_a_long_lock_is_a_clear_busy_error_and_the_worker_rides_it_out(
     assert "outbox unavailable" in caplog.text
 
 
-async def test_a_full_disk_refuses_accepts_cleanly_and_recovers(ob: Outbox, caplog: pytest.LogCaptureFixture) -> None:
+async def test_a_full_disk_refuses_accepts_cleanly_and_recovers(
+    ob: Outbox, caplog: pytest.LogCaptureFixture
+) -> None:
     await ob.accept_many([req(f"m-{i}") for i in range(50)])
     pages = await on_writer(ob, "PRAGMA page_count")
     await on_writer(ob, f"PRAGMA max_page_count = {pages}")  # the disk is full now
@@ -187,11 +196,13 @@ def test_run_on_a_file_corrupted_while_closed_exits_1_at_once_and_leaves_it(tmp_
 
     trio.run(fill)
     data = bytearray(db.read_bytes())
-    data[10 * 4096:10 * 4096 + 200] = b"\xff" * 200  # scribble over a page while nobody has it open
+    data[10 * 4096 : 10 * 4096 + 200] = b"\xff" * 200  # scribble over a page while nobody has it open
     db.write_bytes(bytes(data))
     config = tmp_path / "c.toml"
-    config.write_text('[[mesh]]\nslug = "alpha"\nmesh_id = "m"\nmember_id = "u"\n'
-                      f'broker_url = "ws://127.0.0.1:1/ws"\nsecret_key = "{generate_secret_key()}"\n')
+    config.write_text(
+        '[[mesh]]\nslug = "alpha"\nmesh_id = "m"\nmember_id = "u"\n'
+        f'broker_url = "ws://127.0.0.1:1/ws"\nsecret_key = "{generate_secret_key()}"\n'
+    )
     result = run("run", "--db", str(db), "--config", str(config), timeout=30)
     assert_clean_error(result, 1, "not a usable SQLite database")
     assert db.read_bytes() == bytes(data)

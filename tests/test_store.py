@@ -19,7 +19,12 @@ BIG = 10**12  # a max_age no test row reaches
 
 
 def req(cid: str, **kw: object) -> SendRequest:
-    fields: dict[str, object] = {"mesh": "alpha", "target_spec": "*", "payload": cid.encode(), "client_message_id": cid}
+    fields: dict[str, object] = {
+        "mesh": "alpha",
+        "target_spec": "*",
+        "payload": cid.encode(),
+        "client_message_id": cid,
+    }
     fields.update(kw)
     return SendRequest(**fields)  # type: ignore[arg-type]
 
@@ -48,15 +53,18 @@ async def test_claims_take_priority_then_enqueue_order(clocked_outbox: Outbox, c
     assert [r.client_message_id for r in rest] == ["d", "a"]
 
 
-async def test_claims_skip_rows_not_yet_due_and_rows_past_max_age(clocked_outbox: Outbox, clock: FakeClock) -> None:
+async def test_claims_skip_rows_not_yet_due_and_rows_past_max_age(
+    clocked_outbox: Outbox, clock: FakeClock
+) -> None:
     ob = clocked_outbox
     await ob.accept(req("old"))
     clock.advance(10_000)
     await ob.accept(req("young"))
     (young,) = await ob.claim(limit=10, lease_ms=1000, max_age_ms=5_000, token="t")
     assert young.client_message_id == "young"
-    await ob.complete([lc.on_error(young, error="x", permanent=False, now=clock.now,
-                                   policy=lc.RetryPolicy(), jitter=0.0)])
+    await ob.complete(
+        [lc.on_error(young, error="x", permanent=False, now=clock.now, policy=lc.RetryPolicy(), jitter=0.0)]
+    )
     assert await ob.claim(limit=10, lease_ms=1000, max_age_ms=5_000, token="u") == []
     assert await ob.next_due_at(max_age_ms=5_000) == clock.now + 250
     assert await ob.expire_stale(max_age_ms=5_000) == 1
@@ -67,16 +75,21 @@ async def test_claims_skip_rows_not_yet_due_and_rows_past_max_age(clocked_outbox
 async def test_claims_leave_blocked_routes_alone(clocked_outbox: Outbox) -> None:
     ob = clocked_outbox
     key = "ab" * 32
-    await ob.accept_many([
-        req("sess", sender_session_pubkey=key), req("mesh-a"), req("mesh-b", mesh="beta"),
-        req("no-mesh", mesh=None),
-    ])
+    await ob.accept_many(
+        [
+            req("sess", sender_session_pubkey=key),
+            req("mesh-a"),
+            req("mesh-b", mesh="beta"),
+            req("no-mesh", mesh=None),
+        ]
+    )
     blocked = RouteFilter(sessions=frozenset({key}), meshes=frozenset({"alpha"}), null_mesh=True)
     rows = await ob.claim(limit=10, lease_ms=1000, max_age_ms=BIG, token="t", exclude=blocked)
     assert [r.client_message_id for r in rows] == ["mesh-b"]
     # A session row whose mesh is blocked still goes: sessions have their own socket.
-    rows = await ob.claim(limit=10, lease_ms=1000, max_age_ms=BIG, token="t",
-                          exclude=RouteFilter(meshes=frozenset({"alpha"})))
+    rows = await ob.claim(
+        limit=10, lease_ms=1000, max_age_ms=BIG, token="t", exclude=RouteFilter(meshes=frozenset({"alpha"}))
+    )
     assert sorted(r.client_message_id for r in rows) == ["no-mesh", "sess"]
 
 
@@ -98,16 +111,23 @@ async def test_a_stale_lease_changes_nothing(clocked_outbox: Outbox, clock: Fake
     assert await ob.complete([lc.on_ack(second, broker_message_id="b", now=clock.now)]) == [True]
     assert await ob.complete([lc.on_ack(second, broker_message_id="again", now=clock.now)]) == [False]
     row = await ob.get(first.id)
-    assert row is not None and (row.status, row.broker_message_id, row.lease_token) == (Status.DONE, "b", None)
+    assert row is not None and (row.status, row.broker_message_id, row.lease_token) == (
+        Status.DONE,
+        "b",
+        None,
+    )
 
 
-async def test_a_batch_with_one_stale_lease_applies_the_others(clocked_outbox: Outbox, clock: FakeClock) -> None:
+async def test_a_batch_with_one_stale_lease_applies_the_others(
+    clocked_outbox: Outbox, clock: FakeClock
+) -> None:
     ob = clocked_outbox
     await ob.accept_many([req(f"m-{i}") for i in range(5)])
     rows = await ob.claim(limit=5, lease_ms=1000, max_age_ms=BIG, token="t1")
     stale = lc.on_ack(rows[2], broker_message_id="late", now=clock.now)
-    await ob.complete([lc.on_error(rows[2], error="x", permanent=True, now=clock.now,
-                                   policy=lc.RetryPolicy(), jitter=0)])
+    await ob.complete(
+        [lc.on_error(rows[2], error="x", permanent=True, now=clock.now, policy=lc.RetryPolicy(), jitter=0)]
+    )
     batch = [lc.on_ack(r, broker_message_id=f"b{i}", now=clock.now) for i, r in enumerate(rows) if i != 2]
     batch.insert(2, stale)
     assert await ob.complete(batch) == [True, True, False, True, True]
@@ -117,13 +137,17 @@ async def test_a_batch_with_one_stale_lease_applies_the_others(clocked_outbox: O
 
 
 async def test_complete_and_claim_records_outcomes_and_claims_more_in_one_call(
-        clocked_outbox: Outbox, clock: FakeClock) -> None:
+    clocked_outbox: Outbox, clock: FakeClock
+) -> None:
     ob = clocked_outbox
     await ob.accept_many([req(f"m-{i}") for i in range(5)])
     first = await ob.claim(limit=2, lease_ms=1000, max_age_ms=BIG, token="t1")
     applied, more = await ob.complete_and_claim(
         [lc.on_ack(r, broker_message_id=f"b-{r.client_message_id}", now=clock.now) for r in first],
-        limit=2, lease_ms=1000, max_age_ms=BIG, token="t2",
+        limit=2,
+        lease_ms=1000,
+        max_age_ms=BIG,
+        token="t2",
     )
     assert applied == [True, True]
     assert [r.client_message_id for r in more] == ["m-2", "m-3"]
@@ -160,32 +184,57 @@ async def test_counts_always_have_all_five_statuses(outbox: Outbox) -> None:
     assert await outbox.counts() == {"pending": 0, "inflight": 0, "done": 0, "dead": 0, "aborted": 0}
 
 
-async def test_requeue_aborts_the_row_and_enqueues_a_fresh_copy(clocked_outbox: Outbox, clock: FakeClock) -> None:
+async def test_requeue_aborts_the_row_and_enqueues_a_fresh_copy(
+    clocked_outbox: Outbox, clock: FakeClock
+) -> None:
     ob = clocked_outbox
     outcome = await ob.accept(req("m-1", meta={"k": 1}))
     (row,) = await ob.claim(limit=1, lease_ms=1000, max_age_ms=BIG, token="t")
-    await ob.complete([lc.on_error(row, error="forbidden", permanent=True, now=clock.now, policy=lc.RetryPolicy(), jitter=0)])
+    await ob.complete(
+        [
+            lc.on_error(
+                row, error="forbidden", permanent=True, now=clock.now, policy=lc.RetryPolicy(), jitter=0
+            )
+        ]
+    )
     clock.advance(5)
     successor = await ob.requeue(row.id)
     old = await ob.get(row.id)
     assert old is not None
-    assert (old.status, old.aborted_by, old.superseded_by, old.aborted_at) == (Status.ABORTED, "operator", successor.id, clock.now)
+    assert (old.status, old.aborted_by, old.superseded_by, old.aborted_at) == (
+        Status.ABORTED,
+        "operator",
+        successor.id,
+        clock.now,
+    )
     assert successor.client_message_id != "m-1"
     assert (successor.status, successor.attempts, successor.payload, successor.request_fingerprint) == (
-        Status.PENDING, 0, old.payload, old.request_fingerprint)
-    assert (successor.mesh, successor.target_spec, successor.priority) == (old.mesh, old.target_spec, old.priority)
+        Status.PENDING,
+        0,
+        old.payload,
+        old.request_fingerprint,
+    )
+    assert (successor.mesh, successor.target_spec, successor.priority) == (
+        old.mesh,
+        old.target_spec,
+        old.priority,
+    )
     assert await ob.get(successor.id) == successor
     assert outcome.row_id == row.id
 
 
-async def test_requeue_of_an_inflight_row_fences_the_old_lease(clocked_outbox: Outbox, clock: FakeClock) -> None:
+async def test_requeue_of_an_inflight_row_fences_the_old_lease(
+    clocked_outbox: Outbox, clock: FakeClock
+) -> None:
     await clocked_outbox.accept(req("m-1"))
     (row,) = await clocked_outbox.claim(limit=1, lease_ms=1000, max_age_ms=BIG, token="t")
     await clocked_outbox.requeue(row.id)
     assert await clocked_outbox.complete([lc.on_ack(row, broker_message_id="b", now=clock.now)]) == [False]
 
 
-async def test_operator_actions_refuse_unknown_rows_and_wrong_states(clocked_outbox: Outbox, clock: FakeClock) -> None:
+async def test_operator_actions_refuse_unknown_rows_and_wrong_states(
+    clocked_outbox: Outbox, clock: FakeClock
+) -> None:
     ob = clocked_outbox
     with pytest.raises(UnknownRow):
         await ob.requeue("nope")
@@ -209,11 +258,13 @@ async def test_prune_deletes_only_old_done_rows(clocked_outbox: Outbox, clock: F
     await ob.accept_many([req(f"m-{i}") for i in range(4)])
     rows = await ob.claim(limit=4, lease_ms=1000, max_age_ms=BIG, token="t")
     policy = lc.RetryPolicy()
-    await ob.complete([
-        lc.on_ack(rows[0], broker_message_id="b0", now=clock.now),
-        lc.on_error(rows[1], error="forbidden", permanent=True, now=clock.now, policy=policy, jitter=0),
-        lc.on_ack(rows[2], broker_message_id="b2", now=clock.now + 10_000),
-    ])
+    await ob.complete(
+        [
+            lc.on_ack(rows[0], broker_message_id="b0", now=clock.now),
+            lc.on_error(rows[1], error="forbidden", permanent=True, now=clock.now, policy=policy, jitter=0),
+            lc.on_ack(rows[2], broker_message_id="b2", now=clock.now + 10_000),
+        ]
+    )
     await ob.drop(rows[1].id)
     clock.advance(5_000)
     assert await ob.prune(older_than=1.0) == 1  # rows[0] only; rows[2] is too young
@@ -222,14 +273,30 @@ async def test_prune_deletes_only_old_done_rows(clocked_outbox: Outbox, clock: F
 
 
 async def test_stored_rows_round_trip_every_column(clocked_outbox: Outbox) -> None:
-    request = req("m-1", priority="low", nonce="bm9uY2U=", ciphertext="Y3Q=", reply_to_id="r-0",
-                  sender_session_pubkey="cd" * 32, target_spec="ef" * 32)
+    request = req(
+        "m-1",
+        priority="low",
+        nonce="bm9uY2U=",
+        ciphertext="Y3Q=",
+        reply_to_id="r-0",
+        sender_session_pubkey="cd" * 32,
+        target_spec="ef" * 32,
+    )
     await clocked_outbox.accept(request)
     row = await clocked_outbox.get_by_client_id("m-1")
     assert row is not None
-    assert attrs.asdict(row, filter=lambda a, v: a.name in ("nonce", "ciphertext", "priority", "sender_session_pubkey", "target_spec")) == {
-        "nonce": "bm9uY2U=", "ciphertext": "Y3Q=", "priority": "low",
-        "sender_session_pubkey": "cd" * 32, "target_spec": "ef" * 32}
+    assert attrs.asdict(
+        row,
+        filter=lambda a, v: (
+            a.name in ("nonce", "ciphertext", "priority", "sender_session_pubkey", "target_spec")
+        ),
+    ) == {
+        "nonce": "bm9uY2U=",
+        "ciphertext": "Y3Q=",
+        "priority": "low",
+        "sender_session_pubkey": "cd" * 32,
+        "target_spec": "ef" * 32,
+    }
 
 
 # -- rows whose fate is unknown ----------------------------------------------------------
@@ -237,14 +304,25 @@ async def test_stored_rows_round_trip_every_column(clocked_outbox: Outbox) -> No
 
 @pytest.mark.parametrize("fate", ["resend", "dead"])
 async def test_expired_leases_go_where_the_state_machine_says_for_each_unknown_fate_policy(
-    clocked_outbox: Outbox, clock: FakeClock, fate: lc.UnknownFate,
+    clocked_outbox: Outbox,
+    clock: FakeClock,
+    fate: lc.UnknownFate,
 ) -> None:
     ob = clocked_outbox
     await ob.accept_many([req("young"), req("at-cap"), req("live"), req("other")])
     rows = {r.client_message_id: r for r in await ob.claim(limit=4, lease_ms=1000, max_age_ms=BIG, token="t")}
     # One row has used its last attempt; "live" is given back and claimed again (its lease runs on).
-    await ob.complete([lc.Completion(row_id=rows["at-cap"].id, lease_token="t", status=Status.PENDING,
-                                     attempts=3, next_attempt_at=clock.now)])
+    await ob.complete(
+        [
+            lc.Completion(
+                row_id=rows["at-cap"].id,
+                lease_token="t",
+                status=Status.PENDING,
+                attempts=3,
+                next_attempt_at=clock.now,
+            )
+        ]
+    )
     (at_cap,) = await ob.claim(limit=1, lease_ms=1000, max_age_ms=BIG, token="t2")
     assert at_cap.attempts == 4
     clock.advance(1000)
@@ -262,4 +340,6 @@ async def test_expired_leases_go_where_the_state_machine_says_for_each_unknown_f
         assert (row.status, row.last_error, row.lease_token) == (status, error, None), cid
         assert row.next_attempt_at == (clock.now if status is Status.PENDING else row.next_attempt_at)
     if fate == "dead":
-        assert {r.last_error for r in found.values() if r and r.status is Status.DEAD} == {"unknown_fate: lease_expired"}
+        assert {r.last_error for r in found.values() if r and r.status is Status.DEAD} == {
+            "unknown_fate: lease_expired"
+        }

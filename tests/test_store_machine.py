@@ -35,7 +35,11 @@ from .helpers import FakeClock, TrioPortal
 from .strategies import send_requests
 
 POLICY = lc.RetryPolicy(
-    max_attempts=3, backoff_base_ms=100, backoff_cap_ms=400, route_retry_ms=50, lease_ms=1000,
+    max_attempts=3,
+    backoff_base_ms=100,
+    backoff_cap_ms=400,
+    route_retry_ms=50,
+    lease_ms=1000,
     max_age_ms=20_000,
 )
 RANK = {"now": 0, "next": 1, "low": 2}
@@ -53,6 +57,8 @@ class ModelRow:
     next_attempt_at: int = 0
     lease_token: str | None = None
     lease_expires_at: int | None = None
+    last_error: str | None = None
+    broker_message_id: str | None = None
 
 
 class OutboxMachine(RuleBasedStateMachine):
@@ -92,8 +98,12 @@ class OutboxMachine(RuleBasedStateMachine):
             assert outcome.inserted and outcome.kind is OutcomeKind.ACCEPTED_PENDING
             assert outcome.row_id is not None
             self.model[outcome.row_id] = ModelRow(
-                id=outcome.row_id, client_message_id=outcome.client_message_id, fingerprint=fingerprint,
-                rank=RANK[request.priority], enqueued_at=self.clock.now, next_attempt_at=self.clock.now,
+                id=outcome.row_id,
+                client_message_id=outcome.client_message_id,
+                fingerprint=fingerprint,
+                rank=RANK[request.priority],
+                enqueued_at=self.clock.now,
+                next_attempt_at=self.clock.now,
             )
             self.by_client_id[outcome.client_message_id] = outcome.row_id
         else:
@@ -118,12 +128,19 @@ class OutboxMachine(RuleBasedStateMachine):
     def claim(self, worker: str, limit: int) -> None:
         self.tokens += 1
         token = f"{worker}{self.tokens}"
-        rows = self.call(self.outbox.claim, limit=limit, lease_ms=POLICY.lease_ms,
-                         max_age_ms=POLICY.max_age_ms, token=token)
+        rows = self.call(
+            self.outbox.claim,
+            limit=limit,
+            lease_ms=POLICY.lease_ms,
+            max_age_ms=POLICY.max_age_ms,
+            token=token,
+        )
         now = self.clock.now
         eligible = {
-            r.id: r for r in self.model.values()
-            if r.status is Status.PENDING and r.next_attempt_at <= now
+            r.id: r
+            for r in self.model.values()
+            if r.status is Status.PENDING
+            and r.next_attempt_at <= now
             and r.enqueued_at >= now - POLICY.max_age_ms
         }
         assert len(rows) == min(limit, len(eligible))
@@ -145,8 +162,9 @@ class OutboxMachine(RuleBasedStateMachine):
     @rule(
         worker=st.sampled_from("AB"),
         index=st.integers(0, 50),
-        event=st.sampled_from(["ack", "transient", "permanent", "unavailable", "no_broker",
-                               "released_unsent", "released_sent"]),
+        event=st.sampled_from(
+            ["ack", "transient", "permanent", "unavailable", "no_broker", "released_unsent", "released_sent"]
+        ),
     )
     def complete(self, worker: str, index: int, event: str) -> None:
         held = self.held[worker]
@@ -156,8 +174,12 @@ class OutboxMachine(RuleBasedStateMachine):
         now = self.clock.now
         completion = {
             "ack": lambda: lc.on_ack(row, broker_message_id="b", now=now),
-            "transient": lambda: lc.on_error(row, error="e", permanent=False, now=now, policy=POLICY, jitter=0.5),
-            "permanent": lambda: lc.on_error(row, error="e", permanent=True, now=now, policy=POLICY, jitter=0.5),
+            "transient": lambda: lc.on_error(
+                row, error="e", permanent=False, now=now, policy=POLICY, jitter=0.5
+            ),
+            "permanent": lambda: lc.on_error(
+                row, error="e", permanent=True, now=now, policy=POLICY, jitter=0.5
+            ),
             "unavailable": lambda: lc.on_route_unavailable(row, now=now, policy=POLICY),
             "no_broker": lambda: lc.on_no_broker(row),
             "released_unsent": lambda: lc.on_released(row, sent=False, now=now, policy=POLICY),
@@ -168,7 +190,12 @@ class OutboxMachine(RuleBasedStateMachine):
         fresh = m.status is Status.INFLIGHT and m.lease_token == row.lease_token
         assert applied == fresh, "a stale lease changed a row, or a live one was refused"
         if applied:
-            m.status, m.attempts, m.next_attempt_at = completion.status, completion.attempts, completion.next_attempt_at
+            m.status, m.attempts, m.next_attempt_at = (
+                completion.status,
+                completion.attempts,
+                completion.next_attempt_at,
+            )
+            m.last_error, m.broker_message_id = completion.last_error, completion.broker_message_id
             m.lease_token = m.lease_expires_at = None
 
     @rule(ms=st.sampled_from([1, 60, 400, 999, 1000, 5000, 30_000, -500]))
@@ -190,7 +217,9 @@ class OutboxMachine(RuleBasedStateMachine):
         for m in self.model.values():
             if m.status is Status.INFLIGHT and m.lease_expires_at is not None and m.lease_expires_at <= now:
                 expected += 1
-                m.status = Status.DEAD if m.attempts >= POLICY.max_attempts else Status.PENDING
+                m.status, m.last_error = lc.on_lease_expired(
+                    unknown_fate=POLICY.unknown_fate, at_cap=m.attempts >= POLICY.max_attempts
+                )
                 if m.status is Status.PENDING:
                     m.next_attempt_at = now
                 m.lease_token = m.lease_expires_at = None
@@ -202,7 +231,7 @@ class OutboxMachine(RuleBasedStateMachine):
         cutoff = self.clock.now - POLICY.max_age_ms
         expected = [m for m in self.model.values() if m.status is Status.PENDING and m.enqueued_at < cutoff]
         for m in expected:
-            m.status = Status.DEAD
+            m.status, m.last_error = Status.DEAD, lc.EXPIRED
         assert moved == len(expected)
 
     @precondition(lambda self: self.model)
@@ -220,8 +249,12 @@ class OutboxMachine(RuleBasedStateMachine):
         m.status, m.lease_token, m.lease_expires_at = Status.ABORTED, None, None
         if action == "requeue":
             self.model[result.id] = ModelRow(
-                id=result.id, client_message_id=result.client_message_id, fingerprint=m.fingerprint,
-                rank=m.rank, enqueued_at=self.clock.now, next_attempt_at=self.clock.now,
+                id=result.id,
+                client_message_id=result.client_message_id,
+                fingerprint=m.fingerprint,
+                rank=m.rank,
+                enqueued_at=self.clock.now,
+                next_attempt_at=self.clock.now,
             )
             self.by_client_id[result.client_message_id] = result.id
 
@@ -234,6 +267,12 @@ class OutboxMachine(RuleBasedStateMachine):
         for row in rows:
             m = self.model[row.id]
             assert (row.status, row.attempts, row.lease_token) == (m.status, m.attempts, m.lease_token)
+            # What the outcome wrote: when it is due again, why, and the broker's id.
+            assert (row.next_attempt_at, row.last_error, row.broker_message_id) == (
+                m.next_attempt_at,
+                m.last_error,
+                m.broker_message_id,
+            ), row.id
             assert row.client_message_id == m.client_message_id
             assert row.attempts <= POLICY.max_attempts
         # No client_message_id is ever freed, and each names one row.
@@ -249,7 +288,9 @@ class OutboxMachine(RuleBasedStateMachine):
 
 
 OutboxMachine.TestCase.settings = settings(
-    max_examples=60, stateful_step_count=40, deadline=None,
+    max_examples=60,
+    stateful_step_count=40,
+    deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
 TestOutboxMachine = OutboxMachine.TestCase
@@ -271,7 +312,9 @@ class PostgresOutboxMachine(OutboxMachine):
 
 
 PostgresOutboxMachine.TestCase.settings = settings(
-    max_examples=60, stateful_step_count=40, deadline=None,
+    max_examples=60,
+    stateful_step_count=40,
+    deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
 TestPostgresOutboxMachine = PostgresOutboxMachine.TestCase

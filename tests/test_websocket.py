@@ -43,8 +43,15 @@ from .proxy import FaultProxy
 PARENT = generate_secret_key()
 SESSION = generate_secret_key()
 MEMBERS = {"mesh-alpha": {"member-1": public_key_hex(PARENT)}}
-FAST = DrainConfig(poll_interval=0.05, backoff_base=0.01, backoff_cap=0.05, route_retry=0.02, lease=5.0,
-                   ack_timeout=1.0, maintenance_interval=0.2)
+FAST = DrainConfig(
+    poll_interval=0.05,
+    backoff_base=0.01,
+    backoff_cap=0.05,
+    route_retry=0.02,
+    lease=5.0,
+    ack_timeout=1.0,
+    maintenance_interval=0.2,
+)
 
 
 def mesh_identity(secret: str = PARENT, member: str = "member-1") -> MeshIdentity:
@@ -89,8 +96,12 @@ async def outbox(tmp_path: Path) -> AsyncIterator[Outbox]:
 
 
 def reqs(n: int, **kw: Any) -> list[SendRequest]:
-    return [SendRequest(mesh="alpha", target_spec="#t", payload=f"p{i}".encode(), client_message_id=f"m-{i}", **kw)
-            for i in range(n)]
+    return [
+        SendRequest(
+            mesh="alpha", target_spec="#t", payload=f"p{i}".encode(), client_message_id=f"m-{i}", **kw
+        )
+        for i in range(n)
+    ]
 
 
 async def test_rows_drain_end_to_end_through_a_mesh_connection(outbox: Outbox) -> None:
@@ -115,8 +126,12 @@ async def test_session_rows_leave_only_on_their_session_socket(outbox: Outbox) -
         mesh_server = await start_broker(nursery)
         session_server = await start_broker(nursery)
         mesh = quick(mesh_server.url, mesh_identity())
-        ident = SessionIdentity(mesh_id="mesh-alpha", parent_member_id="member-1", parent_secret_key=PARENT,
-                                session_secret_key=SESSION)
+        ident = SessionIdentity(
+            mesh_id="mesh-alpha",
+            parent_member_id="member-1",
+            parent_secret_key=PARENT,
+            session_secret_key=SESSION,
+        )
         session = quick(session_server.url, ident)
         await nursery.start(mesh.run)
         await nursery.start(session.run)
@@ -124,11 +139,21 @@ async def test_session_rows_leave_only_on_their_session_socket(outbox: Outbox) -
         registry = BrokerRegistry()
         registry.set_mesh("alpha", mesh)
         registry.set_session(ident.session_pubkey, session)
-        await outbox.accept_many([
-            *reqs(5),
-            *[SendRequest(mesh="alpha", target_spec="#t", payload=b"s", client_message_id=f"s-{i}",
-                          sender_session_pubkey=ident.session_pubkey) for i in range(5)],
-        ])
+        await outbox.accept_many(
+            [
+                *reqs(5),
+                *[
+                    SendRequest(
+                        mesh="alpha",
+                        target_spec="#t",
+                        payload=b"s",
+                        client_message_id=f"s-{i}",
+                        sender_session_pubkey=ident.session_pubkey,
+                    )
+                    for i in range(5)
+                ],
+            ]
+        )
         await nursery.start(DrainWorker(outbox, registry, FAST).run)
         await drained(outbox, 10)
         assert {cid for (_, cid) in session_server.accepted()} == {f"s-{i}" for i in range(5)}
@@ -145,7 +170,9 @@ async def test_session_rows_leave_only_on_their_session_socket(outbox: Outbox) -
     ],
     ids=["unknown member", "wrong key", "clock skew"],
 )
-async def test_the_broker_refuses_bad_hellos(identity: Callable[[], MeshIdentity], clock: Any, reason: str) -> None:
+async def test_the_broker_refuses_bad_hellos(
+    identity: Callable[[], MeshIdentity], clock: Any, reason: str
+) -> None:
     async with trio.open_nursery() as nursery:
         server = await start_broker(nursery)
         broker = quick(server.url, identity(), clock=clock)
@@ -164,16 +191,24 @@ async def raw_hello(url: str, frame: dict[str, Any]) -> dict[str, Any]:
 
 
 async def test_forged_and_expired_session_hellos_are_refused() -> None:
-    ident = SessionIdentity(mesh_id="mesh-alpha", parent_member_id="member-1", parent_secret_key=PARENT,
-                            session_secret_key=SESSION)
+    ident = SessionIdentity(
+        mesh_id="mesh-alpha",
+        parent_member_id="member-1",
+        parent_secret_key=PARENT,
+        session_secret_key=SESSION,
+    )
     now = time.time_ns() // 1_000_000
     good = ident.hello(now)
     expired = ident.hello(now)
     expired["parentAttestation"]["expiresAt"] = now - 1
     forged = ident.hello(now)
     forged["signature"] = "00" * 64
-    other = SessionIdentity(mesh_id="mesh-alpha", parent_member_id="member-1", parent_secret_key=PARENT,
-                            session_secret_key=generate_secret_key()).hello(now)
+    other = SessionIdentity(
+        mesh_id="mesh-alpha",
+        parent_member_id="member-1",
+        parent_secret_key=PARENT,
+        session_secret_key=generate_secret_key(),
+    ).hello(now)
     swapped = dict(good, parentAttestation=other["parentAttestation"])
     async with trio.open_nursery() as nursery:
         server = await start_broker(nursery)
@@ -189,9 +224,16 @@ async def send_one(url: str, cid: str, fingerprint: str, ciphertext: str = "aGk=
     broker = quick(url, mesh_identity())
     async with trio.open_nursery() as nursery:
         await nursery.start(broker.run)
-        result = await broker.send(OutgoingMessage(
-            client_message_id=cid, request_fingerprint=fingerprint, target_spec="*", priority="next",
-            nonce="bm9uY2U=", ciphertext=ciphertext))
+        result = await broker.send(
+            OutgoingMessage(
+                client_message_id=cid,
+                request_fingerprint=fingerprint,
+                target_spec="*",
+                priority="next",
+                nonce="bm9uY2U=",
+                ciphertext=ciphertext,
+            )
+        )
         nursery.cancel_scope.cancel()
     return result
 
@@ -222,11 +264,17 @@ async def test_oversized_payloads_are_a_permanent_error(outbox: Outbox) -> None:
 
 @pytest.mark.parametrize(
     "faults",
-    [Faults(transient_error_rate=0.3), Faults(disconnect_every=40), Faults(drop_ack_rate=0.05),
-     Faults(ack_delay=0.05)],
+    [
+        Faults(transient_error_rate=0.3),
+        Faults(disconnect_every=40),
+        Faults(drop_ack_rate=0.05),
+        Faults(ack_delay=0.05),
+    ],
     ids=["transient errors", "disconnects", "dropped acks", "ack delay"],
 )
-async def test_everything_drains_through_injected_faults_and_nothing_dies(outbox: Outbox, faults: Faults) -> None:
+async def test_everything_drains_through_injected_faults_and_nothing_dies(
+    outbox: Outbox, faults: Faults
+) -> None:
     async with trio.open_nursery() as nursery:
         server = await start_broker(nursery, faults=faults)
         broker = quick(server.url, mesh_identity())
@@ -234,8 +282,16 @@ async def test_everything_drains_through_injected_faults_and_nothing_dies(outbox
         registry = BrokerRegistry()
         registry.set_mesh("alpha", broker)
         await outbox.accept_many(reqs(200))
-        config = DrainConfig(poll_interval=0.05, backoff_base=0.01, backoff_cap=0.05, route_retry=0.02,
-                             lease=5.0, ack_timeout=0.3, maintenance_interval=0.2, max_attempts=50)
+        config = DrainConfig(
+            poll_interval=0.05,
+            backoff_base=0.01,
+            backoff_cap=0.05,
+            route_retry=0.02,
+            lease=5.0,
+            ack_timeout=0.3,
+            maintenance_interval=0.2,
+            max_attempts=50,
+        )
         await nursery.start(DrainWorker(outbox, registry, config).run)
         counts = await drained(outbox, 200, seconds=30)
         assert counts["done"] == 200 and counts["dead"] == 0
@@ -279,10 +335,18 @@ async def test_garbage_frames_and_unknown_acks_are_survived() -> None:
         await ws.send_message(b"\x00binary")
         await ws.send_message(json.dumps({"type": "hello_ack", "presenceId": "p"}))
         send = json.loads(await ws.get_message())
-        junk_frames: list[str | bytes] = ["not json", "[1,2]", '{"type":"ack","id":"nobody"}', '{"type":"push","x":1}', b"\xff"]
+        junk_frames: list[str | bytes] = [
+            "not json",
+            "[1,2]",
+            '{"type":"ack","id":"nobody"}',
+            '{"type":"push","x":1}',
+            b"\xff",
+        ]
         for junk in junk_frames:
             await ws.send_message(junk)
-        await ws.send_message(json.dumps({"type": "ack", "id": send["id"], "messageId": "b-1", "queued": True}))
+        await ws.send_message(
+            json.dumps({"type": "ack", "id": send["id"], "messageId": "b-1", "queued": True})
+        )
         await trio.sleep_forever()
 
     pushes: list[dict[str, Any]] = []
@@ -290,8 +354,16 @@ async def test_garbage_frames_and_unknown_acks_are_survived() -> None:
         url = await scripted(nursery, chaotic)
         broker = quick(url, mesh_identity(), on_push=pushes.append)
         await nursery.start(broker.run)
-        result = await broker.send(OutgoingMessage(client_message_id="m-1", request_fingerprint="aa",
-                                                   target_spec="*", priority="next", nonce="", ciphertext=""))
+        result = await broker.send(
+            OutgoingMessage(
+                client_message_id="m-1",
+                request_fingerprint="aa",
+                target_spec="*",
+                priority="next",
+                nonce="",
+                ciphertext="",
+            )
+        )
         assert (result.ok, result.message_id) == (True, "b-1")
         assert pushes == [{"type": "push", "x": 1}]
         assert broker.is_open()
@@ -309,8 +381,16 @@ async def test_a_close_fails_outstanding_sends_as_broker_disconnected() -> None:
         url = await scripted(nursery, hang_up)
         broker = quick(url, mesh_identity(), reconnect_backoff=(10.0,))
         await nursery.start(broker.run)
-        result = await broker.send(OutgoingMessage(client_message_id="m-1", request_fingerprint="aa",
-                                                   target_spec="*", priority="next", nonce="", ciphertext=""))
+        result = await broker.send(
+            OutgoingMessage(
+                client_message_id="m-1",
+                request_fingerprint="aa",
+                target_spec="*",
+                priority="next",
+                nonce="",
+                ciphertext="",
+            )
+        )
         assert (result.ok, result.error, result.permanent) == (False, "broker_disconnected", False)
         nursery.cancel_scope.cancel()
 
@@ -319,25 +399,50 @@ async def test_a_close_fails_outstanding_sends_as_broker_disconnected() -> None:
     ("frame", "ok", "permanent"),
     [
         ({"type": "ack", "id": "c", "messageId": "b", "queued": True}, True, False),
-        ({"type": "ack", "id": "c", "messageId": "", "queued": False, "error": "forbidden", "permanent": False}, False, False),
-        ({"type": "ack", "id": "c", "messageId": "", "queued": False, "error": "busy", "permanent": True}, False, True),
-        ({"type": "ack", "id": "c", "messageId": "", "queued": False, "error": "Payload_Too_Large"}, False, True),
+        (
+            {
+                "type": "ack",
+                "id": "c",
+                "messageId": "",
+                "queued": False,
+                "error": "forbidden",
+                "permanent": False,
+            },
+            False,
+            False,
+        ),
+        (
+            {"type": "ack", "id": "c", "messageId": "", "queued": False, "error": "busy", "permanent": True},
+            False,
+            True,
+        ),
+        (
+            {"type": "ack", "id": "c", "messageId": "", "queued": False, "error": "Payload_Too_Large"},
+            False,
+            True,
+        ),
         ({"type": "ack", "id": "c", "messageId": "", "queued": False, "error": "rate limited"}, False, False),
         ({"type": "ack", "id": "c", "messageId": "", "queued": False}, False, False),
     ],
 )
-def test_error_acks_are_classified_by_the_permanent_field_then_the_text(frame: dict[str, Any], ok: bool, permanent: bool) -> None:
+def test_error_acks_are_classified_by_the_permanent_field_then_the_text(
+    frame: dict[str, Any], ok: bool, permanent: bool
+) -> None:
     result = classify_ack(frame)
     assert (result.ok, result.permanent) == (ok, permanent)
 
 
 def test_identities_never_show_secret_keys() -> None:
-    ident = SessionIdentity(mesh_id="m", parent_member_id="u", parent_secret_key=PARENT, session_secret_key=SESSION)
+    ident = SessionIdentity(
+        mesh_id="m", parent_member_id="u", parent_secret_key=PARENT, session_secret_key=SESSION
+    )
     for text in (repr(ident), repr(mesh_identity()), str(mesh_identity())):
         assert PARENT not in text and SESSION not in text and PARENT[:64] not in text
 
 
-async def test_rows_wait_out_an_outage_and_drain_when_the_broker_returns(tmp_path: Path, outbox: Outbox) -> None:
+async def test_rows_wait_out_an_outage_and_drain_when_the_broker_returns(
+    tmp_path: Path, outbox: Outbox
+) -> None:
     db = tmp_path / "b.db"
     async with trio.open_nursery() as nursery:
         first = trio.CancelScope()
@@ -360,7 +465,9 @@ async def test_rows_wait_out_an_outage_and_drain_when_the_broker_returns(tmp_pat
         await trio.sleep(0.5)
         rows = await outbox.list(limit=100)
         assert {(r.status, r.attempts) for r in rows} == {(Status.PENDING, 0)}
-        await nursery.start(lambda task_status: serve_broker(members=MEMBERS, db=db, port=port, task_status=task_status))
+        await nursery.start(
+            lambda task_status: serve_broker(members=MEMBERS, db=db, port=port, task_status=task_status)
+        )
         assert (await drained(outbox, 100, seconds=10))["done"] == 100
         nursery.cancel_scope.cancel()
 
@@ -378,8 +485,13 @@ async def test_an_acceptance_is_persisted_even_if_the_sender_hangs_up_before_the
                 await ws.get_message()
                 for i in range(100):
                     frame = OutgoingMessage(
-                        client_message_id=f"m-{burst}-{i}", request_fingerprint="aa", target_spec="*",
-                        priority="next", nonce="bm9uY2U=", ciphertext="aGk=").to_frame()
+                        client_message_id=f"m-{burst}-{i}",
+                        request_fingerprint="aa",
+                        target_spec="*",
+                        priority="next",
+                        nonce="bm9uY2U=",
+                        ciphertext="aGk=",
+                    ).to_frame()
                     await ws.send_message(json.dumps(frame))
         # Every frame read (they were sent before each hang-up), then stop at
         # once: the writes in progress must be waited out, not raced.
@@ -397,8 +509,9 @@ async def test_a_half_open_connection_is_noticed_within_the_pong_deadline() -> N
     async with trio.open_nursery() as nursery:
         server = await start_broker(nursery)
         proxy = await nursery.start(FaultProxy(server.port).run)
-        broker = quick(proxy.url, mesh_identity(), ping_interval=0.2, pong_timeout=0.3,
-                       reconnect_backoff=(0.1,))
+        broker = quick(
+            proxy.url, mesh_identity(), ping_interval=0.2, pong_timeout=0.3, reconnect_backoff=(0.1,)
+        )
         await nursery.start(broker.run)
         assert broker.is_open()
         proxy.blackhole = True
@@ -418,8 +531,9 @@ async def drain_through_proxy(
     a worker draining 300 accepted rows through them."""
     server = await start_broker(nursery, faults=faults or Faults())
     fault_proxy = await nursery.start(FaultProxy(server.port, **proxy).run)
-    broker = quick(fault_proxy.url, mesh_identity(), reconnect_backoff=(0.05,), ping_interval=0.3,
-                   pong_timeout=0.3)
+    broker = quick(
+        fault_proxy.url, mesh_identity(), reconnect_backoff=(0.05,), ping_interval=0.3, pong_timeout=0.3
+    )
     await nursery.start(broker.run)
     registry = BrokerRegistry()
     registry.set_mesh("alpha", broker)
@@ -460,7 +574,8 @@ async def test_a_broker_that_closes_slowly_is_survived(outbox: Outbox) -> None:
         # The broker drops each connection after 100 sends; its end-of-stream
         # takes half a second to arrive.
         server, _, _ = await drain_through_proxy(
-            nursery, outbox, faults=Faults(disconnect_every=100), slow_close=0.5)
+            nursery, outbox, faults=Faults(disconnect_every=100), slow_close=0.5
+        )
         counts = await drained(outbox, 300, seconds=30)
         assert counts == {"pending": 0, "inflight": 0, "done": 300, "dead": 0, "aborted": 0}
         assert server.statistics.disconnects >= 2
@@ -479,8 +594,16 @@ async def test_an_ack_that_never_comes_is_a_transient_ack_timeout() -> None:
         broker = quick(url, mesh_identity(), ack_timeout=0.3)
         await nursery.start(broker.run)
         started = trio.current_time()
-        result = await broker.send(OutgoingMessage(client_message_id="m-1", request_fingerprint="aa",
-                                                   target_spec="*", priority="next", nonce="", ciphertext=""))
+        result = await broker.send(
+            OutgoingMessage(
+                client_message_id="m-1",
+                request_fingerprint="aa",
+                target_spec="*",
+                priority="next",
+                nonce="",
+                ciphertext="",
+            )
+        )
         assert (result.ok, result.error, result.permanent) == (False, "ack_timeout", False)
         assert 0.3 <= trio.current_time() - started < 1.0
         assert broker.is_open()
@@ -494,9 +617,26 @@ def tls_files(tmp_path: Path) -> tuple[Path, Path]:
     if shutil.which("openssl") is None:
         pytest.skip("openssl is not installed: no certificate for the wss:// test")
     subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
-         "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
-        check=True, capture_output=True,
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
     )
     return cert, key
 
@@ -516,7 +656,9 @@ async def test_wss_connects_and_verifies_the_certificate(tls_files: tuple[Path, 
             pass
 
     async with trio.open_nursery() as nursery:
-        server = await nursery.start(trio_websocket.serve_websocket, hello_acker, "127.0.0.1", 0, server_context)
+        server = await nursery.start(
+            trio_websocket.serve_websocket, hello_acker, "127.0.0.1", 0, server_context
+        )
         url = f"wss://127.0.0.1:{server.port}/ws"
         trusting = ssl.create_default_context(cafile=str(cert))
         broker = quick(url, mesh_identity(), ssl_context=trusting)
@@ -538,8 +680,10 @@ async def wrong_accept(stream: trio.SocketStream) -> None:
     async with stream:
         while b"\r\n\r\n" not in await stream.receive_some(65536):
             pass
-        await stream.send_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
-                              b"Connection: Upgrade\r\nSec-WebSocket-Accept: bm90IHRoZSBrZXk=\r\n\r\n")
+        await stream.send_all(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Accept: bm90IHRoZSBrZXk=\r\n\r\n"
+        )
         await stream.receive_some(65536)
 
 
@@ -565,7 +709,9 @@ def trio_websocket_only(transport: str) -> None:
         pytest.skip("our transports run the strict variant of this test")
 
 
-async def test_a_server_answering_with_the_wrong_accept_key_is_refused_not_a_crash(our_transports_only: None) -> None:
+async def test_a_server_answering_with_the_wrong_accept_key_is_refused_not_a_crash(
+    our_transports_only: None,
+) -> None:
     await refused_by_wrong_accept()
 
 
@@ -578,14 +724,25 @@ async def test_a_wrong_accept_key_is_a_refusal_over_trio_websocket_too(trio_webs
     gc.collect()  # its leaked socket goes now, under this test's filter, not in a later test
 
 
-@pytest.mark.parametrize("frame", [
-    {"type": "ack", "id": "plain-1", "messageId": "0b8f2a7e-1c52-4f7a-9f1e-2f5d3c4b5a69", "queued": True},
-    {"type": "ack", "id": 'quote " back \\ slash', "messageId": "m", "queued": True},
-    {"type": "ack", "id": "ünïcode ✓ \u2028 \x01", "messageId": "", "queued": True},
-    {"type": "ack", "id": 7, "messageId": "m", "queued": True},  # not a string id: the encoder
-    {"type": "ack", "id": "d", "messageId": "m", "queued": True, "duplicate": True},
-    {"type": "ack", "id": "e", "messageId": "", "queued": False, "error": "x", "code": "y", "permanent": False},
-])
+@pytest.mark.parametrize(
+    "frame",
+    [
+        {"type": "ack", "id": "plain-1", "messageId": "0b8f2a7e-1c52-4f7a-9f1e-2f5d3c4b5a69", "queued": True},
+        {"type": "ack", "id": 'quote " back \\ slash', "messageId": "m", "queued": True},
+        {"type": "ack", "id": "ünïcode ✓ \u2028 \x01", "messageId": "", "queued": True},
+        {"type": "ack", "id": 7, "messageId": "m", "queued": True},  # not a string id: the encoder
+        {"type": "ack", "id": "d", "messageId": "m", "queued": True, "duplicate": True},
+        {
+            "type": "ack",
+            "id": "e",
+            "messageId": "",
+            "queued": False,
+            "error": "x",
+            "code": "y",
+            "permanent": False,
+        },
+    ],
+)
 def test_the_reference_brokers_acks_are_the_json_its_encoder_writes(frame: dict[str, Any]) -> None:
     from trio_drain._reference_broker import _encode_ack
     from trio_drain._routing import encode_json

@@ -29,13 +29,25 @@ from .helpers import FakeBroker, wait_until
 
 SESSION = "cd" * 32
 FAST = DrainConfig(
-    poll_interval=0.05, backoff_base=0.01, backoff_cap=0.05, route_retry=0.02, lease=5.0,
-    ack_timeout=1.0, maintenance_interval=0.2, max_inflight=16, batch_size=16,
+    poll_interval=0.05,
+    backoff_base=0.01,
+    backoff_cap=0.05,
+    route_retry=0.02,
+    lease=5.0,
+    ack_timeout=1.0,
+    maintenance_interval=0.2,
+    max_inflight=16,
+    batch_size=16,
 )
 
 
 def req(cid: str, **kw: Any) -> SendRequest:
-    fields: dict[str, Any] = {"mesh": "alpha", "target_spec": "#t", "payload": cid.encode(), "client_message_id": cid}
+    fields: dict[str, Any] = {
+        "mesh": "alpha",
+        "target_spec": "#t",
+        "payload": cid.encode(),
+        "client_message_id": cid,
+    }
     fields.update(kw)
     return SendRequest(**fields)
 
@@ -54,6 +66,7 @@ class Rig:
 
     async def settled(self, n: int, *, seconds: float = 10.0) -> dict[str, int]:
         """Wait until n rows are done, dead or aborted; return the counts."""
+
         async def check() -> bool:
             c = await self.outbox.counts()
             return c["done"] + c["dead"] + c["aborted"] >= n
@@ -122,7 +135,11 @@ async def test_permanent_errors_go_dead_with_the_brokers_error(rig: Rig) -> None
     worker = await rig.start()
     await rig.settled(1)
     row = await rig.outbox.get_by_client_id("m-1")
-    assert row is not None and (row.status, row.attempts, row.last_error) == (Status.DEAD, 1, "payload_too_large")
+    assert row is not None and (row.status, row.attempts, row.last_error) == (
+        Status.DEAD,
+        1,
+        "payload_too_large",
+    )
     assert worker.statistics().dead == 1
 
 
@@ -132,7 +149,11 @@ async def test_transient_errors_at_the_attempt_cap_go_dead(rig: Rig) -> None:
     await rig.start(attrs.evolve(FAST, max_attempts=3))
     await rig.settled(1)
     row = await rig.outbox.get_by_client_id("m-1")
-    assert row is not None and (row.status, row.attempts, row.last_error) == (Status.DEAD, 3, "max_attempts: busy")
+    assert row is not None and (row.status, row.attempts, row.last_error) == (
+        Status.DEAD,
+        3,
+        "max_attempts: busy",
+    )
     assert len(rig.broker.received) == 3
 
 
@@ -255,6 +276,7 @@ async def test_rows_claimed_but_not_yet_sent_when_cancelled_get_their_attempt_ba
     real_claim = rig.outbox.claim
 
     async with trio.open_nursery() as nursery:
+
         async def claim_then_cancel(**kw: Any) -> Any:
             rows = await real_claim(**kw)
             nursery.cancel_scope.cancel()  # stop arrives between claim and send
@@ -318,7 +340,9 @@ async def test_an_accept_wakes_an_idle_worker_at_once(rig: Rig) -> None:
 
 
 async def test_wake_never_blocks_and_coalesces(rig: Rig) -> None:
-    worker = DrainWorker(rig.outbox, rig.registry, attrs.evolve(FAST, poll_interval=60.0, maintenance_interval=60.0))
+    worker = DrainWorker(
+        rig.outbox, rig.registry, attrs.evolve(FAST, poll_interval=60.0, maintenance_interval=60.0)
+    )
     claims = 0
     original = rig.outbox.claim
 
@@ -406,8 +430,9 @@ class PipelinedFake:
             on_result(result)
 
 
-async def pipelined_rig(outbox: Outbox, nursery: trio.Nursery, config: DrainConfig = FAST) -> tuple[
-        PipelinedFake, DrainWorker]:
+async def pipelined_rig(
+    outbox: Outbox, nursery: trio.Nursery, config: DrainConfig = FAST
+) -> tuple[PipelinedFake, DrainWorker]:
     broker = PipelinedFake()
     registry = BrokerRegistry()
     registry.set_mesh("alpha", broker)
@@ -458,7 +483,11 @@ async def test_a_pipelined_broker_closing_before_the_send_gives_the_attempt_back
     await rig.outbox.accept(req("m-1"))
     await wait_until(lambda: worker.statistics().given_back >= 1)
     row = await rig.outbox.get_by_client_id("m-1")
-    assert row is not None and (row.status, row.attempts, row.last_error) == (Status.PENDING, 0, "route_unavailable")
+    assert row is not None and (row.status, row.attempts, row.last_error) == (
+        Status.PENDING,
+        0,
+        "route_unavailable",
+    )
 
 
 # -- outcomes written together with the next claim -----------------------------------

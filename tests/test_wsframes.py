@@ -45,7 +45,11 @@ def in_pieces(codec: wf.FrameCodec, data: bytes, cuts: list[int]) -> list[wf.Eve
 def raw_frame(first: int, payload: bytes, *, masked: bool, length: int | None = None) -> bytes:
     n = len(payload) if length is None else length
     key = b"\x01\x02\x03\x04"
-    head = bytes((first, (0x80 if masked else 0) | n)) if n < 126 else struct.pack("!BBH", first, (0x80 if masked else 0) | 126, n)
+    head = (
+        bytes((first, (0x80 if masked else 0) | n))
+        if n < 126
+        else struct.pack("!BBH", first, (0x80 if masked else 0) | 126, n)
+    )
     return head + (key + wf.mask(payload, key) if masked else payload)
 
 
@@ -89,22 +93,34 @@ def test_wsproto_reads_what_we_send_and_we_read_its_fragments(parts: list[str]) 
     ws_server.receive_data(b"".join(client().text(p) for p in parts))
     assert [e.data for e in ws_server.events() if isinstance(e, Message)] == parts
     # A wsproto server's fragmented message into our client codec.
-    wire = b"".join(ws_server.send(TextMessage(data=p, message_finished=i == len(parts) - 1))
-                    for i, p in enumerate(parts))
+    wire = b"".join(
+        ws_server.send(TextMessage(data=p, message_finished=i == len(parts) - 1)) for i, p in enumerate(parts)
+    )
     assert client().receive(wire) == [("message", "".join(parts))]
 
 
 def test_binary_messages_and_control_frames_are_events() -> None:
-    wire = (wf.encode_frame(wf.OP_BINARY, b"\x00\xff", masked=True) + client().ping(b"p1")
-            + client().pong(b"p2") + client().close(1001, "going away"))
-    assert server().receive(wire) == [("message", b"\x00\xff"), ("ping", b"p1"), ("pong", b"p2"),
-                                      ("close", 1001, "going away")]
+    wire = (
+        wf.encode_frame(wf.OP_BINARY, b"\x00\xff", masked=True)
+        + client().ping(b"p1")
+        + client().pong(b"p2")
+        + client().close(1001, "going away")
+    )
+    assert server().receive(wire) == [
+        ("message", b"\x00\xff"),
+        ("ping", b"p1"),
+        ("pong", b"p2"),
+        ("close", 1001, "going away"),
+    ]
     assert server().receive(client().close(wf.CLOSE_NO_STATUS)) == [("close", wf.CLOSE_NO_STATUS, "")]
 
 
 def test_control_frames_may_come_between_fragments() -> None:
-    wire = (raw_frame(wf.OP_TEXT, b"he", masked=True) + raw_frame(0x80 | wf.OP_PING, b"x", masked=True)
-            + raw_frame(0x80 | wf.OP_CONTINUATION, b"llo", masked=True))
+    wire = (
+        raw_frame(wf.OP_TEXT, b"he", masked=True)
+        + raw_frame(0x80 | wf.OP_PING, b"x", masked=True)
+        + raw_frame(0x80 | wf.OP_CONTINUATION, b"llo", masked=True)
+    )
     assert server().receive(wire) == [("ping", b"x"), ("message", "hello")]
 
 
@@ -115,12 +131,24 @@ BROKEN = [
     ("long control frame", raw_frame(0x80 | wf.OP_PING, b"x" * 126, masked=True), 1002),
     ("fragmented control frame", raw_frame(wf.OP_PING, b"x", masked=True), 1002),
     ("continuation first", raw_frame(0x80 | wf.OP_CONTINUATION, b"x", masked=True), 1002),
-    ("new message mid-fragment", raw_frame(wf.OP_TEXT, b"a", masked=True) + raw_frame(0x80 | wf.OP_TEXT, b"b", masked=True), 1002),
+    (
+        "new message mid-fragment",
+        raw_frame(wf.OP_TEXT, b"a", masked=True) + raw_frame(0x80 | wf.OP_TEXT, b"b", masked=True),
+        1002,
+    ),
     ("text that is not UTF-8", raw_frame(0x80 | wf.OP_TEXT, b"\xff\xfe", masked=True), 1007),
     ("one-byte close code", raw_frame(0x80 | wf.OP_CLOSE, b"\x03", masked=True), 1002),
-    ("close code 1005 on the wire", raw_frame(0x80 | wf.OP_CLOSE, struct.pack("!H", 1005), masked=True), 1002),
+    (
+        "close code 1005 on the wire",
+        raw_frame(0x80 | wf.OP_CLOSE, struct.pack("!H", 1005), masked=True),
+        1002,
+    ),
     ("close code 999", raw_frame(0x80 | wf.OP_CLOSE, struct.pack("!H", 999), masked=True), 1002),
-    ("close reason not UTF-8", raw_frame(0x80 | wf.OP_CLOSE, struct.pack("!H", 1000) + b"\xff", masked=True), 1007),
+    (
+        "close reason not UTF-8",
+        raw_frame(0x80 | wf.OP_CLOSE, struct.pack("!H", 1000) + b"\xff", masked=True),
+        1007,
+    ),
 ]
 
 
@@ -173,8 +201,11 @@ def test_the_client_refuses_a_wrong_or_missing_upgrade() -> None:
     with pytest.raises(wf.HandshakeFailed, match="rejected with HTTP 403"):
         wf.check_response(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0", key)
     with pytest.raises(wf.HandshakeFailed, match="does not match"):
-        wf.check_response(b"HTTP/1.1 101 Switching\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                          b"Sec-WebSocket-Accept: nope", key)
+        wf.check_response(
+            b"HTTP/1.1 101 Switching\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Accept: nope",
+            key,
+        )
     with pytest.raises(wf.HandshakeFailed, match="too long"):
         wf.split_head(b"x" * (wf.MAX_HEAD + 1))
 
@@ -201,8 +232,13 @@ async def test_frames_that_ride_in_with_the_handshake_are_not_lost(monkeypatch: 
     async with trio.open_nursery() as nursery:
         listeners = await nursery.start(functools.partial(trio.serve_tcp, eager_server, 0, host="127.0.0.1"))
         port = listeners[0].socket.getsockname()[1]
-        async with open_connection(f"ws://127.0.0.1:{port}/", transport="native", ssl_context=None,
-                                   max_message_size=MAX, connect_timeout=5) as ws:
+        async with open_connection(
+            f"ws://127.0.0.1:{port}/",
+            transport="native",
+            ssl_context=None,
+            max_message_size=MAX,
+            connect_timeout=5,
+        ) as ws:
             assert await ws.get_message() == "welcome"
         nursery.cancel_scope.cancel()
 
@@ -218,10 +254,18 @@ async def test_the_native_server_and_client_talk_and_close_cleanly() -> None:
         await connection.aclose(4000, "done")  # type: ignore[attr-defined]
 
     async with trio.open_nursery() as nursery:
-        port = await nursery.start(lambda task_status: serve_websocket(
-            echo, "127.0.0.1", 0, max_message_size=MAX, task_status=task_status))
-        async with open_connection(f"ws://127.0.0.1:{port}/x", transport="native", ssl_context=None,
-                                   max_message_size=MAX, connect_timeout=5) as ws:
+        port = await nursery.start(
+            lambda task_status: serve_websocket(
+                echo, "127.0.0.1", 0, max_message_size=MAX, task_status=task_status
+            )
+        )
+        async with open_connection(
+            f"ws://127.0.0.1:{port}/x",
+            transport="native",
+            ssl_context=None,
+            max_message_size=MAX,
+            connect_timeout=5,
+        ) as ws:
             await ws.send_message("hi")
             assert await ws.get_message() == "echo hi"
             with pytest.raises(TransportClosed, match="4000 done"):
@@ -231,7 +275,9 @@ async def test_the_native_server_and_client_talk_and_close_cleanly() -> None:
 
 
 def test_binary_payloads_from_wsproto_arrive_as_bytes() -> None:
-    assert client().receive(wsproto_server().send(BytesMessage(data=b"\x00\x01"))) == [("message", b"\x00\x01")]
+    assert client().receive(wsproto_server().send(BytesMessage(data=b"\x00\x01"))) == [
+        ("message", b"\x00\x01")
+    ]
 
 
 def test_a_long_close_reason_is_cut_on_a_character_boundary() -> None:
@@ -268,14 +314,20 @@ NOT_SHORTEST = [
 
 
 @pytest.mark.parametrize("is_client", [True, False], ids=["client", "server"])
-@pytest.mark.parametrize(("form", "n"), [(f, n) for _, f, n in NOT_SHORTEST], ids=[i for i, _, _ in NOT_SHORTEST])
+@pytest.mark.parametrize(
+    ("form", "n"), [(f, n) for _, f, n in NOT_SHORTEST], ids=[i for i, _, _ in NOT_SHORTEST]
+)
 def test_a_length_not_in_its_shortest_form_is_a_protocol_error(is_client: bool, form: int, n: int) -> None:
     # RFC 6455 5.2: "the minimal number of bytes MUST be used to encode the
     # length"; a 64-bit length's most significant bit MUST be 0. Refused from
     # the header alone, on both ends, with 1002 (never 1009, however long).
     codec = client() if is_client else server()
     masked = not is_client  # what this end expects
-    wire = head(0x80 | wf.OP_BINARY, n, masked=masked, form=form) + b"\x01\x02\x03\x04" * masked + b"\x00" * min(n, 300)
+    wire = (
+        head(0x80 | wf.OP_BINARY, n, masked=masked, form=form)
+        + b"\x01\x02\x03\x04" * masked
+        + b"\x00" * min(n, 300)
+    )
     with pytest.raises(wf.ProtocolError) as caught:
         codec.receive(wire)
     assert caught.value.code == wf.CLOSE_PROTOCOL_ERROR
@@ -284,7 +336,9 @@ def test_a_length_not_in_its_shortest_form_is_a_protocol_error(is_client: bool, 
 def test_the_shortest_forms_at_their_edges_are_accepted() -> None:
     for n in (0, 125, 126, 65535, 65536):
         payload = b"\xfe" * n
-        assert client().receive(wf.encode_frame(wf.OP_BINARY, payload, masked=False)) == [("message", payload)]
+        assert client().receive(wf.encode_frame(wf.OP_BINARY, payload, masked=False)) == [
+            ("message", payload)
+        ]
         assert server().receive(wf.encode_frame(wf.OP_BINARY, payload, masked=True)) == [("message", payload)]
 
 
@@ -322,9 +376,9 @@ def test_bad_utf8_in_a_frame_arriving_in_pieces_fails_at_that_piece() -> None:
     text = KOSME + b"\xf4\x90\x80\x80edited"
     wire = wf.encode_frame(wf.OP_TEXT, text, masked=True)
     codec = server()
-    assert codec.receive(wire[:6 + len(KOSME) + 1]) == []  # the header, the valid part and 0xF4
+    assert codec.receive(wire[: 6 + len(KOSME) + 1]) == []  # the header, the valid part and 0xF4
     with pytest.raises(wf.ProtocolError) as caught:
-        codec.receive(wire[6 + len(KOSME) + 1:6 + len(KOSME) + 2])  # 0x90
+        codec.receive(wire[6 + len(KOSME) + 1 : 6 + len(KOSME) + 2])  # 0x90
     assert caught.value.code == wf.CLOSE_INVALID_DATA
 
 
@@ -333,8 +387,10 @@ def test_autobahns_utf8_sequences_whole_fragmented_and_in_pieces(valid_and_data:
     valid, data = valid_and_data
     assert valid == _is_utf8(data)  # the table agrees with Python's strict decoder
     whole = wf.encode_frame(wf.OP_TEXT, data, masked=True)
-    octet_fragments = b"".join(wsc.Frame(op, data[i:i + 1], fin=i == len(data) - 1).wire(masked=True)
-                               for i, op in enumerate([wf.OP_TEXT] + [wf.OP_CONTINUATION] * (len(data) - 1)))
+    octet_fragments = b"".join(
+        wsc.Frame(op, data[i : i + 1], fin=i == len(data) - 1).wire(masked=True)
+        for i, op in enumerate([wf.OP_TEXT] + [wf.OP_CONTINUATION] * (len(data) - 1))
+    )
     for wire, step in ((whole, len(whole)), (octet_fragments, len(octet_fragments)), (whole, 1)):
         codec = server()
         if valid:
@@ -353,10 +409,15 @@ def _is_utf8(data: bytes) -> bool:
     return True
 
 
-@given(st.lists(st.tuples(st.booleans(), st.binary(max_size=3000), st.booleans()), min_size=1, max_size=4),
-       st.lists(st.integers(0, 15_000), max_size=12), st.booleans())
+@given(
+    st.lists(st.tuples(st.booleans(), st.binary(max_size=3000), st.booleans()), min_size=1, max_size=4),
+    st.lists(st.integers(0, 15_000), max_size=12),
+    st.booleans(),
+)
 def test_messages_of_any_kind_arrive_whole_however_the_bytes_are_cut(
-    messages: list[tuple[bool, bytes, bool]], cuts: list[int], from_client: bool,
+    messages: list[tuple[bool, bytes, bool]],
+    cuts: list[int],
+    from_client: bool,
 ) -> None:
     # Text and binary, masked or not, fragmented or not: the same messages
     # whatever the cuts (a frame cut anywhere is taken in pieces).
@@ -385,7 +446,7 @@ def test_a_long_frame_in_small_pieces_takes_time_linear_in_its_length() -> None:
             codec = wf.FrameCodec(client=True, max_message_size=size)
             start = time.perf_counter()
             for at in range(0, len(data), 1460):
-                events = codec.receive(data[at:at + 1460])
+                events = codec.receive(data[at : at + 1460])
                 assert len(codec._buffer) < 14  # never more than a header held back
             best = min(best, time.perf_counter() - start)
             assert events == [("message", b"\xfe" * size)]

@@ -79,9 +79,11 @@ def close_frame(code: int | None = 1000, reason: bytes = b"") -> Frame:
 
 def fragments(opcode: int, payload: bytes, size: int) -> list[Frame]:
     """`payload` as one message in frames of `size` bytes (the last may be shorter)."""
-    pieces = [payload[i:i + size] for i in range(0, len(payload), size)] or [b""]
-    return [Frame(opcode if i == 0 else CONTINUATION, piece, fin=i == len(pieces) - 1)
-            for i, piece in enumerate(pieces)]
+    pieces = [payload[i : i + size] for i in range(0, len(payload), size)] or [b""]
+    return [
+        Frame(opcode if i == 0 else CONTINUATION, piece, fin=i == len(pieces) - 1)
+        for i, piece in enumerate(pieces)
+    ]
 
 
 def send_json(ident: str, size: int = 0, pad: str = "x") -> str:
@@ -118,14 +120,14 @@ class FrameReader:
                 n, at = struct.unpack("!Q", self.buffer[2:10])[0], 10
             key = b""
             if second & 0x80:
-                key, at = bytes(self.buffer[at:at + 4]), at + 4
+                key, at = bytes(self.buffer[at : at + 4]), at + 4
             if len(self.buffer) < at + n:
                 break
-            payload = bytes(self.buffer[at:at + n])
+            payload = bytes(self.buffer[at : at + n])
             if key:
                 payload = bytes(b ^ key[i % 4] for i, b in enumerate(payload))
             assert bool(key) == self.masked, "the implementation masked the wrong way round"
-            del self.buffer[:at + n]
+            del self.buffer[: at + n]
             frames.append((bool(first & 0x80), first & 0x0F, payload))
         return frames
 
@@ -156,12 +158,19 @@ async def accept_upgrade(stream: trio.abc.Stream) -> bytes:
     key = {k.lower(): v for k, v in headers.items()}["sec-websocket-key"]
     await stream.send_all(
         b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-        b"Sec-WebSocket-Accept: " + accept_for(key).encode() + b"\r\n\r\n")
+        b"Sec-WebSocket-Accept: " + accept_for(key).encode() + b"\r\n\r\n"
+    )
     return rest
 
 
-def upgrade_request(*, host: bool = True, version: str = "13", key: str | None = None,
-                    method: str = "GET", upgrade: bool = True) -> tuple[bytes, str]:
+def upgrade_request(
+    *,
+    host: bool = True,
+    version: str = "13",
+    key: str | None = None,
+    method: str = "GET",
+    upgrade: bool = True,
+) -> tuple[bytes, str]:
     key = base64.b64encode(os.urandom(16)).decode() if key is None else key
     lines = [f"{method} /ws HTTP/1.1"]
     if host:
@@ -299,8 +308,11 @@ class Peer:
                 batch.append(step.wire(masked=self.client))
                 continue
             writes = (
-                [b"".join(batch)] if chop is None else batch if chop == 0
-                else [w[i:i + chop] for w in batch for i in range(0, len(w), chop)]
+                [b"".join(batch)]
+                if chop is None
+                else batch
+                if chop == 0
+                else [w[i : i + chop] for w in batch for i in range(0, len(w), chop)]
             )
             batch = []
             for data in writes:
@@ -411,8 +423,13 @@ def _framing() -> list[Case]:
         _case("length 64-bit for 65535 bytes", Frame(BINARY, b"b" * 65535, form=64), **FAIL_1002),
         _case("length 64-bit top bit set", Frame(BINARY, b"b" * 10, length=1 << 63), **FAIL_1002),
         _case("length 16-bit for a ping", Frame(PING, b"p", form=16), **FAIL_1002),
-        _case("message then length 16-bit for 5 bytes", _t(HELLO), _t("hello", form=16),
-              messages=(HELLO,), **FAIL_1002),
+        _case(
+            "message then length 16-bit for 5 bytes",
+            _t(HELLO),
+            _t("hello", form=16),
+            messages=(HELLO,),
+            **FAIL_1002,
+        ),
     ]
     return cases
 
@@ -430,8 +447,12 @@ def _ping_pong() -> list[Case]:
         _case("2.6", Frame(PING, b"\xfe" * 125), chop=1, pongs=(b"\xfe" * 125,)),
         _case("2.7", Frame(PONG)),
         _case("2.8", Frame(PONG, b"unsolicited pong payload")),
-        _case("2.9", Frame(PONG, b"unsolicited pong payload"), Frame(PING, b"ping payload"),
-              pongs=(b"ping payload",)),
+        _case(
+            "2.9",
+            Frame(PONG, b"unsolicited pong payload"),
+            Frame(PING, b"ping payload"),
+            pongs=(b"ping payload",),
+        ),
         _case("2.10", *[Frame(PING, p) for p in pings], pongs=tuple(pings)),
         _case("2.11", *[Frame(PING, p) for p in pings], chop=1, pongs=tuple(pings)),
     ]
@@ -460,10 +481,23 @@ def _opcodes() -> list[Case]:
             _case(f"4.{group}.1", Frame(base), **FAIL_1002),
             _case(f"4.{group}.2", Frame(base + 1, b"reserved opcode payload"), **FAIL_1002),
             _case(f"4.{group}.3", _t(first), Frame(base + 2), Frame(PING), messages=(first,), **FAIL_1002),
-            _case(f"4.{group}.4", _t(first), Frame(base + 3, b"payload"), Frame(PING),
-                  messages=(first,), **FAIL_1002),
-            _case(f"4.{group}.5", _t(first), Frame(base + 4, b"payload"), Frame(PING), chop=1,
-                  messages=(first,), **FAIL_1002),
+            _case(
+                f"4.{group}.4",
+                _t(first),
+                Frame(base + 3, b"payload"),
+                Frame(PING),
+                messages=(first,),
+                **FAIL_1002,
+            ),
+            _case(
+                f"4.{group}.5",
+                _t(first),
+                Frame(base + 4, b"payload"),
+                Frame(PING),
+                chop=1,
+                messages=(first,),
+                **FAIL_1002,
+            ),
         ]
     return cases
 
@@ -481,61 +515,189 @@ def _fragmentation() -> list[Case]:
     for ident, chop in (("5.3", None), ("5.4", 0), ("5.5", 1)):
         cases.append(_case(ident, _t(one, fin=False), Frame(CONTINUATION, two), chop=chop, messages=(whole,)))
     for ident, chop in (("5.6", None), ("5.7", 0), ("5.8", 1)):
-        cases.append(_case(ident, _t(one, fin=False), Frame(PING, b"ping payload"), Frame(CONTINUATION, two),
-                           chop=chop, pongs=(b"ping payload",), messages=(whole,)))
+        cases.append(
+            _case(
+                ident,
+                _t(one, fin=False),
+                Frame(PING, b"ping payload"),
+                Frame(CONTINUATION, two),
+                chop=chop,
+                pongs=(b"ping payload",),
+                messages=(whole,),
+            )
+        )
     for ident, chop in (("5.9", None), ("5.10", 0), ("5.11", 1)):
         cases.append(_case(ident, nothing_to_continue, _t(HELLO), chop=chop, **FAIL_1002))
     for ident, chop in (("5.12", None), ("5.13", 0), ("5.14", 1)):
-        cases.append(_case(ident, Frame(CONTINUATION, b"non-continuation payload", fin=False), _t(HELLO),
-                           chop=chop, **FAIL_1002))
+        cases.append(
+            _case(
+                ident,
+                Frame(CONTINUATION, b"non-continuation payload", fin=False),
+                _t(HELLO),
+                chop=chop,
+                **FAIL_1002,
+            )
+        )
     cases += [
-        _case("5.15", _t(one, fin=False), Frame(CONTINUATION, two), Frame(CONTINUATION, b"fragment3", fin=False),
-              _t(b"fragment4"), messages=(whole,), **FAIL_1002),
-        _case("5.16", *[Frame(CONTINUATION, b"fragment1", fin=False), _t(b"fragment2", fin=False),
-                        Frame(CONTINUATION, b"fragment3")] * 2, **FAIL_1002),
-        _case("5.17", *[Frame(CONTINUATION, b"fragment1"), _t(b"fragment2", fin=False),
-                        Frame(CONTINUATION, b"fragment3")] * 2, **FAIL_1002),
+        _case(
+            "5.15",
+            _t(one, fin=False),
+            Frame(CONTINUATION, two),
+            Frame(CONTINUATION, b"fragment3", fin=False),
+            _t(b"fragment4"),
+            messages=(whole,),
+            **FAIL_1002,
+        ),
+        _case(
+            "5.16",
+            *[
+                Frame(CONTINUATION, b"fragment1", fin=False),
+                _t(b"fragment2", fin=False),
+                Frame(CONTINUATION, b"fragment3"),
+            ]
+            * 2,
+            **FAIL_1002,
+        ),
+        _case(
+            "5.17",
+            *[
+                Frame(CONTINUATION, b"fragment1"),
+                _t(b"fragment2", fin=False),
+                Frame(CONTINUATION, b"fragment3"),
+            ]
+            * 2,
+            **FAIL_1002,
+        ),
         _case("5.18", _t(b"fragment1", fin=False), _t(b"fragment2"), **FAIL_1002),
     ]
     for ident, chop in (("5.19", None), ("5.20", 0)):
-        cases.append(_case(
-            ident, _t(parts[0], fin=False), Frame(CONTINUATION, parts[1], fin=False), Frame(PING, b"pongme 1!"),
-            Pause(0.1), Frame(CONTINUATION, parts[2], fin=False), Frame(CONTINUATION, parts[3], fin=False),
-            Frame(PING, b"pongme 2!"), Frame(CONTINUATION, parts[4]),
-            chop=chop, pongs=(b"pongme 1!", b"pongme 2!"), messages=(b"".join(parts).decode(),)))
+        cases.append(
+            _case(
+                ident,
+                _t(parts[0], fin=False),
+                Frame(CONTINUATION, parts[1], fin=False),
+                Frame(PING, b"pongme 1!"),
+                Pause(0.1),
+                Frame(CONTINUATION, parts[2], fin=False),
+                Frame(CONTINUATION, parts[3], fin=False),
+                Frame(PING, b"pongme 2!"),
+                Frame(CONTINUATION, parts[4]),
+                chop=chop,
+                pongs=(b"pongme 1!", b"pongme 2!"),
+                messages=(b"".join(parts).decode(),),
+            )
+        )
     return cases
 
 
 #: Autobahn's UTF-8 sequences (from Markus Kuhn's UTF-8 decoder test): (valid, bytes).
 UTF8_SEQUENCES: list[tuple[bool, bytes]] = [
-    (True, b"hello$world"), (True, b"hello\xc2\xa2world"), (True, b"hello\xe2\x82\xacworld"),
-    (True, b"hello\xf0\xa4\xad\xa2world"), (True, KOSME),
+    (True, b"hello$world"),
+    (True, b"hello\xc2\xa2world"),
+    (True, b"hello\xe2\x82\xacworld"),
+    (True, b"hello\xf0\xa4\xad\xa2world"),
+    (True, KOSME),
     *[(True, b"\x00"), (True, b"\xc2\x80"), (True, b"\xe0\xa0\x80"), (True, b"\xf0\x90\x80\x80")],
     *[(False, b"\xf8\x88\x80\x80\x80"), (False, b"\xfc\x84\x80\x80\x80\x80")],
     *[(True, b"\x7f"), (True, b"\xdf\xbf"), (True, b"\xef\xbf\xbf"), (True, b"\xf4\x8f\xbf\xbf")],
     *[(False, b"\xf7\xbf\xbf\xbf"), (False, b"\xfb\xbf\xbf\xbf\xbf"), (False, b"\xfd\xbf\xbf\xbf\xbf\xbf")],
-    *[(True, b"\xed\x9f\xbf"), (True, b"\xee\x80\x80"), (True, b"\xef\xbf\xbd"), (False, b"\xf4\x90\x80\x80")],
-    *[(False, s) for s in (b"\x80", b"\xbf", b"\x80\xbf", b"\x80\xbf\x80", b"\x80\xbf\x80\xbf",
-                           bytes(range(0x80, 0xbf)))],
-    *[(False, b"".join(bytes((c, 0x20)) for c in range(lo, hi)))
-      for lo, hi in ((0xc0, 0xdf), (0xe0, 0xef), (0xf0, 0xf7), (0xf8, 0xfb), (0xfc, 0xfd))],
-    *[(False, s) for s in (b"\xc0", b"\xe0\x80", b"\xf0\x80\x80", b"\xf8\x80\x80\x80", b"\xfc\x80\x80\x80\x80",
-                           b"\xdf", b"\xef\xbf", b"\xf7\xbf\xbf", b"\xfb\xbf\xbf\xbf", b"\xfd\xbf\xbf\xbf\xbf")],
+    *[
+        (True, b"\xed\x9f\xbf"),
+        (True, b"\xee\x80\x80"),
+        (True, b"\xef\xbf\xbd"),
+        (False, b"\xf4\x90\x80\x80"),
+    ],
+    *[
+        (False, s)
+        for s in (
+            b"\x80",
+            b"\xbf",
+            b"\x80\xbf",
+            b"\x80\xbf\x80",
+            b"\x80\xbf\x80\xbf",
+            bytes(range(0x80, 0xBF)),
+        )
+    ],
+    *[
+        (False, b"".join(bytes((c, 0x20)) for c in range(lo, hi)))
+        for lo, hi in ((0xC0, 0xDF), (0xE0, 0xEF), (0xF0, 0xF7), (0xF8, 0xFB), (0xFC, 0xFD))
+    ],
+    *[
+        (False, s)
+        for s in (
+            b"\xc0",
+            b"\xe0\x80",
+            b"\xf0\x80\x80",
+            b"\xf8\x80\x80\x80",
+            b"\xfc\x80\x80\x80\x80",
+            b"\xdf",
+            b"\xef\xbf",
+            b"\xf7\xbf\xbf",
+            b"\xfb\xbf\xbf\xbf",
+            b"\xfd\xbf\xbf\xbf\xbf",
+        )
+    ],
     (False, b"\xc0\xe0\x80\xf0\x80\x80\xf8\x80\x80\x80\xfc\x80\x80\x80\x80\xdf\xef\xbf\xf7\xbf\xbf"),
     *[(False, s) for s in (b"\xfe", b"\xff", b"\xfe\xfe\xff\xff")],
-    *[(False, s) for s in (b"\xc0\xaf", b"\xe0\x80\xaf", b"\xf0\x80\x80\xaf", b"\xf8\x80\x80\x80\xaf",
-                           b"\xfc\x80\x80\x80\x80\xaf")],
-    *[(False, s) for s in (b"\xc1\xbf", b"\xe0\x9f\xbf", b"\xf0\x8f\xbf\xbf", b"\xf8\x87\xbf\xbf\xbf",
-                           b"\xfc\x83\xbf\xbf\xbf\xbf")],
-    *[(False, s) for s in (b"\xc0\x80", b"\xe0\x80\x80", b"\xf0\x80\x80\x80", b"\xf8\x80\x80\x80\x80",
-                           b"\xfc\x80\x80\x80\x80\x80")],
-    *[(False, s) for s in (b"\xed\xa0\x80", b"\xed\xad\xbf", b"\xed\xae\x80", b"\xed\xaf\xbf", b"\xed\xb0\x80",
-                           b"\xed\xbe\x80", b"\xed\xbf\xbf")],
-    *[(False, hi + lo) for hi in (b"\xed\xa0\x80", b"\xed\xad\xbf", b"\xed\xae\x80", b"\xed\xaf\xbf")
-      for lo in (b"\xed\xb0\x80", b"\xed\xbf\xbf")],
+    *[
+        (False, s)
+        for s in (
+            b"\xc0\xaf",
+            b"\xe0\x80\xaf",
+            b"\xf0\x80\x80\xaf",
+            b"\xf8\x80\x80\x80\xaf",
+            b"\xfc\x80\x80\x80\x80\xaf",
+        )
+    ],
+    *[
+        (False, s)
+        for s in (
+            b"\xc1\xbf",
+            b"\xe0\x9f\xbf",
+            b"\xf0\x8f\xbf\xbf",
+            b"\xf8\x87\xbf\xbf\xbf",
+            b"\xfc\x83\xbf\xbf\xbf\xbf",
+        )
+    ],
+    *[
+        (False, s)
+        for s in (
+            b"\xc0\x80",
+            b"\xe0\x80\x80",
+            b"\xf0\x80\x80\x80",
+            b"\xf8\x80\x80\x80\x80",
+            b"\xfc\x80\x80\x80\x80\x80",
+        )
+    ],
+    *[
+        (False, s)
+        for s in (
+            b"\xed\xa0\x80",
+            b"\xed\xad\xbf",
+            b"\xed\xae\x80",
+            b"\xed\xaf\xbf",
+            b"\xed\xb0\x80",
+            b"\xed\xbe\x80",
+            b"\xed\xbf\xbf",
+        )
+    ],
+    *[
+        (False, hi + lo)
+        for hi in (b"\xed\xa0\x80", b"\xed\xad\xbf", b"\xed\xae\x80", b"\xed\xaf\xbf")
+        for lo in (b"\xed\xb0\x80", b"\xed\xbf\xbf")
+    ],
     # Non-characters and specials are valid UTF-8.
-    *[(True, s) for s in (b"\xef\xbf\xbe", b"\xef\xbf\xbf", b"\xf0\x9f\xbf\xbe", b"\xf4\x8f\xbf\xbe",
-                          b"\xef\xbf\xb9", b"\xef\xbf\xbc")],
+    *[
+        (True, s)
+        for s in (
+            b"\xef\xbf\xbe",
+            b"\xef\xbf\xbf",
+            b"\xf0\x9f\xbf\xbe",
+            b"\xf4\x8f\xbf\xbe",
+            b"\xef\xbf\xb9",
+            b"\xef\xbf\xbc",
+        )
+    ],
 ]
 
 
@@ -546,32 +708,76 @@ def _utf8() -> list[Case]:
     part1, part2, part3 = KOSME, b"\xf4\x90\x80\x80", b"edited"  # 6.4: 0x110000 is out of range
     cases = [
         _case("6.1.1", _t(b""), messages=("",)),
-        _case("6.1.2", _t(b"", fin=False), Frame(CONTINUATION, b"", fin=False), Frame(CONTINUATION, b""),
-              messages=("",)),
-        _case("6.1.3", _t(b"", fin=False), Frame(CONTINUATION, b"middle frame payload", fin=False),
-              Frame(CONTINUATION, b""), messages=("middle frame payload",)),
+        _case(
+            "6.1.2",
+            _t(b"", fin=False),
+            Frame(CONTINUATION, b"", fin=False),
+            Frame(CONTINUATION, b""),
+            messages=("",),
+        ),
+        _case(
+            "6.1.3",
+            _t(b"", fin=False),
+            Frame(CONTINUATION, b"middle frame payload", fin=False),
+            Frame(CONTINUATION, b""),
+            messages=("middle frame payload",),
+        ),
         _case("6.2.1", _t(valid), messages=(valid.decode(),)),
-        _case("6.2.2", _t(valid[:12], fin=False), Frame(CONTINUATION, valid[12:]), messages=(valid.decode(),)),
+        _case(
+            "6.2.2", _t(valid[:12], fin=False), Frame(CONTINUATION, valid[12:]), messages=(valid.decode(),)
+        ),
         _case("6.2.3", *fragments(TEXT, valid, 1), messages=(valid.decode(),)),
         _case("6.2.4", *fragments(TEXT, KOSME, 1), messages=(KOSME.decode(),)),
         _case("6.3.1", _t(bad), **FAIL_1007),
         _case("6.3.2", *fragments(TEXT, bad, 1), **FAIL_1007),
         # Fail fast: at the fragment (6.4.1, 6.4.2) or the piece of a frame
         # (6.4.3, 6.4.4) that makes the text invalid, not at its end.
-        _case("6.4.1", _t(part1, fin=False), Pause(0.1), Frame(CONTINUATION, part2, fin=False), Pause(2),
-              Frame(CONTINUATION, part3), fail_fast=True, **FAIL_1007),
-        _case("6.4.2", _t((part1 + part2)[:12], fin=False), Pause(0.1),
-              Frame(CONTINUATION, (part1 + part2)[12:13], fin=False), Pause(2),
-              Frame(CONTINUATION, (part1 + part2)[13:] + part3), fail_fast=True, **FAIL_1007),
-        _case("6.4.3", *_one_frame_in_pieces(part1 + part2 + part3, [len(part1), len(part1) + 4]),
-              fail_fast=True, **FAIL_1007),
+        _case(
+            "6.4.1",
+            _t(part1, fin=False),
+            Pause(0.1),
+            Frame(CONTINUATION, part2, fin=False),
+            Pause(2),
+            Frame(CONTINUATION, part3),
+            fail_fast=True,
+            **FAIL_1007,
+        ),
+        _case(
+            "6.4.2",
+            _t((part1 + part2)[:12], fin=False),
+            Pause(0.1),
+            Frame(CONTINUATION, (part1 + part2)[12:13], fin=False),
+            Pause(2),
+            Frame(CONTINUATION, (part1 + part2)[13:] + part3),
+            fail_fast=True,
+            **FAIL_1007,
+        ),
+        _case(
+            "6.4.3",
+            *_one_frame_in_pieces(part1 + part2 + part3, [len(part1), len(part1) + 4]),
+            fail_fast=True,
+            **FAIL_1007,
+        ),
         _case("6.4.4", *_one_frame_in_pieces(part1 + part2 + part3, [12, 13]), fail_fast=True, **FAIL_1007),
     ]
     # A sample of the sequences over the wire: each in one frame and
     # fragmented an octet at a time.
-    sample = [b"hello\xc2\xa2world", b"hello\xf0\xa4\xad\xa2world", b"\xf4\x8f\xbf\xbf", b"\xef\xbf\xbd",
-              b"\xf8\x88\x80\x80\x80", b"\xf4\x90\x80\x80", b"\x80\xbf", b"\xc0 \xc1 ", b"\xdf",
-              b"\xfe\xfe\xff\xff", b"\xc0\xaf", b"\xe0\x80\x80", b"\xed\xa0\x80", b"\xed\xa0\x80\xed\xb0\x80"]
+    sample = [
+        b"hello\xc2\xa2world",
+        b"hello\xf0\xa4\xad\xa2world",
+        b"\xf4\x8f\xbf\xbf",
+        b"\xef\xbf\xbd",
+        b"\xf8\x88\x80\x80\x80",
+        b"\xf4\x90\x80\x80",
+        b"\x80\xbf",
+        b"\xc0 \xc1 ",
+        b"\xdf",
+        b"\xfe\xfe\xff\xff",
+        b"\xc0\xaf",
+        b"\xe0\x80\x80",
+        b"\xed\xa0\x80",
+        b"\xed\xa0\x80\xed\xb0\x80",
+    ]
     for n, data in enumerate(sample, 5):
         ok = _utf8_valid(data)
         expect: dict[str, object] = {"messages": (data.decode(),)} if ok else dict(FAIL_1007)
@@ -621,8 +827,11 @@ class _RawHead:
     def piece(self, start: int, end: int) -> _Raw:
         c0 = 0 if start == 0 else self.client_head + start
         s0 = 0 if start == 0 else self.server_head + start
-        return _Raw(TEXT, raw_client=self.client[c0:self.client_head + end],
-                    raw_server=self.server[s0:self.server_head + end])
+        return _Raw(
+            TEXT,
+            raw_client=self.client[c0 : self.client_head + end],
+            raw_server=self.server[s0 : self.server_head + end],
+        )
 
 
 def _close_handling() -> list[Case]:
@@ -657,7 +866,9 @@ def _close_handling() -> list[Case]:
 def _limits() -> list[Case]:
     """Section 9, scaled to the 4 MiB limit, and the limit itself (1009)."""
     mib = 1024 * 1024
-    text_64k, text_1m, text_4m = (send_json(f"9.1.{n}", size) for n, size in ((1, 65536), (3, mib), (5, LIMIT)))
+    text_64k, text_1m, text_4m = (
+        send_json(f"9.1.{n}", size) for n, size in ((1, 65536), (3, mib), (5, LIMIT))
+    )
     frag_1m = send_json("9.3.1", mib)
     frag_4m = send_json("9.3.9", LIMIT)
     chop_256k = send_json("9.5.1", 256 * 1024)
@@ -679,10 +890,22 @@ def _limits() -> list[Case]:
         # Over the limit: refused from the header, before the payload.
         _case("9.x over the limit", Frame(TEXT, b"x" * 16, length=LIMIT + 1), **FAIL_1009),
         _case("9.x 8 MiB binary", Frame(BINARY, b"\xfe" * 16, length=2 * LIMIT), **FAIL_1009),
-        _case("9.x fragments over the limit", Frame(BINARY, b"\xfe" * (LIMIT // 2 + 1), fin=False),
-              Frame(CONTINUATION, b"\xfe" * 16, length=LIMIT // 2), **FAIL_1009),
+        _case(
+            "9.x fragments over the limit",
+            Frame(BINARY, b"\xfe" * (LIMIT // 2 + 1), fin=False),
+            Frame(CONTINUATION, b"\xfe" * 16, length=LIMIT // 2),
+            **FAIL_1009,
+        ),
     ]
 
 
-CASES: list[Case] = [*_framing(), *_ping_pong(), *_reserved_bits(), *_opcodes(), *_fragmentation(), *_utf8(),
-                     *_close_handling(), *_limits()]
+CASES: list[Case] = [
+    *_framing(),
+    *_ping_pong(),
+    *_reserved_bits(),
+    *_opcodes(),
+    *_fragmentation(),
+    *_utf8(),
+    *_close_handling(),
+    *_limits(),
+]

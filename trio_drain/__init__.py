@@ -1,7 +1,7 @@
 """trio-drain: durable message delivery from a local outbox to brokers, for Trio.
 
-    async with trio_drain.open_outbox("outbox.db") as outbox:
-        await outbox.accept(trio_drain.SendRequest(mesh="alpha", target_spec="*", payload=b"hi"))
+async with trio_drain.open_outbox("outbox.db") as outbox:
+    await outbox.accept(trio_drain.SendRequest(mesh="alpha", target_spec="*", payload=b"hi"))
 """
 
 from ._config import DrainConfig as DrainConfig

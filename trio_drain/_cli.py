@@ -73,8 +73,15 @@ def _rows_table(rows: Sequence[OutboxRow]) -> None:
 
     table = Table("id", "client_message_id", "status", "attempts", "mesh", "target", "last_error")
     for r in rows:
-        table.add_row(cell(r.id), cell(r.client_message_id), cell(r.status.value), cell(str(r.attempts)),
-                      cell(r.mesh), cell(r.target_spec), cell(r.last_error, 60))
+        table.add_row(
+            cell(r.id),
+            cell(r.client_message_id),
+            cell(r.status.value),
+            cell(str(r.attempts)),
+            cell(r.mesh),
+            cell(r.target_spec),
+            cell(r.last_error, 60),
+        )
     _console().print(table)
 
 
@@ -108,8 +115,12 @@ class _TextFormatter(logging.Formatter):
 
 class _JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        entry = {"ts": round(record.created, 3), "level": record.levelname.lower(), "logger": record.name,
-                 "msg": record.getMessage()}
+        entry = {
+            "ts": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
         return json.dumps(entry)
@@ -159,7 +170,11 @@ def _load_config(path: str) -> tuple[DrainConfig, list[dict[str, Any]]]:
     for m in meshes:
         if not isinstance(m, dict):
             raise ConfigError("config: each [[mesh]] must be a table")
-        missing = [k for k in ("slug", "mesh_id", "member_id", "broker_url") if not isinstance(m.get(k), str) or not m[k]]
+        missing = [
+            k
+            for k in ("slug", "mesh_id", "member_id", "broker_url")
+            if not isinstance(m.get(k), str) or not m[k]
+        ]
         if missing:
             raise ConfigError(f"config: [[mesh]] {m.get('slug', '?')} is missing {', '.join(missing)}")
         if m["slug"] in slugs:
@@ -200,8 +215,10 @@ class _Signals:
                     self.name = signal.Signals(signum).name
                     self.received.set()
                     continue
-                sys.stderr.write("trio-drain: interrupted again; exiting at once"
-                                 " (rows in flight come back when their lease ends)\n")
+                sys.stderr.write(
+                    "trio-drain: interrupted again; exiting at once"
+                    " (rows in flight come back when their lease ends)\n"
+                )
                 sys.stderr.flush()
                 os._exit(EXIT_INTERRUPTED)
 
@@ -226,7 +243,10 @@ async def cmd_run(args: argparse.Namespace) -> int:
 
 
 async def _drain_until_signal(
-    outbox: Outbox, config: DrainConfig, meshes: list[dict[str, Any]], signals: _Signals,
+    outbox: Outbox,
+    config: DrainConfig,
+    meshes: list[dict[str, Any]],
+    signals: _Signals,
 ) -> bool:
     """Run the brokers and the worker until a signal; stop within
     `shutdown_timeout`. Returns False if the signal came before the worker
@@ -242,7 +262,9 @@ async def _drain_until_signal(
 
         async def start() -> None:
             for m in meshes:
-                identity = MeshIdentity(mesh_id=m["mesh_id"], member_id=m["member_id"], secret_key=m["secret_key"])
+                identity = MeshIdentity(
+                    mesh_id=m["mesh_id"], member_id=m["member_id"], secret_key=m["secret_key"]
+                )
                 broker = WebSocketBroker(m["broker_url"], identity)
                 await nursery.start(broker.run)
                 if broker.fatal_error is not None:  # retrying cannot mend it
@@ -250,8 +272,13 @@ async def _drain_until_signal(
                         f"cannot start: the broker of mesh {m['slug']} at {m['broker_url']}: {broker.fatal_error}"
                     )
                 if not broker.is_open():  # an outage: normal, waited out
-                    log.warning("the broker of mesh %s at %s is not reachable (%s); draining the other routes"
-                                " and reconnecting with backoff", m["slug"], m["broker_url"], broker.last_error)
+                    log.warning(
+                        "the broker of mesh %s at %s is not reachable (%s); draining the other routes"
+                        " and reconnecting with backoff",
+                        m["slug"],
+                        m["broker_url"],
+                        broker.last_error,
+                    )
                 registry.set_mesh(m["slug"], broker)
             await nursery.start(run_worker)
             log.warning("draining %s through %d mesh broker(s)", outbox.description, len(meshes))
@@ -263,8 +290,9 @@ async def _drain_until_signal(
             nursery.cancel_scope.cancel()
             return False
         await signals.received.wait()
-        log.warning("received %s; stopping within %gs (again to exit at once)", signals.name,
-                    config.shutdown_timeout)
+        log.warning(
+            "received %s; stopping within %gs (again to exit at once)", signals.name, config.shutdown_timeout
+        )
         # Graceful: claim nothing more, wait (bounded) for the answers to what
         # is out; whatever is still unanswered then goes back to pending.
         worker.stop()
@@ -295,14 +323,29 @@ async def cmd_send(args: argparse.Namespace) -> int:
     # interpreter hands such arguments over with surrogate escapes).
     payload = os.fsencode(args.message)
     async with open_outbox(args.db) as outbox:
-        outcome = await outbox.accept(SendRequest(
-            mesh=args.mesh, target_spec=args.to, payload=payload, priority=args.priority,
-            client_message_id=args.client_id,
-        ))
-    fields = {"kind": outcome.kind.value, "code": outcome.code, "client_message_id": outcome.client_message_id,
-              "row_id": outcome.row_id, "reason": outcome.reason, "broker_message_id": outcome.broker_message_id}
-    _emit(args, fields, f"{outcome.kind.value} ({outcome.code}) {outcome.client_message_id}"
-          + (f": {outcome.reason}" if outcome.reason else ""))
+        outcome = await outbox.accept(
+            SendRequest(
+                mesh=args.mesh,
+                target_spec=args.to,
+                payload=payload,
+                priority=args.priority,
+                client_message_id=args.client_id,
+            )
+        )
+    fields = {
+        "kind": outcome.kind.value,
+        "code": outcome.code,
+        "client_message_id": outcome.client_message_id,
+        "row_id": outcome.row_id,
+        "reason": outcome.reason,
+        "broker_message_id": outcome.broker_message_id,
+    }
+    _emit(
+        args,
+        fields,
+        f"{outcome.kind.value} ({outcome.code}) {outcome.client_message_id}"
+        + (f": {outcome.reason}" if outcome.reason else ""),
+    )
     return 0 if outcome.accepted else EXIT_RUNTIME
 
 
@@ -352,8 +395,11 @@ async def _outbox_inspect(outbox: Outbox, args: argparse.Namespace) -> int:
 
 async def _outbox_requeue(outbox: Outbox, args: argparse.Namespace) -> int:
     successor = await outbox.requeue((await _find(outbox, args.id)).id)
-    _emit(args, successor.to_dict(),
-          f"requeued as {successor.id} (client_message_id {successor.client_message_id})")
+    _emit(
+        args,
+        successor.to_dict(),
+        f"requeued as {successor.id} (client_message_id {successor.client_message_id})",
+    )
     return 0
 
 
@@ -384,22 +430,41 @@ async def _outbox_stats(outbox: Outbox, args: argparse.Namespace) -> int:
 
 
 _OUTBOX_ACTIONS: dict[str, Callable[[Outbox, argparse.Namespace], Any]] = {
-    "list": _outbox_list, "inspect": _outbox_inspect, "requeue": _outbox_requeue,
-    "drop": _outbox_drop, "prune": _outbox_prune, "stats": _outbox_stats,
+    "list": _outbox_list,
+    "inspect": _outbox_inspect,
+    "requeue": _outbox_requeue,
+    "drop": _outbox_drop,
+    "prune": _outbox_prune,
+    "stats": _outbox_stats,
 }
 
 
 async def cmd_broker_serve(args: argparse.Namespace) -> int:
     members = None if args.open else load_members(args.members)
-    faults = Faults(ack_delay=args.ack_delay, drop_ack_rate=args.drop_ack_rate,
-                    transient_error_rate=args.transient_error_rate, disconnect_every=args.disconnect_every,
-                    rate_limit=None if args.rate_limit is None else RateLimit.parse(args.rate_limit))
+    faults = Faults(
+        ack_delay=args.ack_delay,
+        drop_ack_rate=args.drop_ack_rate,
+        transient_error_rate=args.transient_error_rate,
+        disconnect_every=args.disconnect_every,
+        rate_limit=None if args.rate_limit is None else RateLimit.parse(args.rate_limit),
+    )
     try:
         async with trio.open_nursery() as nursery:
-            server = await nursery.start(lambda task_status: serve_broker(
-                host=args.host, port=args.port, db=args.db, members=members, open_mode=args.open,
-                max_payload=args.max_payload, faults=faults, receipts=args.receipts, compat=args.compat,
-                max_message_bytes=args.max_message_bytes, task_status=task_status))
+            server = await nursery.start(
+                lambda task_status: serve_broker(
+                    host=args.host,
+                    port=args.port,
+                    db=args.db,
+                    members=members,
+                    open_mode=args.open,
+                    max_payload=args.max_payload,
+                    faults=faults,
+                    receipts=args.receipts,
+                    compat=args.compat,
+                    max_message_bytes=args.max_message_bytes,
+                    task_status=task_status,
+                )
+            )
             print(f"reference broker listening on {server.url}", flush=True)
             await _wait_for_signal()
             nursery.cancel_scope.cancel()
@@ -444,14 +509,17 @@ async def cmd_demo(args: argparse.Namespace) -> int:
         db = str(Path(tempfile.mkdtemp(prefix="trio-drain-demo-")) / "outbox.db")
     elif os.path.exists(db):  # noqa: ASYNC240 (one stat before anything starts)
         raise UsageError(f"{db} exists; the demo wants a fresh outbox (pick another --db)")
-    return await run_demo(db=db, messages=args.messages, max_inflight=args.max_inflight,
-                          progress=sys.stdout.isatty())
+    return await run_demo(
+        db=db, messages=args.messages, max_inflight=args.max_inflight, progress=sys.stdout.isatty()
+    )
 
 
 # -- parsing ---------------------------------------------------------------------------------
 
 
-def _number(kind: type[int] | type[float], what: str, low: float, high: float = math.inf) -> Callable[[str], Any]:
+def _number(
+    kind: type[int] | type[float], what: str, low: float, high: float = math.inf
+) -> Callable[[str], Any]:
     """An argparse type: `kind` parsed from text, within [low, high]."""
 
     def parse(text: str) -> int | float:
@@ -497,15 +565,29 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-payload", type=_positive_int, default=1024 * 1024)
     serve.add_argument("--ack-delay", type=_seconds, default=0.0, help="fault: seconds before each ack")
     serve.add_argument("--drop-ack-rate", type=_rate, default=0.0, help="fault: share of acks never sent")
-    serve.add_argument("--transient-error-rate", type=_rate, default=0.0, help="fault: share of transient errors")
-    serve.add_argument("--disconnect-every", type=int, default=0, help="fault: drop a connection every N sends")
+    serve.add_argument(
+        "--transient-error-rate", type=_rate, default=0.0, help="fault: share of transient errors"
+    )
+    serve.add_argument(
+        "--disconnect-every", type=int, default=0, help="fault: drop a connection every N sends"
+    )
     serve.add_argument("--receipts", help="append every send received to this file (counts transmissions)")
-    serve.add_argument("--rate-limit", metavar="BURST/PER_MIN",
-                       help="refuse a member's sends past a burst and a rate, as 10/60 (the real broker's)")
-    serve.add_argument("--compat", choices=["claudemesh"],
-                       help="answer like the seed's real broker: its ack shape and texts, no dedupe")
-    serve.add_argument("--max-message-bytes", type=_positive_int, default=65_536,
-                       help="with --compat: most characters of ciphertext, nonce and target (65536)")
+    serve.add_argument(
+        "--rate-limit",
+        metavar="BURST/PER_MIN",
+        help="refuse a member's sends past a burst and a rate, as 10/60 (the real broker's)",
+    )
+    serve.add_argument(
+        "--compat",
+        choices=["claudemesh"],
+        help="answer like the seed's real broker: its ack shape and texts, no dedupe",
+    )
+    serve.add_argument(
+        "--max-message-bytes",
+        type=_positive_int,
+        default=65_536,
+        help="with --compat: most characters of ciphertext, nonce and target (65536)",
+    )
 
     run = sub.add_parser("run", help="drain an outbox until SIGINT/SIGTERM")
     run.add_argument("--db", required=True)
@@ -522,21 +604,32 @@ def build_parser() -> argparse.ArgumentParser:
 
     outbox = sub.add_parser("outbox", help="inspect and repair an outbox")
     outbox_sub = outbox.add_subparsers(dest="action", required=True, metavar="ACTION")
-    for name, helptext in [("list", "rows, newest first"), ("inspect", "one row"), ("requeue", "abort and enqueue a fresh copy"),
-                           ("drop", "abort a pending or dead row"), ("prune", "delete old done rows"),
-                           ("stats", "rows per status")]:
+    for name, helptext in [
+        ("list", "rows, newest first"),
+        ("inspect", "one row"),
+        ("requeue", "abort and enqueue a fresh copy"),
+        ("drop", "abort a pending or dead row"),
+        ("prune", "delete old done rows"),
+        ("stats", "rows per status"),
+    ]:
         p = outbox_sub.add_parser(name, help=helptext)
         p.add_argument("--db", required=True)
         p.add_argument("--json", action="store_true")
         if name in ("inspect", "requeue", "drop"):
             p.add_argument("id", help="row id or client_message_id")
         if name == "inspect":
-            p.add_argument("--full", action="store_true", help=f"the whole payload (else the first {PAYLOAD_PREVIEW} bytes)")
+            p.add_argument(
+                "--full",
+                action="store_true",
+                help=f"the whole payload (else the first {PAYLOAD_PREVIEW} bytes)",
+            )
         if name == "list":
             p.add_argument("--status", choices=[s.value for s in Status])
             p.add_argument("--limit", type=_positive_int, default=50)
         if name == "prune":
-            p.add_argument("--older-than", type=_seconds, default=7 * 24 * 3600.0, help="seconds (default 7 days)")
+            p.add_argument(
+                "--older-than", type=_seconds, default=7 * 24 * 3600.0, help="seconds (default 7 days)"
+            )
 
     keygen = sub.add_parser("keygen", help="make an ed25519 key pair")
     keygen.add_argument("--out", help="write the secret key here (mode 0600) and print the public key")
@@ -552,8 +645,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     _setup_logging(args.log_level, args.log_format)
     commands: dict[str, Callable[[argparse.Namespace], Any]] = {
-        "run": cmd_run, "broker": cmd_broker_serve,  # these two stop gracefully on a signal themselves
-        "send": _interruptible(cmd_send), "outbox": _interruptible(cmd_outbox), "demo": _interruptible(cmd_demo),
+        "run": cmd_run,
+        "broker": cmd_broker_serve,  # these two stop gracefully on a signal themselves
+        "send": _interruptible(cmd_send),
+        "outbox": _interruptible(cmd_outbox),
+        "demo": _interruptible(cmd_demo),
     }
     try:
         status = cmd_keygen(args) if args.command == "keygen" else trio.run(commands[args.command], args)
@@ -617,4 +713,3 @@ def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
     for exc in group.exceptions:
         out.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
     return out
-

@@ -49,7 +49,11 @@ class BatchCompleter:
     """
 
     def __init__(
-        self, outbox: Outbox, *, max_batch: int = 512, max_delay: float = 0.0005,
+        self,
+        outbox: Outbox,
+        *,
+        max_batch: int = 512,
+        max_delay: float = 0.0005,
         in_flight: Callable[[], int],
         write: Callable[[Sequence[Completion]], Awaitable[Applied]] | None = None,
         after_batch: Callable[[], None] | None = None,
@@ -98,8 +102,12 @@ class BatchCompleter:
                 if self._closing and not self._completions:
                     return
         if self._completions:
-            log.error("stopping with %d outcome(s) unwritten after %ss; those rows stay inflight until"
-                      " their lease expires", len(self._completions), FLUSH_TIMEOUT)
+            log.error(
+                "stopping with %d outcome(s) unwritten after %ss; those rows stay inflight until"
+                " their lease expires",
+                len(self._completions),
+                FLUSH_TIMEOUT,
+            )
 
     async def _gather(self) -> None:
         """Let the batch grow while outcomes keep coming: one scheduling pass
@@ -132,18 +140,29 @@ class BatchCompleter:
                     # A lost connection or a busy database: worth waiting
                     # for (until the worker stops), since the alternative
                     # is leaving the rows inflight for a whole lease.
-                    log.warning("cannot record %d outcome(s) yet (%s); retrying in %.2fs",
-                                len(completions), exc, delay)
+                    log.warning(
+                        "cannot record %d outcome(s) yet (%s); retrying in %.2fs",
+                        len(completions),
+                        exc,
+                        delay,
+                    )
                     await trio.sleep(delay)
                     delay = min(delay * 2, RETRY_DELAY[1])
                 except StoreError as exc:
-                    log.error("cannot record %d outcome(s) (%s); those rows stay inflight until"
-                              " their lease expires", len(completions), exc)
+                    log.error(
+                        "cannot record %d outcome(s) (%s); those rows stay inflight until"
+                        " their lease expires",
+                        len(completions),
+                        exc,
+                    )
                     return
         finally:
             if applied is None and self._scope is not None and self._scope.cancel_called:
-                log.error("stopped before %d outcome(s) could be recorded; those rows stay"
-                          " inflight until their lease expires", len(completions))
+                log.error(
+                    "stopped before %d outcome(s) could be recorded; those rows stay"
+                    " inflight until their lease expires",
+                    len(completions),
+                )
             self.flushes += 1
             if applied is None:
                 for recorded in callbacks:

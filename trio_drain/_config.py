@@ -13,14 +13,21 @@ from ._lifecycle import RetryPolicy, UnknownFate
 
 
 def _positive(instance: object, attribute: attrs.Attribute[Any], value: float) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
+    if (
+        not isinstance(value, (int, float))
+        or isinstance(value, bool)
+        or not math.isfinite(value)
+        or value <= 0
+    ):
         raise ConfigError(f"{attribute.name} must be a positive number, got {value!r}")
 
 
 def _one_of(*choices: str) -> Callable[[object, attrs.Attribute[Any], Any], None]:
     def check(instance: object, attribute: attrs.Attribute[Any], value: Any) -> None:
         if value not in choices:
-            raise ConfigError(f"{attribute.name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+            raise ConfigError(
+                f"{attribute.name} must be one of {', '.join(map(repr, choices))}, got {value!r}"
+            )
 
     return check
 

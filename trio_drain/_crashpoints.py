@@ -28,10 +28,15 @@ import os
 import signal
 import threading
 
-POINTS = frozenset({
-    "claim_before_commit", "claim_after_commit", "send_left", "ack_before_record",
-    "completion_mid_batch",
-})
+POINTS = frozenset(
+    {
+        "claim_before_commit",
+        "claim_after_commit",
+        "send_left",
+        "ack_before_record",
+        "completion_mid_batch",
+    }
+)
 ENV = "TRIO_DRAIN_CRASH_AT"
 
 

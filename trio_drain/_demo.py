@@ -27,7 +27,9 @@ async def run_demo(*, db: str, messages: int, max_inflight: int, progress: bool)
 
     console = Console()
     async with trio.open_nursery() as nursery:
-        server = await nursery.start(lambda task_status: serve_broker(open_mode=True, task_status=task_status))
+        server = await nursery.start(
+            lambda task_status: serve_broker(open_mode=True, task_status=task_status)
+        )
         identity = MeshIdentity(mesh_id="mesh-demo", member_id="demo", secret_key=generate_secret_key())
         broker = WebSocketBroker(server.url, identity)
         await nursery.start(broker.run)
@@ -39,11 +41,17 @@ async def run_demo(*, db: str, messages: int, max_inflight: int, progress: bool)
         async with open_outbox(db) as outbox:
             accept_started = time.perf_counter()
             for start in range(0, messages, CHUNK):
-                await outbox.accept_many([
-                    SendRequest(mesh="demo", target_spec="#demo", payload=f"message {i}".encode(),
-                                client_message_id=f"demo-{i:08d}")
-                    for i in range(start, min(start + CHUNK, messages))
-                ])
+                await outbox.accept_many(
+                    [
+                        SendRequest(
+                            mesh="demo",
+                            target_spec="#demo",
+                            payload=f"message {i}".encode(),
+                            client_message_id=f"demo-{i:08d}",
+                        )
+                        for i in range(start, min(start + CHUNK, messages))
+                    ]
+                )
             accept_seconds = time.perf_counter() - accept_started
 
             finished = trio.Event()
@@ -60,8 +68,15 @@ async def run_demo(*, db: str, messages: int, max_inflight: int, progress: bool)
             worker.on_completion = on_completion
             started = time.perf_counter()
             await nursery.start(worker.run)
-            with Progress(TextColumn("draining"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                          console=console, disable=not progress, transient=False) as bar:
+            with Progress(
+                TextColumn("draining"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeRemainingColumn(),
+                console=console,
+                disable=not progress,
+                transient=False,
+            ) as bar:
                 task = bar.add_task("drain", total=messages)
                 while not finished.is_set():
                     with trio.move_on_after(0.1):
@@ -78,7 +93,9 @@ async def run_demo(*, db: str, messages: int, max_inflight: int, progress: bool)
     table.add_row("delivered (done)", f"{counts['done']:,}")
     table.add_row("duplicates at the broker", f"{server.statistics.duplicates:,}")
     table.add_row("dead", f"{counts['dead']:,}")
-    table.add_row("accepted in", f"{accept_seconds:.2f} s ({messages / max(accept_seconds, 1e-9):,.0f} rows/s)")
+    table.add_row(
+        "accepted in", f"{accept_seconds:.2f} s ({messages / max(accept_seconds, 1e-9):,.0f} rows/s)"
+    )
     table.add_row("drained in", f"{seconds:.2f} s")
     table.add_row("messages/s", f"{messages / max(seconds, 1e-9):,.0f}")
     table.add_row("retried", f"{stats.retried:,}")

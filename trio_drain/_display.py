@@ -46,7 +46,9 @@ class Throttle:
     warning per message.
     """
 
-    def __init__(self, *, burst: int = 3, every: float = 60.0, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, *, burst: int = 3, every: float = 60.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.burst = burst
         self.every = every
         self._clock = clock

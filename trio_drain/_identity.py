@@ -91,8 +91,12 @@ def _process_fields(pubkey: str) -> dict[str, Any]:
     `cwd` is required: the real broker's presence row needs it, and without
     it the broker never answers the hello at all.
     """
-    return {"sessionId": session_id(pubkey), "pid": os.getpid(), "hostname": socket.gethostname(),
-            "cwd": _working_directory()}
+    return {
+        "sessionId": session_id(pubkey),
+        "pid": os.getpid(),
+        "hostname": socket.gethostname(),
+        "cwd": _working_directory(),
+    }
 
 
 @attrs.frozen(kw_only=True, repr=False)
@@ -152,8 +156,10 @@ class SessionIdentity:
         object.__setattr__(self, "_session", signing_key(self.session_secret_key, what="session_secret_key"))
 
     def __repr__(self) -> str:
-        return (f"SessionIdentity(mesh_id={self.mesh_id!r}, parent_member_id={self.parent_member_id!r},"
-                f" session_pubkey={self.session_pubkey[:12]}…)")
+        return (
+            f"SessionIdentity(mesh_id={self.mesh_id!r}, parent_member_id={self.parent_member_id!r},"
+            f" session_pubkey={self.session_pubkey[:12]}…)"
+        )
 
     @property
     def parent_pubkey(self) -> str:

@@ -39,8 +39,10 @@ def uuid7s(count: int) -> list[str]:
     # digits) until those wrap: format the shared head once.
     head = _format(first)[:-12]
     high = first >> 48
-    return [head + f"{v & 0xFFFFFFFFFFFF:012x}" if v >> 48 == high else _format(v)
-            for v in range(first, first + count)]
+    return [
+        head + f"{v & 0xFFFFFFFFFFFF:012x}" if v >> 48 == high else _format(v)
+        for v in range(first, first + count)
+    ]
 
 
 def _format(candidate: int) -> str:
@@ -48,8 +50,10 @@ def _format(candidate: int) -> str:
     with the version and variant bits set; by hand, since uuid.UUID() is
     most of the cost."""
     ms, rand = candidate >> 74, candidate & 0x3FFFFFFFFFFFFFFFFFF
-    return (f"{ms >> 16:08x}-{ms & 0xFFFF:04x}-{0x7000 | rand >> 62:04x}-"
-            f"{0x8000 | (rand >> 48) & 0x3FFF:04x}-{rand & 0xFFFFFFFFFFFF:012x}")
+    return (
+        f"{ms >> 16:08x}-{ms & 0xFFFF:04x}-{0x7000 | rand >> 62:04x}-"
+        f"{0x8000 | (rand >> 48) & 0x3FFF:04x}-{rand & 0xFFFFFFFFFFFF:012x}"
+    )
 
 
 def random_uuid() -> str:
@@ -82,7 +86,7 @@ class _RandomPool(threading.local):
         if self.at + n > len(self.pool):
             self.pool, self.at = os.urandom(max(4096, n)), 0
         self.at += n
-        return self.pool[self.at - n:self.at]
+        return self.pool[self.at - n : self.at]
 
 
 random_bytes = _RandomPool().take

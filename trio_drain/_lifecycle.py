@@ -147,21 +147,33 @@ def on_error(
     token = _require_inflight(row)
     if permanent:
         return Completion(
-            row_id=row.id, lease_token=token, status=Status.DEAD,
-            attempts=row.attempts, next_attempt_at=row.next_attempt_at, last_error=error,
+            row_id=row.id,
+            lease_token=token,
+            status=Status.DEAD,
+            attempts=row.attempts,
+            next_attempt_at=row.next_attempt_at,
+            last_error=error,
         )
     if row.attempts >= policy.max_attempts:
         return Completion(
-            row_id=row.id, lease_token=token, status=Status.DEAD,
-            attempts=row.attempts, next_attempt_at=row.next_attempt_at,
+            row_id=row.id,
+            lease_token=token,
+            status=Status.DEAD,
+            attempts=row.attempts,
+            next_attempt_at=row.next_attempt_at,
             last_error=f"max_attempts: {error}",
         )
     delay = backoff_ms(
         row.attempts, base_ms=policy.backoff_base_ms, cap_ms=policy.backoff_cap_ms, jitter=jitter
     )
     return Completion(
-        row_id=row.id, lease_token=token, status=Status.PENDING,
-        attempts=row.attempts, next_attempt_at=now + delay, last_error=error, retry_in_ms=delay,
+        row_id=row.id,
+        lease_token=token,
+        status=Status.PENDING,
+        attempts=row.attempts,
+        next_attempt_at=now + delay,
+        last_error=error,
+        retry_in_ms=delay,
     )
 
 
@@ -171,9 +183,13 @@ def on_route_unavailable(row: OutboxRow, *, now: int, policy: RetryPolicy) -> Co
     An outage never kills a message (only `max_age` does).
     """
     return Completion(
-        row_id=row.id, lease_token=_require_inflight(row), status=Status.PENDING,
-        attempts=max(row.attempts - 1, 0), next_attempt_at=now + policy.route_retry_ms,
-        last_error=ROUTE_UNAVAILABLE, retry_in_ms=policy.route_retry_ms,
+        row_id=row.id,
+        lease_token=_require_inflight(row),
+        status=Status.PENDING,
+        attempts=max(row.attempts - 1, 0),
+        next_attempt_at=now + policy.route_retry_ms,
+        last_error=ROUTE_UNAVAILABLE,
+        retry_in_ms=policy.route_retry_ms,
     )
 
 
@@ -185,15 +201,17 @@ def on_rate_limited(row: OutboxRow, *, error: str, now: int, retry_at: int) -> C
     message (only `max_age` does).
     """
     return Completion(
-        row_id=row.id, lease_token=_require_inflight(row), status=Status.PENDING,
-        attempts=max(row.attempts - 1, 0), next_attempt_at=max(now, retry_at), last_error=error,
+        row_id=row.id,
+        lease_token=_require_inflight(row),
+        status=Status.PENDING,
+        attempts=max(row.attempts - 1, 0),
+        next_attempt_at=max(now, retry_at),
+        last_error=error,
         retry_in_ms=max(0, retry_at - now),
     )
 
 
-def on_no_answer(
-    row: OutboxRow, *, reason: str, now: int, policy: RetryPolicy, jitter: float
-) -> Completion:
+def on_no_answer(row: OutboxRow, *, reason: str, now: int, policy: RetryPolicy, jitter: float) -> Completion:
     """The frame may have reached the broker, but no answer came.
 
     With ``unknown_fate="resend"`` this is a transient error like any other;
@@ -203,8 +221,11 @@ def on_no_answer(
     """
     if policy.unknown_fate == "dead":
         return Completion(
-            row_id=row.id, lease_token=_require_inflight(row), status=Status.DEAD,
-            attempts=row.attempts, next_attempt_at=row.next_attempt_at,
+            row_id=row.id,
+            lease_token=_require_inflight(row),
+            status=Status.DEAD,
+            attempts=row.attempts,
+            next_attempt_at=row.next_attempt_at,
             last_error=f"{UNKNOWN_FATE}: {reason}",
         )
     return on_error(row, error=reason, permanent=False, now=now, policy=policy, jitter=jitter)
@@ -227,8 +248,11 @@ def on_lease_expired(*, unknown_fate: UnknownFate, at_cap: bool) -> tuple[Status
 def on_no_broker(row: OutboxRow) -> Completion:
     """No broker is registered for the row's mesh: the row can never go out."""
     return Completion(
-        row_id=row.id, lease_token=_require_inflight(row), status=Status.DEAD,
-        attempts=row.attempts, next_attempt_at=row.next_attempt_at,
+        row_id=row.id,
+        lease_token=_require_inflight(row),
+        status=Status.DEAD,
+        attempts=row.attempts,
+        next_attempt_at=row.next_attempt_at,
         last_error=f"no_broker_for_mesh:{row.mesh if row.mesh is not None else 'null'}",
     )
 
@@ -244,18 +268,30 @@ def on_released(row: OutboxRow, *, sent: bool, now: int, policy: RetryPolicy) ->
     token = _require_inflight(row)
     if sent and policy.unknown_fate == "dead":
         return Completion(
-            row_id=row.id, lease_token=token, status=Status.DEAD, attempts=row.attempts,
-            next_attempt_at=row.next_attempt_at, last_error=f"{UNKNOWN_FATE}: {WORKER_STOPPED}",
+            row_id=row.id,
+            lease_token=token,
+            status=Status.DEAD,
+            attempts=row.attempts,
+            next_attempt_at=row.next_attempt_at,
+            last_error=f"{UNKNOWN_FATE}: {WORKER_STOPPED}",
         )
     if sent and row.attempts >= policy.max_attempts:
         return Completion(
-            row_id=row.id, lease_token=token, status=Status.DEAD, attempts=row.attempts,
-            next_attempt_at=row.next_attempt_at, last_error=WORKER_STOPPED_AT_CAP,
+            row_id=row.id,
+            lease_token=token,
+            status=Status.DEAD,
+            attempts=row.attempts,
+            next_attempt_at=row.next_attempt_at,
+            last_error=WORKER_STOPPED_AT_CAP,
         )
     return Completion(
-        row_id=row.id, lease_token=token, status=Status.PENDING,
+        row_id=row.id,
+        lease_token=token,
+        status=Status.PENDING,
         attempts=row.attempts if sent else max(row.attempts - 1, 0),
-        next_attempt_at=now, last_error=WORKER_STOPPED if sent else row.last_error, retry_in_ms=0,
+        next_attempt_at=now,
+        last_error=WORKER_STOPPED if sent else row.last_error,
+        retry_in_ms=0,
     )
 
 
@@ -275,9 +311,7 @@ def is_expired(row: OutboxRow, *, now: int, policy: RetryPolicy) -> bool:
 
 def lease_is_expired(row: OutboxRow, *, now: int) -> bool:
     """An inflight row whose lease ran out (or that never had one: seed rows)."""
-    return row.status is Status.INFLIGHT and (
-        row.lease_expires_at is None or row.lease_expires_at <= now
-    )
+    return row.status is Status.INFLIGHT and (row.lease_expires_at is None or row.lease_expires_at <= now)
 
 
 # -- operator actions ---------------------------------------------------------
@@ -295,14 +329,30 @@ def requeued(
     if row.status not in REQUEUEABLE:
         raise InvalidTransition(f"cannot requeue a {row.status.value} row ({row.id})")
     successor = attrs.evolve(
-        row, id=new_id, client_message_id=new_client_message_id, enqueued_at=now,
-        attempts=0, next_attempt_at=now, status=Status.PENDING, last_error=None,
-        delivered_at=None, broker_message_id=None, aborted_at=None, aborted_by=None,
-        superseded_by=None, lease_expires_at=None, lease_token=None,
+        row,
+        id=new_id,
+        client_message_id=new_client_message_id,
+        enqueued_at=now,
+        attempts=0,
+        next_attempt_at=now,
+        status=Status.PENDING,
+        last_error=None,
+        delivered_at=None,
+        broker_message_id=None,
+        aborted_at=None,
+        aborted_by=None,
+        superseded_by=None,
+        lease_expires_at=None,
+        lease_token=None,
     )
     aborted = attrs.evolve(
-        row, status=Status.ABORTED, aborted_at=now, aborted_by=by, superseded_by=new_id,
-        lease_expires_at=None, lease_token=None,
+        row,
+        status=Status.ABORTED,
+        aborted_at=now,
+        aborted_by=by,
+        superseded_by=new_id,
+        lease_expires_at=None,
+        lease_token=None,
     )
     return aborted, successor
 
@@ -338,14 +388,21 @@ def decide_accept(
     `accepted_pending` with `inserted=True`.
     """
     if existing is None:  # the common case, built directly: this runs once per accepted row
-        return AcceptOutcome(kind=OutcomeKind.ACCEPTED_PENDING, code=202, client_message_id=client_message_id,
-                             row_id=new_row_id, inserted=True)
+        return AcceptOutcome(
+            kind=OutcomeKind.ACCEPTED_PENDING,
+            code=202,
+            client_message_id=client_message_id,
+            row_id=new_row_id,
+            inserted=True,
+        )
     common = {"row_id": existing.id, "broker_message_id": existing.broker_message_id}
     if existing.request_fingerprint != fingerprint:
         return _outcome(
-            OutcomeKind.CONFLICT, client_message_id,
+            OutcomeKind.CONFLICT,
+            client_message_id,
             reason=f"outbox_{existing.status.value}_fingerprint_mismatch",
-            fingerprint_prefix=existing.request_fingerprint[:8].hex(), **common,
+            fingerprint_prefix=existing.request_fingerprint[:8].hex(),
+            **common,
         )
     if existing.status is Status.PENDING:
         return _outcome(OutcomeKind.ACCEPTED_PENDING, client_message_id, **common)
@@ -354,13 +411,18 @@ def decide_accept(
     if existing.status is Status.DONE:
         return _outcome(OutcomeKind.ACCEPTED_DONE, client_message_id, **common)
     return _outcome(
-        OutcomeKind.CONFLICT, client_message_id,
+        OutcomeKind.CONFLICT,
+        client_message_id,
         reason=f"outbox_{existing.status.value}_fingerprint_match",
-        fingerprint_prefix=existing.request_fingerprint[:8].hex(), **common,
+        fingerprint_prefix=existing.request_fingerprint[:8].hex(),
+        **common,
     )
 
 
 def _outcome(kind: OutcomeKind, client_message_id: str, **fields: object) -> AcceptOutcome:
     return AcceptOutcome(
-        kind=kind, code=_CODES[kind], client_message_id=client_message_id, **fields  # type: ignore[arg-type]
+        kind=kind,
+        code=_CODES[kind],
+        client_message_id=client_message_id,
+        **fields,  # type: ignore[arg-type]
     )

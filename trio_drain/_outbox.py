@@ -78,8 +78,12 @@ class Outbox:
         """
         now = self.clock()
         max_payload, max_message_bytes = self.max_payload, self.max_message_bytes
-        rows = [prepare_row(r, now=now, max_payload=max_payload, max_message_bytes=max_message_bytes, row_id=row_id)
-                for r, row_id in zip(requests, uuid7s(len(requests)), strict=True)]
+        rows = [
+            prepare_row(
+                r, now=now, max_payload=max_payload, max_message_bytes=max_message_bytes, row_id=row_id
+            )
+            for r, row_id in zip(requests, uuid7s(len(requests)), strict=True)
+        ]
         if not rows:
             return []
         outcomes = await self.backend.accept_many(rows)
@@ -171,27 +175,47 @@ class Outbox:
     # -- the worker's side
 
     async def claim(
-        self, *, limit: int, lease_ms: int, max_age_ms: int, token: str,
+        self,
+        *,
+        limit: int,
+        lease_ms: int,
+        max_age_ms: int,
+        token: str,
         exclude: RouteFilter = NO_FILTER,
     ) -> Rows:
         return await self.backend.claim(
-            now=self.clock(), limit=limit, lease_ms=lease_ms, max_age_ms=max_age_ms,
-            token=token, exclude=exclude,
+            now=self.clock(),
+            limit=limit,
+            lease_ms=lease_ms,
+            max_age_ms=max_age_ms,
+            token=token,
+            exclude=exclude,
         )
 
     async def complete(self, completions: Sequence[Completion]) -> Applied:
         return await self.backend.complete(completions)
 
     async def complete_and_claim(
-        self, completions: Sequence[Completion], *, limit: int, lease_ms: int, max_age_ms: int, token: str,
+        self,
+        completions: Sequence[Completion],
+        *,
+        limit: int,
+        lease_ms: int,
+        max_age_ms: int,
+        token: str,
         exclude: RouteFilter = NO_FILTER,
     ) -> tuple[Applied, Rows]:
         """Record outcomes and claim more rows in one transaction: the worker
         refills the send slots a batch of outcomes frees with no second
         round trip to the database."""
         return await self.backend.complete_and_claim(
-            completions, now=self.clock(), limit=limit, lease_ms=lease_ms, max_age_ms=max_age_ms,
-            token=token, exclude=exclude,
+            completions,
+            now=self.clock(),
+            limit=limit,
+            lease_ms=lease_ms,
+            max_age_ms=max_age_ms,
+            token=token,
+            exclude=exclude,
         )
 
     async def recover_expired_leases(self, *, max_attempts: int, unknown_fate: UnknownFate = "resend") -> int:
@@ -203,9 +227,7 @@ class Outbox:
         return await self.backend.expire_stale(now=self.clock(), max_age_ms=max_age_ms)
 
     async def next_due_at(self, *, max_age_ms: int, exclude: RouteFilter = NO_FILTER) -> int | None:
-        return await self.backend.next_due_at(
-            now=self.clock(), max_age_ms=max_age_ms, exclude=exclude
-        )
+        return await self.backend.next_due_at(now=self.clock(), max_age_ms=max_age_ms, exclude=exclude)
 
     async def watch(self, wake: Callable[[], None]) -> NoReturn:
         """Call `wake` whenever another process may have added rows (PostgreSQL
@@ -232,7 +254,7 @@ def parse_target(target: str | Path) -> tuple[str, str]:
     if text.startswith(("postgresql://", "postgres://")):
         return "postgresql", text
     if text.startswith("sqlite://"):
-        rest = text[len("sqlite://"):]
+        rest = text[len("sqlite://") :]
         if not rest.startswith("/") or rest == "/":
             raise ConfigError(f"malformed SQLite URL {text!r}: use sqlite:///relative or sqlite:////absolute")
         return "sqlite", rest[1:]
@@ -283,8 +305,13 @@ async def open_outbox(
 
         backend = await PostgresBackend.open(location, durability=durability)
         description = backend.where
-    outbox = Outbox(backend, clock=clock or wall_clock_ms, max_payload=max_payload,
-                    max_message_bytes=max_message_bytes, description=description)
+    outbox = Outbox(
+        backend,
+        clock=clock or wall_clock_ms,
+        max_payload=max_payload,
+        max_message_bytes=max_message_bytes,
+        description=description,
+    )
     try:
         yield outbox
     finally:

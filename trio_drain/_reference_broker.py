@@ -171,8 +171,8 @@ def load_members(path: str | Path) -> dict[str, dict[str, str]]:
     except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
         raise ConfigError(f"members file {path} is not JSON: {exc}") from None
     if not isinstance(data, dict) or not all(
-        isinstance(m, dict) and all(isinstance(k, str) and isinstance(v, str) and _HEX64.fullmatch(v)
-                                    for k, v in m.items())
+        isinstance(m, dict)
+        and all(isinstance(k, str) and isinstance(v, str) and _HEX64.fullmatch(v) for k, v in m.items())
         for m in data.values()
     ):
         raise ConfigError(f"members file {path} must map mesh ids to {{member id: 64-hex pubkey}}")
@@ -223,7 +223,8 @@ class _Ledger:
             # does not dedupe): count it, keep the newest message id.
             conn.execute(
                 "INSERT INTO accepted VALUES (?, ?, ?, ?, ?, ?, 1) ON CONFLICT (mesh, client_message_id)"
-                " DO UPDATE SET copies = copies + 1, message_id = excluded.message_id", row,
+                " DO UPDATE SET copies = copies + 1, message_id = excluded.message_id",
+                row,
             )
 
         await self._committer.submit(insert, durable=False)
@@ -304,9 +305,15 @@ async def serve_broker(
         handler.receipts_fd = os.open(receipts, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
     try:
         async with trio.open_nursery() as nursery:
-            server_state.port = await nursery.start(functools.partial(
-                serve_websocket, handler.handle, host, port, max_message_size=max(MAX_FRAME, 2 * max_payload),
-            ))
+            server_state.port = await nursery.start(
+                functools.partial(
+                    serve_websocket,
+                    handler.handle,
+                    host,
+                    port,
+                    max_message_size=max(MAX_FRAME, 2 * max_payload),
+                )
+            )
             log.info("reference broker listening on %s", server_state.url)
             task_status.started(server_state)
     finally:
@@ -316,9 +323,15 @@ async def serve_broker(
 
 
 class _Handler:
-    def __init__(self, state: BrokerServer, members: dict[str, Mapping[str, str]], open_mode: bool,
-                 max_payload: int, compat: Compat | None = None,
-                 max_message_bytes: int = CLAUDEMESH_MAX_MESSAGE_BYTES) -> None:
+    def __init__(
+        self,
+        state: BrokerServer,
+        members: dict[str, Mapping[str, str]],
+        open_mode: bool,
+        max_payload: int,
+        compat: Compat | None = None,
+        max_message_bytes: int = CLAUDEMESH_MAX_MESSAGE_BYTES,
+    ) -> None:
         self.state = state
         self.stats = state.statistics
         self.members = members
@@ -385,7 +398,12 @@ class _Handler:
         if kind not in ("hello", "session_hello"):
             return ("bad_hello", "first frame must be hello or session_hello")
         mesh, ts, sig = f["meshId"], f["timestamp"], f["signature"]
-        if not isinstance(mesh, str) or not isinstance(ts, int) or isinstance(ts, bool) or not isinstance(sig, str):
+        if (
+            not isinstance(mesh, str)
+            or not isinstance(ts, int)
+            or isinstance(ts, bool)
+            or not isinstance(sig, str)
+        ):
             return ("bad_hello", "meshId, timestamp and signature have the wrong types")
         if abs(now - ts) > MAX_SKEW_MS:
             return ("timestamp_skew", f"timestamp is {abs(now - ts) // 1000}s off")
@@ -454,7 +472,10 @@ class _Handler:
             nursery.cancel_scope.cancel()
 
     async def _finish(
-        self, acks: _AckQueue, ack: dict[str, Any] | None, record: _Acceptance | None,
+        self,
+        acks: _AckQueue,
+        ack: dict[str, Any] | None,
+        record: _Acceptance | None,
         wait_for: tuple[str, str] | None,
     ) -> None:
         """Persist an acceptance (sharing commits with concurrent ones), then ack.
@@ -487,7 +508,11 @@ class _Handler:
         elif wait_for is not None and wait_for in ledger.unwritten:
             await ledger.unwritten[wait_for].wait()
             if wait_for not in ledger.entries:  # the original failed to persist
-                ack = None if ack is None else self._error(ack["id"], "storage_unavailable", "unavailable", False)
+                ack = (
+                    None
+                    if ack is None
+                    else self._error(ack["id"], "storage_unavailable", "unavailable", False)
+                )
         if ack is not None:
             acks.send(ack)
 
@@ -523,7 +548,9 @@ class _Handler:
             self.stats.rate_limited += 1
             limit = self.buckets.limit
             text = f"rate_limit: max {limit.per_minute:g} msg/min (burst {limit.burst})"
-            return self._error(ack_id, text + (" — slow down" if self.compat else ""), "rate_limit", False), None
+            return self._error(
+                ack_id, text + (" — slow down" if self.compat else ""), "rate_limit", False
+            ), None
         problem = self._compat_problem(f) if self.compat else self._problem(f)
         if problem is not None:
             self.stats.rejected += 1
@@ -540,7 +567,13 @@ class _Handler:
                 self.stats.rejected += 1
                 return self._error(ack_id, "idempotency_key_reused", "idempotency_key_reused", True), None
             self.stats.duplicates += 1
-            return {"type": "ack", "id": ack_id, "messageId": known[1], "queued": True, "duplicate": True}, None
+            return {
+                "type": "ack",
+                "id": ack_id,
+                "messageId": known[1],
+                "queued": True,
+                "duplicate": True,
+            }, None
         if known is not None:
             self.stats.redelivered += 1  # no dedupe: a copy delivered again
         message_id = random_uuid()
@@ -572,10 +605,16 @@ class _Handler:
 
     def _compat_problem(self, f: dict[str, Any]) -> tuple[str, str] | None:
         """The real broker checks only the size of what it would store."""
-        size = sum(js_length(v) for v in (f.get("ciphertext"), f.get("nonce"), f.get("targetSpec"))
-                   if isinstance(v, str))
+        size = sum(
+            js_length(v)
+            for v in (f.get("ciphertext"), f.get("nonce"), f.get("targetSpec"))
+            if isinstance(v, str)
+        )
         if size > self.max_message_bytes:
-            return f"payload too large: {size} bytes > MAX_MESSAGE_BYTES={self.max_message_bytes}", "too_large"
+            return (
+                f"payload too large: {size} bytes > MAX_MESSAGE_BYTES={self.max_message_bytes}",
+                "too_large",
+            )
         return None
 
     def _error(self, ack_id: Any, error: str, code: str, permanent: bool) -> dict[str, Any]:
@@ -590,15 +629,26 @@ _ACK_TEMPLATE = '{"type":"ack","id":%s,"messageId":%s,"queued":true}'
 def _encode_ack(frame: dict[str, Any]) -> str:
     """An ack frame as JSON text: the plain "queued" ack (nearly all of them)
     from a template, the rest by the encoder (which costs three times as much)."""
-    if (len(frame) == 4 and frame.get("queued") is True and type(frame["id"]) is str
-            and type(frame.get("messageId")) is str):
+    if (
+        len(frame) == 4
+        and frame.get("queued") is True
+        and type(frame["id"]) is str
+        and type(frame.get("messageId")) is str
+    ):
         return _ACK_TEMPLATE % (json_string(frame["id"]), json_string(frame["messageId"]))
     return encode_json(frame)
 
 
 def _error(ack_id: Any, error: str, code: str, permanent: bool) -> dict[str, Any]:
-    return {"type": "ack", "id": ack_id, "messageId": "", "queued": False, "error": error, "code": code,
-            "permanent": permanent}
+    return {
+        "type": "ack",
+        "id": ack_id,
+        "messageId": "",
+        "queued": False,
+        "error": error,
+        "code": code,
+        "permanent": permanent,
+    }
 
 
 class _AckQueue:

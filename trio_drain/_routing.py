@@ -29,7 +29,9 @@ _HEX64 = re.compile(r"[0-9a-f]{64}")
 # builds a new encoder on every call, which shows on the send path.
 encode_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 # A JSON string literal, quotes included, escaped as encode_json escapes it.
-json_string: Callable[[str], str] = getattr(json.encoder, "c_encode_basestring", None) or json.encoder.py_encode_basestring
+json_string: Callable[[str], str] = (
+    getattr(json.encoder, "c_encode_basestring", None) or json.encoder.py_encode_basestring
+)
 _SEND_TEMPLATE = (
     '{"type":"send","id":%s,"client_message_id":%s,"request_fingerprint":%s,"targetSpec":%s,'
     '"priority":%s,"nonce":%s,"ciphertext":%s}'
@@ -53,8 +55,13 @@ class OutgoingMessage:
         once per row sent)."""
         cid = json_string(self.client_message_id)
         return _SEND_TEMPLATE % (
-            cid, cid, json_string(self.request_fingerprint), json_string(self.target_spec),
-            json_string(self.priority), json_string(self.nonce), json_string(self.ciphertext),
+            cid,
+            cid,
+            json_string(self.request_fingerprint),
+            json_string(self.target_spec),
+            json_string(self.priority),
+            json_string(self.nonce),
+            json_string(self.ciphertext),
         )
 
     def to_frame(self) -> dict[str, object]:
@@ -157,9 +164,7 @@ class PipelinedBroker(Broker, Protocol):
     outstanding. The worker enforces its own ack deadline on top.
     """
 
-    def start_send(
-        self, message: OutgoingMessage, on_result: Callable[[SendResult], None]
-    ) -> SendHandle: ...
+    def start_send(self, message: OutgoingMessage, on_result: Callable[[SendResult], None]) -> SendHandle: ...
 
 
 # -- routes --------------------------------------------------------------------

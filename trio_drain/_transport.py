@@ -84,7 +84,11 @@ class Connection(Protocol):
 
 
 def open_connection(
-    url: str, *, transport: TransportName, ssl_context: ssl.SSLContext | None, max_message_size: int,
+    url: str,
+    *,
+    transport: TransportName,
+    ssl_context: ssl.SSLContext | None,
+    max_message_size: int,
     connect_timeout: float,
 ) -> AbstractAsyncContextManager[Connection]:
     if transport == "trio-websocket":
@@ -145,7 +149,10 @@ async def _trio_websocket(
     stream: trio.abc.AsyncResource | None = None
     try:
         async with trio_websocket.open_websocket_url(
-            url, ssl_context, max_message_size=max_message_size, connect_timeout=connect_timeout,
+            url,
+            ssl_context,
+            max_message_size=max_message_size,
+            connect_timeout=connect_timeout,
             disconnect_timeout=2.0,
         ) as ws:
             entered = True
@@ -224,7 +231,9 @@ class _WsprotoCodec:
                     self._parts.append(bytes(event.data) if isinstance(event.data, bytearray) else event.data)
                     self._part_size += len(event.data)
                     if self._part_size > self._max:
-                        error = _wsframes.ProtocolError(_wsframes.CLOSE_TOO_BIG, f"message over {self._max} bytes")
+                        error = _wsframes.ProtocolError(
+                            _wsframes.CLOSE_TOO_BIG, f"message over {self._max} bytes"
+                        )
                         error.events = events
                         raise error
                     if event.message_finished:
@@ -263,7 +272,12 @@ class _StreamConnection:
     """
 
     def __init__(
-        self, stream: trio.abc.Stream, codec: _Codec, *, server: bool = False, received: bytes = b"",
+        self,
+        stream: trio.abc.Stream,
+        codec: _Codec,
+        *,
+        server: bool = False,
+        received: bytes = b"",
     ) -> None:
         self._stream = stream
         self._codec = codec
@@ -473,8 +487,9 @@ class _StreamConnection:
         deadline = min(self._close_deadline, trio.current_time() + CLOSE_TIMEOUT)
         # Bounded and shielded: trio.move_on_at(deadline, shield=True) on
         # Trio 0.27+; spelled out for the older Trio that pyproject allows.
-        with trio.CancelScope(deadline=deadline, shield=True), contextlib.suppress(
-            trio.BrokenResourceError, trio.ClosedResourceError, _wsframes.ProtocolError
+        with (
+            trio.CancelScope(deadline=deadline, shield=True),
+            contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, _wsframes.ProtocolError),
         ):
             if self._writing:  # it owns the stream's sending side: let it flush
                 await self._drained.wait()
@@ -530,7 +545,10 @@ def _split_url(url: str) -> tuple[str, int, bool, str, str]:
 
 @asynccontextmanager
 async def _stream_connection(
-    url: str, ssl_context: ssl.SSLContext | None, max_message_size: int, connect_timeout: float,
+    url: str,
+    ssl_context: ssl.SSLContext | None,
+    max_message_size: int,
+    connect_timeout: float,
     native: bool,
 ) -> AsyncIterator[Connection]:
     hostname, port, secure, target, host_header = _split_url(url)
@@ -544,8 +562,9 @@ async def _stream_connection(
             raise TransportRejected(_describe(exc)) from None
         try:
             if secure:
-                stream = trio.SSLStream(stream, ssl_context or ssl.create_default_context(),
-                                        server_hostname=hostname)
+                stream = trio.SSLStream(
+                    stream, ssl_context or ssl.create_default_context(), server_hostname=hostname
+                )
                 try:
                     await stream.do_handshake()
                 except (trio.BrokenResourceError, ssl.SSLError) as exc:
@@ -559,8 +578,10 @@ async def _stream_connection(
                 await _await_accept(stream, ws)
                 codec = _WsprotoCodec(ws, max_message_size)
         except BaseException:
-            with trio.CancelScope(shield=True), contextlib.suppress(trio.BrokenResourceError,
-                                                                    trio.ClosedResourceError):
+            with (
+                trio.CancelScope(shield=True),
+                contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError),
+            ):
                 await stream.aclose()
             raise
     if scope.cancelled_caught:
@@ -605,8 +626,12 @@ ServerConnection = _StreamConnection
 
 
 async def serve_websocket(
-    handler: Callable[[ServerConnection], Awaitable[None]], host: str, port: int, *,
-    max_message_size: int, handshake_timeout: float = 5.0,
+    handler: Callable[[ServerConnection], Awaitable[None]],
+    host: str,
+    port: int,
+    *,
+    max_message_size: int,
+    handshake_timeout: float = 5.0,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Accept WebSocket connections on (host, port) and run `handler` for
@@ -660,7 +685,8 @@ async def _accept_upgrade(stream: trio.abc.Stream) -> bytes | None:
 
 @asynccontextmanager
 async def _running(
-    *tasks: Callable[[], Awaitable[None]], leave: Callable[[], None] | None = None,
+    *tasks: Callable[[], Awaitable[None]],
+    leave: Callable[[], None] | None = None,
 ) -> AsyncIterator[None]:
     """Run a connection's background tasks around the caller's body.
 

@@ -66,14 +66,19 @@ def js_length(text: str) -> int:
     return len(text) if text.isascii() else len(text.encode("utf-16-le")) // 2
 
 
-def send_frame_size(*, target_spec: str | None, payload_size: int, nonce: str | None,
-                    ciphertext: str | None) -> int:
+def send_frame_size(
+    *, target_spec: str | None, payload_size: int, nonce: str | None, ciphertext: str | None
+) -> int:
     """Characters of ciphertext, nonce and target in the row's send frame
     (what the real broker measures against its limit), as
     `_routing.outgoing_message` will build it."""
     if target_spec is not None and nonce is not None and ciphertext is not None:
         return len(ciphertext) + len(nonce) + js_length(target_spec)
-    return 4 * ((payload_size + 2) // 3) + _NONCE_CHARS + js_length(target_spec if target_spec is not None else "*")
+    return (
+        4 * ((payload_size + 2) // 3)
+        + _NONCE_CHARS
+        + js_length(target_spec if target_spec is not None else "*")
+    )
 
 
 def _base64(name: str, value: str | None) -> None:
@@ -86,8 +91,12 @@ def _base64(name: str, value: str | None) -> None:
 
 
 def prepare_row(
-    req: SendRequest, *, now: int, max_payload: int = DEFAULT_MAX_PAYLOAD,
-    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, row_id: str | None = None,
+    req: SendRequest,
+    *,
+    now: int,
+    max_payload: int = DEFAULT_MAX_PAYLOAD,
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    row_id: str | None = None,
 ) -> NewRow:
     """Validate `req` and build the pending row `accept` would insert.
 
@@ -142,8 +151,9 @@ def prepare_row(
             raise InvalidRequest(f"ciphertext is over the {max_payload}-byte limit")
         if target_spec is None:
             raise InvalidRequest("a request with ciphertext needs a target_spec")
-    size = send_frame_size(target_spec=target_spec, payload_size=len(payload), nonce=req.nonce,
-                           ciphertext=req.ciphertext)
+    size = send_frame_size(
+        target_spec=target_spec, payload_size=len(payload), nonce=req.nonce, ciphertext=req.ciphertext
+    )
     if size > max_message_bytes:
         raise InvalidRequest(
             f"the send frame would carry {size} characters of ciphertext, nonce and target, over the"
@@ -155,15 +165,30 @@ def prepare_row(
         raise InvalidRequest("sender_session_pubkey must be 64 lowercase hex characters")
 
     fingerprint = request_fingerprint(
-        destination_kind=kind, destination_ref=ref, payload=payload, priority=priority,
-        reply_to_id=reply_to_id, meta=req.meta,
+        destination_kind=kind,
+        destination_ref=ref,
+        payload=payload,
+        priority=priority,
+        reply_to_id=reply_to_id,
+        meta=req.meta,
     )
     # Positionally, in NewRow's field order: the keyword constructor costs
     # more than the rest of the row's preparation.
-    return _new_row((
-        row_id if row_id is not None else uuid7(),  # id
-        client_message_id if client_message_id is not None else uuid7(),
-        fingerprint, payload,
-        now, 0, now, "pending",  # enqueued_at, attempts, next_attempt_at, status
-        mesh, target_spec, req.nonce, req.ciphertext, priority, session,
-    ))
+    return _new_row(
+        (
+            row_id if row_id is not None else uuid7(),  # id
+            client_message_id if client_message_id is not None else uuid7(),
+            fingerprint,
+            payload,
+            now,
+            0,
+            now,
+            "pending",  # enqueued_at, attempts, next_attempt_at, status
+            mesh,
+            target_spec,
+            req.nonce,
+            req.ciphertext,
+            priority,
+            session,
+        )
+    )

@@ -142,8 +142,19 @@ class _Settled(enum.Enum):
 class _Delivery:
     """One claimed row on its way out, held until its outcome is handed on."""
 
-    __slots__ = ("counted", "deadline", "gate", "handle", "held_since", "route", "route_name", "row", "sent",
-                 "sent_at", "slot")
+    __slots__ = (
+        "counted",
+        "deadline",
+        "gate",
+        "handle",
+        "held_since",
+        "route",
+        "route_name",
+        "row",
+        "sent",
+        "sent_at",
+        "slot",
+    )
 
     def __init__(self, row: OutboxRow, slot: object) -> None:
         self.row = row
@@ -207,8 +218,10 @@ class DrainWorker:
         # (measured: 1.3x the rows per second at a window of 64).
         self._claim_size = min(self.config.batch_size, max(1, self.config.max_inflight // 2))
         self._completer = BatchCompleter(
-            outbox, in_flight=lambda: self._limiter.borrowed_tokens,
-            write=self._write_outcomes, after_batch=self._after_batch,
+            outbox,
+            in_flight=lambda: self._limiter.borrowed_tokens,
+            write=self._write_outcomes,
+            after_batch=self._after_batch,
         )
         # Blocked routes: (kind, key) as understood by BrokerRegistry.
         self._blocked: dict[RouteKey, str] = {}
@@ -273,8 +286,9 @@ class DrainWorker:
             **self._counts,
             in_flight=self._limiter.borrowed_tokens,
             blocked_routes=tuple(sorted(self._blocked.values())),
-            per_route={name: RouteStatistics(**c, rate=self._route_rate(name))
-                       for name, c in self._per_route.items()},
+            per_route={
+                name: RouteStatistics(**c, rate=self._route_rate(name)) for name, c in self._per_route.items()
+            },
         )
 
     def _route_rate(self, name: str) -> float | None:
@@ -382,8 +396,11 @@ class DrainWorker:
         granted: dict[int, int] = {}  # per pacer: what this pass's claims took (routes may share one)
         for gate in list(self._gates.values()):
             if gate.pacer.rest(now):
-                log.info("route %s sent nothing for %.0fs: pacing ends until the broker refuses again",
-                         visible(gate.name), gate.pacer.idle_after)
+                log.info(
+                    "route %s sent nothing for %.0fs: pacing ends until the broker refuses again",
+                    visible(gate.name),
+                    gate.pacer.idle_after,
+                )
             if len(rows) >= room or not gate.pacer.paced or gate.key in self._blocked:
                 continue
             if not gate.maybe_more and now - gate.last_claim < self.config.poll_interval:
@@ -486,8 +503,13 @@ class DrainWorker:
         """What a claim asks for now: up to `limit` rows, under the policy's
         lease and age limit, a fresh token, blocked and paced routes left
         out (or only the route `only`)."""
-        return {"limit": limit, "lease_ms": self._policy.lease_ms, "max_age_ms": self._policy.max_age_ms,
-                "token": new_token(), "exclude": self._route_filter(only)}
+        return {
+            "limit": limit,
+            "lease_ms": self._policy.lease_ms,
+            "max_age_ms": self._policy.max_age_ms,
+            "token": new_token(),
+            "exclude": self._route_filter(only),
+        }
 
     def _claimed(self, rows: list[OutboxRow], slots: list[object]) -> list[_Delivery]:
         """Claimed rows become deliveries, each with a slot; spare slots are freed."""
@@ -496,7 +518,7 @@ class DrainWorker:
         self._counts["claimed"] += len(rows)
         deliveries = [_Delivery(row, slot) for row, slot in zip(rows, slots, strict=False)]
         self._out.update(deliveries)
-        for slot in slots[len(rows):]:
+        for slot in slots[len(rows) :]:
             self._limiter.release_on_behalf_of(slot)
         return deliveries
 
@@ -543,7 +565,9 @@ class DrainWorker:
         if isinstance(route, NoBroker):
             quiet = self._throttle(("no broker", row.mesh))
             if quiet is not None:
-                log.warning("no broker for mesh %s: row %s is dead%s", visible(str(row.mesh)), row.id, quieted(quiet))
+                log.warning(
+                    "no broker for mesh %s: row %s is dead%s", visible(str(row.mesh)), row.id, quieted(quiet)
+                )
             self._settle(delivery, _lifecycle.on_no_broker(row), _Settled.RESULT, "mesh:" + str(row.mesh))
             return
         if isinstance(route, Unavailable):
@@ -552,8 +576,9 @@ class DrainWorker:
         problem = unsendable(row)
         if problem is not None:
             log.warning("row %s can never be sent: %s", row.id, problem)
-            completion = _lifecycle.on_error(row, error=problem, permanent=True, now=self.outbox.clock(),
-                                             policy=self._policy, jitter=0.0)
+            completion = _lifecycle.on_error(
+                row, error=problem, permanent=True, now=self.outbox.clock(), policy=self._policy, jitter=0.0
+            )
             self._settle(delivery, completion, _Settled.RESULT, route.name)
             return
         gate = self._gate(route)
@@ -647,13 +672,20 @@ class DrainWorker:
                     self._count("duplicates", delivery.route_name)
             elif result.unanswered:
                 completion = _lifecycle.on_no_answer(
-                    row, reason=result.error or "no_answer", now=now, policy=self._policy,
+                    row,
+                    reason=result.error or "no_answer",
+                    now=now,
+                    policy=self._policy,
                     jitter=self._rng.random(),
                 )
             else:
                 completion = _lifecycle.on_error(
-                    row, error=result.error or "unknown_error", permanent=result.permanent,
-                    now=now, policy=self._policy, jitter=self._rng.random(),
+                    row,
+                    error=result.error or "unknown_error",
+                    permanent=result.permanent,
+                    now=now,
+                    policy=self._policy,
+                    jitter=self._rng.random(),
                 )
             if completion.status is Status.DEAD:
                 self._warn_dead(row, completion, gate.name)
@@ -668,7 +700,9 @@ class DrainWorker:
         """A row went dead: say so, but not ten thousand times a minute."""
         quiet = self._throttle(("dead", route_name))
         if quiet is not None:
-            log.warning("row %s is dead: %s%s", row.id, bounded(completion.last_error or "", 300), quieted(quiet))
+            log.warning(
+                "row %s is dead: %s%s", row.id, bounded(completion.last_error or "", 300), quieted(quiet)
+            )
 
     def _rate_limited(self, delivery: _Delivery, gate: _Gate, result: SendResult) -> None:
         """The broker refused the send for its rate: pace the route, give the row back."""
@@ -676,9 +710,13 @@ class DrainWorker:
         self._count("rate_limited", gate.name)
         was_paced = gate.pacer.paced
         if gate.pacer.refused(trio.current_time(), sent_at=delivery.sent_at, text=text):
-            log.log(logging.INFO if was_paced else logging.WARNING,
-                    "route %s is rate limited by its broker (%s); pacing it at %.3g sends/s",
-                    visible(gate.name), bounded(text, 120), gate.pacer.rate)
+            log.log(
+                logging.INFO if was_paced else logging.WARNING,
+                "route %s is rate limited by its broker (%s); pacing it at %.3g sends/s",
+                visible(gate.name),
+                bounded(text, 120),
+                gate.pacer.rate,
+            )
             while gate.held:  # slow start is over: they wait their turn unclaimed
                 self._pace_back(gate.held.popleft(), gate, "route_paced")
         self._pace_back(delivery, gate, text)
@@ -687,7 +725,9 @@ class DrainWorker:
         """Give a row back, attempt returned, until its paced route may send."""
         now = trio.current_time()
         retry_at = self.outbox.clock() + math.ceil((gate.pacer.next_send_at(now) - now) * 1000)
-        completion = _lifecycle.on_rate_limited(delivery.row, error=error, now=self.outbox.clock(), retry_at=retry_at)
+        completion = _lifecycle.on_rate_limited(
+            delivery.row, error=error, now=self.outbox.clock(), retry_at=retry_at
+        )
         self._settle(delivery, completion, _Settled.GIVEN_BACK, gate.name)
 
     def _release_held(self, gate: _Gate) -> None:
@@ -704,7 +744,9 @@ class DrainWorker:
 
     def _give_back(self, delivery: _Delivery, route: Unavailable) -> None:
         self._block(route)
-        completion = _lifecycle.on_route_unavailable(delivery.row, now=self.outbox.clock(), policy=self._policy)
+        completion = _lifecycle.on_route_unavailable(
+            delivery.row, now=self.outbox.clock(), policy=self._policy
+        )
         self._count("unavailable", route.name)
         self._settle(delivery, completion, _Settled.GIVEN_BACK, route.name)
 
@@ -720,7 +762,9 @@ class DrainWorker:
             gate = delivery.gate
             if gate is not None and not delivery.sent and delivery in gate.held:
                 gate.held.remove(delivery)
-            completion = _lifecycle.on_released(delivery.row, sent=delivery.sent, now=now, policy=self._policy)
+            completion = _lifecycle.on_released(
+                delivery.row, sent=delivery.sent, now=now, policy=self._policy
+            )
             kind = _Settled.RELEASED if delivery.sent else _Settled.GIVEN_BACK
             self._settle(delivery, completion, kind, delivery.route_name)
 
@@ -758,10 +802,17 @@ class DrainWorker:
             delivery.gate.in_flight -= 1
         if not self._out and self._stop_requested:
             self._idle.set()
-        self._completer.submit(completion, functools.partial(self._recorded, delivery, completion, kind, route_name))
+        self._completer.submit(
+            completion, functools.partial(self._recorded, delivery, completion, kind, route_name)
+        )
 
     def _recorded(
-        self, delivery: _Delivery, completion: Completion, kind: _Settled, route_name: str, applied: bool | None
+        self,
+        delivery: _Delivery,
+        completion: Completion,
+        kind: _Settled,
+        route_name: str,
+        applied: bool | None,
     ) -> None:
         self._freed.append(delivery.slot)  # freed (or refilled) once the whole batch is through
         if applied is None:

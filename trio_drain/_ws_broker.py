@@ -94,7 +94,10 @@ class _Waiter:
     __slots__ = ("broker", "callback", "deadline", "event", "key", "result")
 
     def __init__(
-        self, broker: WebSocketBroker, key: str, deadline: float,
+        self,
+        broker: WebSocketBroker,
+        key: str,
+        deadline: float,
         callback: Callable[[SendResult], None] | None = None,
     ) -> None:
         self.broker = broker
@@ -297,13 +300,22 @@ class WebSocketBroker:
                 self.fatal_error = self.last_error if exc.refused else None
                 # The first attempt's outcome is the caller's to report
                 # (nursery.start returns with is_open() False).
-                log.log(logging.WARNING if started else logging.INFO, "broker %s: %s", self.url, self.last_error)
+                log.log(
+                    logging.WARNING if started else logging.INFO, "broker %s: %s", self.url, self.last_error
+                )
             except (TransportRejected, TransportClosed, OSError, trio.BrokenResourceError) as exc:
                 self.last_error = str(exc) or type(exc).__name__
-                self.fatal_error = (f"TLS certificate verification failed: {self.last_error}"
-                                    if _CERTIFICATE_FAILED.search(self.last_error) else None)
-                log.log(logging.WARNING if started else logging.INFO,
-                        "broker %s: connection failed: %s", self.url, self.last_error)
+                self.fatal_error = (
+                    f"TLS certificate verification failed: {self.last_error}"
+                    if _CERTIFICATE_FAILED.search(self.last_error)
+                    else None
+                )
+                log.log(
+                    logging.WARNING if started else logging.INFO,
+                    "broker %s: connection failed: %s",
+                    self.url,
+                    self.last_error,
+                )
             finally:
                 self._closed()
             if not started:
@@ -318,7 +330,10 @@ class WebSocketBroker:
         if self.url.startswith("wss://") and ssl_arg is None:
             ssl_arg = ssl.create_default_context()  # verifies certificates
         async with open_connection(
-            self.url, transport=self.transport, ssl_context=ssl_arg, max_message_size=MAX_FRAME,
+            self.url,
+            transport=self.transport,
+            ssl_context=ssl_arg,
+            max_message_size=MAX_FRAME,
             connect_timeout=self.hello_timeout,
         ) as ws:
             await self._hello(ws)
@@ -350,7 +365,10 @@ class WebSocketBroker:
                     self.presence_id = str(frame.get("presenceId", ""))
                     return
                 if frame.get("type") == "error":
-                    code, message = bounded(str(frame.get("code", "error")), 64), bounded(str(frame.get("message", "")), 300)
+                    code, message = (
+                        bounded(str(frame.get("code", "error")), 64),
+                        bounded(str(frame.get("message", "")), 300),
+                    )
                     raise HandshakeError(f"{code}: {message}", refused=True)
                 self._push(frame)
         raise HandshakeError(f"no hello_ack within {self.hello_timeout}s")
@@ -370,7 +388,9 @@ class WebSocketBroker:
         if frame is None:
             quiet = self._throttle("garbage")
             if quiet is not None:
-                log.warning("broker %s sent a frame that is not a JSON object; ignored%s", self.url, quieted(quiet))
+                log.warning(
+                    "broker %s sent a frame that is not a JSON object; ignored%s", self.url, quieted(quiet)
+                )
             return
         kind = frame.get("type")
         if kind == "ack":
@@ -378,8 +398,12 @@ class WebSocketBroker:
             if not waiters:
                 quiet = self._throttle("unknown ack")
                 if quiet is not None:
-                    log.info("broker %s acked an id we are not waiting for: %s%s", self.url,
-                             bounded(str(frame.get("id")), 80), quieted(quiet))
+                    log.info(
+                        "broker %s acked an id we are not waiting for: %s%s",
+                        self.url,
+                        bounded(str(frame.get("id")), 80),
+                        quieted(quiet),
+                    )
                 return
             result = classify_ack(frame)
             for waiter in list(waiters):  # resolving one removes it
@@ -387,8 +411,13 @@ class WebSocketBroker:
         elif kind == "error":
             quiet = self._throttle("error frame")
             if quiet is not None:
-                log.warning("broker %s error: %s %s%s", self.url, bounded(str(frame.get("code")), 64),
-                            bounded(str(frame.get("message")), 300), quieted(quiet))
+                log.warning(
+                    "broker %s error: %s %s%s",
+                    self.url,
+                    bounded(str(frame.get("code")), 64),
+                    bounded(str(frame.get("message")), 300),
+                    quieted(quiet),
+                )
         else:
             self._push(frame)
 
@@ -401,7 +430,9 @@ class WebSocketBroker:
                 except TransportClosed:
                     return
             if ping_scope.cancelled_caught:
-                log.warning("broker %s: no pong within %ss; dropping the connection", self.url, self.pong_timeout)
+                log.warning(
+                    "broker %s: no pong within %ss; dropping the connection", self.url, self.pong_timeout
+                )
                 scope.cancel()
                 return
 

@@ -204,16 +204,20 @@ class FrameCodec:
                     if length == 126:
                         if end - at < 4:
                             break
-                        length = int.from_bytes(buffer[at + 2:at + 4], "big")
+                        length = int.from_bytes(buffer[at + 2 : at + 4], "big")
                         if length < 126:
-                            raise ProtocolError(CLOSE_PROTOCOL_ERROR, "16-bit length for a payload under 126 bytes")
+                            raise ProtocolError(
+                                CLOSE_PROTOCOL_ERROR, "16-bit length for a payload under 126 bytes"
+                            )
                         head = 4
                     else:
                         if end - at < 10:
                             break
-                        length = int.from_bytes(buffer[at + 2:at + 10], "big")
+                        length = int.from_bytes(buffer[at + 2 : at + 10], "big")
                         if length < 65536:
-                            raise ProtocolError(CLOSE_PROTOCOL_ERROR, "64-bit length for a payload under 64 KiB")
+                            raise ProtocolError(
+                                CLOSE_PROTOCOL_ERROR, "64-bit length for a payload under 64 KiB"
+                            )
                         if length >> 63:
                             raise ProtocolError(CLOSE_PROTOCOL_ERROR, "64-bit length with its top bit set")
                         head = 10
@@ -227,13 +231,13 @@ class FrameCodec:
                         self._begin(opcode)
                         self._frame_fin = bool(first & 0x80)
                         self._remaining = length
-                        self._key = buffer[at + head - 4:at + head] if mask_bit else b""
-                        self._payload_piece(buffer[at + head:end], events)
+                        self._key = buffer[at + head - 4 : at + head] if mask_bit else b""
+                        self._payload_piece(buffer[at + head : end], events)
                         at = end
                     break  # (a short control frame or a header waits for the rest)
-                payload = buffer[at + head:frame_end]
+                payload = buffer[at + head : frame_end]
                 if mask_bit:
-                    payload = mask(payload, buffer[at + head - 4:at + head])
+                    payload = mask(payload, buffer[at + head - 4 : at + head])
                 at = frame_end
                 if opcode >= OP_CLOSE:
                     if opcode == OP_PING:
@@ -308,7 +312,9 @@ class FrameCodec:
         if not last:
             return None
         parts = self._parts
-        whole = "".join(cast("list[str]", parts)) if decoder is not None else b"".join(cast("list[bytes]", parts))
+        whole = (
+            "".join(cast("list[str]", parts)) if decoder is not None else b"".join(cast("list[bytes]", parts))
+        )
         self._parts, self._size, self._opcode, self._decoder = [], 0, None, None
         return ("message", whole)
 
@@ -367,7 +373,7 @@ def split_head(buffer: bytes) -> tuple[bytes, bytes] | None:
         if len(buffer) > MAX_HEAD:
             raise HandshakeFailed("handshake head is too long")
         return None
-    return buffer[:end], buffer[end + 4:]
+    return buffer[:end], buffer[end + 4 :]
 
 
 def _parse_head(head: bytes) -> tuple[str, dict[str, str]]:

@@ -46,6 +46,7 @@ def new_row_values(row: NewRow) -> tuple[Any, ...]:
         values[at] = value
     return tuple(values)
 
+
 #: "full" fsyncs every commit the caller was promised (survives power loss);
 #: "normal" survives a process crash only.
 Durability = Literal["full", "normal"]
@@ -56,11 +57,9 @@ SCHEMA_VERSION = 1
 #: Partial indexes in claim order, due order and lease order, plus the
 #: listing index; the same statements work on SQLite and PostgreSQL.
 INDEXES = (
-    "CREATE INDEX IF NOT EXISTS outbox_claim ON outbox (priority_rank, enqueued_at)"
-    " WHERE status = 'pending'",
+    "CREATE INDEX IF NOT EXISTS outbox_claim ON outbox (priority_rank, enqueued_at) WHERE status = 'pending'",
     "CREATE INDEX IF NOT EXISTS outbox_due ON outbox (next_attempt_at) WHERE status = 'pending'",
-    "CREATE INDEX IF NOT EXISTS outbox_lease ON outbox (lease_expires_at)"
-    " WHERE status = 'inflight'",
+    "CREATE INDEX IF NOT EXISTS outbox_lease ON outbox (lease_expires_at) WHERE status = 'inflight'",
     "CREATE INDEX IF NOT EXISTS outbox_status_enqueued ON outbox (status, enqueued_at)",
 )
 
@@ -143,9 +142,27 @@ NO_FILTER = RouteFilter()
 _STATUS_BY_TEXT = {s.value: s for s in Status}
 # row_from_values below reads the columns by position, in this order.
 assert COLUMNS == (
-    "id", "client_message_id", "request_fingerprint", "payload", "enqueued_at", "attempts", "next_attempt_at",
-    "status", "last_error", "delivered_at", "broker_message_id", "aborted_at", "aborted_by", "superseded_by",
-    "mesh", "target_spec", "nonce", "ciphertext", "priority", "sender_session_pubkey", "lease_expires_at",
+    "id",
+    "client_message_id",
+    "request_fingerprint",
+    "payload",
+    "enqueued_at",
+    "attempts",
+    "next_attempt_at",
+    "status",
+    "last_error",
+    "delivered_at",
+    "broker_message_id",
+    "aborted_at",
+    "aborted_by",
+    "superseded_by",
+    "mesh",
+    "target_spec",
+    "nonce",
+    "ciphertext",
+    "priority",
+    "sender_session_pubkey",
+    "lease_expires_at",
     "lease_token",
 ), "OutboxRow's fields moved: update row_from_values"
 
@@ -155,11 +172,28 @@ def row_from_values(v: Sequence[Any]) -> OutboxRow:
     after those are ignored). Spelled out field by field: it runs for every
     row claimed, and is about twice as fast as building a dict."""
     return OutboxRow(
-        id=v[0], client_message_id=v[1], request_fingerprint=bytes(v[2]), payload=bytes(v[3]),
-        enqueued_at=v[4], attempts=v[5], next_attempt_at=v[6], status=_STATUS_BY_TEXT[v[7]],
-        last_error=v[8], delivered_at=v[9], broker_message_id=v[10], aborted_at=v[11], aborted_by=v[12],
-        superseded_by=v[13], mesh=v[14], target_spec=v[15], nonce=v[16], ciphertext=v[17], priority=v[18],
-        sender_session_pubkey=v[19], lease_expires_at=v[20], lease_token=v[21],
+        id=v[0],
+        client_message_id=v[1],
+        request_fingerprint=bytes(v[2]),
+        payload=bytes(v[3]),
+        enqueued_at=v[4],
+        attempts=v[5],
+        next_attempt_at=v[6],
+        status=_STATUS_BY_TEXT[v[7]],
+        last_error=v[8],
+        delivered_at=v[9],
+        broker_message_id=v[10],
+        aborted_at=v[11],
+        aborted_by=v[12],
+        superseded_by=v[13],
+        mesh=v[14],
+        target_spec=v[15],
+        nonce=v[16],
+        ciphertext=v[17],
+        priority=v[18],
+        sender_session_pubkey=v[19],
+        lease_expires_at=v[20],
+        lease_token=v[21],
     )
 
 
@@ -229,7 +263,13 @@ class OutboxBackend(Protocol):
         of the rows' own."""
 
     async def claim(
-        self, *, now: int, limit: int, lease_ms: int, max_age_ms: int, token: str,
+        self,
+        *,
+        now: int,
+        limit: int,
+        lease_ms: int,
+        max_age_ms: int,
+        token: str,
         exclude: RouteFilter = NO_FILTER,
     ) -> Rows:
         """Move up to `limit` due, unexpired, pending rows to inflight under
@@ -244,8 +284,15 @@ class OutboxBackend(Protocol):
         delay) onto the server's clock."""
 
     async def complete_and_claim(
-        self, completions: Sequence[Completion], *, now: int, limit: int, lease_ms: int, max_age_ms: int,
-        token: str, exclude: RouteFilter = NO_FILTER,
+        self,
+        completions: Sequence[Completion],
+        *,
+        now: int,
+        limit: int,
+        lease_ms: int,
+        max_age_ms: int,
+        token: str,
+        exclude: RouteFilter = NO_FILTER,
     ) -> tuple[Applied, Rows]:
         """`complete` then `claim`, in one transaction. On PostgreSQL `now`
         only translates retry times onto the server's clock."""
@@ -262,9 +309,7 @@ class OutboxBackend(Protocol):
         """Move pending rows older than max_age to dead ("expired"). PostgreSQL
         judges age by the server's clock (`now` is ignored)."""
 
-    async def next_due_at(
-        self, *, now: int, max_age_ms: int, exclude: RouteFilter = NO_FILTER
-    ) -> int | None:
+    async def next_due_at(self, *, now: int, max_age_ms: int, exclude: RouteFilter = NO_FILTER) -> int | None:
         """The earliest next_attempt_at of a claimable-in-future pending row,
         on the caller's clock: PostgreSQL answers `now` plus how far in the
         server's future the row is due."""
@@ -277,9 +322,7 @@ class OutboxBackend(Protocol):
 
     async def get_by_client_id(self, client_message_id: str) -> OutboxRow | None: ...
 
-    async def list(
-        self, *, status: Status | None, limit: int, before: int | None = None
-    ) -> Rows:
+    async def list(self, *, status: Status | None, limit: int, before: int | None = None) -> Rows:
         """Rows newest first (by enqueued_at), optionally of one status."""
 
     async def counts(self) -> dict[str, int]: ...

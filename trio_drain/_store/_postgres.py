@@ -84,13 +84,28 @@ CHANNEL = "trio_drain_outbox"
 _MIGRATION_LOCK = 0x7472696F647261  # "triodra"
 
 _COLUMN_TYPES: dict[str, str] = {
-    "id": "text", "client_message_id": "text", "request_fingerprint": "bytea",
-    "payload": "bytea", "enqueued_at": "bigint", "attempts": "integer",
-    "next_attempt_at": "bigint", "status": "text", "last_error": "text",
-    "delivered_at": "bigint", "broker_message_id": "text", "aborted_at": "bigint",
-    "aborted_by": "text", "superseded_by": "text", "mesh": "text", "target_spec": "text",
-    "nonce": "text", "ciphertext": "text", "priority": "text",
-    "sender_session_pubkey": "text", "lease_expires_at": "bigint", "lease_token": "text",
+    "id": "text",
+    "client_message_id": "text",
+    "request_fingerprint": "bytea",
+    "payload": "bytea",
+    "enqueued_at": "bigint",
+    "attempts": "integer",
+    "next_attempt_at": "bigint",
+    "status": "text",
+    "last_error": "text",
+    "delivered_at": "bigint",
+    "broker_message_id": "text",
+    "aborted_at": "bigint",
+    "aborted_by": "text",
+    "superseded_by": "text",
+    "mesh": "text",
+    "target_spec": "text",
+    "nonce": "text",
+    "ciphertext": "text",
+    "priority": "text",
+    "sender_session_pubkey": "text",
+    "lease_expires_at": "bigint",
+    "lease_token": "text",
 }
 assert tuple(_COLUMN_TYPES) == COLUMNS
 
@@ -155,8 +170,12 @@ _BOUND_AT = [COLUMNS.index(c) for c in _BOUND]
 _INSERT = (
     f"INSERT INTO outbox ({_COLS}) SELECT "
     + ", ".join(SERVER_NOW if c in _STAMPED else f"u.{c}" for c in COLUMNS)
-    + " FROM unnest(" + ", ".join(f"%s::{_COLUMN_TYPES[c]}[]" for c in _BOUND) + ")"
-    + " AS u(" + ", ".join(_BOUND) + ")"
+    + " FROM unnest("
+    + ", ".join(f"%s::{_COLUMN_TYPES[c]}[]" for c in _BOUND)
+    + ")"
+    + " AS u("
+    + ", ".join(_BOUND)
+    + ")"
     + " ON CONFLICT (client_message_id) DO NOTHING RETURNING client_message_id, enqueued_at"
 )
 
@@ -197,8 +216,9 @@ def _first_line(exc: BaseException) -> str:
 
 def _translate(exc: psycopg.Error, where: str) -> StoreError:
     text = _first_line(exc)
-    if isinstance(exc, (psycopg.OperationalError, psycopg.errors.SerializationFailure,
-                        psycopg.errors.DeadlockDetected)):
+    if isinstance(
+        exc, (psycopg.OperationalError, psycopg.errors.SerializationFailure, psycopg.errors.DeadlockDetected)
+    ):
         return StoreUnavailable(f"the PostgreSQL outbox at {where} is unavailable: {text}")
     return StoreError(f"PostgreSQL outbox error at {where}: {text}")
 
@@ -211,9 +231,7 @@ def _route_clause(exclude: RouteFilter) -> tuple[str, list[Any]]:
         parts.append("(sender_session_pubkey IS NULL OR sender_session_pubkey <> ALL(%s::text[]))")
         params.append(sorted(exclude.sessions))
     if exclude.meshes:
-        parts.append(
-            "(sender_session_pubkey IS NOT NULL OR mesh IS NULL OR mesh <> ALL(%s::text[]))"
-        )
+        parts.append("(sender_session_pubkey IS NOT NULL OR mesh IS NULL OR mesh <> ALL(%s::text[]))")
         params.append(sorted(exclude.meshes))
     if exclude.null_mesh:
         parts.append("(sender_session_pubkey IS NOT NULL OR mesh IS NOT NULL)")
@@ -321,8 +339,13 @@ class _Pool:
         """A new autocommit connection (blocking: call from a thread)."""
         try:
             conn = psycopg.connect(
-                self.dsn, autocommit=True, connect_timeout=5,
-                keepalives=1, keepalives_idle=5, keepalives_interval=2, keepalives_count=3,
+                self.dsn,
+                autocommit=True,
+                connect_timeout=5,
+                keepalives=1,
+                keepalives_idle=5,
+                keepalives_interval=2,
+                keepalives_count=3,
                 application_name="trio-drain",
             )
         except psycopg.Error as exc:
@@ -356,7 +379,9 @@ class _Pool:
         return result
 
     def _run_sync(
-        self, box: list[psycopg.Connection[Any] | None], fn: Callable[[psycopg.Connection[Any]], T],
+        self,
+        box: list[psycopg.Connection[Any] | None],
+        fn: Callable[[psycopg.Connection[Any]], T],
         commit: Commit | None,
     ) -> T:
         conn = box[0]
@@ -376,10 +401,16 @@ class _Pool:
                 conn.close()
                 if not self._lost:
                     self._lost = True
-                    log.warning("lost a connection to the PostgreSQL outbox at %s (%s);"
-                                " reconnecting on next use", self.where, _first_line(exc))
-            if committing and commit is not None and commit.xid is not None and isinstance(
-                exc, psycopg.OperationalError
+                    log.warning(
+                        "lost a connection to the PostgreSQL outbox at %s (%s); reconnecting on next use",
+                        self.where,
+                        _first_line(exc),
+                    )
+            if (
+                committing
+                and commit is not None
+                and commit.xid is not None
+                and isinstance(exc, psycopg.OperationalError)
             ):
                 # COMMIT went unanswered: it may have been applied. Find out.
                 commit.value = value
@@ -442,7 +473,8 @@ def _claim_statement(
     sql = (
         "WITH picked AS (SELECT id FROM outbox"
         f" WHERE status = 'pending' AND next_attempt_at <= {SERVER_NOW}"
-        f" AND enqueued_at >= {SERVER_NOW} - %s" + clause
+        f" AND enqueued_at >= {SERVER_NOW} - %s"
+        + clause
         + " ORDER BY priority_rank, enqueued_at LIMIT %s FOR UPDATE SKIP LOCKED)"
         " UPDATE outbox SET status = 'inflight', attempts = outbox.attempts + 1,"
         f" lease_token = %s, lease_expires_at = {SERVER_NOW} + %s FROM picked WHERE outbox.id = picked.id"
@@ -491,8 +523,13 @@ _retry_in: Callable[[Completion], int | None] | None = (
 
 
 def _complete(
-    conn: psycopg.Connection[Any], sql: str, completions: Sequence[Completion], *,
-    host_now: int | None, offset: int, commit: Commit | None,
+    conn: psycopg.Connection[Any],
+    sql: str,
+    completions: Sequence[Completion],
+    *,
+    host_now: int | None,
+    offset: int,
+    commit: Commit | None,
 ) -> Applied:
     """Apply completions (`sql` is `_COMPLETE`); `host_now` is the caller's
     clock now, or None to use `offset` (server minus host) instead."""
@@ -501,14 +538,22 @@ def _complete(
     # wait for the WAL flush.
     conn.execute("SET LOCAL synchronous_commit = off")
     retry_in = [None] * len(completions) if _retry_in is None else [_retry_in(c) for c in completions]
-    found = conn.execute(sql, [
-        host_now, offset,
-        [c.row_id for c in completions], [c.lease_token for c in completions],
-        [c.status.value for c in completions], [c.attempts for c in completions],
-        [c.next_attempt_at for c in completions], [c.last_error for c in completions],
-        [c.delivered_at for c in completions], [c.broker_message_id for c in completions],
-        retry_in,
-    ]).fetchall()
+    found = conn.execute(
+        sql,
+        [
+            host_now,
+            offset,
+            [c.row_id for c in completions],
+            [c.lease_token for c in completions],
+            [c.status.value for c in completions],
+            [c.attempts for c in completions],
+            [c.next_attempt_at for c in completions],
+            [c.last_error for c in completions],
+            [c.delivered_at for c in completions],
+            [c.broker_message_id for c in completions],
+            retry_in,
+        ],
+    ).fetchall()
     if found and commit is not None:
         commit.xid = found[0][2]
     applied = {(r[0], r[1]) for r in found}
@@ -605,7 +650,9 @@ class PostgresBackend:
         insert = self._sql(_INSERT)
 
         def op(conn: psycopg.Connection[Any]) -> Outcomes:
-            inserted = {r[0] for r in conn.execute(insert, _columns([new_row_values(r) for r in firsts])).fetchall()}
+            inserted = {
+                r[0] for r in conn.execute(insert, _columns([new_row_values(r) for r in firsts])).fetchall()
+            }
             existing: dict[str, OutboxRow] = {}
             others = [r.client_message_id for r in firsts if r.client_message_id not in inserted]
             if others:
@@ -620,7 +667,9 @@ class PostgresBackend:
                 cid = row.client_message_id
                 # None only for the first row of an id this statement inserted.
                 outcome = _lifecycle.decide_accept(
-                    existing.get(cid), client_message_id=cid, fingerprint=row.request_fingerprint,
+                    existing.get(cid),
+                    client_message_id=cid,
+                    fingerprint=row.request_fingerprint,
                     new_row_id=row.id,
                 )
                 if outcome.inserted:  # a repeat later in the batch is decided against it
@@ -642,7 +691,13 @@ class PostgresBackend:
         return rows
 
     async def claim(
-        self, *, now: int, limit: int, lease_ms: int, max_age_ms: int, token: str,
+        self,
+        *,
+        now: int,
+        limit: int,
+        lease_ms: int,
+        max_age_ms: int,
+        token: str,
         exclude: RouteFilter = NO_FILTER,
     ) -> Rows:
         """Claim by the server's clock: `now` decides nothing (it only
@@ -681,8 +736,15 @@ class PostgresBackend:
             raise
 
     async def complete_and_claim(
-        self, completions: Sequence[Completion], *, now: int, limit: int, lease_ms: int, max_age_ms: int,
-        token: str, exclude: RouteFilter = NO_FILTER,
+        self,
+        completions: Sequence[Completion],
+        *,
+        now: int,
+        limit: int,
+        lease_ms: int,
+        max_age_ms: int,
+        token: str,
+        exclude: RouteFilter = NO_FILTER,
     ) -> tuple[Applied, Rows]:
         """`complete` then `claim`, in one transaction. `now` decides
         nothing: it moves pending retry times onto the server's clock."""
@@ -693,8 +755,14 @@ class PostgresBackend:
                 await self._give_back(rows[limit:])
                 rows = rows[:limit]
             elif not rows and limit:  # it claimed nothing: claim now
-                rows = await self.claim(now=now, limit=limit, lease_ms=lease_ms, max_age_ms=max_age_ms,
-                                        token=token, exclude=exclude)
+                rows = await self.claim(
+                    now=now,
+                    limit=limit,
+                    lease_ms=lease_ms,
+                    max_age_ms=max_age_ms,
+                    token=token,
+                    exclude=exclude,
+                )
             return applied, rows
         claim_sql, claim_args = _claim_statement(limit, lease_ms, max_age_ms, token, exclude)
         claim_sql, complete_sql = self._sql(claim_sql), self._sql(_COMPLETE)
@@ -713,8 +781,9 @@ class PostgresBackend:
             raise
         return applied, self._claimed(rows, now=now, lease_ms=lease_ms)
 
-    def _remember(self, completions: Sequence[Completion], commit: Commit, *, applied: Applied,
-                  token: str | None) -> None:
+    def _remember(
+        self, completions: Sequence[Completion], commit: Commit, *, applied: Applied, token: str | None
+    ) -> None:
         """Keep an outcome write whose commit went unanswered for the retry."""
         while len(self._lost_writes) >= _MAX_LOST:
             del self._lost_writes[next(iter(self._lost_writes))]
@@ -746,8 +815,10 @@ class PostgresBackend:
             raise
         if not done:
             return None
-        log.info("an outcome write whose commit went unanswered was applied; %d row(s) it claimed"
-                 " are still held", len(rows))
+        log.info(
+            "an outcome write whose commit went unanswered was applied; %d row(s) it claimed are still held",
+            len(rows),
+        )
         return lost.applied, rows
 
     async def _give_back(self, rows: Rows) -> None:
@@ -786,8 +857,13 @@ class PostgresBackend:
             f" next_attempt_at = CASE WHEN fate.at_cap THEN {due(cap_status)} ELSE {due(status)} END,"
             " lease_token = NULL, lease_expires_at = NULL FROM fate WHERE outbox.id = fate.id"
         )
-        args = {"cap": max_attempts, "cap_status": cap_status.value, "cap_error": cap_error,
-                "status": status.value, "error": error}
+        args = {
+            "cap": max_attempts,
+            "cap_status": cap_status.value,
+            "cap_error": cap_error,
+            "status": status.value,
+            "error": error,
+        }
 
         def op(conn: psycopg.Connection[Any]) -> int:
             return conn.execute(sql, args).rowcount
@@ -806,16 +882,16 @@ class PostgresBackend:
 
         return await self._pool.run(op)
 
-    async def next_due_at(
-        self, *, now: int, max_age_ms: int, exclude: RouteFilter = NO_FILTER
-    ) -> int | None:
+    async def next_due_at(self, *, now: int, max_age_ms: int, exclude: RouteFilter = NO_FILTER) -> int | None:
         """The next due time on the caller's clock: `now` plus how far in the
         server's future the row is due (so a caller whose clock is off
         sleeps the right time); age by the server's clock."""
         clause, params = _route_clause(exclude)
         sql = self._sql(
             "SELECT (SELECT next_attempt_at FROM outbox WHERE status = 'pending'"
-            f" AND enqueued_at >= {SERVER_NOW} - %s" + clause + f" ORDER BY next_attempt_at LIMIT 1), {SERVER_NOW}"
+            f" AND enqueued_at >= {SERVER_NOW} - %s"
+            + clause
+            + f" ORDER BY next_attempt_at LIMIT 1), {SERVER_NOW}"
         )
 
         def op(conn: psycopg.Connection[Any]) -> tuple[int | None, int]:
@@ -856,8 +932,12 @@ class PostgresBackend:
                     if pgconn.status != psycopg.pq.ConnStatus.OK:
                         raise psycopg.OperationalError("the LISTEN connection closed")
             except (psycopg.Error, StoreUnavailable, OSError) as exc:
-                log.warning("LISTEN connection to %s lost (%s); reconnecting in %.1fs",
-                            self.where, _first_line(exc), delay)
+                log.warning(
+                    "LISTEN connection to %s lost (%s); reconnecting in %.1fs",
+                    self.where,
+                    _first_line(exc),
+                    delay,
+                )
             finally:
                 self.listening = False
                 if conn is not None:
@@ -891,9 +971,7 @@ class PostgresBackend:
 
         return await self._pool.run(op)
 
-    async def list(
-        self, *, status: Status | None, limit: int, before: int | None = None
-    ) -> Rows:
+    async def list(self, *, status: Status | None, limit: int, before: int | None = None) -> Rows:
         sql, args = list_query(_SELECT, status=status, before=before, mark="%s")
 
         def op(conn: psycopg.Connection[Any]) -> Rows:
@@ -920,8 +998,11 @@ class PostgresBackend:
 
         def op(conn: psycopg.Connection[Any]) -> OutboxRow:
             aborted, successor = _lifecycle.requeued(
-                _locked_row(conn, row_id), now=now, new_id=new_id,
-                new_client_message_id=new_client_message_id, by=by,
+                _locked_row(conn, row_id),
+                now=now,
+                new_id=new_id,
+                new_client_message_id=new_client_message_id,
+                by=by,
             )
             found = conn.execute(insert, _columns([row_values(successor)])).fetchone()
             assert found is not None  # a fresh client_message_id

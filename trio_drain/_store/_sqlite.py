@@ -71,9 +71,7 @@ from ._base import (
 T = TypeVar("T")
 
 _SELECT = "SELECT " + ", ".join(COLUMNS) + " FROM outbox"
-_INSERT = (
-    "INSERT INTO outbox (" + ", ".join(COLUMNS) + ") VALUES (" + ", ".join("?" * len(COLUMNS)) + ")"
-)
+_INSERT = "INSERT INTO outbox (" + ", ".join(COLUMNS) + ") VALUES (" + ", ".join("?" * len(COLUMNS)) + ")"
 # New rows bind only the columns they set (the rest default to NULL).
 _INSERT_NEW = (
     "INSERT INTO outbox (" + ", ".join(NEW_COLUMNS) + ") VALUES (" + ", ".join("?" * len(NEW_COLUMNS)) + ")"
@@ -219,9 +217,7 @@ def _route_clause(exclude: RouteFilter) -> tuple[str, list[Any]]:
         params.extend(sorted(exclude.sessions))
     if exclude.meshes:
         marks = ", ".join("?" * len(exclude.meshes))
-        parts.append(
-            f"(sender_session_pubkey IS NOT NULL OR mesh IS NULL OR mesh NOT IN ({marks}))"
-        )
+        parts.append(f"(sender_session_pubkey IS NOT NULL OR mesh IS NULL OR mesh NOT IN ({marks}))")
         params.extend(sorted(exclude.meshes))
     if exclude.null_mesh:
         parts.append("(sender_session_pubkey IS NOT NULL OR mesh IS NOT NULL)")
@@ -291,9 +287,20 @@ def _complete(conn: sqlite3.Connection, completions: Sequence[Completion]) -> Ap
     """
     applied: list[bool] = []
     for start in range(0, len(completions), _COMPLETE_CHUNK):
-        chunk = completions[start:start + _COMPLETE_CHUNK]
-        values = [(c.status.value, c.attempts, c.next_attempt_at, c.last_error, c.delivered_at,
-                   c.broker_message_id, c.row_id, c.lease_token) for c in chunk]
+        chunk = completions[start : start + _COMPLETE_CHUNK]
+        values = [
+            (
+                c.status.value,
+                c.attempts,
+                c.next_attempt_at,
+                c.last_error,
+                c.delivered_at,
+                c.broker_message_id,
+                c.row_id,
+                c.lease_token,
+            )
+            for c in chunk
+        ]
         conn.execute("SAVEPOINT complete")
         before = conn.total_changes
         conn.execute(_complete_many_sql(len(chunk)), [v for row in values for v in row])
@@ -421,7 +428,11 @@ class _GroupCommitter:
         self.joint_operations = 0  # operations that ran as part of a joint statement
 
     async def submit(
-        self, fn: Callable[[sqlite3.Connection], T], *, durable: bool, joint: _Joint | None = None,
+        self,
+        fn: Callable[[sqlite3.Connection], T],
+        *,
+        durable: bool,
+        joint: _Joint | None = None,
         bare: bool = False,
     ) -> T:
         await trio.lowlevel.checkpoint_if_cancelled()
@@ -630,7 +641,7 @@ class _Insert:
         holders: dict[str, OutboxRow] = {}
         ids = list(dict.fromkeys(r.client_message_id for r in self.rows))
         for start in range(0, len(ids), 500):
-            chunk = ids[start:start + 500]
+            chunk = ids[start : start + 500]
             marks = ", ".join("?" * len(chunk))
             for found in conn.execute(_SELECT + f" WHERE client_message_id IN ({marks})", chunk):
                 holder = row_from_values(found)
@@ -638,10 +649,14 @@ class _Insert:
         outcomes = []
         for row in self.rows:
             holder = holders[row.client_message_id]
-            outcomes.append(_lifecycle.decide_accept(
-                None if holder.id == row.id else holder, client_message_id=row.client_message_id,
-                fingerprint=row.request_fingerprint, new_row_id=row.id,
-            ))
+            outcomes.append(
+                _lifecycle.decide_accept(
+                    None if holder.id == row.id else holder,
+                    client_message_id=row.client_message_id,
+                    fingerprint=row.request_fingerprint,
+                    new_row_id=row.id,
+                )
+            )
         return outcomes
 
     @staticmethod
@@ -658,9 +673,12 @@ class _Insert:
 
 
 def _all_inserted(rows: Sequence[NewRow]) -> Outcomes:
-    return [_lifecycle.decide_accept(None, client_message_id=r.client_message_id,
-                                     fingerprint=r.request_fingerprint, new_row_id=r.id)
-            for r in rows]
+    return [
+        _lifecycle.decide_accept(
+            None, client_message_id=r.client_message_id, fingerprint=r.request_fingerprint, new_row_id=r.id
+        )
+        for r in rows
+    ]
 
 
 # -- the back end ------------------------------------------------------------------
@@ -769,7 +787,13 @@ class SqliteBackend:
     # -- the worker's side
 
     async def claim(
-        self, *, now: int, limit: int, lease_ms: int, max_age_ms: int, token: str,
+        self,
+        *,
+        now: int,
+        limit: int,
+        lease_ms: int,
+        max_age_ms: int,
+        token: str,
         exclude: RouteFilter = NO_FILTER,
     ) -> Rows:
         claim = _claim_statement(now, limit, lease_ms, max_age_ms, token, exclude)
@@ -786,8 +810,15 @@ class SqliteBackend:
         return await self._write(op, durable=False)
 
     async def complete_and_claim(
-        self, completions: Sequence[Completion], *, now: int, limit: int, lease_ms: int, max_age_ms: int,
-        token: str, exclude: RouteFilter = NO_FILTER,
+        self,
+        completions: Sequence[Completion],
+        *,
+        now: int,
+        limit: int,
+        lease_ms: int,
+        max_age_ms: int,
+        token: str,
+        exclude: RouteFilter = NO_FILTER,
     ) -> tuple[Applied, Rows]:
         claim = _claim_statement(now, limit, lease_ms, max_age_ms, token, exclude)
 
@@ -801,7 +832,9 @@ class SqliteBackend:
     ) -> int:
         expired = "status = 'inflight' AND (lease_expires_at IS NULL OR lease_expires_at <= ?)"
         # The state machine's two answers, at the attempt cap and below it.
-        fates = [(_lifecycle.on_lease_expired(unknown_fate=unknown_fate, at_cap=cap), cap) for cap in (True, False)]
+        fates = [
+            (_lifecycle.on_lease_expired(unknown_fate=unknown_fate, at_cap=cap), cap) for cap in (True, False)
+        ]
 
         def op(conn: sqlite3.Connection) -> int:
             moved = 0
@@ -811,8 +844,13 @@ class SqliteBackend:
                     f"UPDATE outbox SET status = ?, last_error = ?, next_attempt_at = {due},"
                     f" lease_token = NULL, lease_expires_at = NULL WHERE {expired}"
                     + (" AND attempts >= ?" if at_cap else ""),
-                    (status.value, error, *([now] if status is Status.PENDING else []), now,
-                     *([max_attempts] if at_cap else [])),
+                    (
+                        status.value,
+                        error,
+                        *([now] if status is Status.PENDING else []),
+                        now,
+                        *([max_attempts] if at_cap else []),
+                    ),
                 ).rowcount
             return moved
 
@@ -828,14 +866,11 @@ class SqliteBackend:
 
         return await self._write(op, durable=False)
 
-    async def next_due_at(
-        self, *, now: int, max_age_ms: int, exclude: RouteFilter = NO_FILTER
-    ) -> int | None:
+    async def next_due_at(self, *, now: int, max_age_ms: int, exclude: RouteFilter = NO_FILTER) -> int | None:
         clause, params = _route_clause(exclude)
         sql = (
             "SELECT next_attempt_at FROM outbox INDEXED BY outbox_due"
-            " WHERE status = 'pending' AND enqueued_at >= ?" + clause
-            + " ORDER BY next_attempt_at LIMIT 1"
+            " WHERE status = 'pending' AND enqueued_at >= ?" + clause + " ORDER BY next_attempt_at LIMIT 1"
         )
 
         def op(conn: sqlite3.Connection) -> int | None:
@@ -860,16 +895,12 @@ class SqliteBackend:
 
     async def get_by_client_id(self, client_message_id: str) -> OutboxRow | None:
         def op(conn: sqlite3.Connection) -> OutboxRow | None:
-            found = conn.execute(
-                _SELECT + " WHERE client_message_id = ?", (client_message_id,)
-            ).fetchone()
+            found = conn.execute(_SELECT + " WHERE client_message_id = ?", (client_message_id,)).fetchone()
             return None if found is None else row_from_values(found)
 
         return await self._read(op)
 
-    async def list(
-        self, *, status: Status | None, limit: int, before: int | None = None
-    ) -> Rows:
+    async def list(self, *, status: Status | None, limit: int, before: int | None = None) -> Rows:
         sql, args = list_query(_SELECT, status=status, before=before, mark="?")
 
         def op(conn: sqlite3.Connection) -> Rows:
@@ -899,8 +930,11 @@ class SqliteBackend:
     ) -> OutboxRow:
         def op(conn: sqlite3.Connection) -> OutboxRow:
             aborted, successor = _lifecycle.requeued(
-                self._locked_row(conn, row_id), now=now, new_id=new_id,
-                new_client_message_id=new_client_message_id, by=by,
+                self._locked_row(conn, row_id),
+                now=now,
+                new_id=new_id,
+                new_client_message_id=new_client_message_id,
+                by=by,
             )
             conn.execute(_INSERT, row_values(successor))
             write_aborted(conn, aborted, mark="?")
