@@ -14,7 +14,7 @@ import pytest
 
 from trio_drain._identity import generate_secret_key
 
-from .procs import assert_clean_error, counts, run, start_broker, start_run, wait_for_done, write_config
+from .procs import CLI, assert_clean_error, counts, run, start_broker, start_run, wait_for_done, write_config
 
 
 def test_version() -> None:
@@ -214,3 +214,23 @@ def test_json_logs_are_one_object_per_line_and_hold_no_secret(tmp_path: Path) ->
     entries = [json.loads(line) for line in lines]
     assert all({"ts", "level", "logger", "msg"} <= set(e) for e in entries)
     assert secret not in err and secret[:64] not in err
+
+
+def test_unknown_keys_in_a_mesh_table_are_a_config_error(tmp_path: Path) -> None:
+    db = tmp_path / "o.db"
+    run("send", "--db", str(db), "--mesh", "alpha", "--to", "*", "x")
+    config = write_config(tmp_path / "c.toml", "ws://127.0.0.1:1/ws", generate_secret_key())
+    config.write_text(config.read_text() + 'brokr_url = "typo"\n')
+    assert_clean_error(run("run", "--db", str(db), "--config", str(config)), 2, "unknown key(s) brokr_url")
+
+
+def test_a_reader_that_goes_away_is_no_traceback(tmp_path: Path) -> None:
+    db = tmp_path / "o.db"
+    run("send", "--db", str(db), "--mesh", "alpha", "--to", "*", "--client-id", "only", "x")
+    lister = subprocess.Popen(
+        [*CLI, "outbox", "list", "--db", str(db)], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    assert lister.stdout is not None
+    lister.stdout.close()  # as `| head` does, before the command writes
+    _, err = lister.communicate(timeout=60)
+    assert b"Traceback" not in err and lister.returncode == 1, err

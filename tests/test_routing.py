@@ -170,3 +170,13 @@ def test_brokers_removed_from_the_registry_stop_waking_it_and_are_not_kept() -> 
     assert wakes, "still registered as mesh alpha"
     reg.remove_mesh("alpha")
     assert not mesh._listeners
+
+
+def test_a_broker_replaced_under_its_key_drops_the_registrys_listener() -> None:
+    reg, first, second = BrokerRegistry(), FakeBroker(), FakeBroker()
+    reg.set_mesh("alpha", first)
+    reg.set_mesh("alpha", second)
+    assert not first._listeners and len(second._listeners) == 1
+    reg.set_session(SESSION, first)
+    reg.set_session(SESSION, second)
+    assert not first._listeners and len(second._listeners) == 1, "one listener however often it is registered"

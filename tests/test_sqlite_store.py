@@ -664,3 +664,20 @@ async def test_callers_of_a_batch_that_fails_as_a_whole_each_get_an_exception_of
         assert len({id(r) for r in results}) == 5
         assert all(isinstance(r.__cause__, sqlite3.OperationalError) for r in results)
         assert (await ob.accept(req("m-0"))).inserted  # nothing was consumed
+
+
+async def test_an_operation_outside_a_transaction_cannot_leave_one_open_or_a_stale_durability(
+    db_path: Path,
+) -> None:
+    from trio_drain import SendRequest, StoreError, open_outbox
+    from trio_drain._store._sqlite import SqliteBackend
+
+    async with open_outbox(db_path) as ob:
+        backend = ob.backend
+        assert isinstance(backend, SqliteBackend)
+        with pytest.raises(StoreError, match="left one open"):
+            await backend.on_writer(lambda conn: conn.execute("BEGIN"))
+        await backend.on_writer(lambda conn: conn.execute("PRAGMA synchronous = OFF"))
+        # The writer still works, and a durable accept sets FULL again.
+        assert (await ob.accept(SendRequest(mesh="a", target_spec="*", payload=b"x"))).inserted
+        assert await backend.on_writer(lambda conn: conn.execute("PRAGMA synchronous").fetchone()[0]) == 2

@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 import tempfile
+import threading
 import tomllib
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
@@ -112,6 +113,9 @@ class _TextFormatter(logging.Formatter):
     def formatMessage(self, record: logging.LogRecord) -> str:
         return visible(super().formatMessage(record))
 
+    def formatException(self, ei: Any) -> str:
+        return "\n".join(visible(line) for line in super().formatException(ei).splitlines())
+
 
 class _JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
@@ -148,6 +152,9 @@ def _existing_db(db: str) -> str:
     return db
 
 
+_MESH_KEYS = frozenset({"slug", "mesh_id", "member_id", "broker_url", "secret_key", "secret_key_file"})
+
+
 def _load_config(path: str) -> tuple[DrainConfig, list[dict[str, Any]]]:
     try:
         data = tomllib.loads(Path(path).read_text())
@@ -170,6 +177,11 @@ def _load_config(path: str) -> tuple[DrainConfig, list[dict[str, Any]]]:
     for m in meshes:
         if not isinstance(m, dict):
             raise ConfigError("config: each [[mesh]] must be a table")
+        unknown = sorted(set(m) - _MESH_KEYS)
+        if unknown:
+            raise ConfigError(
+                f"config: [[mesh]] {m.get('slug', '?')}: unknown key(s) {', '.join(map(str, unknown))}"
+            )
         missing = [
             k
             for k in ("slug", "mesh_id", "member_id", "broker_url")
@@ -203,9 +215,10 @@ class _Signals:
     graceful stop, a second exits at once (rows still in flight come back
     through their lease)."""
 
-    def __init__(self) -> None:
+    def __init__(self, shutdown_timeout: float) -> None:
         self.received = trio.Event()
         self.name = ""
+        self.shutdown_timeout = shutdown_timeout
 
     async def watch(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -214,6 +227,7 @@ class _Signals:
                 if not self.received.is_set():
                     self.name = signal.Signals(signum).name
                     self.received.set()
+                    self._watchdog()
                     continue
                 sys.stderr.write(
                     "trio-drain: interrupted again; exiting at once"
@@ -222,23 +236,44 @@ class _Signals:
                 sys.stderr.flush()
                 os._exit(EXIT_INTERRUPTED)
 
+    def _watchdog(self) -> None:
+        """Whatever a broker, a disk or a database server does while we
+        stop, the process is gone shortly after `shutdown_timeout`: a
+        thread, since the Trio loop is what could be stuck."""
+
+        def expire() -> None:
+            sys.stderr.write(
+                f"trio-drain: not stopped {self.shutdown_timeout + _WATCHDOG_GRACE:g}s after the signal;"
+                " exiting (rows in flight come back when their lease ends)\n"
+            )
+            sys.stderr.flush()
+            os._exit(EXIT_RUNTIME)
+
+        timer = threading.Timer(self.shutdown_timeout + _WATCHDOG_GRACE, expire)
+        timer.daemon = True
+        timer.start()
+
+
+#: How long past `shutdown_timeout` the watchdog lets a stopping `run` live.
+_WATCHDOG_GRACE = 2.0
+
 
 # -- commands --------------------------------------------------------------------------
 
 
 async def cmd_run(args: argparse.Namespace) -> int:
     config, meshes = _load_config(args.config)
-    signals = _Signals()
+    signals = _Signals(config.shutdown_timeout)
     async with trio.open_nursery() as outer:
-        await outer.start(signals.watch)
+        await outer.start(signals.watch)  # to the end: a second signal always exits at once
         async with open_outbox(_existing_db(args.db)) as outbox:
             stopped = await _drain_until_signal(outbox, config, meshes, signals)
+            if stopped:
+                log.warning("stopped; outbox now %s", await outbox.counts())
         outer.cancel_scope.cancel()
     if not stopped:
         sys.stderr.write("trio-drain: interrupted before draining began\n")
         return EXIT_INTERRUPTED
-    counts = await _counts_after(args.db)
-    log.warning("stopped; outbox now %s", counts)
     return 0
 
 
@@ -309,11 +344,6 @@ _HAND_BACK_RESERVE = 0.5
 async def _cancel_on(event: trio.Event, scope: trio.CancelScope) -> None:
     await event.wait()
     scope.cancel()
-
-
-async def _counts_after(db: str) -> dict[str, int]:
-    async with open_outbox(db) as outbox:
-        return await outbox.counts()
 
 
 async def cmd_send(args: argparse.Namespace) -> int:
@@ -698,6 +728,11 @@ def _fail_for(exc: BaseException) -> NoReturn:
     leaves = _leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc]
     if any(isinstance(leaf, KeyboardInterrupt) for leaf in leaves):
         _fail("interrupted", EXIT_INTERRUPTED)
+    if any(isinstance(leaf, BrokenPipeError) for leaf in leaves):
+        # The reader went away (`| head`): nothing to say, and nowhere to say
+        # it; keep the interpreter's own flush at exit quiet too.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise SystemExit(EXIT_RUNTIME)
     for leaf in leaves:
         if isinstance(leaf, SystemExit):
             raise leaf

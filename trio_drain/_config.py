@@ -74,7 +74,9 @@ class DrainConfig:
             with last_error ``unknown_fate: <why>`` for an operator to
             check and requeue. Choose ``"dead"`` for a broker that does not
             dedupe (the seed's real broker), where a resend is delivered
-            twice if the first send had arrived.
+            twice if the first send had arrived. After a crash (or a second
+            signal) the store cannot tell a row that left from one claimed
+            but not yet sent: under ``"dead"`` both go dead for review.
     """
 
     max_inflight: int = attrs.field(default=64, validator=_positive_int)

@@ -24,6 +24,7 @@ async def run_demo(*, db: str, messages: int, max_inflight: int, progress: bool)
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
     from rich.table import Table
+    from rich.text import Text
 
     console = Console()
     async with trio.open_nursery() as nursery:
@@ -99,6 +100,6 @@ async def run_demo(*, db: str, messages: int, max_inflight: int, progress: bool)
     table.add_row("drained in", f"{seconds:.2f} s")
     table.add_row("messages/s", f"{messages / max(seconds, 1e-9):,.0f}")
     table.add_row("retried", f"{stats.retried:,}")
-    table.add_row("outbox", db)
+    table.add_row("outbox", Text(db))  # a path is not markup
     console.print(table)
     return 0 if counts["done"] == messages else 1

@@ -120,6 +120,9 @@ class RoutePacer:
     #: Slow start's cap on unanswered sends; None once it is over.
     cap: int | None = attrs.field(default=None, init=False)
     refusals: int = attrs.field(default=0, init=False)
+    #: Sends of the routes paced by this pacer that await an answer (kept by
+    #: the worker; slow start compares it with `cap`).
+    unanswered: int = attrs.field(default=0, init=False)
     _ceiling: float = attrs.field(default=math.inf, init=False)
     _burst: float = attrs.field(default=math.inf, init=False)
     _tokens: float = attrs.field(default=0.0, init=False)

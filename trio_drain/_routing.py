@@ -227,7 +227,10 @@ class BrokerRegistry:
         one) through `broker`."""
         if not isinstance(slug, str) or not slug:
             raise ValueError("mesh slug must be a non-empty string")
+        replaced = self._meshes.get(slug)
         self._meshes[slug] = broker
+        if replaced is not None and replaced is not broker:
+            self._unsubscribe(replaced)
         self._subscribe(broker)
         self._changed()
 
@@ -242,7 +245,10 @@ class BrokerRegistry:
         hex) through `broker`, and only through it."""
         if not isinstance(session_pubkey, str) or not _HEX64.fullmatch(session_pubkey.lower()):
             raise ValueError("session public key must be 64 hex characters")
+        replaced = self._sessions.get(session_pubkey.lower())
         self._sessions[session_pubkey.lower()] = broker
+        if replaced is not None and replaced is not broker:
+            self._unsubscribe(replaced)
         self._subscribe(broker)
         self._changed()
 

@@ -167,20 +167,19 @@ class _Delivery:
         self.gate: _Gate | None = None  # its route's pacing, once routed
         self.route: Ready | None = None
         self.held_since = math.inf  # waiting for its route's slow start (trio time)
-        self.counted = False  # in its gate's in_flight (from _send until settled)
+        self.counted = False  # in its pacer's unanswered count (from _send until settled)
 
 
 class _Gate:
     """One route's pacing: its pacer, its unanswered sends, and the rows
     claimed for it that wait for slow start to let them go."""
 
-    __slots__ = ("held", "in_flight", "key", "last_claim", "maybe_more", "name", "pacer")
+    __slots__ = ("held", "key", "last_claim", "maybe_more", "name", "pacer")
 
     def __init__(self, name: str, key: RouteKey, pacer: RoutePacer) -> None:
         self.name = name
         self.key = key
         self.pacer = pacer
-        self.in_flight = 0
         self.held: collections.deque[_Delivery] = collections.deque()
         self.maybe_more = True  # rows of this route may be due (paced routes)
         self.last_claim = -math.inf  # trio time of its last claim of its own
@@ -491,12 +490,12 @@ class DrainWorker:
         for key in list(self._blocked):
             if not self.registry.route_unavailable(*key):
                 name = self._blocked.pop(key)
-                log.info("route %s is back; resuming its rows", name)
+                log.warning("route %s is back; resuming its rows", visible(name))
 
     def _block(self, route: Unavailable) -> None:
         key = (route.kind, route.key)
         if key not in self._blocked:
-            log.info("route %s is not open; leaving its rows until it is", route.name)
+            log.warning("route %s is down; leaving its rows until it is back", visible(route.name))
             self._blocked[key] = route.name
 
     def _claim_terms(self, limit: int, *, only: RouteKey | None = None) -> dict[str, Any]:
@@ -550,6 +549,10 @@ class DrainWorker:
         unheld, self._unheld = self._unheld, set()
         for gate in unheld:
             self._release_held(gate)
+            if not gate.held and not self._stopping:
+                # Its rows were left out of claims while it held some: look
+                # again now, not at the next poll.
+                self.wake()
         deliveries = self._claimed(rows, freed)
         if self._stopping:  # nothing leaves: straight back, attempts returned
             self._hand_back(deliveries)
@@ -584,7 +587,7 @@ class DrainWorker:
         gate = self._gate(route)
         delivery.gate, delivery.route, delivery.route_name = gate, route, route.name
         now = trio.current_time()
-        if not gate.held and gate.pacer.may_send(gate.in_flight, now):
+        if not gate.held and gate.pacer.may_send(gate.pacer.unanswered, now):
             self._send(delivery, tasks, deadline)
         elif gate.pacer.paced:  # claimed just before its route was paced: its turn comes unclaimed
             self._pace_back(delivery, gate, "route_paced")
@@ -613,7 +616,7 @@ class DrainWorker:
         now = trio.current_time()
         delivery.sent_at, delivery.held_since = now, math.inf
         delivery.counted = True
-        gate.in_flight += 1
+        gate.pacer.unanswered += 1
         gate.pacer.took(now)
         message = outgoing_message(delivery.row)
         start_send = getattr(route.broker, "start_send", None)
@@ -651,7 +654,7 @@ class DrainWorker:
             return
         except Exception as exc:  # a broker bug must not kill the worker
             log.exception("broker %s raised while sending %s", route.name, message.client_message_id)
-            result = SendResult.no_answer(f"send_failed: {type(exc).__name__}: {exc}")
+            result = SendResult.no_answer(bounded(f"send_failed: {type(exc).__name__}: {exc}"))
         self._on_result(delivery, result)
 
     def _on_result(self, delivery: _Delivery, result: SendResult) -> None:
@@ -717,8 +720,9 @@ class DrainWorker:
                 bounded(text, 120),
                 gate.pacer.rate,
             )
-            while gate.held:  # slow start is over: they wait their turn unclaimed
-                self._pace_back(gate.held.popleft(), gate, "route_paced")
+            for sibling in self._gates.values():  # slow start is over: they wait their turn unclaimed
+                while sibling.pacer is gate.pacer and sibling.held:
+                    self._pace_back(sibling.held.popleft(), sibling, "route_paced")
         self._pace_back(delivery, gate, text)
 
     def _pace_back(self, delivery: _Delivery, gate: _Gate, error: str) -> None:
@@ -737,7 +741,7 @@ class DrainWorker:
             return
         now = trio.current_time()
         deadline = now + self.config.ack_timeout
-        while gate.held and gate.pacer.may_send(gate.in_flight, now):
+        while gate.held and gate.pacer.may_send(gate.pacer.unanswered, now):
             delivery = gate.held.popleft()
             if delivery in self._out:
                 self._send(delivery, tasks, deadline)
@@ -799,7 +803,7 @@ class DrainWorker:
         if delivery.counted:
             delivery.counted = False
             assert delivery.gate is not None
-            delivery.gate.in_flight -= 1
+            delivery.gate.pacer.unanswered -= 1
         if not self._out and self._stop_requested:
             self._idle.set()
         self._completer.submit(

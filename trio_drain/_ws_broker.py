@@ -362,7 +362,7 @@ class WebSocketBroker:
                 if frame is None:
                     continue
                 if frame.get("type") == "hello_ack":
-                    self.presence_id = str(frame.get("presenceId", ""))
+                    self.presence_id = bounded(str(frame.get("presenceId", "")), 80)
                     return
                 if frame.get("type") == "error":
                     code, message = (

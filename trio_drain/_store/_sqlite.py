@@ -411,7 +411,7 @@ class _GroupCommitter:
     def __init__(self, conn: sqlite3.Connection, *, durable: bool) -> None:
         self._conn = conn
         self._durable = durable  # whether the connection may fsync at all
-        self._synchronous = "FULL" if durable else "NORMAL"
+        self._synchronous: str | None = "FULL" if durable else "NORMAL"
         self._queue: list[_Op[Any]] = []  # waiting for the next batch
         self._running: list[_Op[Any]] | None = None  # the batch on the writer thread
         self._closed = False
@@ -529,11 +529,17 @@ class _GroupCommitter:
 
     def _run_bare(self, ops: list[_Op[Any]]) -> None:
         """Operations that run outside any transaction, each alone."""
+        conn = self._conn
         for op in ops:
             try:
-                op.value = op.fn(self._conn)
+                op.value = op.fn(conn)
             except Exception as exc:
                 op.error = _translate(exc) if isinstance(exc, sqlite3.Error) else exc
+            if conn.in_transaction:  # it began one: the writer's batches need it closed
+                conn.rollback()
+                op.value, op.error = None, StoreError("an operation outside a transaction left one open")
+        if ops:
+            self._synchronous = None  # it may have changed it: set it again before the next batch
 
     def _run_batch(self, batch: list[_Op[Any]]) -> None:
         """Run `batch` in one transaction. An operation that fails gets its
