@@ -584,11 +584,15 @@ class DrainWorker:
             )
             self._settle(delivery, completion, _Settled.RESULT, route.name)
             return
-        gate = self._gate(route)
+        gate = self._gates.get((route.kind, route.key)) or self._gate(route)
         delivery.gate, delivery.route, delivery.route_name = gate, route, route.name
-        now = trio.current_time()
-        if not gate.held and gate.pacer.may_send(gate.pacer.unanswered, now):
-            self._send(delivery, tasks, deadline)
+        now = deadline - self.config.ack_timeout  # when this batch was launched
+        pacer = gate.pacer
+        # The common case first, inline: an unpaced route past slow start.
+        if not gate.held and (
+            (pacer.rate is None and pacer.cap is None) or pacer.may_send(pacer.unanswered, now)
+        ):
+            self._send(delivery, tasks, deadline, now)
         elif gate.pacer.paced:  # claimed just before its route was paced: its turn comes unclaimed
             self._pace_back(delivery, gate, "route_paced")
         else:  # slow start: it goes as answers come back
@@ -608,12 +612,11 @@ class DrainWorker:
             gate = self._gates[key] = _Gate(route.name, key, pacer)
         return gate
 
-    def _send(self, delivery: _Delivery, tasks: trio.Nursery, deadline: float) -> None:
+    def _send(self, delivery: _Delivery, tasks: trio.Nursery, deadline: float, now: float) -> None:
         """Hand a routed row to its broker. It counts against its route's
         pacing from here, whether it leaves now or from a task."""
         route, gate = delivery.route, delivery.gate
         assert route is not None and gate is not None
-        now = trio.current_time()
         delivery.sent_at, delivery.held_since = now, math.inf
         delivery.counted = True
         gate.pacer.unanswered += 1
@@ -744,7 +747,7 @@ class DrainWorker:
         while gate.held and gate.pacer.may_send(gate.pacer.unanswered, now):
             delivery = gate.held.popleft()
             if delivery in self._out:
-                self._send(delivery, tasks, deadline)
+                self._send(delivery, tasks, deadline, now)
 
     def _give_back(self, delivery: _Delivery, route: Unavailable) -> None:
         self._block(route)
