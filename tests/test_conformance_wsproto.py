@@ -156,6 +156,11 @@ def check(wire: bytes, cuts: list[int], *, client: bool) -> None:
     events = mine[0]
     if events and events[-1][:2] == ("close", 1014) and wsproto_s[1] == CloseReason.PROTOCOL_ERROR:
         return  # 1014 (bad gateway) is a valid code that wsproto does not know
+    if mine[1] == 1009 and mine[0] == wsproto_s[0]:
+        # A declared length past our limit (2**62 here) fails at once, 1009;
+        # wsproto has no limit and reads on into the payload, where it may
+        # fail for another reason (say 1007, its first bytes not UTF-8).
+        return
     assert agree(mine, wsproto_s), f"ours: {mine!r}\nwsproto: {wsproto_s!r}"
 
 
