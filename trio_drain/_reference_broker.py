@@ -41,7 +41,7 @@ from ._clock import wall_clock_ms
 from ._errors import ConfigError, StoreError
 from ._ids import random_uuid
 from ._routing import encode_json, json_string
-from ._store._sqlite import _GroupCommitter
+from ._store._group_commit import GroupCommitter
 from ._transport import ServerConnection, TransportClosed, serve_websocket
 from ._validate import js_length
 from ._ws_broker import MAX_FRAME, parse_frame
@@ -189,7 +189,7 @@ class _Ledger:
         # Acceptances still being written: a resend of one must wait for it,
         # or we would ack a duplicate of something a crash could forget.
         self.unwritten: dict[tuple[str, str], trio.Event] = {}
-        self._committer: _GroupCommitter | None = None
+        self._committer: GroupCommitter | None = None
         if path is not None:
             conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
             conn.execute("PRAGMA journal_mode = WAL")
@@ -206,7 +206,7 @@ class _Ledger:
             ):
                 self.entries[(mesh, cid)] = (fp, mid)
                 self.copies[(mesh, cid)] = copies
-            self._committer = _GroupCommitter(conn, durable=False)
+            self._committer = GroupCommitter(conn, durable=False)
 
     @property
     def persistent(self) -> bool:
