@@ -35,7 +35,7 @@ from trio_drain import (
 from trio_drain._cli import _load_config
 from trio_drain._identity import generate_secret_key
 from trio_drain._outbox import Outbox
-from trio_drain._ws_broker import classify_ack, parse_frame
+from trio_drain._wire import classify_ack, parse_frame
 
 from .helpers import TrioPortal, websocket_client
 

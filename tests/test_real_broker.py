@@ -39,8 +39,7 @@ from trio_drain._clock import wall_clock_ms
 from trio_drain._crashpoints import ENV
 from trio_drain._identity import public_key_hex
 from trio_drain._reference_broker import BrokerServer, RateLimit
-from trio_drain._routing import SendResult
-from trio_drain._ws_broker import classify_ack
+from trio_drain._wire import SendResult, classify_ack
 
 from . import procs
 from .helpers import wait_until, websocket_client

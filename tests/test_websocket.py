@@ -35,7 +35,7 @@ from trio_drain import (
 )
 from trio_drain._identity import public_key_hex
 from trio_drain._transport import TRANSPORTS
-from trio_drain._ws_broker import classify_ack
+from trio_drain._wire import classify_ack
 
 from .helpers import wait_until, websocket_client
 from .proxy import FaultProxy
@@ -745,7 +745,7 @@ async def test_a_wrong_accept_key_is_a_refusal_over_trio_websocket_too(trio_webs
 )
 def test_the_reference_brokers_acks_are_the_json_its_encoder_writes(frame: dict[str, Any]) -> None:
     from trio_drain._reference_broker import _encode_ack
-    from trio_drain._routing import encode_json
+    from trio_drain._wire import encode_json
 
     assert _encode_ack(frame) == encode_json(frame)
     assert json.loads(_encode_ack(frame)) == frame

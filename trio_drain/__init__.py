@@ -36,11 +36,11 @@ from ._reference_broker import Faults as Faults
 from ._reference_broker import serve_broker as serve_broker
 from ._routing import Broker as Broker
 from ._routing import BrokerRegistry as BrokerRegistry
-from ._routing import OutgoingMessage as OutgoingMessage
 from ._routing import PipelinedBroker as PipelinedBroker
 from ._routing import SendHandle as SendHandle
-from ._routing import SendResult as SendResult
 from ._version import __version__ as __version__
+from ._wire import OutgoingMessage as OutgoingMessage
+from ._wire import SendResult as SendResult
 from ._worker import DrainWorker as DrainWorker
 from ._worker import RouteStatistics as RouteStatistics
 from ._worker import WorkerStatistics as WorkerStatistics

@@ -40,11 +40,10 @@ from . import _identity
 from ._clock import wall_clock_ms
 from ._errors import ConfigError, StoreError
 from ._ids import random_uuid
-from ._routing import encode_json, json_string
 from ._store._group_commit import GroupCommitter
 from ._transport import ServerConnection, TransportClosed, serve_websocket
 from ._validate import js_length
-from ._ws_broker import MAX_FRAME, parse_frame
+from ._wire import MAX_FRAME, encode_json, json_string, parse_frame
 
 log = logging.getLogger("trio_drain.reference_broker")
 

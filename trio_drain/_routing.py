@@ -13,115 +13,16 @@ A row goes out through exactly one broker connection, chosen in this order
 
 from __future__ import annotations
 
-import base64
-import json
 import re
 from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
 import attrs
 
-from ._ids import random_bytes
 from ._model import OutboxRow
+from ._wire import OutgoingMessage, SendResult
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
-# One compact encoder, built once: json.dumps with non-default separators
-# builds a new encoder on every call, which shows on the send path.
-encode_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
-# A JSON string literal, quotes included, escaped as encode_json escapes it.
-json_string: Callable[[str], str] = (
-    getattr(json.encoder, "c_encode_basestring", None) or json.encoder.py_encode_basestring
-)
-_SEND_TEMPLATE = (
-    '{"type":"send","id":%s,"client_message_id":%s,"request_fingerprint":%s,"targetSpec":%s,'
-    '"priority":%s,"nonce":%s,"ciphertext":%s}'
-)
-
-
-@attrs.frozen(kw_only=True)
-class OutgoingMessage:
-    """One `send` frame's worth of data (section 5 of the spec)."""
-
-    client_message_id: str
-    request_fingerprint: str  # hex
-    target_spec: str
-    priority: str
-    nonce: str
-    ciphertext: str
-
-    def to_json(self) -> str:
-        """The `send` frame as compact JSON text (the same text as
-        ``encode_json(self.to_frame())``, built from a template: this runs
-        once per row sent)."""
-        cid = json_string(self.client_message_id)
-        return _SEND_TEMPLATE % (
-            cid,
-            cid,
-            json_string(self.request_fingerprint),
-            json_string(self.target_spec),
-            json_string(self.priority),
-            json_string(self.nonce),
-            json_string(self.ciphertext),
-        )
-
-    def to_frame(self) -> dict[str, object]:
-        return {
-            "type": "send",
-            "id": self.client_message_id,
-            "client_message_id": self.client_message_id,
-            "request_fingerprint": self.request_fingerprint,
-            "targetSpec": self.target_spec,
-            "priority": self.priority,
-            "nonce": self.nonce,
-            "ciphertext": self.ciphertext,
-        }
-
-
-@attrs.frozen(kw_only=True)
-class SendResult:
-    """A broker's answer to one send.
-
-    Build with `SendResult.acked`, `failed`, `throttled` or `no_answer`.
-
-
-    Attributes:
-        ok: the broker took the message (`message_id` names it there).
-        duplicate: ... as a resend of one it already had.
-        error, code: why not, as the broker put it.
-        permanent: the broker will never take this message.
-        rate_limited: back-pressure (a rate limit, an overload), not a
-            failure: the row loses no attempt and its route is paced.
-        unanswered: no answer came (ack deadline, lost connection): the
-            frame may or may not have reached the broker.
-    """
-
-    ok: bool
-    message_id: str | None = None
-    duplicate: bool = False
-    error: str | None = None
-    code: str | None = None
-    permanent: bool = False
-    rate_limited: bool = False
-    unanswered: bool = False
-
-    @classmethod
-    def acked(cls, message_id: str, *, duplicate: bool = False) -> SendResult:
-        return cls(ok=True, message_id=message_id, duplicate=duplicate)
-
-    @classmethod
-    def failed(cls, error: str, *, permanent: bool, code: str | None = None) -> SendResult:
-        return cls(ok=False, error=error, permanent=permanent, code=code)
-
-    @classmethod
-    def throttled(cls, error: str, *, code: str | None = None) -> SendResult:
-        """The broker refused for now to protect itself: slow down, lose nothing."""
-        return cls(ok=False, error=error, code=code, rate_limited=True)
-
-    @classmethod
-    def no_answer(cls, reason: str) -> SendResult:
-        """The frame may have left, but no answer came (`ack_timeout`,
-        `broker_disconnected`): its fate at the broker is unknown."""
-        return cls(ok=False, error=reason, unanswered=True)
 
 
 @runtime_checkable
@@ -341,49 +242,3 @@ class BrokerRegistry:
         else:
             broker = next(iter(self._meshes.values())) if len(self._meshes) == 1 else None
         return broker is not None and not broker.is_open()
-
-
-_PRIORITIES = frozenset({"now", "next", "low"})
-
-
-def unsendable(row: OutboxRow) -> str | None:
-    """Why `row` can never go out, or None.
-
-    The real broker sends no answer at all to a frame its handler cannot
-    take (a priority outside the three, no target): such a frame must never
-    leave, or it would only time out and be retried until it died. Accept
-    validates new rows; this catches rows written by other software (the
-    seed's daemon's, or edited by hand).
-    """
-    if row.target_spec is not None and (row.priority or "next") not in _PRIORITIES:
-        return f"invalid_row: priority {row.priority!r} is not now, next or low"
-    if row.target_spec is not None and not row.target_spec:
-        return "invalid_row: empty target_spec"
-    return None
-
-
-def outgoing_message(row: OutboxRow) -> OutgoingMessage:
-    """The frame a row goes out as.
-
-    Rows with no target_spec (legacy rows of the seed's daemon) go out as a
-    broadcast; rows the host did not encrypt carry their payload in base64
-    with a fresh nonce; encrypted rows carry their stored nonce and
-    ciphertext.
-    """
-    if row.target_spec is None:
-        target, priority = "*", "next"
-    else:
-        target, priority = row.target_spec, row.priority or "next"
-    if row.target_spec is not None and row.ciphertext is not None and row.nonce is not None:
-        nonce, ciphertext = row.nonce, row.ciphertext
-    else:
-        nonce = base64.b64encode(random_bytes(24)).decode()
-        ciphertext = base64.b64encode(row.payload).decode()
-    return OutgoingMessage(
-        client_message_id=row.client_message_id,
-        request_fingerprint=row.request_fingerprint.hex(),
-        target_spec=target,
-        priority=priority,
-        nonce=nonce,
-        ciphertext=ciphertext,
-    )

@@ -55,18 +55,9 @@ from ._lifecycle import Completion
 from ._model import OutboxRow, Status
 from ._outbox import Outbox
 from ._pacing import RoutePacer
-from ._routing import (
-    BrokerRegistry,
-    NoBroker,
-    OutgoingMessage,
-    Ready,
-    SendHandle,
-    SendResult,
-    Unavailable,
-    outgoing_message,
-    unsendable,
-)
+from ._routing import BrokerRegistry, NoBroker, Ready, SendHandle, Unavailable
 from ._store._base import Applied, RouteFilter, RouteKey
+from ._wire import OutgoingMessage, SendResult, outgoing_message, unsendable
 
 log = logging.getLogger("trio_drain.worker")
 

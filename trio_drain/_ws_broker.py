@@ -25,7 +25,7 @@ from ._clock import wall_clock_ms
 from ._display import Throttle, bounded, quieted
 from ._errors import BrokerUnavailable, ConfigError, HandshakeError
 from ._identity import Identity, MeshIdentity
-from ._routing import OutgoingMessage, SendHandle, SendResult
+from ._routing import SendHandle
 from ._transport import (
     TRANSPORTS,
     Connection,
@@ -34,55 +34,13 @@ from ._transport import (
     TransportRejected,
     open_connection,
 )
+from ._wire import MAX_FRAME, OutgoingMessage, SendResult, classify_ack, parse_frame
 
 log = logging.getLogger("trio_drain.broker")
 
 RECONNECT_BACKOFF: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
 HELLO_TIMEOUT = 5.0
 ACK_TIMEOUT = 15.0
-MAX_FRAME = 4 * 1024 * 1024
-#: Error texts that mean "never": the real broker's acks carry no
-#: `permanent` field, so its words decide (`payload too large: ...`,
-#: `blocked by recipient grants (...)`).
-PERMANENT_TEXT = re.compile(
-    r"payload[_ ]too[_ ]large|forbidden|not_found|invalid|schema|auth|signature|blocked by recipient grants",
-    re.I,
-)
-#: Back-pressure: a rate limit or an overload is "not now", never a failure.
-RATE_LIMIT_CODES = frozenset({"rate_limit", "rate_limited", "overloaded"})
-RATE_LIMIT_TEXT = re.compile(r"rate[_ ]limit|overloaded", re.I)
-_NOT_QUEUED = "not_queued"
-
-
-def classify_ack(frame: dict[str, Any]) -> SendResult:
-    """The SendResult an `ack` frame stands for (section 5 of the spec).
-
-    An ack is an error when it carries an `error` or says `queued: false`.
-    An error is permanent if the frame says `"permanent": true`. Otherwise
-    a rate limit (`rate_limit`, `overloaded`, by code or by text) is
-    back-pressure; without a `permanent` field (the real broker) an error
-    is permanent when its text (before any parenthesis) matches
-    `PERMANENT_TEXT`; anything else is transient.
-    """
-    error = frame.get("error")
-    if not error and frame.get("queued", True) is not False:
-        return SendResult.acked(str(frame.get("messageId") or ""), duplicate=frame.get("duplicate") is True)
-    # Kept inert and bounded: it goes into last_error, logs and terminals.
-    text = bounded(str(error or _NOT_QUEUED))
-    raw_code = frame.get("code")
-    code = None if raw_code is None else bounded(str(raw_code), 64)
-    permanent = frame.get("permanent")
-    if permanent is True:  # the broker's word: never, whatever the text says
-        return SendResult.failed(text, permanent=True, code=code)
-    # The real broker adds an explanation in parentheses, which may quote
-    # the sender's own words (a target named "oauth-bot"): judge the error
-    # by what comes before it.
-    head = text.split(" (", 1)[0]
-    if code in RATE_LIMIT_CODES or RATE_LIMIT_TEXT.search(head):
-        return SendResult.throttled(text, code=code)
-    if not isinstance(permanent, bool):
-        permanent = bool(PERMANENT_TEXT.search(head))
-    return SendResult.failed(text, permanent=permanent, code=code)
 
 
 class _Waiter:
@@ -491,29 +449,3 @@ def check_broker_url(url: object) -> None:
         raise ConfigError(f"broker URL {url!r} has no host")
     if port == 0:
         raise ConfigError(f"broker URL {url!r}: port must be between 1 and 65535")
-
-
-def parse_frame(raw: str | bytes) -> dict[str, Any] | None:
-    """A text frame's JSON object, or None for anything else.
-
-    Never raises: not JSON, not an object, binary, or nested past the
-    interpreter's recursion limit (a hostile peer's cheapest trick) are all
-    just None.
-    """
-    if not isinstance(raw, str):
-        return None
-    try:
-        try:
-            frame, end = _raw_decode(raw)
-        except ValueError:  # leading whitespace, or not JSON: json.loads decides
-            end = -1
-        if end != len(raw):  # ... and on anything after the value
-            frame = json.loads(raw)
-    except (ValueError, RecursionError):
-        return None
-    return frame if isinstance(frame, dict) else None
-
-
-# `json.loads` strips whitespace with two regular expressions around the
-# decode, more than half its time on a frame this size.
-_raw_decode = json.JSONDecoder().raw_decode
