@@ -352,3 +352,33 @@ def test_send_takes_a_message_that_is_not_utf8_as_its_bytes_and_refuses_such_a_t
     )
     assert_clean_error(bad, 2, "--to is not valid UTF-8")
     assert sys.getfilesystemencoding() == "utf-8"
+
+
+def test_brokers_that_hang_at_connect_delay_the_start_once_not_once_each(tmp_path: Path) -> None:
+    """Two brokers that take TCP and never answer the upgrade hold `run`'s
+    start for one connect timeout (5 s), not one each: first attempts run
+    at once."""
+    with socket.socket() as silent_a, socket.socket() as silent_b:
+        for silent in (silent_a, silent_b):
+            silent.bind(("127.0.0.1", 0))
+            silent.listen()
+        (tmp_path / "up").mkdir()
+        up = Broker(tmp_path / "up").start()
+        db = tmp_path / "o.db"
+        fill_meshes(db, {"gamma": 50})
+        urls = {
+            "alpha": f"ws://127.0.0.1:{silent_a.getsockname()[1]}/ws",
+            "beta": f"ws://127.0.0.1:{silent_b.getsockname()[1]}/ws",
+            "gamma": up.url,
+        }
+        config = config_for(tmp_path / "c.toml", urls, generate_secret_key())
+        began = time.monotonic()
+        worker = start_run(db, config)
+        try:
+            wait_for_done(db, 50, 30, worker)
+            took = time.monotonic() - began
+            (err,) = stop_all(worker)
+        finally:
+            up.stop()
+    assert counts(db)["done"] == 50, err
+    assert took < 5 + 3, f"{took:.1f}s: the two hanging brokers were waited for one after the other"

@@ -295,26 +295,34 @@ async def _drain_until_signal(
             await worker.run(task_status=task_status)
             worker_done.set()
 
-        async def start() -> None:
-            for m in meshes:
-                identity = MeshIdentity(
-                    mesh_id=m["mesh_id"], member_id=m["member_id"], secret_key=m["secret_key"]
+        async def connect(m: dict[str, Any]) -> None:
+            """One broker's first attempt: refuse to start only if retrying
+            cannot mend it; an outage is waited out."""
+            identity = MeshIdentity(
+                mesh_id=m["mesh_id"], member_id=m["member_id"], secret_key=m["secret_key"]
+            )
+            broker = WebSocketBroker(m["broker_url"], identity)
+            await nursery.start(broker.run)
+            if broker.fatal_error is not None:
+                raise TrioDrainError(
+                    f"cannot start: the broker of mesh {m['slug']} at {m['broker_url']}: {broker.fatal_error}"
                 )
-                broker = WebSocketBroker(m["broker_url"], identity)
-                await nursery.start(broker.run)
-                if broker.fatal_error is not None:  # retrying cannot mend it
-                    raise TrioDrainError(
-                        f"cannot start: the broker of mesh {m['slug']} at {m['broker_url']}: {broker.fatal_error}"
-                    )
-                if not broker.is_open():  # an outage: normal, waited out
-                    log.warning(
-                        "the broker of mesh %s at %s is not reachable (%s); draining the other routes"
-                        " and reconnecting with backoff",
-                        m["slug"],
-                        m["broker_url"],
-                        broker.last_error,
-                    )
-                registry.set_mesh(m["slug"], broker)
+            if not broker.is_open():
+                log.warning(
+                    "the broker of mesh %s at %s is not reachable (%s); draining the other routes"
+                    " and reconnecting with backoff",
+                    m["slug"],
+                    m["broker_url"],
+                    broker.last_error,
+                )
+            registry.set_mesh(m["slug"], broker)
+
+        async def start() -> None:
+            # Every broker's first attempt at once: one that hangs until its
+            # connect timeout delays the start by that much, not by the sum.
+            async with trio.open_nursery() as attempts:
+                for m in meshes:
+                    attempts.start_soon(connect, m)
             await nursery.start(run_worker)
             log.warning("draining %s through %d mesh broker(s)", outbox.description, len(meshes))
 
