@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any, TypeVar
 
 import attrs
+import pytest
 import trio
 import trio_websocket
 
-from trio_drain import BrokerUnavailable, OutgoingMessage, SendResult
+from trio_drain import BrokerUnavailable, DrainConfig, OutgoingMessage, SendResult
 
 T = TypeVar("T")
 
@@ -155,3 +159,28 @@ async def websocket_client(url: str) -> AsyncIterator[trio_websocket.WebSocketCo
         if stream is not None:
             with trio.CancelScope(shield=True):
                 await stream.aclose()
+
+
+#: A worker config that retries and times out fast, for tests over real
+#: brokers on loopback.
+QUICK_RETRIES = DrainConfig(
+    poll_interval=0.05,
+    backoff_base=0.01,
+    backoff_cap=0.05,
+    route_retry=0.02,
+    lease=5.0,
+    ack_timeout=1.0,
+    maintenance_interval=0.2,
+)
+
+
+def self_signed_certificate(folder: Path, *, ip: str | None = None) -> tuple[Path, Path]:
+    """A self-signed certificate (for `ip`, if given) and its key, made with
+    openssl; skips the test where openssl is missing."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed: no certificate for a wss:// test")
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subject = ["-subj", f"/CN={ip or 'x'}", *(["-addext", f"subjectAltName=IP:{ip}"] if ip else [])]
+    command = ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", *subject]
+    subprocess.run([*command, "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    return cert, key

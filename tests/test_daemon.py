@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import functools
 import json
-import shutil
 import signal
 import socket
 import ssl
@@ -22,6 +21,7 @@ import trio
 from trio_drain import ConfigError, MeshIdentity, WebSocketBroker, generate_secret_key
 from trio_drain._identity import public_key_hex
 
+from .helpers import self_signed_certificate
 from .procs import CLI, Broker, assert_clean_error, counts, fill, run, start_run, stop_all, wait_for_done
 
 QUICK = {"poll_interval": 0.05, "lease": 5.0, "ack_timeout": 2.0, "maintenance_interval": 0.5}
@@ -131,30 +131,7 @@ def test_a_malformed_broker_url_is_a_config_error_in_one_line(
 @pytest.fixture
 def untrusted_certificate(tmp_path: Path) -> tuple[Path, Path]:
     """A self-signed certificate no client trusts, and its key."""
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl is not installed: no certificate for the wss:// test")
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=x",
-            "-keyout",
-            str(key),
-            "-out",
-            str(cert),
-        ],
-        check=True,
-        capture_output=True,
-    )
-    return cert, key
+    return self_signed_certificate(tmp_path)
 
 
 async def test_a_certificate_that_fails_verification_is_fatal_not_an_outage(

@@ -42,19 +42,11 @@ from trio_drain._reference_broker import BrokerServer, RateLimit
 from trio_drain._wire import SendResult, classify_ack
 
 from . import procs
-from .helpers import wait_until, websocket_client
+from .helpers import QUICK_RETRIES, wait_until, websocket_client
 
 PARENT = generate_secret_key()
 SESSION = generate_secret_key()
-FAST = DrainConfig(
-    poll_interval=0.05,
-    backoff_base=0.01,
-    backoff_cap=0.05,
-    route_retry=0.02,
-    lease=5.0,
-    ack_timeout=1.0,
-    maintenance_interval=0.2,
-)
+FAST = QUICK_RETRIES
 MODES = [None, "claudemesh"]
 
 

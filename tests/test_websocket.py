@@ -5,9 +5,7 @@ from __future__ import annotations
 import functools
 import gc
 import json
-import shutil
 import ssl
-import subprocess
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -37,21 +35,13 @@ from trio_drain._identity import public_key_hex
 from trio_drain._transport import TRANSPORTS
 from trio_drain._wire import classify_ack
 
-from .helpers import wait_until, websocket_client
+from .helpers import QUICK_RETRIES, self_signed_certificate, wait_until, websocket_client
 from .proxy import FaultProxy
 
 PARENT = generate_secret_key()
 SESSION = generate_secret_key()
 MEMBERS = {"mesh-alpha": {"member-1": public_key_hex(PARENT)}}
-FAST = DrainConfig(
-    poll_interval=0.05,
-    backoff_base=0.01,
-    backoff_cap=0.05,
-    route_retry=0.02,
-    lease=5.0,
-    ack_timeout=1.0,
-    maintenance_interval=0.2,
-)
+FAST = QUICK_RETRIES
 
 
 def mesh_identity(secret: str = PARENT, member: str = "member-1") -> MeshIdentity:
@@ -612,33 +602,8 @@ async def test_an_ack_that_never_comes_is_a_transient_ack_timeout() -> None:
 
 @pytest.fixture
 def tls_files(tmp_path: Path) -> tuple[Path, Path]:
-    """A self-signed certificate for 127.0.0.1 (openssl), and its key."""
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl is not installed: no certificate for the wss:// test")
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=127.0.0.1",
-            "-addext",
-            "subjectAltName=IP:127.0.0.1",
-            "-keyout",
-            str(key),
-            "-out",
-            str(cert),
-        ],
-        check=True,
-        capture_output=True,
-    )
-    return cert, key
+    """A self-signed certificate for 127.0.0.1, and its key."""
+    return self_signed_certificate(tmp_path, ip="127.0.0.1")
 
 
 async def test_wss_connects_and_verifies_the_certificate(tls_files: tuple[Path, Path]) -> None:
