@@ -120,6 +120,18 @@ class Completion:
     retry_in_ms: int | None = None
 
 
+def _dead(row: OutboxRow, error: str) -> Completion:
+    """The claimed row goes dead with `error`, its attempts and due time as they stand."""
+    return Completion(
+        row_id=row.id,
+        lease_token=_require_inflight(row),
+        status=Status.DEAD,
+        attempts=row.attempts,
+        next_attempt_at=row.next_attempt_at,
+        last_error=error,
+    )
+
+
 def _require_inflight(row: OutboxRow) -> str:
     if row.status is not Status.INFLIGHT or row.lease_token is None:
         raise ValueError(f"row {row.id} is not a claimed row")
@@ -146,23 +158,9 @@ def on_error(
     """The send failed: dead if permanent or at the attempt cap, else back off."""
     token = _require_inflight(row)
     if permanent:
-        return Completion(
-            row_id=row.id,
-            lease_token=token,
-            status=Status.DEAD,
-            attempts=row.attempts,
-            next_attempt_at=row.next_attempt_at,
-            last_error=error,
-        )
+        return _dead(row, error)
     if row.attempts >= policy.max_attempts:
-        return Completion(
-            row_id=row.id,
-            lease_token=token,
-            status=Status.DEAD,
-            attempts=row.attempts,
-            next_attempt_at=row.next_attempt_at,
-            last_error=f"max_attempts: {error}",
-        )
+        return _dead(row, f"max_attempts: {error}")
     delay = backoff_ms(
         row.attempts, base_ms=policy.backoff_base_ms, cap_ms=policy.backoff_cap_ms, jitter=jitter
     )
@@ -220,14 +218,7 @@ def on_no_answer(row: OutboxRow, *, reason: str, now: int, policy: RetryPolicy, 
     dedupe would deliver it twice.
     """
     if policy.unknown_fate == "dead":
-        return Completion(
-            row_id=row.id,
-            lease_token=_require_inflight(row),
-            status=Status.DEAD,
-            attempts=row.attempts,
-            next_attempt_at=row.next_attempt_at,
-            last_error=f"{UNKNOWN_FATE}: {reason}",
-        )
+        return _dead(row, f"{UNKNOWN_FATE}: {reason}")
     return on_error(row, error=reason, permanent=False, now=now, policy=policy, jitter=jitter)
 
 
@@ -247,14 +238,7 @@ def on_lease_expired(*, unknown_fate: UnknownFate, at_cap: bool) -> tuple[Status
 
 def on_no_broker(row: OutboxRow) -> Completion:
     """No broker is registered for the row's mesh: the row can never go out."""
-    return Completion(
-        row_id=row.id,
-        lease_token=_require_inflight(row),
-        status=Status.DEAD,
-        attempts=row.attempts,
-        next_attempt_at=row.next_attempt_at,
-        last_error=f"no_broker_for_mesh:{row.mesh if row.mesh is not None else 'null'}",
-    )
+    return _dead(row, f"no_broker_for_mesh:{row.mesh if row.mesh is not None else 'null'}")
 
 
 def on_released(row: OutboxRow, *, sent: bool, now: int, policy: RetryPolicy) -> Completion:
@@ -267,23 +251,9 @@ def on_released(row: OutboxRow, *, sent: bool, now: int, policy: RetryPolicy) ->
     """
     token = _require_inflight(row)
     if sent and policy.unknown_fate == "dead":
-        return Completion(
-            row_id=row.id,
-            lease_token=token,
-            status=Status.DEAD,
-            attempts=row.attempts,
-            next_attempt_at=row.next_attempt_at,
-            last_error=f"{UNKNOWN_FATE}: {WORKER_STOPPED}",
-        )
+        return _dead(row, f"{UNKNOWN_FATE}: {WORKER_STOPPED}")
     if sent and row.attempts >= policy.max_attempts:
-        return Completion(
-            row_id=row.id,
-            lease_token=token,
-            status=Status.DEAD,
-            attempts=row.attempts,
-            next_attempt_at=row.next_attempt_at,
-            last_error=WORKER_STOPPED_AT_CAP,
-        )
+        return _dead(row, WORKER_STOPPED_AT_CAP)
     return Completion(
         row_id=row.id,
         lease_token=token,

@@ -32,6 +32,10 @@ class Priority(enum.StrEnum):
         return _PRIORITY_RANK[self]
 
 
+#: The priorities as their wire text: anything else a broker cannot take.
+PRIORITIES = frozenset(p.value for p in Priority)
+
+
 _PRIORITY_RANK = {Priority.NOW: 0, Priority.NEXT: 1, Priority.LOW: 2}
 
 #: The status values, in lifecycle order.

@@ -40,10 +40,10 @@ from . import _identity
 from ._clock import wall_clock_ms
 from ._errors import ConfigError, StoreError
 from ._ids import random_uuid
+from ._model import PRIORITIES
 from ._store._group_commit import GroupCommitter
 from ._transport import ServerConnection, TransportClosed, serve_websocket
-from ._validate import js_length
-from ._wire import MAX_FRAME, encode_json, json_string, parse_frame
+from ._wire import MAX_FRAME, encode_json, js_length, json_string, parse_frame
 
 log = logging.getLogger("trio_drain.reference_broker")
 
@@ -52,7 +52,6 @@ DEFAULT_MAX_PAYLOAD = 1024 * 1024
 #: The real broker's limit on ciphertext + nonce + target, in characters.
 CLAUDEMESH_MAX_MESSAGE_BYTES = 65_536
 _HEX64 = re.compile(r"[0-9a-f]{64}")
-_PRIORITIES = frozenset({"now", "next", "low"})
 Compat = Literal["claudemesh"]
 
 
@@ -539,7 +538,7 @@ class _Handler:
         ack_id = f.get("id", cid)
         faults = self.state.faults
         if self.compat:
-            if not isinstance(f.get("targetSpec"), str) or f.get("priority") not in _PRIORITIES:
+            if not isinstance(f.get("targetSpec"), str) or f.get("priority") not in PRIORITIES:
                 self.stats.unanswered += 1  # its handler throws: nothing is sent back
                 return None, None
             ack_id = "" if ack_id is None else ack_id
@@ -589,7 +588,7 @@ class _Handler:
         cid, fp = f.get("client_message_id"), f.get("request_fingerprint")
         if not isinstance(cid, str) or not cid or not isinstance(fp, str):
             return "invalid_send: client_message_id and request_fingerprint required", "invalid"
-        if not isinstance(f.get("targetSpec"), str) or f.get("priority") not in _PRIORITIES:
+        if not isinstance(f.get("targetSpec"), str) or f.get("priority") not in PRIORITIES:
             return "invalid_send: targetSpec and a priority of now, next or low required", "invalid"
         ciphertext = f.get("ciphertext")
         try:

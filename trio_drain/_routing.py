@@ -78,8 +78,8 @@ class Ready:
 
     name: str
     broker: Broker
-    kind: str = "mesh"
-    key: str | None = None
+    kind: str
+    key: str | None
 
 
 @attrs.frozen

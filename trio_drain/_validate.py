@@ -10,14 +10,13 @@ from collections.abc import Mapping
 from ._errors import InvalidRequest
 from ._fingerprint import canonical_json, derive_destination, request_fingerprint
 from ._ids import uuid7
-from ._model import DestinationKind, NewRow, Priority, SendRequest
+from ._model import PRIORITIES, DestinationKind, NewRow, Priority, SendRequest
+from ._wire import NONCE_CHARS, send_frame_size
 
 DEFAULT_MAX_PAYLOAD = 1024 * 1024
 #: The real broker refuses a send whose ciphertext, nonce and target
 #: together exceed this many characters (section 3 of the spec).
 DEFAULT_MAX_MESSAGE_BYTES = 65_536
-#: base64 of the 24-byte nonce a row without ciphertext is sent with.
-_NONCE_CHARS = 32
 MAX_ID_LENGTH = 256
 MAX_TARGET_LENGTH = 1024
 _HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -26,7 +25,6 @@ _HEX64 = re.compile(r"[0-9a-f]{64}")
 # would reorder or rewrite what an operator reads.
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
 _new_row = NewRow._make
-_PRIORITIES = frozenset(p.value for p in Priority)
 _KINDS = frozenset(k.value for k in DestinationKind)
 
 
@@ -59,26 +57,6 @@ def _utf8(name: str, value: str) -> None:
                 f"{name} is not valid Unicode text (character {exc.start} is a lone surrogate"
                 " with no UTF-8 form)"
             ) from None
-
-
-def js_length(text: str) -> int:
-    """`text.length` as the broker (JavaScript) counts it: UTF-16 code units."""
-    return len(text) if text.isascii() else len(text.encode("utf-16-le")) // 2
-
-
-def send_frame_size(
-    *, target_spec: str | None, payload_size: int, nonce: str | None, ciphertext: str | None
-) -> int:
-    """Characters of ciphertext, nonce and target in the row's send frame
-    (what the real broker measures against its limit), as
-    `_routing.outgoing_message` will build it."""
-    if target_spec is not None and nonce is not None and ciphertext is not None:
-        return len(ciphertext) + len(nonce) + js_length(target_spec)
-    return (
-        4 * ((payload_size + 2) // 3)
-        + _NONCE_CHARS
-        + js_length(target_spec if target_spec is not None else "*")
-    )
 
 
 def _base64(name: str, value: str | None) -> None:
@@ -116,7 +94,7 @@ def prepare_row(
     if len(payload) > max_payload:
         raise InvalidRequest(f"payload is {len(payload)} bytes, over the {max_payload}-byte limit")
     priority = req.priority.value if isinstance(req.priority, Priority) else req.priority
-    if not isinstance(priority, str) or priority not in _PRIORITIES:
+    if not isinstance(priority, str) or priority not in PRIORITIES:
         raise InvalidRequest(f"priority must be one of now, next, low; got {req.priority!r}")
     mesh = _text("mesh", req.mesh, max_length=MAX_ID_LENGTH)
     target_spec = _text("target_spec", req.target_spec, max_length=MAX_TARGET_LENGTH)
@@ -158,7 +136,7 @@ def prepare_row(
         raise InvalidRequest(
             f"the send frame would carry {size} characters of ciphertext, nonce and target, over the"
             f" broker's limit of {max_message_bytes} (max_message_bytes): a payload of about"
-            f" {3 * (max_message_bytes - _NONCE_CHARS - 64) // 4} bytes fits"
+            f" {3 * (max_message_bytes - NONCE_CHARS - 64) // 4} bytes fits"
         )
     session = req.sender_session_pubkey
     if session is not None and (not isinstance(session, str) or not _HEX64.fullmatch(session)):

@@ -18,7 +18,12 @@ import attrs
 
 from ._display import bounded
 from ._ids import random_bytes
-from ._model import OutboxRow
+from ._model import PRIORITIES, OutboxRow
+
+#: A row the host did not encrypt goes out with a fresh nonce of this many
+#: bytes, in base64 this many characters.
+NONCE_BYTES = 24
+NONCE_CHARS = 4 * ((NONCE_BYTES + 2) // 3)
 
 #: The largest frame either end takes.
 MAX_FRAME = 4 * 1024 * 1024
@@ -166,9 +171,6 @@ def classify_ack(frame: dict[str, Any]) -> SendResult:
     return SendResult.failed(text, permanent=permanent, code=code)
 
 
-_PRIORITIES = frozenset({"now", "next", "low"})
-
-
 def unsendable(row: OutboxRow) -> str | None:
     """Why `row` can never go out, or None.
 
@@ -178,11 +180,31 @@ def unsendable(row: OutboxRow) -> str | None:
     validates new rows; this catches rows written by other software (the
     seed's daemon's, or edited by hand).
     """
-    if row.target_spec is not None and (row.priority or "next") not in _PRIORITIES:
+    if row.target_spec is not None and (row.priority or "next") not in PRIORITIES:
         return f"invalid_row: priority {row.priority!r} is not now, next or low"
     if row.target_spec is not None and not row.target_spec:
         return "invalid_row: empty target_spec"
     return None
+
+
+def js_length(text: str) -> int:
+    """`text.length` as the broker (JavaScript) counts it: UTF-16 code units."""
+    return len(text) if text.isascii() else len(text.encode("utf-16-le")) // 2
+
+
+def send_frame_size(
+    *, target_spec: str | None, payload_size: int, nonce: str | None, ciphertext: str | None
+) -> int:
+    """Characters of ciphertext, nonce and target in the row's send frame
+    (what the real broker measures against its limit), as
+    `outgoing_message` builds it."""
+    if target_spec is not None and nonce is not None and ciphertext is not None:
+        return len(ciphertext) + len(nonce) + js_length(target_spec)
+    return (
+        4 * ((payload_size + 2) // 3)
+        + NONCE_CHARS
+        + js_length(target_spec if target_spec is not None else "*")
+    )
 
 
 def outgoing_message(row: OutboxRow) -> OutgoingMessage:
@@ -200,7 +222,7 @@ def outgoing_message(row: OutboxRow) -> OutgoingMessage:
     if row.target_spec is not None and row.ciphertext is not None and row.nonce is not None:
         nonce, ciphertext = row.nonce, row.ciphertext
     else:
-        nonce = base64.b64encode(random_bytes(24)).decode()
+        nonce = base64.b64encode(random_bytes(NONCE_BYTES)).decode()
         ciphertext = base64.b64encode(row.payload).decode()
     return OutgoingMessage(
         client_message_id=row.client_message_id,
