@@ -40,7 +40,7 @@ from trio_drain import (
     generate_secret_key,
     open_outbox,
 )
-from trio_drain._transport import TransportName
+from trio_drain._ws._transport import TransportName
 
 from .helpers import wait_until
 from .procs import write_config
@@ -216,7 +216,7 @@ async def commit_paces(folder: str, n: int, chunk: int = 250) -> dict[str, float
     no Python around it), `accept` by one caller, and by 64 at once.
     Returns rows per second of each."""
     from trio_drain._ids import uuid7s
-    from trio_drain._store._sqlite import _INSERT_NEW
+    from trio_drain._store._sqlite._backend import _INSERT_NEW
     from trio_drain._validate import prepare_row
 
     raw = sqlite3.connect(Path(folder) / "raw.db", isolation_level=None)

@@ -22,7 +22,7 @@ from pathlib import Path
 import psycopg
 
 from trio_drain import Outbox, open_outbox
-from trio_drain._store._postgres import PostgresBackend
+from trio_drain._store._postgres._backend import PostgresBackend
 
 
 def find_binaries() -> Path | None:

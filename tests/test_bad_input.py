@@ -32,10 +32,10 @@ from trio_drain import (
     open_outbox,
     serve_broker,
 )
-from trio_drain._cli import _load_config
-from trio_drain._identity import generate_secret_key
+from trio_drain._brokers._identity import generate_secret_key
+from trio_drain._brokers._wire import classify_ack, parse_frame
+from trio_drain._cli._main import _load_config
 from trio_drain._outbox import Outbox
-from trio_drain._wire import classify_ack, parse_frame
 
 from .helpers import TrioPortal, websocket_client
 

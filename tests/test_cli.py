@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from trio_drain._identity import generate_secret_key
+from trio_drain._brokers._identity import generate_secret_key
 
 from .procs import CLI, assert_clean_error, counts, run, start_broker, start_run, wait_for_done, write_config
 

@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from wsproto.frame_protocol import CloseReason, FrameProtocol, Opcode, ParseFailed
 
-from trio_drain import _wsframes as wf
+from trio_drain._ws import _codec as wf
 
 from . import wsconformance as wsc
 

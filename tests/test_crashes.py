@@ -27,8 +27,8 @@ from typing import Any
 
 import pytest
 
+from trio_drain._brokers._identity import generate_secret_key
 from trio_drain._crashpoints import ENV, POINTS
-from trio_drain._identity import generate_secret_key
 
 from .procs import CLI, SHORT_LEASES, Broker, counts, fill, start_run, stop_all, wait_for_done, write_config
 

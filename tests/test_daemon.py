@@ -19,7 +19,7 @@ import pytest
 import trio
 
 from trio_drain import ConfigError, MeshIdentity, WebSocketBroker, generate_secret_key
-from trio_drain._identity import public_key_hex
+from trio_drain._brokers._identity import public_key_hex
 
 from .helpers import self_signed_certificate
 from .procs import CLI, Broker, assert_clean_error, counts, fill, run, start_run, stop_all, wait_for_done

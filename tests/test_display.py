@@ -15,9 +15,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from trio_drain import MeshIdentity, WebSocketBroker, generate_secret_key
-from trio_drain._cli import _TextFormatter
+from trio_drain._brokers._wire import classify_ack
+from trio_drain._cli._main import _TextFormatter
 from trio_drain._display import Throttle, visible
-from trio_drain._wire import classify_ack
 
 from .procs import run
 

@@ -8,7 +8,7 @@ import math
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from trio_drain._pacing import RoutePacer, StatedLimit, stated_limit
+from trio_drain._brokers._pacing import RoutePacer, StatedLimit, stated_limit
 
 REAL_BROKER = "rate_limit: max 60 msg/min (burst 10) — slow down"
 

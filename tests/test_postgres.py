@@ -36,10 +36,10 @@ from trio_drain import (
     open_outbox,
 )
 from trio_drain import _lifecycle as lc
-from trio_drain._identity import generate_secret_key
-from trio_drain._store import _postgres
+from trio_drain._brokers._identity import generate_secret_key
 from trio_drain._store._base import RouteFilter
-from trio_drain._store._postgres import Commit, PostgresBackend, committed
+from trio_drain._store._postgres._backend import Commit, PostgresBackend, committed
+from trio_drain._store._postgres import _backend as _postgres
 
 from .helpers import FakeBroker, wait_until
 from .pg import PostgresServer, free_port

@@ -35,11 +35,11 @@ from trio_drain import (
     open_outbox,
     serve_broker,
 )
+from trio_drain._brokers._identity import public_key_hex
+from trio_drain._brokers._wire import SendResult, classify_ack
 from trio_drain._clock import wall_clock_ms
 from trio_drain._crashpoints import ENV
-from trio_drain._identity import public_key_hex
-from trio_drain._reference_broker import BrokerServer, RateLimit
-from trio_drain._wire import SendResult, classify_ack
+from trio_drain._reference_broker._server import BrokerServer, RateLimit
 
 from . import procs
 from .helpers import QUICK_RETRIES, wait_until, websocket_client

@@ -12,8 +12,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from trio_drain import BrokerRegistry, OutboxRow, Status
-from trio_drain._routing import NoBroker, Ready, Unavailable
-from trio_drain._wire import OutgoingMessage, encode_json, outgoing_message
+from trio_drain._brokers._registry import NoBroker, Ready, Unavailable
+from trio_drain._brokers._wire import OutgoingMessage, encode_json, outgoing_message
 
 from .helpers import FakeBroker
 

@@ -34,7 +34,7 @@ from trio_drain import (
     open_outbox,
 )
 from trio_drain._outbox import parse_target
-from trio_drain._store._sqlite import MIN_SQLITE
+from trio_drain._store._sqlite._backend import MIN_SQLITE
 from trio_drain._validate import prepare_row
 
 from .helpers import FakeClock, wait_until
@@ -670,7 +670,7 @@ async def test_an_operation_outside_a_transaction_cannot_leave_one_open_or_a_sta
     db_path: Path,
 ) -> None:
     from trio_drain import SendRequest, StoreError, open_outbox
-    from trio_drain._store._sqlite import SqliteBackend
+    from trio_drain._store._sqlite._backend import SqliteBackend
 
     async with open_outbox(db_path) as ob:
         backend = ob.backend

@@ -30,9 +30,9 @@ from trio_drain import (
     StoreUnavailable,
     open_outbox,
 )
-from trio_drain._identity import generate_secret_key
-from trio_drain._store._sqlite import SqliteBackend
-from trio_drain._store._sqlite_errors import translate as _translate
+from trio_drain._brokers._identity import generate_secret_key
+from trio_drain._store._sqlite._backend import SqliteBackend
+from trio_drain._store._sqlite._errors import translate as _translate
 
 from .helpers import FakeBroker, wait_until
 from .procs import assert_clean_error, run

@@ -27,8 +27,8 @@ from trio_drain import InvalidTransition, OutboxRow, OutcomeKind, SendRequest, S
 from trio_drain import _lifecycle as lc
 from trio_drain._outbox import Outbox
 from trio_drain._store._base import OutboxBackend
-from trio_drain._store._postgres import PostgresBackend
-from trio_drain._store._sqlite import SqliteBackend
+from trio_drain._store._postgres._backend import PostgresBackend
+from trio_drain._store._sqlite._backend import SqliteBackend
 from trio_drain._validate import prepare_row
 
 from .helpers import FakeClock, TrioPortal

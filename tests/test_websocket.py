@@ -31,9 +31,9 @@ from trio_drain import (
     open_outbox,
     serve_broker,
 )
-from trio_drain._identity import public_key_hex
-from trio_drain._transport import TRANSPORTS
-from trio_drain._wire import classify_ack
+from trio_drain._brokers._identity import public_key_hex
+from trio_drain._brokers._wire import classify_ack
+from trio_drain._ws._transport import TRANSPORTS
 
 from .helpers import QUICK_RETRIES, self_signed_certificate, wait_until, websocket_client
 from .proxy import FaultProxy
@@ -709,8 +709,8 @@ async def test_a_wrong_accept_key_is_a_refusal_over_trio_websocket_too(trio_webs
     ],
 )
 def test_the_reference_brokers_acks_are_the_json_its_encoder_writes(frame: dict[str, Any]) -> None:
-    from trio_drain._reference_broker import _encode_ack
-    from trio_drain._wire import encode_json
+    from trio_drain._brokers._wire import encode_json
+    from trio_drain._reference_broker._server import _encode_ack
 
     assert _encode_ack(frame) == encode_json(frame)
     assert json.loads(_encode_ack(frame)) == frame

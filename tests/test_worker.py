@@ -563,7 +563,7 @@ async def test_rows_a_refill_claims_after_stopping_began_go_straight_back(rig: R
 
 
 async def test_the_completer_writes_a_burst_at_once_without_waiting_out_its_delay() -> None:
-    from trio_drain._completer import BatchCompleter
+    from trio_drain._drain._completer import BatchCompleter
 
     writes: list[int] = []
 

@@ -4,7 +4,20 @@ async with trio_drain.open_outbox("outbox.db") as outbox:
     await outbox.accept(trio_drain.SendRequest(mesh="alpha", target_spec="*", payload=b"hi"))
 """
 
+from ._brokers._identity import MeshIdentity as MeshIdentity
+from ._brokers._identity import SessionIdentity as SessionIdentity
+from ._brokers._identity import generate_secret_key as generate_secret_key
+from ._brokers._registry import Broker as Broker
+from ._brokers._registry import BrokerRegistry as BrokerRegistry
+from ._brokers._registry import PipelinedBroker as PipelinedBroker
+from ._brokers._registry import SendHandle as SendHandle
+from ._brokers._websocket import WebSocketBroker as WebSocketBroker
+from ._brokers._wire import OutgoingMessage as OutgoingMessage
+from ._brokers._wire import SendResult as SendResult
 from ._config import DrainConfig as DrainConfig
+from ._drain._worker import DrainWorker as DrainWorker
+from ._drain._worker import RouteStatistics as RouteStatistics
+from ._drain._worker import WorkerStatistics as WorkerStatistics
 from ._errors import BrokerError as BrokerError
 from ._errors import BrokerUnavailable as BrokerUnavailable
 from ._errors import ConfigError as ConfigError
@@ -20,9 +33,6 @@ from ._errors import TrioDrainError as TrioDrainError
 from ._errors import UnknownRow as UnknownRow
 from ._fingerprint import canonical_json as canonical_json
 from ._fingerprint import request_fingerprint as request_fingerprint
-from ._identity import MeshIdentity as MeshIdentity
-from ._identity import SessionIdentity as SessionIdentity
-from ._identity import generate_secret_key as generate_secret_key
 from ._model import AcceptOutcome as AcceptOutcome
 from ._model import OutboxRow as OutboxRow
 from ._model import OutcomeKind as OutcomeKind
@@ -31,17 +41,7 @@ from ._model import SendRequest as SendRequest
 from ._model import Status as Status
 from ._outbox import Outbox as Outbox
 from ._outbox import open_outbox as open_outbox
-from ._reference_broker import BrokerServer as BrokerServer
-from ._reference_broker import Faults as Faults
-from ._reference_broker import serve_broker as serve_broker
-from ._routing import Broker as Broker
-from ._routing import BrokerRegistry as BrokerRegistry
-from ._routing import PipelinedBroker as PipelinedBroker
-from ._routing import SendHandle as SendHandle
+from ._reference_broker._server import BrokerServer as BrokerServer
+from ._reference_broker._server import Faults as Faults
+from ._reference_broker._server import serve_broker as serve_broker
 from ._version import __version__ as __version__
-from ._wire import OutgoingMessage as OutgoingMessage
-from ._wire import SendResult as SendResult
-from ._worker import DrainWorker as DrainWorker
-from ._worker import RouteStatistics as RouteStatistics
-from ._worker import WorkerStatistics as WorkerStatistics
-from ._ws_broker import WebSocketBroker as WebSocketBroker

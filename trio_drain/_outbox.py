@@ -18,7 +18,7 @@ from ._ids import uuid7, uuid7s
 from ._lifecycle import Completion, UnknownFate
 from ._model import AcceptOutcome, OutboxRow, SendRequest, Status
 from ._store._base import NO_FILTER, Applied, Durability, OutboxBackend, Outcomes, RouteFilter, Rows
-from ._store._sqlite import SqliteBackend
+from ._store._sqlite._backend import SqliteBackend
 from ._validate import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_MAX_PAYLOAD, prepare_row
 
 #: Most rows `list` returns at once.
@@ -301,7 +301,7 @@ async def open_outbox(
         description = f"sqlite:{location}"
     else:
         # Imported here: SQLite users do not pay for loading psycopg.
-        from ._store._postgres import PostgresBackend
+        from ._store._postgres._backend import PostgresBackend
 
         backend = await PostgresBackend.open(location, durability=durability)
         description = backend.where

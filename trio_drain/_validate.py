@@ -7,11 +7,11 @@ import binascii
 import re
 from collections.abc import Mapping
 
+from ._brokers._wire import NONCE_CHARS, send_frame_size
 from ._errors import InvalidRequest
 from ._fingerprint import canonical_json, derive_destination, request_fingerprint
 from ._ids import uuid7
 from ._model import PRIORITIES, DestinationKind, NewRow, Priority, SendRequest
-from ._wire import NONCE_CHARS, send_frame_size
 
 DEFAULT_MAX_PAYLOAD = 1024 * 1024
 #: The real broker refuses a send whose ciphertext, nonce and target

@@ -26,7 +26,7 @@ import outcome
 import trio
 
 from .._errors import StoreError
-from ._sqlite_errors import own_error, translate
+from ._sqlite._errors import own_error, translate
 
 T = TypeVar("T")
 

@@ -14,7 +14,7 @@ import attrs
 from nacl.exceptions import BadSignatureError
 from nacl.signing import SigningKey, VerifyKey
 
-from ._errors import ConfigError
+from .._errors import ConfigError
 
 ATTESTATION_LIFETIME_MS = 12 * 3600 * 1000
 ATTEST_PREFIX = "claudemesh-session-attest"

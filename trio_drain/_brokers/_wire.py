@@ -2,7 +2,7 @@
 
 What a row goes out as (`outgoing_message`, the `send` frame's text), what
 a broker's `ack` means (`classify_ack`), and reading a frame safely
-(`parse_frame`). No I/O: the connection (`_ws_broker`) and the reference
+(`parse_frame`). No I/O: the connection (`_websocket`) and the reference
 broker use these; the hellos are signed in `_identity`.
 """
 
@@ -16,9 +16,9 @@ from typing import Any
 
 import attrs
 
-from ._display import bounded
-from ._ids import random_bytes
-from ._model import PRIORITIES, OutboxRow
+from .._display import bounded
+from .._ids import random_bytes
+from .._model import PRIORITIES, OutboxRow
 
 #: A row the host did not encrypt goes out with a fresh nonce of this many
 #: bytes, in base64 this many characters.

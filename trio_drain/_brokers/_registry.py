@@ -19,7 +19,7 @@ from typing import Protocol, runtime_checkable
 
 import attrs
 
-from ._model import OutboxRow
+from .._model import OutboxRow
 from ._wire import OutgoingMessage, SendResult
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")

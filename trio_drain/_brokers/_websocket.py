@@ -21,12 +21,10 @@ from urllib.parse import urlsplit
 
 import trio
 
-from ._clock import wall_clock_ms
-from ._display import Throttle, bounded, quieted
-from ._errors import BrokerUnavailable, ConfigError, HandshakeError
-from ._identity import Identity, MeshIdentity
-from ._routing import SendHandle
-from ._transport import (
+from .._clock import wall_clock_ms
+from .._display import Throttle, bounded, quieted
+from .._errors import BrokerUnavailable, ConfigError, HandshakeError
+from .._ws._transport import (
     TRANSPORTS,
     Connection,
     TransportClosed,
@@ -34,6 +32,8 @@ from ._transport import (
     TransportRejected,
     open_connection,
 )
+from ._identity import Identity, MeshIdentity
+from ._registry import SendHandle
 from ._wire import MAX_FRAME, OutgoingMessage, SendResult, classify_ack, parse_frame
 
 log = logging.getLogger("trio_drain.broker")

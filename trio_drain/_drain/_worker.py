@@ -45,19 +45,19 @@ from typing import Any, Literal
 import attrs
 import trio
 
-from . import _crashpoints, _lifecycle
+from .. import _crashpoints, _lifecycle
+from .._brokers._pacing import RoutePacer
+from .._brokers._registry import BrokerRegistry, NoBroker, Ready, SendHandle, Unavailable
+from .._brokers._wire import OutgoingMessage, SendResult, outgoing_message, unsendable
+from .._config import DrainConfig
+from .._display import Throttle, bounded, quieted, visible
+from .._errors import BrokerUnavailable, StoreError, TrioDrainError
+from .._ids import new_token
+from .._lifecycle import Completion
+from .._model import OutboxRow, Status
+from .._outbox import Outbox
+from .._store._base import Applied, RouteFilter, RouteKey
 from ._completer import BatchCompleter
-from ._config import DrainConfig
-from ._display import Throttle, bounded, quieted, visible
-from ._errors import BrokerUnavailable, StoreError, TrioDrainError
-from ._ids import new_token
-from ._lifecycle import Completion
-from ._model import OutboxRow, Status
-from ._outbox import Outbox
-from ._pacing import RoutePacer
-from ._routing import BrokerRegistry, NoBroker, Ready, SendHandle, Unavailable
-from ._store._base import Applied, RouteFilter, RouteKey
-from ._wire import OutgoingMessage, SendResult, outgoing_message, unsendable
 
 log = logging.getLogger("trio_drain.worker")
 

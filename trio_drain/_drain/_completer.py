@@ -21,10 +21,10 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import trio
 
-from ._errors import StoreError, StoreUnavailable
-from ._lifecycle import Completion
-from ._outbox import Outbox
-from ._store._base import Applied
+from .._errors import StoreError, StoreUnavailable
+from .._lifecycle import Completion
+from .._outbox import Outbox
+from .._store._base import Applied
 
 log = logging.getLogger("trio_drain.worker")
 

@@ -22,17 +22,17 @@ from typing import Any, NoReturn
 
 import trio
 
-from ._config import DrainConfig
-from ._display import bounded, visible
-from ._errors import ConfigError, TrioDrainError
-from ._identity import MeshIdentity, generate_secret_key, public_key_hex, signing_key
-from ._model import OutboxRow, SendRequest, Status
-from ._outbox import Outbox, open_outbox, parse_target
-from ._reference_broker import Faults, RateLimit, load_members, serve_broker
-from ._routing import BrokerRegistry
-from ._version import __version__
-from ._worker import DrainWorker
-from ._ws_broker import WebSocketBroker, check_broker_url
+from .._brokers._identity import MeshIdentity, generate_secret_key, public_key_hex, signing_key
+from .._brokers._registry import BrokerRegistry
+from .._brokers._websocket import WebSocketBroker, check_broker_url
+from .._config import DrainConfig
+from .._display import bounded, visible
+from .._drain._worker import DrainWorker
+from .._errors import ConfigError, TrioDrainError
+from .._model import OutboxRow, SendRequest, Status
+from .._outbox import Outbox, open_outbox, parse_target
+from .._reference_broker._server import Faults, RateLimit, load_members, serve_broker
+from .._version import __version__
 
 log = logging.getLogger("trio_drain.cli")
 EXIT_RUNTIME, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130

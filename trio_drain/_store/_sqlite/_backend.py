@@ -29,16 +29,16 @@ from typing import Any, NoReturn, TypeVar
 
 import trio
 
-from .. import _crashpoints, _lifecycle
-from .._errors import (
+from ... import _crashpoints, _lifecycle
+from ..._errors import (
     CorruptDatabase,
     StoreClosed,
     StoreError,
     UnknownRow,
 )
-from .._lifecycle import Completion, UnknownFate
-from .._model import NewRow, OutboxRow, Status
-from ._base import (
+from ..._lifecycle import Completion, UnknownFate
+from ..._model import NewRow, OutboxRow, Status
+from .._base import (
     COLUMNS,
     INDEXES,
     NEW_COLUMNS,
@@ -58,8 +58,8 @@ from ._base import (
     schema_version,
     write_aborted,
 )
-from ._group_commit import GroupCommitter, Joint
-from ._sqlite_errors import translated
+from .._group_commit import GroupCommitter, Joint
+from ._errors import translated
 
 T = TypeVar("T")
 

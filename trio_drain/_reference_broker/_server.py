@@ -36,14 +36,14 @@ from typing import Any, Literal
 import attrs
 import trio
 
-from . import _identity
-from ._clock import wall_clock_ms
-from ._errors import ConfigError, StoreError
-from ._ids import random_uuid
-from ._model import PRIORITIES
-from ._store._group_commit import GroupCommitter
-from ._transport import ServerConnection, TransportClosed, serve_websocket
-from ._wire import MAX_FRAME, encode_json, js_length, json_string, parse_frame
+from .._brokers import _identity
+from .._brokers._wire import MAX_FRAME, encode_json, js_length, json_string, parse_frame
+from .._clock import wall_clock_ms
+from .._errors import ConfigError, StoreError
+from .._ids import random_uuid
+from .._model import PRIORITIES
+from .._store._group_commit import GroupCommitter
+from .._ws._transport import ServerConnection, TransportClosed, serve_websocket
 
 log = logging.getLogger("trio_drain.reference_broker")
 

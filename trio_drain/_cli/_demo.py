@@ -6,16 +6,16 @@ import time
 
 import trio
 
-from ._config import DrainConfig
-from ._errors import TrioDrainError
-from ._identity import MeshIdentity, generate_secret_key
-from ._lifecycle import Completion
-from ._model import SendRequest, Status
-from ._outbox import open_outbox
-from ._reference_broker import serve_broker
-from ._routing import BrokerRegistry
-from ._worker import DrainWorker
-from ._ws_broker import WebSocketBroker
+from .._brokers._identity import MeshIdentity, generate_secret_key
+from .._brokers._registry import BrokerRegistry
+from .._brokers._websocket import WebSocketBroker
+from .._config import DrainConfig
+from .._drain._worker import DrainWorker
+from .._errors import TrioDrainError
+from .._lifecycle import Completion
+from .._model import SendRequest, Status
+from .._outbox import open_outbox
+from .._reference_broker._server import serve_broker
 
 CHUNK = 5_000
 

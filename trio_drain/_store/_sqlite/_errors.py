@@ -11,7 +11,7 @@ import contextlib
 import sqlite3
 from collections.abc import Iterator
 
-from .._errors import CorruptDatabase, StoreError, StoreUnavailable
+from ..._errors import CorruptDatabase, StoreError, StoreUnavailable
 
 # What each primary result code means to a caller. Errors are told apart by
 # `sqlite_errorname` (its primary part: SQLITE_BUSY_SNAPSHOT is BUSY), never

@@ -5,7 +5,7 @@ read the messages that arrived, ping and wait for the pong, close. Three
 transports provide it:
 
 - ``"native"`` (the default): our own connection on a Trio stream with the
-  RFC 6455 codec of `_wsframes`. Frames queued while a write is in progress
+  RFC 6455 codec of `_codec`. Frames queued while a write is in progress
   go out together in one ``send_all``, so a pipelined burst of sends costs
   one system call, and a burst of acks is parsed in one pass.
 - ``"wsproto"``: the same connection with wsproto as the codec.
@@ -42,7 +42,8 @@ from wsproto.events import (
     TextMessage,
 )
 
-from . import _crashpoints, _wsframes
+from .. import _crashpoints
+from . import _codec
 
 log = logging.getLogger("trio_drain.transport")
 
@@ -185,7 +186,7 @@ async def _trio_websocket(
 
 
 class _Codec(Protocol):
-    """Frames out, events in: `_wsframes.FrameCodec`, or wsproto behind `_WsprotoCodec`."""
+    """Frames out, events in: `_codec.FrameCodec`, or wsproto behind `_WsprotoCodec`."""
 
     def text(self, message: str) -> bytes: ...
 
@@ -195,7 +196,7 @@ class _Codec(Protocol):
 
     def close(self, code: int, reason: str = "") -> bytes: ...
 
-    def receive(self, data: bytes) -> list[_wsframes.Event]: ...
+    def receive(self, data: bytes) -> list[_codec.Event]: ...
 
 
 class _WsprotoCodec:
@@ -222,18 +223,16 @@ class _WsprotoCodec:
         except wsproto.utilities.LocalProtocolError:
             return b""  # wsproto has closed already (after a protocol error)
 
-    def receive(self, data: bytes) -> list[_wsframes.Event]:
+    def receive(self, data: bytes) -> list[_codec.Event]:
         self._ws.receive_data(data)
-        events: list[_wsframes.Event] = []
+        events: list[_codec.Event] = []
         try:
             for event in self._ws.events():
                 if isinstance(event, (TextMessage, BytesMessage)):
                     self._parts.append(bytes(event.data) if isinstance(event.data, bytearray) else event.data)
                     self._part_size += len(event.data)
                     if self._part_size > self._max:
-                        error = _wsframes.ProtocolError(
-                            _wsframes.CLOSE_TOO_BIG, f"message over {self._max} bytes"
-                        )
+                        error = _codec.ProtocolError(_codec.CLOSE_TOO_BIG, f"message over {self._max} bytes")
                         error.events = events
                         raise error
                     if event.message_finished:
@@ -248,7 +247,7 @@ class _WsprotoCodec:
                 elif isinstance(event, CloseConnection):
                     events.append(("close", event.code, event.reason or ""))
         except wsproto.utilities.RemoteProtocolError as exc:
-            error = _wsframes.ProtocolError(_wsframes.CLOSE_PROTOCOL_ERROR, str(exc))
+            error = _codec.ProtocolError(_codec.CLOSE_PROTOCOL_ERROR, str(exc))
             error.events = events
             raise error from None
         return events
@@ -431,7 +430,7 @@ class _StreamConnection:
         try:
             events = self._codec.receive(bytes(data))
             error = None
-        except _wsframes.ProtocolError as exc:
+        except _codec.ProtocolError as exc:
             events, error = exc.events, exc  # what came before the bad frame still counts
         for event in events:
             if event[0] == "message":
@@ -489,7 +488,7 @@ class _StreamConnection:
         # Trio 0.27+; spelled out for the older Trio that pyproject allows.
         with (
             trio.CancelScope(deadline=deadline, shield=True),
-            contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, _wsframes.ProtocolError),
+            contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, _codec.ProtocolError),
         ):
             if self._writing:  # it owns the stream's sending side: let it flush
                 await self._drained.wait()
@@ -571,7 +570,7 @@ async def _stream_connection(
                     raise TransportRejected(_describe(exc)) from None
             if native:
                 received = await _native_handshake(stream, host_header, target)
-                codec = _wsframes.FrameCodec(client=True, max_message_size=max_message_size)
+                codec = _codec.FrameCodec(client=True, max_message_size=max_message_size)
             else:
                 ws = wsproto.WSConnection(wsproto.ConnectionType.CLIENT)
                 await stream.send_all(ws.send(Request(host=host_header, target=target)))
@@ -597,12 +596,12 @@ async def _stream_connection(
 
 async def _native_handshake(stream: trio.abc.Stream, host: str, target: str) -> bytes:
     """Upgrade the connection; return any bytes that came after the server's answer."""
-    request, key = _wsframes.client_request(host, target)
+    request, key = _codec.client_request(host, target)
     try:
         await stream.send_all(request)
         head, rest = await _read_head(stream)
-        _wsframes.check_response(head, key)
-    except (trio.BrokenResourceError, trio.ClosedResourceError, _wsframes.HandshakeFailed) as exc:
+        _codec.check_response(head, key)
+    except (trio.BrokenResourceError, trio.ClosedResourceError, _codec.HandshakeFailed) as exc:
         raise TransportRejected(_describe(exc)) from None
     return rest
 
@@ -610,12 +609,12 @@ async def _native_handshake(stream: trio.abc.Stream, host: str, target: str) -> 
 async def _read_head(stream: trio.abc.Stream) -> tuple[bytes, bytes]:
     buffer = b""
     while True:
-        split = _wsframes.split_head(buffer)
+        split = _codec.split_head(buffer)
         if split is not None:
             return split
         data = await stream.receive_some(65536)
         if not data:
-            raise _wsframes.HandshakeFailed("the peer closed the connection during the handshake")
+            raise _codec.HandshakeFailed("the peer closed the connection during the handshake")
         buffer += data
 
 
@@ -650,7 +649,7 @@ async def serve_websocket(
             with trio.CancelScope(shield=True):
                 await stream.aclose()
             return
-        codec = _wsframes.FrameCodec(client=False, max_message_size=max_message_size)
+        codec = _codec.FrameCodec(client=False, max_message_size=max_message_size)
         connection = _StreamConnection(stream, codec, server=True, received=received)
         try:
             async with _running(connection.reader, connection.writer, leave=connection.leave):
@@ -672,8 +671,8 @@ async def _accept_upgrade(stream: trio.abc.Stream) -> bytes | None:
     """Answer the opening handshake: the bytes after it if accepted, else None."""
     try:
         head, rest = await _read_head(stream)
-        await stream.send_all(_wsframes.server_response(head))
-    except _wsframes.HandshakeFailed as exc:
+        await stream.send_all(_codec.server_response(head))
+    except _codec.HandshakeFailed as exc:
         if exc.response:
             with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
                 await stream.send_all(exc.response)
@@ -738,7 +737,7 @@ def _describe(exc: BaseException) -> str:
         return f"rejected with HTTP {exc.status_code}"
     if isinstance(exc, trio_websocket.ConnectionTimeout):
         return "timed out connecting"
-    if isinstance(exc, _wsframes.HandshakeFailed):
+    if isinstance(exc, _codec.HandshakeFailed):
         return str(exc)
     cause = exc.__cause__ or exc.__context__
     if not str(exc) and cause is not None:

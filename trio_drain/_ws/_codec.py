@@ -25,7 +25,7 @@ import struct
 from collections.abc import Mapping
 from typing import Literal, cast
 
-from ._ids import random_bytes
+from .._ids import random_bytes
 
 GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 

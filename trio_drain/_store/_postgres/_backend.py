@@ -51,11 +51,11 @@ import psycopg.conninfo
 import psycopg.errors
 import trio
 
-from .. import _lifecycle
-from .._errors import ConfigError, StoreClosed, StoreError, StoreUnavailable, UnknownRow
-from .._lifecycle import Completion, UnknownFate
-from .._model import NewRow, OutboxRow, Status
-from ._base import (
+from ... import _lifecycle
+from ..._errors import ConfigError, StoreClosed, StoreError, StoreUnavailable, UnknownRow
+from ..._lifecycle import Completion, UnknownFate
+from ..._model import NewRow, OutboxRow, Status
+from .._base import (
     COLUMNS,
     INDEXES,
     NO_FILTER,

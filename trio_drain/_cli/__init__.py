@@ -1,0 +1,3 @@
+"""The command line: `trio-drain` and its subcommands."""
+
+from ._main import main as main

@@ -1,0 +1,1 @@
+"""The drain worker: claims rows, sends them through the registry, records outcomes."""
