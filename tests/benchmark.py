@@ -40,7 +40,7 @@ from trio_drain import (
     generate_secret_key,
     open_outbox,
 )
-from trio_drain._ws._transport import TransportName
+from trio_drain._ws import TransportName
 
 from .helpers import wait_until
 from .procs import write_config

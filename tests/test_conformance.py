@@ -25,7 +25,7 @@ import trio
 from trio_drain import MeshIdentity, WebSocketBroker, generate_secret_key, serve_broker
 from trio_drain._clock import wall_clock_ms
 from trio_drain._ws import _transport
-from trio_drain._ws._transport import Connection, TransportClosed, TransportRejected, open_connection
+from trio_drain._ws import Connection, TransportClosed, TransportRejected, open_connection
 
 from .wsconformance import (
     CASES,

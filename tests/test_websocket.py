@@ -33,7 +33,7 @@ from trio_drain import (
 )
 from trio_drain._brokers._identity import public_key_hex
 from trio_drain._brokers._wire import classify_ack
-from trio_drain._ws._transport import TRANSPORTS
+from trio_drain._ws import TRANSPORTS
 
 from .helpers import QUICK_RETRIES, self_signed_certificate, wait_until, websocket_client
 from .proxy import FaultProxy

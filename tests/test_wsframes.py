@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from wsproto.events import AcceptConnection, BytesMessage, Message, Request, TextMessage
 
 from trio_drain._ws import _codec as wf
-from trio_drain._ws._transport import TransportClosed, open_connection, serve_websocket
+from trio_drain._ws import TransportClosed, open_connection, serve_websocket
 
 from . import wsconformance as wsc
 

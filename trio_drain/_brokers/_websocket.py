@@ -24,7 +24,7 @@ import trio
 from .._clock import wall_clock_ms
 from .._display import Throttle, bounded, quieted
 from .._errors import BrokerUnavailable, ConfigError, HandshakeError
-from .._ws._transport import (
+from .._ws import (
     TRANSPORTS,
     Connection,
     TransportClosed,

@@ -43,7 +43,7 @@ from .._errors import ConfigError, StoreError
 from .._ids import random_uuid
 from .._model import PRIORITIES
 from .._store._group_commit import GroupCommitter
-from .._ws._transport import ServerConnection, TransportClosed, serve_websocket
+from .._ws import ServerConnection, TransportClosed, serve_websocket
 
 log = logging.getLogger("trio_drain.reference_broker")
 
