@@ -1,4 +1,4 @@
-"""Sessions: tests (the default CI run), lint, typecheck, bench, crash, soak, durability."""
+"""Sessions: tests (the default CI run), lint, typecheck, docs, bench, crash, soak, durability."""
 
 from __future__ import annotations
 
@@ -92,4 +92,16 @@ def durability(session: nox.Session) -> None:
         "tests/test_durability.py",
         external=True,
         env={"TRIO_DRAIN_DURABILITY_CUTS": cuts, "TRIO_DRAIN_REQUIRE_STRACE": "1"},
+    )
+
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    """The documentation site, warnings as errors: docs/_build/html/index.html.
+
+    `nox -s docs -- -E` rebuilds from scratch; other arguments go to sphinx-build.
+    """
+    session.install("-e", ".[docs]")
+    session.run(
+        "sphinx-build", "-W", "--keep-going", "-b", "html", *session.posargs, "docs", "docs/_build/html"
     )

@@ -216,7 +216,7 @@ async def commit_paces(folder: str, n: int, chunk: int = 250) -> dict[str, float
     no Python around it), `accept` by one caller, and by 64 at once.
     Returns rows per second of each."""
     from trio_drain._ids import uuid7s
-    from trio_drain._store._sqlite._backend import _INSERT_NEW
+    from trio_drain._store._sqlite._statements import INSERT_NEW as _INSERT_NEW
     from trio_drain._validate import prepare_row
 
     raw = sqlite3.connect(Path(folder) / "raw.db", isolation_level=None)

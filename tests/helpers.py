@@ -1,11 +1,13 @@
-"""Test doubles shared across the suite: a fake clock, a fake broker, a portal."""
+"""Test doubles and waits shared across the suite: a fake clock, a fake broker,
+a portal into Trio, a worker rig, waits on a condition or on rows settling."""
 
 from __future__ import annotations
 
+import functools
 import shutil
 import subprocess
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -15,7 +17,18 @@ import pytest
 import trio
 import trio_websocket
 
-from trio_drain import BrokerUnavailable, DrainConfig, OutgoingMessage, SendResult
+from trio_drain import (
+    BrokerRegistry,
+    BrokerServer,
+    BrokerUnavailable,
+    DrainConfig,
+    DrainWorker,
+    Outbox,
+    OutgoingMessage,
+    SendResult,
+    StoreUnavailable,
+    serve_broker,
+)
 
 T = TypeVar("T")
 
@@ -142,6 +155,46 @@ async def wait_until(predicate: Callable[[], Awaitable[bool] | bool], *, seconds
             await trio.sleep(0.005)
 
 
+#: The statuses a row ends in.
+ENDED = ("done", "dead", "aborted")
+
+
+async def wait_settled(
+    outbox: Outbox,
+    n: int,
+    *,
+    among: Iterable[str] = ENDED,
+    seconds: float = 10.0,
+    through_outages: bool = False,
+) -> dict[str, int]:
+    """Wait until at least `n` rows are in the statuses `among` (by default
+    done, dead or aborted); return the counts.
+
+    With `through_outages`, a store that cannot answer means not yet, for
+    tests that take the store away under a worker.
+    """
+    statuses = tuple(among)
+
+    async def settled() -> bool:
+        try:
+            counts = await outbox.counts()
+        except StoreUnavailable:
+            if through_outages:
+                return False
+            raise
+        return sum(counts[s] for s in statuses) >= n
+
+    await wait_until(settled, seconds=seconds)
+    return await outbox.counts()
+
+
+async def start_server(nursery: trio.Nursery, **options: Any) -> BrokerServer:
+    """The reference broker, serving on loopback in `nursery` once this
+    returns; `options` are `serve_broker`'s."""
+    server: BrokerServer = await nursery.start(functools.partial(serve_broker, **options))
+    return server
+
+
 @asynccontextmanager
 async def websocket_client(url: str) -> AsyncIterator[trio_websocket.WebSocketConnection]:
     """trio-websocket's client, for talking to our broker as a third party would.
@@ -172,6 +225,37 @@ QUICK_RETRIES = DrainConfig(
     ack_timeout=1.0,
     maintenance_interval=0.2,
 )
+
+
+@attrs.define
+class Rig:
+    """What a worker runs in: an outbox, a registry that sends mesh `mesh`'s
+    rows to `broker` (a FakeBroker unless the test brings its own), and a
+    nursery to run workers in, with `config` unless told otherwise."""
+
+    outbox: Outbox
+    nursery: trio.Nursery
+    broker: Any = attrs.field(factory=FakeBroker)
+    config: DrainConfig = QUICK_RETRIES
+    mesh: str = "alpha"
+    registry: BrokerRegistry = attrs.field(init=False, factory=BrokerRegistry)
+
+    def __attrs_post_init__(self) -> None:
+        self.registry.set_mesh(self.mesh, self.broker)
+
+    def worker(self, config: DrainConfig | None = None) -> DrainWorker:
+        """A worker over the rig's outbox and registry, not started."""
+        return DrainWorker(self.outbox, self.registry, self.config if config is None else config)
+
+    async def start(self, config: DrainConfig | None = None) -> DrainWorker:
+        """A worker started in the rig's nursery."""
+        worker = self.worker(config)
+        await self.nursery.start(worker.run)
+        return worker
+
+    async def settled(self, n: int, **kw: Any) -> dict[str, int]:
+        """`wait_settled` on the rig's outbox."""
+        return await wait_settled(self.outbox, n, **kw)
 
 
 def self_signed_certificate(folder: Path, *, ip: str | None = None) -> tuple[Path, Path]:

@@ -11,11 +11,13 @@ import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import trio
 
-from trio_drain import SendRequest, open_outbox
+from trio_drain import open_outbox
 
+from .builders import req
 from .pg import free_port
 
 CLI = [sys.executable, "-m", "trio_drain"]
@@ -68,6 +70,22 @@ def start_broker(tmp_path: Path, *extra: str) -> tuple[subprocess.Popen[str], st
     return proc, line.split()[-1]
 
 
+def query(db: Path | str, sql: str) -> list[Any]:
+    """`sql`'s rows, read from a SQLite file on a connection of their own."""
+    conn = sqlite3.connect(db)
+    try:
+        return conn.execute(sql).fetchall()
+    finally:
+        conn.close()
+
+
+def statuses(db: Path | str, detail: str) -> dict[str, tuple[str, str | None]]:
+    """Each row's status and its `detail` column, by client_message_id,
+    read from the SQLite file."""
+    sql = f"SELECT client_message_id, status, {detail} FROM outbox"
+    return {cid: (status, value) for cid, status, value in query(db, sql)}
+
+
 def counts(db: Path | str) -> dict[str, int]:
     return json.loads(run("outbox", "stats", "--db", str(db), "--json").stdout)  # type: ignore[no-any-return]
 
@@ -103,14 +121,7 @@ def stop_all(*procs: subprocess.Popen[str]) -> list[str]:
 def fill(target: str | Path, n: int) -> None:
     async def go() -> None:
         async with open_outbox(target) as ob:
-            await ob.accept_many(
-                [
-                    SendRequest(
-                        mesh="alpha", target_spec="#t", payload=b"r%d" % i, client_message_id=f"r-{i}"
-                    )
-                    for i in range(n)
-                ]
-            )
+            await ob.accept_many([req(f"r-{i}", payload=b"r%d" % i) for i in range(n)])
 
     trio.run(go)
 
@@ -169,10 +180,12 @@ class Broker:
         return collections.Counter(line.split("\t")[1] for line in self.receipts.read_text().splitlines())
 
     def accepted(self) -> dict[str, str]:
-        conn = sqlite3.connect(self.ledger)
-        try:
-            rows = conn.execute("SELECT client_message_id, message_id FROM accepted").fetchall()
-        finally:
-            conn.close()
+        """The broker's message id for each client_message_id it accepted."""
+        rows = query(self.ledger, "SELECT client_message_id, message_id FROM accepted")
         assert len(rows) == len({cid for cid, _ in rows})
         return dict(rows)
+
+    def copies(self) -> dict[str, int]:
+        """How many times each client_message_id was delivered (more than
+        once only where the broker does not dedupe)."""
+        return dict(query(self.ledger, "SELECT client_message_id, copies FROM accepted"))

@@ -39,7 +39,7 @@ from trio_drain import (
 )
 
 from .benchmark import BrokerProcess
-from .helpers import wait_until
+from .helpers import wait_settled
 
 CONFIG = DrainConfig(
     max_inflight=64,
@@ -145,12 +145,7 @@ async def soak(seconds: float, rate: int = 1500) -> dict[str, Any]:
                 await trio.sleep(seconds)
                 inner.cancel_scope.cancel()
 
-            async def settled() -> bool:
-                c = await outbox.counts()
-                return c["done"] + c["dead"] >= accepted
-
-            await wait_until(settled, seconds=60)
-            counts = await outbox.counts()
+            counts = await wait_settled(outbox, accepted, among=("done", "dead"), seconds=60)
             stats = worker.statistics()
             nursery.cancel_scope.cancel()
     report = _report(samples, accepted, counts, stats.retried, seconds)

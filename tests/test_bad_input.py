@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import string
 import tempfile
 import time
 from collections.abc import Iterator
@@ -24,38 +23,25 @@ from hypothesis import strategies as st
 from trio_drain import (
     ConfigError,
     InvalidRequest,
-    MeshIdentity,
-    OutgoingMessage,
     SendRequest,
     Status,
     WebSocketBroker,
     open_outbox,
-    serve_broker,
 )
-from trio_drain._brokers._identity import generate_secret_key
 from trio_drain._brokers._wire import classify_ack, parse_frame
-from trio_drain._cli._main import _load_config
+from trio_drain._cli._config_file import load_config
 from trio_drain._outbox import Outbox
 
-from .helpers import TrioPortal, websocket_client
+from .builders import PARENT, mesh_identity, message
+from .helpers import TrioPortal, start_server, websocket_client
+from .strategies import hostile_requests, json_like
 
-SECRET = generate_secret_key()
-IDENTITY = MeshIdentity(mesh_id="mesh-alpha", member_id="member-1", secret_key=SECRET)
-MESSAGE = OutgoingMessage(
-    client_message_id="m-1",
-    request_fingerprint="aa",
-    target_spec="*",
-    priority="next",
-    nonce="",
-    ciphertext="",
-)
+IDENTITY = mesh_identity()
+MESSAGE = message("m-1", request_fingerprint="aa", nonce="", ciphertext="")
 
 json_scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20)
-json_values = st.recursive(
-    json_scalars,
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
-    max_leaves=12,
-)
+#: Any JSON document, floats and big integers included.
+json_values = json_like(json_scalars, width=4, key_size=8, max_leaves=12)
 ACK_KEYS = ["type", "id", "messageId", "queued", "duplicate", "error", "code", "permanent"]
 
 
@@ -189,47 +175,6 @@ def test_generated_frames_from_a_broker_are_survived(junk: list[Any]) -> None:
 
 # -- requests against accept --------------------------------------------------------------------
 
-anything = st.one_of(
-    st.none(),
-    st.text(max_size=30),
-    st.binary(max_size=30),
-    st.integers(),
-    st.floats(),
-    st.booleans(),
-    st.lists(st.integers(), max_size=3),
-)
-hostile_meta = st.one_of(
-    st.none(),
-    anything,
-    st.recursive(
-        st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=10),
-        lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
-        max_leaves=10,
-    ),
-    st.just({"deep": json.loads("[" * 900 + "]" * 900)}),
-    st.just({1: "non-string key"}),
-    st.just({"big": 2**80}),
-)
-
-
-@st.composite
-def hostile_requests(draw: st.DrawFn) -> SendRequest:
-    fields: dict[str, Any] = {
-        "payload": draw(st.one_of(st.binary(max_size=64), anything)),
-        "mesh": draw(st.one_of(st.none(), st.text(max_size=20), anything)),
-        "target_spec": draw(st.one_of(st.none(), st.sampled_from(["*", "#t", "@g", "ab" * 32]), anything)),
-        "priority": draw(st.one_of(st.sampled_from(["now", "next", "low"]), anything)),
-        "destination_kind": draw(st.one_of(st.none(), st.sampled_from(["topic", "dm", "queue"]), anything)),
-        "destination_ref": draw(st.one_of(st.none(), st.text(max_size=10), anything)),
-        "reply_to_id": draw(st.one_of(st.none(), st.text(max_size=10), anything)),
-        "meta": draw(hostile_meta),
-        "client_message_id": draw(st.one_of(st.none(), st.text(string.printable, max_size=20), anything)),
-        "nonce": draw(st.one_of(st.none(), st.sampled_from(["AAAA", "bm9uY2U="]), anything)),
-        "ciphertext": draw(st.one_of(st.none(), st.sampled_from(["Y3Q=", "!!"]), anything)),
-        "sender_session_pubkey": draw(st.one_of(st.none(), st.just("cd" * 32), anything)),
-    }
-    return SendRequest(**fields)
-
 
 @pytest.fixture(scope="module")
 def portal_outbox() -> Iterator[tuple[TrioPortal, Outbox]]:
@@ -290,9 +235,7 @@ def malformed_hellos(draw: st.DrawFn) -> Any:
 async def _hello_exchange(frames: list[Any]) -> list[Any]:
     answers = []
     async with trio.open_nursery() as nursery:
-        server = await nursery.start(
-            lambda task_status: serve_broker(open_mode=True, task_status=task_status)
-        )
+        server = await start_server(nursery, open_mode=True)
         for frame in frames:
             async with websocket_client(server.url) as ws:
                 await ws.send_message(frame if isinstance(frame, str) else json.dumps(frame))
@@ -332,9 +275,7 @@ async def test_a_replayed_hello_is_accepted_only_inside_the_skew_window() -> Non
     fresh = json.dumps(IDENTITY.hello(now))
     stale = json.dumps(IDENTITY.hello(now - 61_000))
     async with trio.open_nursery() as nursery:
-        server = await nursery.start(
-            lambda task_status: serve_broker(open_mode=True, task_status=task_status)
-        )
+        server = await start_server(nursery, open_mode=True)
         answers = []
         for hello in (fresh, fresh, stale):
             async with websocket_client(server.url) as ws:
@@ -418,7 +359,7 @@ def test_hostile_config_files_are_config_errors_or_valid(tmp_path: Path, text: s
     path = tmp_path / "c.toml"
     path.write_text(text)
     try:
-        config, meshes = _load_config(str(path))
+        config, meshes = load_config(str(path))
     except ConfigError as exc:
         assert str(exc) and "\n" not in str(exc).strip()
         return
@@ -431,15 +372,15 @@ def test_a_config_that_is_not_utf8_is_a_config_error(tmp_path: Path, content: by
     path = tmp_path / "c.toml"
     path.write_bytes(content)
     with pytest.raises(ConfigError):
-        _load_config(str(path))
+        load_config(str(path))
 
 
 def test_two_meshes_with_one_slug_are_a_config_error(tmp_path: Path) -> None:
     mesh = (
         f'[[mesh]]\nslug = "alpha"\nmesh_id = "m"\nmember_id = "u"\nbroker_url = "ws://h/ws"\n'
-        f'secret_key = "{SECRET}"\n'
+        f'secret_key = "{PARENT}"\n'
     )
     path = tmp_path / "c.toml"
     path.write_text(mesh + mesh)
     with pytest.raises(ConfigError, match="alpha"):
-        _load_config(str(path))
+        load_config(str(path))

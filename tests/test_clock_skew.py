@@ -15,20 +15,19 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
-from typing import Any
 
 import attrs
 import pytest
 import trio
 
-from trio_drain import BrokerRegistry, DrainConfig, DrainWorker, Outbox, SendRequest, Status, open_outbox
+from trio_drain import DrainConfig, Outbox, Status, open_outbox
 from trio_drain import _lifecycle as lc
 from trio_drain._clock import wall_clock_ms
 
-from .helpers import FakeBroker, wait_until
+from .builders import BIG, req
+from .helpers import FakeBroker, Rig, wait_settled
 
 MINUTES_10 = 10 * 60 * 1000
-BIG = 10**12  # a max_age no test row reaches
 LEASE = 60_000
 
 
@@ -38,17 +37,6 @@ def fast() -> int:
 
 def slow() -> int:
     return wall_clock_ms() - MINUTES_10
-
-
-def req(cid: str, **kw: Any) -> SendRequest:
-    fields: dict[str, Any] = {
-        "mesh": "alpha",
-        "target_spec": "#t",
-        "payload": cid.encode(),
-        "client_message_id": cid,
-    }
-    fields.update(kw)
-    return SendRequest(**fields)
 
 
 @attrs.frozen
@@ -190,14 +178,8 @@ async def test_workers_on_hosts_whose_clocks_are_off_send_each_row_once(pg_url: 
         await ob_right.accept_many([req(f"m-{i}") for i in range(n)])
         async with trio.open_nursery() as nursery:
             for name, ob in (("fast", ob_fast), ("right", ob_right)):
-                registry = BrokerRegistry()
-                registry.set_mesh("alpha", brokers[name])
-                await nursery.start(DrainWorker(ob, registry, config).run)
-
-            async def all_done() -> bool:
-                return (await ob_right.counts())["done"] == n
-
-            await wait_until(all_done, seconds=20)
+                await Rig(ob, nursery, brokers[name], config=config).start()
+            await wait_settled(ob_right, n, among=("done",), seconds=20)
             nursery.cancel_scope.cancel()
     sent = Counter(m.client_message_id for b in brokers.values() for m in b.received)
     assert set(sent) == {f"m-{i}" for i in range(n)}

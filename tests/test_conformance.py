@@ -24,8 +24,7 @@ import trio
 
 from trio_drain import MeshIdentity, WebSocketBroker, generate_secret_key, serve_broker
 from trio_drain._clock import wall_clock_ms
-from trio_drain._ws import _transport
-from trio_drain._ws import Connection, TransportClosed, TransportRejected, open_connection
+from trio_drain._ws import Connection, TransportClosed, TransportRejected, _engine, open_connection
 
 from .wsconformance import (
     CASES,
@@ -307,7 +306,7 @@ async def test_a_cancelled_broker_run_completes_the_closing_handshake() -> None:
 async def test_the_closing_handshake_is_bounded_when_the_peer_never_answers(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(_transport, "CLOSE_TIMEOUT", 0.3)
+    monkeypatch.setattr(_engine, "CLOSE_TIMEOUT", 0.3)
     server = ClosingServer(delay=None)
     with trio.fail_after(2):
         async with scripted_server(server) as url:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import os
 import random
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -30,37 +29,32 @@ import pytest
 from trio_drain._brokers._identity import generate_secret_key
 from trio_drain._crashpoints import ENV, POINTS
 
-from .procs import CLI, SHORT_LEASES, Broker, counts, fill, start_run, stop_all, wait_for_done, write_config
+from .procs import (
+    CLI,
+    SHORT_LEASES,
+    Broker,
+    counts,
+    fill,
+    query,
+    start_run,
+    statuses,
+    stop_all,
+    wait_for_done,
+    write_config,
+)
 
 MAX_INFLIGHT = 16
 CRASHY = {"max_inflight": MAX_INFLIGHT, **SHORT_LEASES}
 
 
 def integrity(db: Path) -> str:
-    conn = sqlite3.connect(db)
-    try:
-        return "; ".join(r[0] for r in conn.execute("PRAGMA integrity_check"))
-    finally:
-        conn.close()
-
-
-def outbox_rows(db: Path) -> dict[str, tuple[str, str | None]]:
-    conn = sqlite3.connect(db)
-    try:
-        return {
-            cid: (status, bmid)
-            for cid, status, bmid in conn.execute(
-                "SELECT client_message_id, status, broker_message_id FROM outbox"
-            )
-        }
-    finally:
-        conn.close()
+    return "; ".join(r[0] for r in query(db, "PRAGMA integrity_check"))
 
 
 def account(db: Path, broker: Broker, n: int, kills: int) -> dict[str, Any]:
     """Every id: delivered once, recorded with the broker's own message id."""
     ids = {f"r-{i}" for i in range(n)}
-    rows = outbox_rows(db)
+    rows = statuses(db, "broker_message_id")
     lost = sorted(cid for cid in ids if rows[cid][0] != "done")
     accepted = broker.accepted()
     wrong = sorted(cid for cid in ids if accepted.get(cid) != rows[cid][1])

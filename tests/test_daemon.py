@@ -181,20 +181,29 @@ def wait_for_receipts(broker: Broker, n: int, seconds: float = 20) -> None:
         time.sleep(0.05)
 
 
-def test_shutdown_is_bounded_with_a_broker_that_never_acks_and_loses_nothing(tmp_path: Path) -> None:
+def run_unanswered(
+    tmp_path: Path, rows: int, *, shutdown_timeout: float
+) -> tuple[Broker, Path, subprocess.Popen[str]]:
+    """A broker that acks nothing, an outbox of `rows` rows, and `trio-drain
+    run` sending them 16 at a time, under an ack timeout and a lease too
+    long to matter."""
     broker = Broker(tmp_path, "--drop-ack-rate", "1.0").start()
     db = tmp_path / "o.db"
-    fill(db, 50)
+    fill(db, rows)
     config = config_for(
         tmp_path / "c.toml",
         {"alpha": broker.url},
         generate_secret_key(),
-        shutdown_timeout=1.5,
+        shutdown_timeout=shutdown_timeout,
         ack_timeout=30.0,
         lease=60.0,
         max_inflight=16,
     )
-    worker = start_run(db, config)
+    return broker, db, start_run(db, config)
+
+
+def test_shutdown_is_bounded_with_a_broker_that_never_acks_and_loses_nothing(tmp_path: Path) -> None:
+    broker, db, worker = run_unanswered(tmp_path, 50, shutdown_timeout=1.5)
     try:
         wait_for_receipts(broker, 16)  # the whole window is out, and will never be answered
         asked = time.monotonic()
@@ -210,19 +219,7 @@ def test_shutdown_is_bounded_with_a_broker_that_never_acks_and_loses_nothing(tmp
 
 
 def test_a_second_signal_exits_at_once(tmp_path: Path) -> None:
-    broker = Broker(tmp_path, "--drop-ack-rate", "1.0").start()
-    db = tmp_path / "o.db"
-    fill(db, 20)
-    config = config_for(
-        tmp_path / "c.toml",
-        {"alpha": broker.url},
-        generate_secret_key(),
-        shutdown_timeout=60.0,
-        ack_timeout=30.0,
-        lease=60.0,
-        max_inflight=16,
-    )
-    worker = start_run(db, config)
+    broker, db, worker = run_unanswered(tmp_path, 20, shutdown_timeout=60.0)
     try:
         wait_for_receipts(broker, 16)
         worker.send_signal(signal.SIGINT)

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from trio_drain import MeshIdentity, WebSocketBroker, generate_secret_key
 from trio_drain._brokers._wire import classify_ack
-from trio_drain._cli._main import _TextFormatter
+from trio_drain._cli._logging import TextFormatter
 from trio_drain._display import Throttle, visible
 
 from .procs import run
@@ -106,7 +106,7 @@ def test_log_lines_are_made_inert() -> None:
     record = logging.LogRecord(
         "trio_drain.worker", logging.WARNING, __file__, 1, "row %s is dead: %s", ("r-1", HOSTILE), None
     )
-    line = _TextFormatter("%(levelname)s %(message)s").format(record)
+    line = TextFormatter("%(levelname)s %(message)s").format(record)
     assert_inert(line)
     assert line.startswith("WARNING row r-1 is dead: \\x1b[2J")
 

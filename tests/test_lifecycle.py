@@ -2,34 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import attrs
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from trio_drain import InvalidTransition, OutboxRow, OutcomeKind, Status
+from trio_drain import InvalidTransition, OutcomeKind, Status
 from trio_drain import _lifecycle as lc
+from trio_drain._idempotency import decide_accept
+
+from .builders import claimed_row
 
 POLICY = lc.RetryPolicy(max_attempts=5, backoff_base_ms=500, backoff_cap_ms=30_000)
-
-
-def claimed_row(**changes: Any) -> OutboxRow:
-    row = OutboxRow(
-        id="r1",
-        client_message_id="m-1",
-        request_fingerprint=b"\x01" * 32,
-        payload=b"x",
-        enqueued_at=0,
-        attempts=1,
-        next_attempt_at=0,
-        status=Status.INFLIGHT,
-        lease_token="t",
-        lease_expires_at=60_000,
-        mesh="alpha",
-    )
-    return attrs.evolve(row, **changes)
 
 
 @given(
@@ -177,7 +161,7 @@ EXPECTED = {
 def test_the_idempotency_table(status: Status, same: bool, fp: bytes) -> None:
     existing = claimed_row(status=status, request_fingerprint=fp, broker_message_id="b-1")
     asked = fp if same else bytes(b ^ 0xFF for b in fp)
-    outcome = lc.decide_accept(existing, client_message_id="m-1", fingerprint=asked)
+    outcome = decide_accept(existing, client_message_id="m-1", fingerprint=asked)
     kind, code, reason = EXPECTED.get(
         (status, same), (OutcomeKind.CONFLICT, 409, f"outbox_{status.value}_fingerprint_mismatch")
     )
@@ -189,7 +173,7 @@ def test_the_idempotency_table(status: Status, same: bool, fp: bytes) -> None:
 
 
 def test_no_existing_row_means_insert() -> None:
-    outcome = lc.decide_accept(None, client_message_id="m-1", fingerprint=b"x" * 32)
+    outcome = decide_accept(None, client_message_id="m-1", fingerprint=b"x" * 32)
     assert (outcome.kind, outcome.code, outcome.inserted) == (OutcomeKind.ACCEPTED_PENDING, 202, True)
 
 

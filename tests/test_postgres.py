@@ -23,10 +23,8 @@ import trio
 
 from trio_drain import (
     AcceptOutcome,
-    BrokerRegistry,
     ConfigError,
     DrainConfig,
-    DrainWorker,
     Outbox,
     SchemaError,
     SendRequest,
@@ -38,10 +36,13 @@ from trio_drain import (
 from trio_drain import _lifecycle as lc
 from trio_drain._brokers._identity import generate_secret_key
 from trio_drain._store._base import RouteFilter
-from trio_drain._store._postgres._backend import Commit, PostgresBackend, committed
-from trio_drain._store._postgres import _backend as _postgres
+from trio_drain._store._postgres._backend import PostgresBackend
+from trio_drain._store._postgres._pool import Commit, committed
+from trio_drain._store._postgres._schema import MIN_POSTGRES
+from trio_drain._store._postgres._statements import claim_statement
 
-from .helpers import FakeBroker, wait_until
+from .builders import BIG, req
+from .helpers import FakeBroker, Rig, wait_settled, wait_until
 from .pg import PostgresServer, free_port
 from .procs import SHORT_LEASES, Broker, counts, fill, start_run, stop_all, wait_for_done, write_config
 
@@ -55,18 +56,6 @@ FAST = DrainConfig(
     backoff_base=0.01,
     backoff_cap=0.05,
 )
-BIG = 10**12  # a max_age no test row reaches
-
-
-def req(cid: str, **kw: Any) -> SendRequest:
-    fields: dict[str, Any] = {
-        "mesh": "alpha",
-        "target_spec": "#t",
-        "payload": cid.encode(),
-        "client_message_id": cid,
-    }
-    fields.update(kw)
-    return SendRequest(**fields)
 
 
 # -- opening ---------------------------------------------------------------------------
@@ -119,7 +108,7 @@ async def test_a_server_too_old_for_the_sql_is_refused_at_open_and_nothing_is_cr
             None,
             None,
         )
-        assert conn.info.server_version >= _postgres.MIN_POSTGRES  # the real server is new enough
+        assert conn.info.server_version >= MIN_POSTGRES  # the real server is new enough
 
 
 async def test_the_claim_query_uses_the_claim_index(pg_url: str) -> None:
@@ -143,7 +132,7 @@ async def test_the_claim_by_the_servers_clock_still_uses_the_claim_index(pg_url:
     # and a sort of every due row.
     async with open_outbox(pg_url) as ob:
         await ob.accept_many([req(f"m-{i}") for i in range(2000)])
-    sql, args = _postgres._claim_statement(128, 60_000, BIG, "t", RouteFilter(meshes=frozenset({"beta"})))
+    sql, args = claim_statement(128, 60_000, BIG, "t", RouteFilter(meshes=frozenset({"beta"})))
     with psycopg.connect(pg_url) as conn:
         conn.execute("ANALYZE outbox")
         cursor = psycopg.ClientCursor(conn)
@@ -190,7 +179,7 @@ async def test_claims_from_many_connections_never_take_a_row_twice(pg_url: str) 
 
     async def claimer(n: int) -> None:
         async with open_outbox(pg_url) as ob:
-            while rows := await ob.claim(limit=7, lease_ms=60_000, max_age_ms=10**12, token=f"t{n}"):
+            while rows := await ob.claim(limit=7, lease_ms=60_000, max_age_ms=BIG, token=f"t{n}"):
                 claimed.extend(r.client_message_id for r in rows)
 
     async with trio.open_nursery() as nursery:
@@ -202,9 +191,8 @@ async def test_claims_from_many_connections_never_take_a_row_twice(pg_url: str) 
 
 async def test_a_notify_from_another_process_wakes_an_idle_worker_at_once(pg_url: str) -> None:
     async with open_outbox(pg_url) as ob, trio.open_nursery() as nursery:
-        registry, broker = BrokerRegistry(), FakeBroker()
-        registry.set_mesh("alpha", broker)
-        await nursery.start(DrainWorker(ob, registry, FAST).run)  # polls every 30 s
+        broker = FakeBroker()
+        await Rig(ob, nursery, broker, config=FAST).start()  # polls every 30 s
         backend = ob.backend
         assert isinstance(backend, PostgresBackend)
         await wait_until(lambda: backend.listening, seconds=5)
@@ -237,9 +225,8 @@ async def test_a_server_restart_under_a_running_worker_loses_nothing(
     config = attrs.evolve(FAST, poll_interval=0.2)
     async with open_outbox(url) as ob, trio.open_nursery() as nursery:
         await ob.accept_many([req(f"m-{i}") for i in range(400)])
-        registry, broker = BrokerRegistry(), FakeBroker(delay=0.01)
-        registry.set_mesh("alpha", broker)
-        await nursery.start(DrainWorker(ob, registry, config).run)
+        broker = FakeBroker(delay=0.01)
+        await Rig(ob, nursery, broker, config=config).start()
         await wait_until(lambda: len(broker.accepted) >= 50, seconds=10)
         await trio.to_thread.run_sync(own_server.stop)
 
@@ -249,14 +236,7 @@ async def test_a_server_restart_under_a_running_worker_loses_nothing(
         await trio.sleep(0.5)  # the worker meets the outage too
         await trio.to_thread.run_sync(own_server.start)
         await ob.accept(req("after-restart"))
-
-        async def all_done() -> bool:
-            try:
-                return (await ob.counts())["done"] == 401
-            except StoreUnavailable:
-                return False
-
-        await wait_until(all_done, seconds=30)
+        await wait_settled(ob, 401, among=("done",), seconds=30, through_outages=True)
         nursery.cancel_scope.cancel()
     assert set(broker.accepted) == {f"m-{i}" for i in range(400)} | {"after-restart"}
     text = caplog.text

@@ -6,23 +6,22 @@ against both modes."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
-import sqlite3
 import subprocess
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 import trio
 
 from trio_drain import (
-    BrokerRegistry,
     DrainConfig,
-    DrainWorker,
     Faults,
     InvalidRequest,
     MeshIdentity,
@@ -33,41 +32,23 @@ from trio_drain import (
     WebSocketBroker,
     generate_secret_key,
     open_outbox,
-    serve_broker,
 )
 from trio_drain._brokers._identity import public_key_hex
 from trio_drain._brokers._wire import SendResult, classify_ack
 from trio_drain._clock import wall_clock_ms
 from trio_drain._crashpoints import ENV
-from trio_drain._reference_broker._server import BrokerServer, RateLimit
+from trio_drain._reference_broker import RateLimit
 
 from . import procs
-from .helpers import QUICK_RETRIES, wait_until, websocket_client
+from .builders import SESSION, mesh_identity, message, session_identity
+from .helpers import QUICK_RETRIES, Rig, start_server, wait_until, websocket_client
 
-PARENT = generate_secret_key()
-SESSION = generate_secret_key()
 FAST = QUICK_RETRIES
 MODES = [None, "claudemesh"]
 
 
-def mesh_identity() -> MeshIdentity:
-    return MeshIdentity(mesh_id="mesh-alpha", member_id="member-1", secret_key=PARENT)
-
-
-def session_identity() -> SessionIdentity:
-    return SessionIdentity(
-        mesh_id="mesh-alpha",
-        parent_member_id="member-1",
-        parent_secret_key=PARENT,
-        session_secret_key=SESSION,
-    )
-
-
-async def start(nursery: trio.Nursery, **kw: Any) -> BrokerServer:
-    server: BrokerServer = await nursery.start(
-        lambda task_status: serve_broker(open_mode=True, task_status=task_status, **kw)
-    )
-    return server
+#: An open broker: any member may connect.
+start = functools.partial(start_server, open_mode=True)
 
 
 async def connected(
@@ -76,19 +57,6 @@ async def connected(
     broker = WebSocketBroker(url, identity, hello_timeout=1.0, reconnect_backoff=[0.05])
     await nursery.start(broker.run)
     return broker
-
-
-def message(cid: str, **kw: Any) -> OutgoingMessage:
-    fields = {
-        "client_message_id": cid,
-        "request_fingerprint": "ab" * 32,
-        "target_spec": "*",
-        "priority": "next",
-        "nonce": "A" * 32,
-        "ciphertext": "aGk=",
-        **kw,
-    }
-    return OutgoingMessage(**fields)
 
 
 # -- getting in ---------------------------------------------------------------------------------
@@ -123,7 +91,7 @@ async def test_a_hello_without_cwd_is_refused_and_the_claudemesh_broker_never_an
             assert waited.cancelled_caught, "the real broker logs the failed insert and says nothing"
         else:
             assert answer["type"] == "error" and "cwd" in answer["message"]
-    assert server.statistics.hellos_rejected == 1
+    assert server.statistics().hellos_rejected == 1
 
 
 @pytest.mark.parametrize("compat", MODES)
@@ -133,9 +101,8 @@ async def test_mesh_and_session_connections_get_in_and_deliver(compat: str | Non
         mesh = await connected(nursery, server.url, mesh_identity())
         session = await connected(nursery, server.url, session_identity())
         assert mesh.is_open() and session.is_open()
-        registry = BrokerRegistry()
-        registry.set_mesh("alpha", mesh)
-        registry.set_session(public_key_hex(SESSION), session)
+        rig = Rig(outbox, nursery, mesh, config=FAST)
+        rig.registry.set_session(public_key_hex(SESSION), session)
         await outbox.accept_many(
             [
                 SendRequest(mesh="alpha", target_spec="*", payload=b"m%d" % i, client_message_id=f"m-{i}")
@@ -152,8 +119,7 @@ async def test_mesh_and_session_connections_get_in_and_deliver(compat: str | Non
                 for i in range(20)
             ]
         )
-        worker = DrainWorker(outbox, registry, FAST)
-        await nursery.start(worker.run)
+        worker = await rig.start()
         await wait_until(lambda: len(server.accepted()) == 40)
         await wait_until(lambda: worker.statistics().acked == 40)
         nursery.cancel_scope.cancel()
@@ -211,12 +177,26 @@ async def test_the_brokers_answers_in_each_mode(compat: str | None, nursery: tri
     if compat:
         # No dedupe: the resend is a second message; no `duplicate` flag.
         assert not again.duplicate and again.message_id != first.message_id
-        assert server.copies()[("mesh-alpha", "a")] == 2 and server.statistics.redelivered == 1
+        assert server.copies()[("mesh-alpha", "a")] == 2 and server.statistics().redelivered == 1
         assert big.code is None and big.error == "payload too large: 273 bytes > MAX_MESSAGE_BYTES=200"
     else:
         assert again.duplicate and again.message_id == first.message_id
         assert server.copies()[("mesh-alpha", "a")] == 1
         assert big.code == "payload_too_large"
+
+
+async def test_the_brokers_statistics_are_a_frozen_snapshot(nursery: trio.Nursery) -> None:
+    server = await start(nursery)
+    broker = await connected(nursery, server.url, mesh_identity())
+    assert (await broker.send(message("a"))).ok
+    snapshot = server.statistics()
+    assert (await broker.send(message("b"))).ok
+    assert (await broker.send(message("a"))).duplicate
+    assert (snapshot.connections, snapshot.accepted, snapshot.duplicates) == (1, 1, 0)
+    later = server.statistics()
+    assert (later.accepted, later.duplicates) == (2, 1)
+    with pytest.raises(attrs.exceptions.FrozenInstanceError):
+        snapshot.accepted = 5  # type: ignore[misc]
 
 
 async def test_a_send_frame_the_claudemesh_broker_cannot_handle_gets_no_answer(nursery: trio.Nursery) -> None:
@@ -225,7 +205,7 @@ async def test_a_send_frame_the_claudemesh_broker_cannot_handle_gets_no_answer(n
     await nursery.start(broker.run)
     result = await broker.send(message("odd", priority="urgent"))
     assert (result.ok, result.unanswered, result.error) == (False, True, "ack_timeout")
-    assert server.statistics.unanswered == 1 and not server.accepted()
+    assert server.statistics().unanswered == 1 and not server.accepted()
 
 
 async def test_rows_whose_frame_the_broker_could_not_take_never_leave(tmp_path: Path) -> None:
@@ -237,9 +217,7 @@ async def test_rows_whose_frame_the_broker_could_not_take_never_leave(tmp_path: 
             lambda conn: conn.execute("UPDATE outbox SET priority = 'urgent'"), durable=False
         )
         server = await start(nursery, compat="claudemesh")
-        registry = BrokerRegistry()
-        registry.set_mesh("alpha", await connected(nursery, server.url, mesh_identity()))
-        await nursery.start(DrainWorker(outbox, registry, FAST).run)
+        await Rig(outbox, nursery, await connected(nursery, server.url, mesh_identity()), config=FAST).start()
 
         async def dead() -> bool:
             row = await outbox.get_by_client_id("odd")
@@ -249,7 +227,7 @@ async def test_rows_whose_frame_the_broker_could_not_take_never_leave(tmp_path: 
         nursery.cancel_scope.cancel()
     row = await _row(tmp_path / "o.db", "odd")
     assert row.attempts == 1 and row.last_error is not None and "priority 'urgent'" in row.last_error
-    assert server.statistics.unanswered == 0, "nothing was sent"
+    assert server.statistics().unanswered == 0, "nothing was sent"
 
 
 async def _row(db: Path, cid: str) -> Any:
@@ -305,17 +283,14 @@ async def test_a_rate_limited_backlog_drains_at_the_allowed_rate_and_nothing_die
     n, limit = 80, RateLimit(burst=10, per_minute=1200)
     async with open_outbox(tmp_path / "o.db", durability="normal") as outbox, trio.open_nursery() as nursery:
         server = await start(nursery, compat=compat, faults=Faults(rate_limit=limit))
-        registry = BrokerRegistry()
-        registry.set_mesh("alpha", await connected(nursery, server.url, mesh_identity()))
+        rig = Rig(outbox, nursery, await connected(nursery, server.url, mesh_identity()))
         await outbox.accept_many(
             [
                 SendRequest(mesh="alpha", target_spec="*", payload=b"r%d" % i, client_message_id=f"r-{i}")
                 for i in range(n)
             ]
         )
-        worker = DrainWorker(
-            outbox, registry, DrainConfig(max_inflight=64, poll_interval=0.05, max_attempts=3)
-        )
+        worker = rig.worker(DrainConfig(max_inflight=64, poll_interval=0.05, max_attempts=3))
         began = trio.current_time()
         await nursery.start(worker.run)
         await wait_until(lambda: worker.statistics().acked == n, seconds=30)
@@ -325,7 +300,7 @@ async def test_a_rate_limited_backlog_drains_at_the_allowed_rate_and_nothing_die
     assert (await _counts(tmp_path / "o.db"))["dead"] == 0
     allowed = (n - limit.burst) / (limit.per_minute / 60)
     assert allowed * 0.9 <= took <= allowed * 1.6, (took, allowed)
-    refused = server.statistics.rate_limited
+    refused = server.statistics().rate_limited
     assert refused == stats.rate_limited
     # The first window met the burst (16 sends against 10); after that, pacing.
     assert refused <= 16, refused
@@ -366,8 +341,6 @@ async def test_a_send_never_answered_is_resent_or_left_dead_for_review(
     silent_broker: WebSocketBroker,
 ) -> None:
     async with open_outbox(tmp_path / "o.db", durability="normal") as outbox:
-        registry = BrokerRegistry()
-        registry.set_mesh("alpha", silent_broker)
         await outbox.accept(SendRequest(mesh="alpha", target_spec="*", payload=b"x", client_message_id="q"))
         config = DrainConfig(
             poll_interval=0.05,
@@ -380,7 +353,7 @@ async def test_a_send_never_answered_is_resent_or_left_dead_for_review(
         silent_broker.ack_timeout = 10.0  # the worker's deadline decides
         with trio.CancelScope() as scope:
             async with trio.open_nursery() as inner:
-                await inner.start(DrainWorker(outbox, registry, config).run)
+                await Rig(outbox, inner, silent_broker, config=config).start()
 
                 async def moved() -> bool:
                     row = await outbox.get_by_client_id("q")
@@ -393,25 +366,6 @@ async def test_a_send_never_answered_is_resent_or_left_dead_for_review(
 
 
 # -- as processes: `trio-drain run` against `broker serve --compat claudemesh` ---------------------
-
-
-def _broker_copies(broker: procs.Broker) -> dict[str, int]:
-    conn = sqlite3.connect(broker.ledger)
-    try:
-        return dict(conn.execute("SELECT client_message_id, copies FROM accepted").fetchall())
-    finally:
-        conn.close()
-
-
-def _statuses(db: Path) -> dict[str, tuple[str, str | None]]:
-    conn = sqlite3.connect(db)
-    try:
-        return {
-            cid: (status, error)
-            for cid, status, error in conn.execute("SELECT client_message_id, status, last_error FROM outbox")
-        }
-    finally:
-        conn.close()
 
 
 @pytest.mark.parametrize("mode", [[], ["--compat", "claudemesh"]], ids=["reference", "claudemesh"])
@@ -478,7 +432,7 @@ def test_after_a_crash_between_send_and_record_the_operator_chooses_resend_or_re
         (err,) = procs.stop_all(worker)
     finally:
         broker.stop()
-    statuses, copies = _statuses(db), _broker_copies(broker)
+    statuses, copies = procs.statuses(db, "last_error"), broker.copies()
     twice = sorted(cid for cid, k in copies.items() if k > 1)
     unknown = sorted(cid for cid, (status, _) in statuses.items() if status == "dead")
     if fate == "resend":
@@ -515,9 +469,8 @@ async def test_a_paced_route_holds_back_only_its_own_rows(tmp_path: Path) -> Non
     alpha, beta = FakeBroker(script=limited), FakeBroker()
     async with open_outbox(tmp_path / "o.db", durability="normal") as outbox, trio.open_nursery() as nursery:
         bucket["at"] = trio.current_time()
-        registry = BrokerRegistry()
-        registry.set_mesh("alpha", alpha)
-        registry.set_mesh("beta", beta)
+        rig = Rig(outbox, nursery, alpha)
+        rig.registry.set_mesh("beta", beta)
         await outbox.accept_many(
             [
                 SendRequest(mesh=m, target_spec="*", payload=b"x", client_message_id=f"{m}-{i}")
@@ -525,8 +478,7 @@ async def test_a_paced_route_holds_back_only_its_own_rows(tmp_path: Path) -> Non
                 for m in ("alpha", "beta")
             ][:330]
         )
-        worker = DrainWorker(outbox, registry, DrainConfig(max_inflight=64, poll_interval=0.05))
-        await nursery.start(worker.run)
+        worker = await rig.start(DrainConfig(max_inflight=64, poll_interval=0.05))
         await wait_until(
             lambda: (
                 worker.statistics().per_route.get("mesh:beta") is not None
@@ -580,9 +532,8 @@ async def test_a_members_mesh_and_session_routes_share_one_pace(tmp_path: Path) 
     n, limit = 60, RateLimit(burst=10, per_minute=1200)
     async with open_outbox(tmp_path / "o.db", durability="normal") as outbox, trio.open_nursery() as nursery:
         server = await start(nursery, compat="claudemesh", faults=Faults(rate_limit=limit))
-        registry = BrokerRegistry()
-        registry.set_mesh("alpha", await connected(nursery, server.url, mesh_identity()))
-        registry.set_session(
+        rig = Rig(outbox, nursery, await connected(nursery, server.url, mesh_identity()))
+        rig.registry.set_session(
             public_key_hex(SESSION), await connected(nursery, server.url, session_identity())
         )
         await outbox.accept_many(
@@ -601,8 +552,7 @@ async def test_a_members_mesh_and_session_routes_share_one_pace(tmp_path: Path) 
                 for i in range(n // 2)
             ]
         )
-        worker = DrainWorker(outbox, registry, DrainConfig(max_inflight=64, poll_interval=0.05))
-        await nursery.start(worker.run)
+        worker = await rig.start(DrainConfig(max_inflight=64, poll_interval=0.05))
         await wait_until(lambda: worker.statistics().acked == n, seconds=30)
         stats = worker.statistics()
         nursery.cancel_scope.cancel()
@@ -616,9 +566,8 @@ async def test_a_route_in_slow_start_does_not_hold_the_window_against_other_rout
 
     slow, quick = FakeBroker(delay=30.0), FakeBroker()
     async with open_outbox(tmp_path / "o.db", durability="normal") as outbox, trio.open_nursery() as nursery:
-        registry = BrokerRegistry()
-        registry.set_mesh("slow", slow)
-        registry.set_mesh("quick", quick)
+        rig = Rig(outbox, nursery, slow, mesh="slow")
+        rig.registry.set_mesh("quick", quick)
         await outbox.accept_many(
             [
                 SendRequest(mesh="slow", target_spec="*", payload=b"x", client_message_id=f"s-{i}")
@@ -631,10 +580,7 @@ async def test_a_route_in_slow_start_does_not_hold_the_window_against_other_rout
                 for i in range(100)
             ]
         )
-        worker = DrainWorker(
-            outbox, registry, DrainConfig(max_inflight=64, poll_interval=0.05, ack_timeout=20.0, lease=60.0)
-        )
-        await nursery.start(worker.run)
+        await rig.start(DrainConfig(max_inflight=64, poll_interval=0.05, ack_timeout=20.0, lease=60.0))
         # The slow broker answers nothing for 30 s: its route holds 16 sends
         # and the rows of its first claim; the quick route gets the rest.
         await wait_until(lambda: len(quick.accepted) == 100, seconds=5)

@@ -4,45 +4,26 @@ from __future__ import annotations
 
 import base64
 import json
-from typing import Any
 
-import attrs
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from trio_drain import BrokerRegistry, OutboxRow, Status
+from trio_drain import BrokerRegistry
 from trio_drain._brokers._registry import NoBroker, Ready, Unavailable
 from trio_drain._brokers._wire import OutgoingMessage, encode_json, outgoing_message
 
+from .builders import claimed_row
 from .helpers import FakeBroker
 
 SESSION = "ab" * 32
-
-
-def row(**changes: Any) -> OutboxRow:
-    base = OutboxRow(
-        id="r1",
-        client_message_id="m-1",
-        request_fingerprint=bytes(range(32)),
-        payload=b"hello",
-        enqueued_at=0,
-        attempts=1,
-        next_attempt_at=0,
-        status=Status.INFLIGHT,
-        lease_token="t",
-        mesh="alpha",
-        target_spec="#general",
-        priority="now",
-    )
-    return attrs.evolve(base, **changes)
 
 
 def test_a_session_row_goes_only_through_its_session_broker() -> None:
     reg, mesh, session = BrokerRegistry(), FakeBroker(), FakeBroker()
     reg.set_mesh("alpha", mesh)
     reg.set_session(SESSION, session)
-    route = reg.resolve(row(sender_session_pubkey=SESSION))
+    route = reg.resolve(claimed_row(sender_session_pubkey=SESSION))
     assert isinstance(route, Ready) and route.broker is session
 
 
@@ -52,7 +33,7 @@ def test_a_session_row_never_falls_back_to_the_mesh_socket(registered: bool) -> 
     reg.set_mesh("alpha", FakeBroker())
     if registered:
         reg.set_session(SESSION, FakeBroker(is_open=False))
-    route = reg.resolve(row(sender_session_pubkey=SESSION))
+    route = reg.resolve(claimed_row(sender_session_pubkey=SESSION))
     assert route == Unavailable(f"session:{SESSION[:12]}", "session", SESSION)
 
 
@@ -60,10 +41,10 @@ def test_a_mesh_row_uses_its_mesh_broker_and_waits_while_it_is_closed() -> None:
     reg, alpha, beta = BrokerRegistry(), FakeBroker(), FakeBroker()
     reg.set_mesh("alpha", alpha)
     reg.set_mesh("beta", beta)
-    route = reg.resolve(row(mesh="beta"))
+    route = reg.resolve(claimed_row(mesh="beta"))
     assert isinstance(route, Ready) and route.broker is beta
     beta.set_open(False)
-    assert isinstance(reg.resolve(row(mesh="beta")), Unavailable)
+    assert isinstance(reg.resolve(claimed_row(mesh="beta")), Unavailable)
     assert reg.route_unavailable("mesh", "beta")
     assert not reg.route_unavailable("mesh", "alpha")
 
@@ -71,17 +52,17 @@ def test_a_mesh_row_uses_its_mesh_broker_and_waits_while_it_is_closed() -> None:
 def test_an_unregistered_mesh_is_no_broker() -> None:
     reg = BrokerRegistry()
     reg.set_mesh("alpha", FakeBroker())
-    assert reg.resolve(row(mesh="gamma")) == NoBroker("gamma")
+    assert reg.resolve(claimed_row(mesh="gamma")) == NoBroker("gamma")
 
 
 def test_a_row_without_mesh_uses_the_only_mesh_broker_or_none() -> None:
     reg, alpha = BrokerRegistry(), FakeBroker()
-    assert reg.resolve(row(mesh=None)) == NoBroker(None)
+    assert reg.resolve(claimed_row(mesh=None)) == NoBroker(None)
     reg.set_mesh("alpha", alpha)
-    route = reg.resolve(row(mesh=None))
+    route = reg.resolve(claimed_row(mesh=None))
     assert isinstance(route, Ready) and route.broker is alpha
     reg.set_mesh("beta", FakeBroker())
-    assert reg.resolve(row(mesh=None)) == NoBroker(None)
+    assert reg.resolve(claimed_row(mesh=None)) == NoBroker(None)
 
 
 def test_registry_changes_and_broker_openings_call_listeners() -> None:
@@ -102,7 +83,7 @@ def test_registry_refuses_bad_keys() -> None:
 
 
 def test_a_legacy_row_goes_out_as_a_broadcast() -> None:
-    m = outgoing_message(row(target_spec=None, priority=None, nonce=None, ciphertext=None))
+    m = outgoing_message(claimed_row(target_spec=None, priority=None, nonce=None, ciphertext=None))
     assert (m.target_spec, m.priority) == ("*", "next")
     assert base64.b64decode(m.ciphertext) == b"hello"
     assert len(base64.b64decode(m.nonce)) == 24
@@ -110,13 +91,13 @@ def test_a_legacy_row_goes_out_as_a_broadcast() -> None:
 
 
 def test_an_unencrypted_row_carries_its_payload_with_a_fresh_nonce() -> None:
-    a, b = outgoing_message(row()), outgoing_message(row())
+    a, b = outgoing_message(claimed_row()), outgoing_message(claimed_row())
     assert (a.target_spec, a.priority, base64.b64decode(a.ciphertext)) == ("#general", "now", b"hello")
     assert a.nonce != b.nonce
 
 
 def test_an_encrypted_row_goes_out_as_stored() -> None:
-    m = outgoing_message(row(nonce="bm9uY2U=", ciphertext="Y3Q="))
+    m = outgoing_message(claimed_row(nonce="bm9uY2U=", ciphertext="Y3Q="))
     assert (m.nonce, m.ciphertext) == ("bm9uY2U=", "Y3Q=")
     assert m.to_frame() == {
         "type": "send",

@@ -34,23 +34,15 @@ from trio_drain import (
     open_outbox,
 )
 from trio_drain._outbox import parse_target
-from trio_drain._store._sqlite._backend import MIN_SQLITE
+from trio_drain._store._sqlite._schema import MIN_SQLITE
 from trio_drain._validate import prepare_row
 
+from . import builders
+from .builders import BIG
 from .helpers import FakeClock, wait_until
 
-BIG = 10**12  # a max_age no test row reaches
-
-
-def req(cid: str, **kw: object) -> SendRequest:
-    fields: dict[str, object] = {
-        "mesh": "alpha",
-        "target_spec": "*",
-        "payload": cid.encode(),
-        "client_message_id": cid,
-    }
-    fields.update(kw)
-    return SendRequest(**fields)  # type: ignore[arg-type]
+#: The requests here are broadcasts.
+req = functools.partial(builders.req, target_spec="*")
 
 
 @pytest.fixture

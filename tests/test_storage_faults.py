@@ -20,12 +20,9 @@ import pytest
 import trio
 
 from trio_drain import (
-    BrokerRegistry,
     CorruptDatabase,
     DrainConfig,
-    DrainWorker,
     Outbox,
-    SendRequest,
     StoreError,
     StoreUnavailable,
     open_outbox,
@@ -34,22 +31,13 @@ from trio_drain._brokers._identity import generate_secret_key
 from trio_drain._store._sqlite._backend import SqliteBackend
 from trio_drain._store._sqlite._errors import translate as _translate
 
-from .helpers import FakeBroker, wait_until
+from .builders import req
+from .helpers import Rig
 from .procs import assert_clean_error, run
 
 FAST = DrainConfig(
     poll_interval=0.05, lease=5.0, ack_timeout=1.0, maintenance_interval=0.2, max_inflight=8, batch_size=8
 )
-
-
-def req(cid: str, **kw: Any) -> SendRequest:
-    fields: dict[str, Any] = {
-        "mesh": "alpha",
-        "target_spec": "#t",
-        "payload": cid.encode(),
-        "client_message_id": cid,
-    }
-    return SendRequest(**{**fields, **kw})
 
 
 @pytest.fixture
@@ -109,19 +97,14 @@ async def test_a_long_lock_is_a_clear_busy_error_and_the_worker_rides_it_out(
     await on_writer(ob, "PRAGMA busy_timeout = 500")
     locker = hold_write_lock(db_path, 3.0)
     try:
-        registry, broker = BrokerRegistry(), FakeBroker()
-        registry.set_mesh("alpha", broker)
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(DrainWorker(ob, registry, FAST).run)
+            rig = Rig(ob, nursery, config=FAST)
+            nursery.start_soon(rig.worker().run)
             with pytest.raises(StoreUnavailable, match="busy"):
                 await ob.accept(req("refused"))
             assert await ob.get_by_client_id("refused") is None  # nothing half-written
             await trio.to_thread.run_sync(locker.communicate)
-
-            async def all_done() -> bool:
-                return (await ob.counts())["done"] == 20
-
-            await wait_until(all_done, seconds=15)
+            await rig.settled(20, among=("done",), seconds=15)
             assert (await ob.accept(req("refused"))).inserted  # the failure consumed no id
             nursery.cancel_scope.cancel()
     finally:
@@ -143,23 +126,14 @@ async def test_a_full_disk_refuses_accepts_cleanly_and_recovers(
     assert await ob.get_by_client_id("big-0") is None
 
     # The worker keeps delivering what is there: updates need no new pages.
-    registry, broker = BrokerRegistry(), FakeBroker()
-    registry.set_mesh("alpha", broker)
     async with trio.open_nursery() as nursery:
-        await nursery.start(DrainWorker(ob, registry, FAST).run)
-
-        async def all_done() -> bool:
-            return (await ob.counts())["done"] == 50
-
-        await wait_until(all_done, seconds=10)
+        rig = Rig(ob, nursery, config=FAST)
+        await rig.start()
+        await rig.settled(50, among=("done",))
         await on_writer(ob, "PRAGMA max_page_count = 1073741823")  # space freed
         outcomes = await ob.accept_many([req(f"big-{i}", meta={"pad": "x" * 2000}) for i in range(20)])
         assert all(o.inserted for o in outcomes)
-
-        async def big_done() -> bool:
-            return (await ob.counts())["done"] == 70
-
-        await wait_until(big_done, seconds=10)
+        await rig.settled(70, among=("done",))
         nursery.cancel_scope.cancel()
     assert await on_writer(ob, "PRAGMA quick_check") == "ok"
 
@@ -215,20 +189,15 @@ async def test_the_worker_backs_off_instead_of_spinning_while_the_store_fails(
     caplog.set_level(logging.ERROR)
     await ob.accept(req("m-1"))
     await on_writer(ob, "PRAGMA query_only = ON")
-    registry, broker = BrokerRegistry(), FakeBroker()
-    registry.set_mesh("alpha", broker)
     async with trio.open_nursery() as nursery:
-        await nursery.start(DrainWorker(ob, registry, FAST).run)
+        rig = Rig(ob, nursery, config=FAST)
+        await rig.start()
         await trio.sleep(2.0)
         failures = caplog.text.count("outbox unavailable")
         # poll_interval 0.05 doubling to a 5 s cap: a handful of tries, not hundreds.
         assert 2 <= failures <= 10, failures
         await on_writer(ob, "PRAGMA query_only = OFF")
-
-        async def done() -> bool:
-            return (await ob.counts())["done"] == 1
-
-        await wait_until(done, seconds=10)
+        await rig.settled(1, among=("done",))
         nursery.cancel_scope.cancel()
 
 

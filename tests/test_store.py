@@ -3,38 +3,21 @@ actions. Each test runs against SQLite and PostgreSQL (see conftest)."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import functools
 
 import attrs
 import pytest
 
-from trio_drain import InvalidTransition, Outbox, SendRequest, Status, UnknownRow
+from trio_drain import InvalidTransition, Outbox, Status, UnknownRow
 from trio_drain import _lifecycle as lc
 from trio_drain._store._base import RouteFilter
 
+from . import builders
+from .builders import BIG
 from .helpers import FakeClock
-from .pg import open_clocked_outbox
 
-BIG = 10**12  # a max_age no test row reaches
-
-
-def req(cid: str, **kw: object) -> SendRequest:
-    fields: dict[str, object] = {
-        "mesh": "alpha",
-        "target_spec": "*",
-        "payload": cid.encode(),
-        "client_message_id": cid,
-    }
-    fields.update(kw)
-    return SendRequest(**fields)  # type: ignore[arg-type]
-
-
-@pytest.fixture
-async def clocked_outbox(outbox_target: str, clock: FakeClock) -> AsyncIterator[Outbox]:
-    """conftest's outbox whose clock moves only when the test says, with the
-    fake clock standing in for the PostgreSQL server's own as well."""
-    async with open_clocked_outbox(outbox_target, clock) as ob:
-        yield ob
+#: The requests here are broadcasts.
+req = functools.partial(builders.req, target_spec="*")
 
 
 # -- claims ------------------------------------------------------------------

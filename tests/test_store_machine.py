@@ -136,13 +136,8 @@ class OutboxMachine(RuleBasedStateMachine):
             token=token,
         )
         now = self.clock.now
-        eligible = {
-            r.id: r
-            for r in self.model.values()
-            if r.status is Status.PENDING
-            and r.next_attempt_at <= now
-            and r.enqueued_at >= now - POLICY.max_age_ms
-        }
+        # The model asks the state machine; the store's SQL must agree with it.
+        eligible = {r.id: r for r in self.model.values() if lc.holds(lc.CLAIMABLE, r, now=now, policy=POLICY)}
         assert len(rows) == min(limit, len(eligible))
         claimed_keys = []
         for row in rows:
@@ -215,10 +210,11 @@ class OutboxMachine(RuleBasedStateMachine):
         now = self.clock.now
         expected = 0
         for m in self.model.values():
-            if m.status is Status.INFLIGHT and m.lease_expires_at is not None and m.lease_expires_at <= now:
+            if lc.holds(lc.LEASE_RAN_OUT, m, now=now, policy=POLICY):
                 expected += 1
                 m.status, m.last_error = lc.on_lease_expired(
-                    unknown_fate=POLICY.unknown_fate, at_cap=m.attempts >= POLICY.max_attempts
+                    unknown_fate=POLICY.unknown_fate,
+                    at_cap=lc.holds(lc.AT_ATTEMPT_CAP, m, now=now, policy=POLICY),
                 )
                 if m.status is Status.PENDING:
                     m.next_attempt_at = now
@@ -228,8 +224,8 @@ class OutboxMachine(RuleBasedStateMachine):
     @rule()
     def expire_stale(self) -> None:
         moved = self.call(self.outbox.expire_stale, max_age_ms=POLICY.max_age_ms)
-        cutoff = self.clock.now - POLICY.max_age_ms
-        expected = [m for m in self.model.values() if m.status is Status.PENDING and m.enqueued_at < cutoff]
+        now = self.clock.now
+        expected = [m for m in self.model.values() if lc.holds(lc.PAST_MAX_AGE, m, now=now, policy=POLICY)]
         for m in expected:
             m.status, m.last_error = Status.DEAD, lc.EXPIRED
         assert moved == len(expected)
@@ -287,12 +283,14 @@ class OutboxMachine(RuleBasedStateMachine):
             assert counts[status.value] == sum(m.status is status for m in self.model.values())
 
 
-OutboxMachine.TestCase.settings = settings(
+#: Each machine, on each back end, runs under these.
+MACHINE_SETTINGS = settings(
     max_examples=60,
     stateful_step_count=40,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
+OutboxMachine.TestCase.settings = MACHINE_SETTINGS
 TestOutboxMachine = OutboxMachine.TestCase
 
 
@@ -311,12 +309,7 @@ class PostgresOutboxMachine(OutboxMachine):
         return backend
 
 
-PostgresOutboxMachine.TestCase.settings = settings(
-    max_examples=60,
-    stateful_step_count=40,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow],
-)
+PostgresOutboxMachine.TestCase.settings = MACHINE_SETTINGS
 TestPostgresOutboxMachine = PostgresOutboxMachine.TestCase
 
 

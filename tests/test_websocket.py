@@ -11,22 +11,20 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 import trio
 import trio_websocket
 
 from trio_drain import (
-    BrokerRegistry,
-    DrainConfig,
-    DrainWorker,
     Faults,
     MeshIdentity,
     Outbox,
-    OutgoingMessage,
     SendRequest,
-    SessionIdentity,
+    SendResult,
     Status,
     WebSocketBroker,
+    WebSocketBrokerStatistics,
     generate_secret_key,
     open_outbox,
     serve_broker,
@@ -35,18 +33,20 @@ from trio_drain._brokers._identity import public_key_hex
 from trio_drain._brokers._wire import classify_ack
 from trio_drain._ws import TRANSPORTS
 
-from .helpers import QUICK_RETRIES, self_signed_certificate, wait_until, websocket_client
+from .builders import PARENT, SESSION, mesh_identity, message, req, session_identity
+from .helpers import (
+    QUICK_RETRIES,
+    Rig,
+    self_signed_certificate,
+    start_server,
+    wait_settled,
+    wait_until,
+    websocket_client,
+)
 from .proxy import FaultProxy
 
-PARENT = generate_secret_key()
-SESSION = generate_secret_key()
 MEMBERS = {"mesh-alpha": {"member-1": public_key_hex(PARENT)}}
 FAST = QUICK_RETRIES
-
-
-def mesh_identity(secret: str = PARENT, member: str = "member-1") -> MeshIdentity:
-    return MeshIdentity(mesh_id="mesh-alpha", member_id=member, secret_key=secret)
-
 
 TRANSPORT = {"name": "wsproto"}
 
@@ -65,18 +65,12 @@ def quick(url: str, identity: Any, **kw: Any) -> WebSocketBroker:
     return WebSocketBroker(url, identity, **kw)
 
 
-async def start_broker(nursery: trio.Nursery, **kw: Any) -> Any:
-    kw.setdefault("members", MEMBERS)
-    return await nursery.start(lambda task_status: serve_broker(task_status=task_status, **kw))
+#: A broker that knows member-1 of mesh-alpha (by PARENT's key).
+start_broker = functools.partial(start_server, members=MEMBERS)
 
 
-async def drained(outbox: Outbox, n: int, seconds: float = 15.0) -> dict[str, int]:
-    async def check() -> bool:
-        c = await outbox.counts()
-        return c["done"] + c["dead"] >= n
-
-    await wait_until(check, seconds=seconds)
-    return await outbox.counts()
+#: Rows end done or dead here, within 15 s unless a test says otherwise.
+drained = functools.partial(wait_settled, among=("done", "dead"), seconds=15.0)
 
 
 @pytest.fixture
@@ -86,12 +80,7 @@ async def outbox(tmp_path: Path) -> AsyncIterator[Outbox]:
 
 
 def reqs(n: int, **kw: Any) -> list[SendRequest]:
-    return [
-        SendRequest(
-            mesh="alpha", target_spec="#t", payload=f"p{i}".encode(), client_message_id=f"m-{i}", **kw
-        )
-        for i in range(n)
-    ]
+    return [req(f"m-{i}", payload=f"p{i}".encode(), **kw) for i in range(n)]
 
 
 async def test_rows_drain_end_to_end_through_a_mesh_connection(outbox: Outbox) -> None:
@@ -100,10 +89,8 @@ async def test_rows_drain_end_to_end_through_a_mesh_connection(outbox: Outbox) -
         broker = quick(server.url, mesh_identity())
         await nursery.start(broker.run)
         assert broker.is_open() and broker.presence_id
-        registry = BrokerRegistry()
-        registry.set_mesh("alpha", broker)
         await outbox.accept_many(reqs(300))
-        await nursery.start(DrainWorker(outbox, registry, FAST).run)
+        await Rig(outbox, nursery, broker, config=FAST).start()
         assert (await drained(outbox, 300))["done"] == 300
         assert {cid for (_, cid) in server.accepted()} == {f"m-{i}" for i in range(300)}
         row = await outbox.get_by_client_id("m-5")
@@ -116,35 +103,20 @@ async def test_session_rows_leave_only_on_their_session_socket(outbox: Outbox) -
         mesh_server = await start_broker(nursery)
         session_server = await start_broker(nursery)
         mesh = quick(mesh_server.url, mesh_identity())
-        ident = SessionIdentity(
-            mesh_id="mesh-alpha",
-            parent_member_id="member-1",
-            parent_secret_key=PARENT,
-            session_secret_key=SESSION,
-        )
+        ident = session_identity()
         session = quick(session_server.url, ident)
         await nursery.start(mesh.run)
         await nursery.start(session.run)
         assert session.is_open(), session.last_error
-        registry = BrokerRegistry()
-        registry.set_mesh("alpha", mesh)
-        registry.set_session(ident.session_pubkey, session)
+        rig = Rig(outbox, nursery, mesh, config=FAST)
+        rig.registry.set_session(ident.session_pubkey, session)
         await outbox.accept_many(
             [
                 *reqs(5),
-                *[
-                    SendRequest(
-                        mesh="alpha",
-                        target_spec="#t",
-                        payload=b"s",
-                        client_message_id=f"s-{i}",
-                        sender_session_pubkey=ident.session_pubkey,
-                    )
-                    for i in range(5)
-                ],
+                *[req(f"s-{i}", payload=b"s", sender_session_pubkey=ident.session_pubkey) for i in range(5)],
             ]
         )
-        await nursery.start(DrainWorker(outbox, registry, FAST).run)
+        await rig.start()
         await drained(outbox, 10)
         assert {cid for (_, cid) in session_server.accepted()} == {f"s-{i}" for i in range(5)}
         assert {cid for (_, cid) in mesh_server.accepted()} == {f"m-{i}" for i in range(5)}
@@ -169,7 +141,7 @@ async def test_the_broker_refuses_bad_hellos(
         await nursery.start(broker.run)
         assert not broker.is_open()
         assert broker.last_error is not None and reason in broker.last_error
-        assert server.statistics.hellos_rejected >= 1
+        assert server.statistics().hellos_rejected >= 1
         nursery.cancel_scope.cancel()
 
 
@@ -181,24 +153,14 @@ async def raw_hello(url: str, frame: dict[str, Any]) -> dict[str, Any]:
 
 
 async def test_forged_and_expired_session_hellos_are_refused() -> None:
-    ident = SessionIdentity(
-        mesh_id="mesh-alpha",
-        parent_member_id="member-1",
-        parent_secret_key=PARENT,
-        session_secret_key=SESSION,
-    )
+    ident = session_identity()
     now = time.time_ns() // 1_000_000
     good = ident.hello(now)
     expired = ident.hello(now)
     expired["parentAttestation"]["expiresAt"] = now - 1
     forged = ident.hello(now)
     forged["signature"] = "00" * 64
-    other = SessionIdentity(
-        mesh_id="mesh-alpha",
-        parent_member_id="member-1",
-        parent_secret_key=PARENT,
-        session_secret_key=generate_secret_key(),
-    ).hello(now)
+    other = session_identity(generate_secret_key()).hello(now)
     swapped = dict(good, parentAttestation=other["parentAttestation"])
     async with trio.open_nursery() as nursery:
         server = await start_broker(nursery)
@@ -215,14 +177,7 @@ async def send_one(url: str, cid: str, fingerprint: str, ciphertext: str = "aGk=
     async with trio.open_nursery() as nursery:
         await nursery.start(broker.run)
         result = await broker.send(
-            OutgoingMessage(
-                client_message_id=cid,
-                request_fingerprint=fingerprint,
-                target_spec="*",
-                priority="next",
-                nonce="bm9uY2U=",
-                ciphertext=ciphertext,
-            )
+            message(cid, request_fingerprint=fingerprint, nonce="bm9uY2U=", ciphertext=ciphertext)
         )
         nursery.cancel_scope.cancel()
     return result
@@ -252,6 +207,42 @@ async def test_oversized_payloads_are_a_permanent_error(outbox: Outbox) -> None:
     assert (big.ok, big.permanent, big.error) == (False, True, "payload_too_large")
 
 
+async def test_statistics_are_a_frozen_snapshot_of_sends_acks_and_connections() -> None:
+    results: list[SendResult] = []
+    async with trio.open_nursery() as nursery:
+        server = await start_broker(nursery)
+        broker = quick(server.url, mesh_identity())
+        before = broker.statistics()
+        assert (before.is_open, before.connects, before.frames_sent) == (False, 0, 0)
+        await nursery.start(broker.run)
+        for i in range(3):
+            assert (await broker.send(message(f"m-{i}"))).ok
+        broker.start_send(message("m-3"), results.append)
+        broker.start_send(message("m-4"), results.append)
+        assert broker.statistics().in_flight == 2  # queued, not yet acked
+        await wait_until(lambda: len(results) == 2)
+        stats = broker.statistics()
+        nursery.cancel_scope.cancel()
+    assert all(result.ok for result in results)
+    assert stats == WebSocketBrokerStatistics(
+        is_open=True,
+        connects=1,
+        disconnects=0,
+        in_flight=0,
+        frames_sent=5,
+        acks_received=5,
+        unknown_acks=0,
+        errors_received=0,
+        pushes_received=0,
+        ack_timeouts=0,
+        pongs_missed=0,
+    )
+    after = broker.statistics()
+    assert (after.is_open, after.connects, after.disconnects) == (False, 1, 1)
+    with pytest.raises(attrs.exceptions.FrozenInstanceError):
+        stats.frames_sent = 0  # type: ignore[misc]
+
+
 @pytest.mark.parametrize(
     "faults",
     [
@@ -269,20 +260,9 @@ async def test_everything_drains_through_injected_faults_and_nothing_dies(
         server = await start_broker(nursery, faults=faults)
         broker = quick(server.url, mesh_identity())
         await nursery.start(broker.run)
-        registry = BrokerRegistry()
-        registry.set_mesh("alpha", broker)
         await outbox.accept_many(reqs(200))
-        config = DrainConfig(
-            poll_interval=0.05,
-            backoff_base=0.01,
-            backoff_cap=0.05,
-            route_retry=0.02,
-            lease=5.0,
-            ack_timeout=0.3,
-            maintenance_interval=0.2,
-            max_attempts=50,
-        )
-        await nursery.start(DrainWorker(outbox, registry, config).run)
+        config = attrs.evolve(QUICK_RETRIES, ack_timeout=0.3, max_attempts=50)
+        await Rig(outbox, nursery, broker, config=config).start()
         counts = await drained(outbox, 200, seconds=30)
         assert counts["done"] == 200 and counts["dead"] == 0
         assert len(server.accepted()) == 200  # exactly-once effect at the broker
@@ -344,16 +324,7 @@ async def test_garbage_frames_and_unknown_acks_are_survived() -> None:
         url = await scripted(nursery, chaotic)
         broker = quick(url, mesh_identity(), on_push=pushes.append)
         await nursery.start(broker.run)
-        result = await broker.send(
-            OutgoingMessage(
-                client_message_id="m-1",
-                request_fingerprint="aa",
-                target_spec="*",
-                priority="next",
-                nonce="",
-                ciphertext="",
-            )
-        )
+        result = await broker.send(message("m-1", request_fingerprint="aa", nonce="", ciphertext=""))
         assert (result.ok, result.message_id) == (True, "b-1")
         assert pushes == [{"type": "push", "x": 1}]
         assert broker.is_open()
@@ -371,16 +342,7 @@ async def test_a_close_fails_outstanding_sends_as_broker_disconnected() -> None:
         url = await scripted(nursery, hang_up)
         broker = quick(url, mesh_identity(), reconnect_backoff=(10.0,))
         await nursery.start(broker.run)
-        result = await broker.send(
-            OutgoingMessage(
-                client_message_id="m-1",
-                request_fingerprint="aa",
-                target_spec="*",
-                priority="next",
-                nonce="",
-                ciphertext="",
-            )
-        )
+        result = await broker.send(message("m-1", request_fingerprint="aa", nonce="", ciphertext=""))
         assert (result.ok, result.error, result.permanent) == (False, "broker_disconnected", False)
         nursery.cancel_scope.cancel()
 
@@ -423,9 +385,7 @@ def test_error_acks_are_classified_by_the_permanent_field_then_the_text(
 
 
 def test_identities_never_show_secret_keys() -> None:
-    ident = SessionIdentity(
-        mesh_id="m", parent_member_id="u", parent_secret_key=PARENT, session_secret_key=SESSION
-    )
+    ident = session_identity(mesh="m", member="u")
     for text in (repr(ident), repr(mesh_identity()), str(mesh_identity())):
         assert PARENT not in text and SESSION not in text and PARENT[:64] not in text
 
@@ -445,19 +405,14 @@ async def test_rows_wait_out_an_outage_and_drain_when_the_broker_returns(
         port = server.port
         broker = quick(server.url, mesh_identity(), reconnect_backoff=(0.1,))
         await nursery.start(broker.run)
-        registry = BrokerRegistry()
-        registry.set_mesh("alpha", broker)
-        worker = DrainWorker(outbox, registry, FAST)
-        await nursery.start(worker.run)
+        await Rig(outbox, nursery, broker, config=FAST).start()
         first.cancel()
         await wait_until(lambda: not broker.is_open())
         await outbox.accept_many(reqs(100))
         await trio.sleep(0.5)
         rows = await outbox.list(limit=100)
         assert {(r.status, r.attempts) for r in rows} == {(Status.PENDING, 0)}
-        await nursery.start(
-            lambda task_status: serve_broker(members=MEMBERS, db=db, port=port, task_status=task_status)
-        )
+        await start_broker(nursery, db=db, port=port)
         assert (await drained(outbox, 100, seconds=10))["done"] == 100
         nursery.cancel_scope.cancel()
 
@@ -474,14 +429,7 @@ async def test_an_acceptance_is_persisted_even_if_the_sender_hangs_up_before_the
                 await ws.send_message(json.dumps(hello))
                 await ws.get_message()
                 for i in range(100):
-                    frame = OutgoingMessage(
-                        client_message_id=f"m-{burst}-{i}",
-                        request_fingerprint="aa",
-                        target_spec="*",
-                        priority="next",
-                        nonce="bm9uY2U=",
-                        ciphertext="aGk=",
-                    ).to_frame()
+                    frame = message(f"m-{burst}-{i}", request_fingerprint="aa", nonce="bm9uY2U=").to_frame()
                     await ws.send_message(json.dumps(frame))
         # Every frame read (they were sent before each hang-up), then stop at
         # once: the writes in progress must be waited out, not raced.
@@ -525,10 +473,8 @@ async def drain_through_proxy(
         fault_proxy.url, mesh_identity(), reconnect_backoff=(0.05,), ping_interval=0.3, pong_timeout=0.3
     )
     await nursery.start(broker.run)
-    registry = BrokerRegistry()
-    registry.set_mesh("alpha", broker)
     await outbox.accept_many(reqs(300))
-    await nursery.start(DrainWorker(outbox, registry, FAST).run)
+    await Rig(outbox, nursery, broker, config=FAST).start()
     return server, fault_proxy, broker
 
 
@@ -568,7 +514,7 @@ async def test_a_broker_that_closes_slowly_is_survived(outbox: Outbox) -> None:
         )
         counts = await drained(outbox, 300, seconds=30)
         assert counts == {"pending": 0, "inflight": 0, "done": 300, "dead": 0, "aborted": 0}
-        assert server.statistics.disconnects >= 2
+        assert server.statistics().disconnects >= 2
         nursery.cancel_scope.cancel()
 
 
@@ -584,16 +530,7 @@ async def test_an_ack_that_never_comes_is_a_transient_ack_timeout() -> None:
         broker = quick(url, mesh_identity(), ack_timeout=0.3)
         await nursery.start(broker.run)
         started = trio.current_time()
-        result = await broker.send(
-            OutgoingMessage(
-                client_message_id="m-1",
-                request_fingerprint="aa",
-                target_spec="*",
-                priority="next",
-                nonce="",
-                ciphertext="",
-            )
-        )
+        result = await broker.send(message("m-1", request_fingerprint="aa", nonce="", ciphertext=""))
         assert (result.ok, result.error, result.permanent) == (False, "ack_timeout", False)
         assert 0.3 <= trio.current_time() - started < 1.0
         assert broker.is_open()
@@ -710,7 +647,7 @@ async def test_a_wrong_accept_key_is_a_refusal_over_trio_websocket_too(trio_webs
 )
 def test_the_reference_brokers_acks_are_the_json_its_encoder_writes(frame: dict[str, Any]) -> None:
     from trio_drain._brokers._wire import encode_json
-    from trio_drain._reference_broker._server import _encode_ack
+    from trio_drain._reference_broker import encode_ack
 
-    assert _encode_ack(frame) == encode_json(frame)
-    assert json.loads(_encode_ack(frame)) == frame
+    assert encode_ack(frame) == encode_json(frame)
+    assert json.loads(encode_ack(frame)) == frame

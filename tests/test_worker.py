@@ -12,75 +12,30 @@ import pytest
 import trio
 
 from trio_drain import (
-    BrokerRegistry,
     BrokerUnavailable,
     DrainConfig,
     DrainWorker,
     Outbox,
     OutgoingMessage,
-    SendRequest,
     SendResult,
     Status,
     TrioDrainError,
     open_outbox,
 )
 
-from .helpers import FakeBroker, wait_until
+from .builders import req
+from .helpers import QUICK_RETRIES, FakeBroker, Rig, wait_until
 
 SESSION = "cd" * 32
-FAST = DrainConfig(
-    poll_interval=0.05,
-    backoff_base=0.01,
-    backoff_cap=0.05,
-    route_retry=0.02,
-    lease=5.0,
-    ack_timeout=1.0,
-    maintenance_interval=0.2,
-    max_inflight=16,
-    batch_size=16,
-)
-
-
-def req(cid: str, **kw: Any) -> SendRequest:
-    fields: dict[str, Any] = {
-        "mesh": "alpha",
-        "target_spec": "#t",
-        "payload": cid.encode(),
-        "client_message_id": cid,
-    }
-    fields.update(kw)
-    return SendRequest(**fields)
-
-
-@attrs.define
-class Rig:
-    outbox: Outbox
-    registry: BrokerRegistry
-    broker: FakeBroker
-    nursery: trio.Nursery
-
-    async def start(self, config: DrainConfig = FAST) -> DrainWorker:
-        worker = DrainWorker(self.outbox, self.registry, config)
-        await self.nursery.start(worker.run)
-        return worker
-
-    async def settled(self, n: int, *, seconds: float = 10.0) -> dict[str, int]:
-        """Wait until n rows are done, dead or aborted; return the counts."""
-
-        async def check() -> bool:
-            c = await self.outbox.counts()
-            return c["done"] + c["dead"] + c["aborted"] >= n
-
-        await wait_until(check, seconds=seconds)
-        return await self.outbox.counts()
+FAST = attrs.evolve(QUICK_RETRIES, max_inflight=16, batch_size=16)
 
 
 @pytest.fixture
 async def rig(outbox_target: str) -> AsyncIterator[Rig]:
+    """A FakeBroker for mesh "alpha", the outbox (each back end in turn) and a
+    nursery; workers start with FAST."""
     async with open_outbox(outbox_target, durability="normal") as outbox, trio.open_nursery() as nursery:
-        registry, broker = BrokerRegistry(), FakeBroker()
-        registry.set_mesh("alpha", broker)
-        yield Rig(outbox, registry, broker, nursery)
+        yield Rig(outbox, nursery, config=FAST)
         nursery.cancel_scope.cancel()
 
 
@@ -379,12 +334,34 @@ async def test_statistics_are_a_frozen_snapshot(rig: Rig) -> None:
         snapshot.acked = 5  # type: ignore[misc]
 
 
+async def test_the_per_route_table_of_a_snapshot_is_read_only_and_never_changes(rig: Rig) -> None:
+    worker = await rig.start()
+    await rig.outbox.accept(req("m-1"))
+    await rig.settled(1)
+    routes = worker.statistics().per_route
+    alpha = routes["mesh:alpha"]
+    with pytest.raises(TypeError):
+        routes["mesh:alpha"] = alpha  # type: ignore[index]
+    with pytest.raises(TypeError):
+        del routes["mesh:alpha"]  # type: ignore[attr-defined]
+    with pytest.raises(attrs.exceptions.FrozenInstanceError):
+        alpha.acked = 5  # type: ignore[misc]
+    await rig.outbox.accept(req("m-2"))
+    await rig.outbox.accept(req("m-3", mesh="nowhere"))  # a second route: dead, no broker
+    await wait_until(lambda: worker.statistics().acked + worker.statistics().dead == 3)
+    assert {name: r.acked for name, r in worker.statistics().per_route.items()} == {
+        "mesh:alpha": 2,
+        "mesh:nowhere": 0,
+    }
+    assert list(routes) == ["mesh:alpha"] and routes["mesh:alpha"].acked == 1
+
+
 def _arrived(broker: FakeBroker, n: int) -> bool:
     return len(broker.arrivals) >= n
 
 
 async def test_a_broker_promising_a_longer_ack_timeout_still_gets_the_workers(rig: Rig) -> None:
-    rig.broker.ack_timeout = 30.0  # type: ignore[attr-defined]
+    rig.broker.ack_timeout = 30.0
     rig.broker.delay = 5.0
     await rig.outbox.accept(req("m-1"))
     await rig.start(attrs.evolve(FAST, ack_timeout=0.1, max_attempts=1))
@@ -434,11 +411,7 @@ async def pipelined_rig(
     outbox: Outbox, nursery: trio.Nursery, config: DrainConfig = FAST
 ) -> tuple[PipelinedFake, DrainWorker]:
     broker = PipelinedFake()
-    registry = BrokerRegistry()
-    registry.set_mesh("alpha", broker)
-    worker = DrainWorker(outbox, registry, config)
-    await nursery.start(worker.run)
-    return broker, worker
+    return broker, await Rig(outbox, nursery, broker).start(config)
 
 
 async def test_a_pipelined_broker_gets_many_sends_at_once_and_its_callbacks_finish_them(rig: Rig) -> None:
@@ -594,9 +567,7 @@ async def test_the_completer_writes_a_burst_at_once_without_waiting_out_its_dela
 async def test_stop_claims_nothing_more_and_returns_once_the_rows_out_are_answered(rig: Rig) -> None:
     await rig.outbox.accept_many([req(f"m-{i}") for i in range(40)])
     broker = PipelinedFake()
-    registry = BrokerRegistry()
-    registry.set_mesh("alpha", broker)
-    worker = DrainWorker(rig.outbox, registry, attrs.evolve(FAST, max_inflight=16))
+    worker = Rig(rig.outbox, rig.nursery, broker).worker(attrs.evolve(FAST, max_inflight=16))
     finished = trio.Event()
 
     async def run(*, task_status: trio.TaskStatus[None]) -> None:

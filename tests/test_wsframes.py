@@ -17,8 +17,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 from wsproto.events import AcceptConnection, BytesMessage, Message, Request, TextMessage
 
-from trio_drain._ws import _codec as wf
 from trio_drain._ws import TransportClosed, open_connection, serve_websocket
+from trio_drain._ws import _codec as wf
+from trio_drain._ws import _handshake as hs
 
 from . import wsconformance as wsc
 
@@ -64,7 +65,7 @@ def wsproto_server() -> wsproto.WSConnection:
 
 
 def test_the_accept_key_is_the_rfcs_example() -> None:
-    assert wf.accept_key("dGhlIHNhbXBsZSBub25jZQ==") == "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+    assert hs.accept_key("dGhlIHNhbXBsZSBub25jZQ==") == "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
 
 
 @given(st.binary(), st.binary(min_size=4, max_size=4))
@@ -175,12 +176,12 @@ def test_an_oversized_message_is_refused_from_its_header_before_its_body_arrives
 
 
 def test_the_server_answers_only_a_proper_upgrade() -> None:
-    request, key = wf.client_request("h", "/ws")
-    head, rest = wf.split_head(request + b"extra") or (b"", b"")
+    request, key = hs.client_request("h", "/ws")
+    head, rest = hs.split_head(request + b"extra") or (b"", b"")
     assert rest == b"extra"
-    answer = wf.server_response(head)
-    response_head, _ = wf.split_head(answer) or (b"", b"")
-    wf.check_response(response_head, key)  # our client accepts our server's answer
+    answer = hs.server_response(head)
+    response_head, _ = hs.split_head(answer) or (b"", b"")
+    hs.check_response(response_head, key)  # our client accepts our server's answer
     cases = {
         b"POST /ws HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\nConnection: Upgrade": b"400",
         b"GET /ws HTTP/1.1\r\nHost: h": b"426",
@@ -191,23 +192,23 @@ def test_the_server_answers_only_a_proper_upgrade() -> None:
         head.replace(b"Host: h\r\n", b""): b"400",
     }
     for bad, status in cases.items():
-        with pytest.raises(wf.HandshakeFailed) as caught:
-            wf.server_response(bad)
+        with pytest.raises(hs.HandshakeFailed) as caught:
+            hs.server_response(bad)
         assert caught.value.response.startswith(b"HTTP/1.1 " + status)
 
 
 def test_the_client_refuses_a_wrong_or_missing_upgrade() -> None:
-    _, key = wf.client_request("h", "/")
-    with pytest.raises(wf.HandshakeFailed, match="rejected with HTTP 403"):
-        wf.check_response(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0", key)
-    with pytest.raises(wf.HandshakeFailed, match="does not match"):
-        wf.check_response(
+    _, key = hs.client_request("h", "/")
+    with pytest.raises(hs.HandshakeFailed, match="rejected with HTTP 403"):
+        hs.check_response(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0", key)
+    with pytest.raises(hs.HandshakeFailed, match="does not match"):
+        hs.check_response(
             b"HTTP/1.1 101 Switching\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
             b"Sec-WebSocket-Accept: nope",
             key,
         )
-    with pytest.raises(wf.HandshakeFailed, match="too long"):
-        wf.split_head(b"x" * (wf.MAX_HEAD + 1))
+    with pytest.raises(hs.HandshakeFailed, match="too long"):
+        hs.split_head(b"x" * (hs.MAX_HEAD + 1))
 
 
 async def test_frames_that_ride_in_with_the_handshake_are_not_lost(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -215,20 +216,20 @@ async def test_frames_that_ride_in_with_the_handshake_are_not_lost(monkeypatch: 
     # whose first frame shares one with its request.
     async def eager_server(stream: trio.SocketStream) -> None:
         buffer = b""
-        while wf.split_head(buffer) is None:
+        while hs.split_head(buffer) is None:
             buffer += await stream.receive_some(65536)
-        head, rest = wf.split_head(buffer) or (b"", b"")
+        head, rest = hs.split_head(buffer) or (b"", b"")
         assert server().receive(rest) == [("message", "early hello")]
-        await stream.send_all(wf.server_response(head) + server().text("welcome"))
+        await stream.send_all(hs.server_response(head) + server().text("welcome"))
         await stream.receive_some(65536)  # until the client goes
 
-    original = wf.client_request
+    original = hs.client_request
 
     def request_with_a_frame(host: str, target: str) -> tuple[bytes, str]:
         request, key = original(host, target)
         return request + client().text("early hello"), key
 
-    monkeypatch.setattr(wf, "client_request", request_with_a_frame)
+    monkeypatch.setattr(hs, "client_request", request_with_a_frame)
     async with trio.open_nursery() as nursery:
         listeners = await nursery.start(functools.partial(trio.serve_tcp, eager_server, 0, host="127.0.0.1"))
         port = listeners[0].socket.getsockname()[1]
@@ -385,7 +386,7 @@ def test_bad_utf8_in_a_frame_arriving_in_pieces_fails_at_that_piece() -> None:
 @pytest.mark.parametrize("valid_and_data", wsc.UTF8_SEQUENCES, ids=lambda v: v[1].hex()[:24])
 def test_autobahns_utf8_sequences_whole_fragmented_and_in_pieces(valid_and_data: tuple[bool, bytes]) -> None:
     valid, data = valid_and_data
-    assert valid == _is_utf8(data)  # the table agrees with Python's strict decoder
+    assert valid == wsc.is_utf8(data)  # the table agrees with Python's strict decoder
     whole = wf.encode_frame(wf.OP_TEXT, data, masked=True)
     octet_fragments = b"".join(
         wsc.Frame(op, data[i : i + 1], fin=i == len(data) - 1).wire(masked=True)
@@ -399,14 +400,6 @@ def test_autobahns_utf8_sequences_whole_fragmented_and_in_pieces(valid_and_data:
             with pytest.raises(wf.ProtocolError) as caught:
                 in_pieces(codec, wire, list(range(step, len(wire), step)))
             assert caught.value.code == wf.CLOSE_INVALID_DATA
-
-
-def _is_utf8(data: bytes) -> bool:
-    try:
-        data.decode()
-    except UnicodeDecodeError:
-        return False
-    return True
 
 
 @given(

@@ -779,14 +779,15 @@ def _utf8() -> list[Case]:
         b"\xed\xa0\x80\xed\xb0\x80",
     ]
     for n, data in enumerate(sample, 5):
-        ok = _utf8_valid(data)
+        ok = is_utf8(data)
         expect: dict[str, object] = {"messages": (data.decode(),)} if ok else dict(FAIL_1007)
         cases.append(_case(f"6.{n}.1", _t(data), **expect))
         cases.append(_case(f"6.{n}.2", *fragments(TEXT, data, 1), **expect))
     return cases
 
 
-def _utf8_valid(data: bytes) -> bool:
+def is_utf8(data: bytes) -> bool:
+    """Python's strict decoder's verdict on `data`."""
     try:
         data.decode()
     except UnicodeDecodeError:

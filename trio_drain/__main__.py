@@ -1,3 +1,5 @@
-from ._cli._main import main
+"""`python -m trio_drain`: the `trio-drain` command line."""
+
+from ._cli import main
 
 main()

@@ -28,12 +28,15 @@ sockets or the clock: times are passed in as integer milliseconds.
 
 from __future__ import annotations
 
-from typing import Literal
+import enum
+import operator
+from collections.abc import Callable
+from typing import Any, Literal
 
 import attrs
 
 from ._errors import InvalidTransition
-from ._model import AcceptOutcome, OutboxRow, OutcomeKind, Status
+from ._model import OutboxRow, Status
 
 #: last_error of rows swept to dead by age.
 EXPIRED = "expired"
@@ -265,23 +268,129 @@ def on_released(row: OutboxRow, *, sent: bool, now: int, policy: RetryPolicy) ->
     )
 
 
+# -- the rules a store applies in bulk ----------------------------------------
+#
+# Claims, lease recovery and the max_age sweep judge many rows at once, so the
+# stores run them as SQL. The rules are written here once, as data: `holds`
+# judges a row in Python, and the stores render the same terms into their
+# WHERE clauses (`_store._sql`). A property test holds the two to the same
+# answer on random rows, on both back ends. Ordering lanes and paused routes
+# (SPEC sections 10 and 11) will join CLAIMABLE as terms of their own.
+
+
+class Bound(enum.Enum):
+    """A value a rule compares a column with, known only when it is applied."""
+
+    #: The store's now (PostgreSQL: the server's clock).
+    NOW = "now"
+    #: now - max_age: a pending row enqueued before it has expired.
+    AGE_LIMIT = "age_limit"
+    #: The attempt cap.
+    MAX_ATTEMPTS = "max_attempts"
+
+
+@attrs.frozen
+class Compare:
+    """`column op value`; false when the column is null, as in SQL."""
+
+    column: str
+    op: Literal["=", "<", "<=", ">="]
+    value: Status | Bound
+
+
+@attrs.frozen
+class IsNull:
+    """The column is null."""
+
+    column: str
+
+
+@attrs.frozen
+class Either:
+    """At least one of the terms holds."""
+
+    terms: tuple[Compare | IsNull, ...]
+
+
+Term = Compare | IsNull | Either
+#: A rule holds when every one of its terms does.
+Rule = tuple[Term, ...]
+
+#: A claim may take the row: pending, due, and not past max_age.
+CLAIMABLE: Rule = (
+    Compare("status", "=", Status.PENDING),
+    Compare("next_attempt_at", "<=", Bound.NOW),
+    Compare("enqueued_at", ">=", Bound.AGE_LIMIT),
+)
+#: Pending and not past max_age: claimable now or once due.
+WAITING: Rule = (
+    Compare("status", "=", Status.PENDING),
+    Compare("enqueued_at", ">=", Bound.AGE_LIMIT),
+)
+#: A pending row older than max_age: it must never be sent (swept to dead).
+PAST_MAX_AGE: Rule = (
+    Compare("status", "=", Status.PENDING),
+    Compare("enqueued_at", "<", Bound.AGE_LIMIT),
+)
+#: An inflight row whose lease ran out, or that never had one (seed rows).
+LEASE_RAN_OUT: Rule = (
+    Compare("status", "=", Status.INFLIGHT),
+    Either((IsNull("lease_expires_at"), Compare("lease_expires_at", "<=", Bound.NOW))),
+)
+#: The row has used every attempt it may.
+AT_ATTEMPT_CAP: Rule = (Compare("attempts", ">=", Bound.MAX_ATTEMPTS),)
+
+_OPS: dict[str, Callable[[Any, Any], bool]] = {
+    "=": operator.eq,
+    "<": operator.lt,
+    "<=": operator.le,
+    ">=": operator.ge,
+}
+
+
+#: Lease expiry depends on no policy number.
+_NO_POLICY = RetryPolicy()
+
+
+def bound_value(bound: Bound, *, now: int, policy: RetryPolicy) -> int:
+    """What `bound` stands for at `now` under `policy`."""
+    if bound is Bound.NOW:
+        return now
+    if bound is Bound.AGE_LIMIT:
+        return now - policy.max_age_ms
+    return policy.max_attempts
+
+
+def _term_holds(term: Term, row: object, now: int, policy: RetryPolicy) -> bool:
+    if isinstance(term, Either):
+        return any(_term_holds(t, row, now, policy) for t in term.terms)
+    value = getattr(row, term.column)
+    if isinstance(term, IsNull):
+        return value is None
+    if value is None:
+        return False
+    other = term.value if isinstance(term.value, Status) else bound_value(term.value, now=now, policy=policy)
+    return _OPS[term.op](value, other)
+
+
+def holds(rule: Rule, row: object, *, now: int, policy: RetryPolicy) -> bool:
+    """Whether `row` (anything with the columns as attributes) meets `rule` at `now`."""
+    return all(_term_holds(term, row, now, policy) for term in rule)
+
+
 def is_claimable(row: OutboxRow, *, now: int, policy: RetryPolicy) -> bool:
     """Whether a claim at `now` may take the row."""
-    return (
-        row.status is Status.PENDING
-        and row.next_attempt_at <= now
-        and not is_expired(row, now=now, policy=policy)
-    )
+    return holds(CLAIMABLE, row, now=now, policy=policy)
 
 
 def is_expired(row: OutboxRow, *, now: int, policy: RetryPolicy) -> bool:
     """A pending row older than max_age must never be sent."""
-    return row.status is Status.PENDING and row.enqueued_at < now - policy.max_age_ms
+    return holds(PAST_MAX_AGE, row, now=now, policy=policy)
 
 
 def lease_is_expired(row: OutboxRow, *, now: int) -> bool:
     """An inflight row whose lease ran out (or that never had one: seed rows)."""
-    return row.status is Status.INFLIGHT and (row.lease_expires_at is None or row.lease_expires_at <= now)
+    return holds(LEASE_RAN_OUT, row, now=now, policy=_NO_POLICY)
 
 
 # -- operator actions ---------------------------------------------------------
@@ -336,63 +445,3 @@ def dropped(row: OutboxRow, *, now: int, by: str = "operator") -> OutboxRow:
     if row.status not in DROPPABLE:
         raise InvalidTransition(f"cannot drop a {row.status.value} row ({row.id})")
     return attrs.evolve(row, status=Status.ABORTED, aborted_at=now, aborted_by=by)
-
-
-# -- idempotent accept -------------------------------------------------------
-
-_CODES = {
-    OutcomeKind.ACCEPTED_PENDING: 202,
-    OutcomeKind.ACCEPTED_INFLIGHT: 202,
-    OutcomeKind.ACCEPTED_DONE: 200,
-    OutcomeKind.CONFLICT: 409,
-}
-
-
-def decide_accept(
-    existing: OutboxRow | None, *, client_message_id: str, fingerprint: bytes, new_row_id: str | None = None
-) -> AcceptOutcome:
-    """The idempotency table of section 3 of the spec.
-
-    `existing` is the row already holding `client_message_id`, if any. When
-    it is None the caller inserts a new row (`new_row_id`) and the outcome is
-    `accepted_pending` with `inserted=True`.
-    """
-    if existing is None:  # the common case, built directly: this runs once per accepted row
-        return AcceptOutcome(
-            kind=OutcomeKind.ACCEPTED_PENDING,
-            code=202,
-            client_message_id=client_message_id,
-            row_id=new_row_id,
-            inserted=True,
-        )
-    common = {"row_id": existing.id, "broker_message_id": existing.broker_message_id}
-    if existing.request_fingerprint != fingerprint:
-        return _outcome(
-            OutcomeKind.CONFLICT,
-            client_message_id,
-            reason=f"outbox_{existing.status.value}_fingerprint_mismatch",
-            fingerprint_prefix=existing.request_fingerprint[:8].hex(),
-            **common,
-        )
-    if existing.status is Status.PENDING:
-        return _outcome(OutcomeKind.ACCEPTED_PENDING, client_message_id, **common)
-    if existing.status is Status.INFLIGHT:
-        return _outcome(OutcomeKind.ACCEPTED_INFLIGHT, client_message_id, **common)
-    if existing.status is Status.DONE:
-        return _outcome(OutcomeKind.ACCEPTED_DONE, client_message_id, **common)
-    return _outcome(
-        OutcomeKind.CONFLICT,
-        client_message_id,
-        reason=f"outbox_{existing.status.value}_fingerprint_match",
-        fingerprint_prefix=existing.request_fingerprint[:8].hex(),
-        **common,
-    )
-
-
-def _outcome(kind: OutcomeKind, client_message_id: str, **fields: object) -> AcceptOutcome:
-    return AcceptOutcome(
-        kind=kind,
-        code=_CODES[kind],
-        client_message_id=client_message_id,
-        **fields,  # type: ignore[arg-type]
-    )

@@ -1,7 +1,9 @@
-"""Mesh and session identities, and the signed hello frames (section 5).
+"""Who a connection says it is: mesh and session identities, their keys and signatures.
 
 Secret keys are 128 hex characters in libsodium's layout: the 32-byte seed
 followed by the 32-byte public key. Signatures are detached ed25519 (PyNaCl).
+An identity signs its hello; what the hello frame looks like, and which
+text the signature covers, is `_wire`'s.
 """
 
 from __future__ import annotations
@@ -15,10 +17,11 @@ from nacl.exceptions import BadSignatureError
 from nacl.signing import SigningKey, VerifyKey
 
 from .._errors import ConfigError
+from . import _wire
+from ._wire import ATTEST_PREFIX as ATTEST_PREFIX
+from ._wire import SESSION_HELLO_PREFIX as SESSION_HELLO_PREFIX
 
 ATTESTATION_LIFETIME_MS = 12 * 3600 * 1000
-ATTEST_PREFIX = "claudemesh-session-attest"
-SESSION_HELLO_PREFIX = "claudemesh-session-hello"
 
 
 def signing_key(secret_hex: str, *, what: str = "secret key") -> SigningKey:
@@ -124,20 +127,16 @@ class MeshIdentity:
 
     def hello(self, now_ms: int) -> dict[str, Any]:
         """The signed `hello` frame for a connection opened at `now_ms`."""
-        signed = f"{self.mesh_id}|{self.member_id}|{self.pubkey}|{now_ms}"
-        fields = _process_fields(self.pubkey)
-        return {
-            "type": "hello",
-            "meshId": self.mesh_id,
-            "memberId": self.member_id,
-            "pubkey": self.pubkey,
-            "timestamp": now_ms,
-            "signature": sign(self._key, signed),
-            **fields,
-            "peerType": "ai",
-            "channel": "trio-drain",
-            "displayName": self.display_name or f"trio-drain@{fields['hostname']}",
-        }
+        signed = _wire.mesh_hello_text(self.mesh_id, self.member_id, self.pubkey, now_ms)
+        return _wire.mesh_hello(
+            mesh_id=self.mesh_id,
+            member_id=self.member_id,
+            pubkey=self.pubkey,
+            timestamp=now_ms,
+            signature=sign(self._key, signed),
+            process=_process_fields(self.pubkey),
+            display_name=self.display_name,
+        )
 
 
 @attrs.frozen(kw_only=True, repr=False)
@@ -172,28 +171,27 @@ class SessionIdentity:
     def attestation(self, now_ms: int) -> dict[str, Any]:
         """A fresh parent attestation of the session key (12 h lifetime)."""
         expires = now_ms + ATTESTATION_LIFETIME_MS
-        signed = f"{ATTEST_PREFIX}|{self.parent_pubkey}|{self.session_pubkey}|{expires}"
-        return {
-            "sessionPubkey": self.session_pubkey,
-            "parentMemberPubkey": self.parent_pubkey,
-            "expiresAt": expires,
-            "signature": sign(self._parent, signed),
-        }
+        signed = _wire.attestation_text(self.parent_pubkey, self.session_pubkey, expires)
+        return _wire.attestation(
+            parent_pubkey=self.parent_pubkey,
+            session_pubkey=self.session_pubkey,
+            expires_at=expires,
+            signature=sign(self._parent, signed),
+        )
 
     def hello(self, now_ms: int) -> dict[str, Any]:
         """The signed `session_hello` frame, with an attestation minted now."""
-        signed = f"{SESSION_HELLO_PREFIX}|{self.mesh_id}|{self.parent_pubkey}|{self.session_pubkey}|{now_ms}"
-        return {
-            "type": "session_hello",
-            "meshId": self.mesh_id,
-            "parentMemberId": self.parent_member_id,
-            "parentMemberPubkey": self.parent_pubkey,
-            "sessionPubkey": self.session_pubkey,
-            "parentAttestation": self.attestation(now_ms),
-            "timestamp": now_ms,
-            "signature": sign(self._session, signed),
-            **_process_fields(self.session_pubkey),
-        }
+        signed = _wire.session_hello_text(self.mesh_id, self.parent_pubkey, self.session_pubkey, now_ms)
+        return _wire.session_hello(
+            mesh_id=self.mesh_id,
+            parent_member_id=self.parent_member_id,
+            parent_pubkey=self.parent_pubkey,
+            session_pubkey=self.session_pubkey,
+            parent_attestation=self.attestation(now_ms),
+            timestamp=now_ms,
+            signature=sign(self._session, signed),
+            process=_process_fields(self.session_pubkey),
+        )
 
 
 Identity = MeshIdentity | SessionIdentity

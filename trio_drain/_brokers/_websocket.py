@@ -2,10 +2,11 @@
 
 Run it in a nursery (``await nursery.start(broker.run)``). It connects,
 sends the signed hello, waits up to 5 s for ``hello_ack``, then reads
-frames continuously, matching acks to outstanding sends by id. Pings go out
-every `ping_interval`; a pong missing for `pong_timeout` means a dead
-(half-open) connection, which is dropped and redialled. Every outstanding
-send on a connection that closes fails as transient `broker_disconnected`.
+frames continuously, matching acks to outstanding sends by id (`_pending`).
+Pings go out every `ping_interval`; a pong missing for `pong_timeout` means
+a dead (half-open) connection, which is dropped and redialled. Every
+outstanding send on a connection that closes fails as transient
+`broker_disconnected`. What the frames look like is `_wire`'s.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ import re
 import ssl
 from collections.abc import Callable, Sequence
 from typing import Any
-from urllib.parse import urlsplit
 
+import attrs
 import trio
 
 from .._clock import wall_clock_ms
@@ -33,55 +34,17 @@ from .._ws import (
     open_connection,
 )
 from ._identity import Identity, MeshIdentity
+from ._pending import PendingAcks, Waiter
 from ._registry import SendHandle
-from ._wire import MAX_FRAME, OutgoingMessage, SendResult, classify_ack, parse_frame
+from ._statistics import Counters, WebSocketBrokerStatistics
+from ._url import check_broker_url
+from ._wire import MAX_FRAME, OutgoingMessage, SendResult, classify_ack, hello_answer, parse_frame
 
 log = logging.getLogger("trio_drain.broker")
 
 RECONNECT_BACKOFF: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
 HELLO_TIMEOUT = 5.0
 ACK_TIMEOUT = 15.0
-
-
-class _Waiter:
-    """One send awaiting its ack: wakes a task (`send`) or calls back (`start_send`).
-
-    It is also the `SendHandle` that `start_send` returns.
-    """
-
-    __slots__ = ("broker", "callback", "deadline", "event", "key", "result")
-
-    def __init__(
-        self,
-        broker: WebSocketBroker,
-        key: str,
-        deadline: float,
-        callback: Callable[[SendResult], None] | None = None,
-    ) -> None:
-        self.broker = broker
-        self.key = key
-        self.deadline = deadline
-        self.callback = callback
-        self.event = trio.Event() if callback is None else None
-        self.result: SendResult | None = None
-
-    def resolve(self, result: SendResult) -> None:
-        if self.result is not None:
-            return
-        self.result = result
-        self.broker._forget(self)
-        if self.event is not None:
-            self.event.set()
-        elif self.callback is not None:
-            try:
-                self.callback(result)
-            except Exception:  # the reader must survive a caller's bug
-                log.exception("send result callback failed for %s", self.key)
-
-    def cancel(self) -> None:
-        """Stop waiting: the callback will not be called."""
-        self.callback = None
-        self.broker._forget(self)
 
 
 class WebSocketBroker:
@@ -132,9 +95,10 @@ class WebSocketBroker:
         self._clock = clock or wall_clock_ms
         self._ws: Connection | None = None
         self._open = False
-        self._pending: dict[str, list[_Waiter]] = {}
+        self._pending = PendingAcks()
         self._listeners: list[Callable[[], None]] = []
         self.connects = 0
+        self._counts = Counters()
         self.last_error: str | None = None
         #: Why the last attempt failed, when retrying cannot mend it: the
         #: broker refused our hello, or its TLS certificate failed
@@ -155,6 +119,15 @@ class WebSocketBroker:
         if isinstance(identity, MeshIdentity):
             return (identity.mesh_id, identity.member_id)
         return (identity.mesh_id, identity.parent_member_id)
+
+    def statistics(self) -> WebSocketBrokerStatistics:
+        """A frozen snapshot of the connection's counters."""
+        return WebSocketBrokerStatistics(
+            is_open=self._open,
+            connects=self.connects,
+            in_flight=len(self._pending),
+            **attrs.asdict(self._counts),
+        )
 
     # -- the Broker protocol
 
@@ -179,21 +152,20 @@ class WebSocketBroker:
         Raises:
             BrokerUnavailable: the connection is not open; nothing was sent.
         """
-        ws = self._ws
-        if not self._open or ws is None:
-            raise BrokerUnavailable(f"broker connection to {self.url} is not open")
+        ws = self._open_connection()
         waiter = self._expect(message.client_message_id, None)
         try:
             try:
                 await ws.send_message(message.to_json())
             except TransportClosed:
                 raise BrokerUnavailable(f"broker connection to {self.url} closed") from None
+            self._counts.frames_sent += 1
             assert waiter.event is not None
             await waiter.event.wait()
             assert waiter.result is not None
             return waiter.result
         finally:
-            self._forget(waiter)
+            self._pending.forget(waiter)
 
     def start_send(self, message: OutgoingMessage, on_result: Callable[[SendResult], None]) -> SendHandle:
         """Queue one message and return at once; `on_result(result)` follows the ack.
@@ -205,32 +177,24 @@ class WebSocketBroker:
         Raises:
             BrokerUnavailable: the connection is not open; nothing was queued.
         """
-        ws = self._ws
-        if not self._open or ws is None:
-            raise BrokerUnavailable(f"broker connection to {self.url} is not open")
+        ws = self._open_connection()
         try:
             ws.send_message_nowait(message.to_json())
         except TransportClosed:
             raise BrokerUnavailable(f"broker connection to {self.url} closed") from None
+        self._counts.frames_sent += 1
         return self._expect(message.client_message_id, on_result)
 
-    def _expect(self, key: str, callback: Callable[[SendResult], None] | None) -> _Waiter:
+    def _open_connection(self) -> Connection:
+        ws = self._ws
+        if not self._open or ws is None:
+            raise BrokerUnavailable(f"broker connection to {self.url} is not open")
+        return ws
+
+    def _expect(self, key: str, callback: Callable[[SendResult], None] | None) -> Waiter:
         # The ack deadline is enforced by one sweeper per connection rather
         # than a cancel scope per send: this is the hot path.
-        waiter = _Waiter(self, key, trio.current_time() + self.ack_timeout, callback)
-        waiters = self._pending.get(key)
-        if waiters is None:
-            self._pending[key] = [waiter]
-        else:
-            waiters.append(waiter)
-        return waiter
-
-    def _forget(self, waiter: _Waiter) -> None:
-        waiters = self._pending.get(waiter.key)
-        if waiters is not None and waiter in waiters:
-            waiters.remove(waiter)
-            if not waiters:
-                del self._pending[waiter.key]
+        return self._pending.expect(key, trio.current_time() + self.ack_timeout, callback)
 
     # -- the connection
 
@@ -253,27 +217,11 @@ class WebSocketBroker:
         while True:
             try:
                 await self._connect_once(opened)
-            except HandshakeError as exc:
-                self.last_error = f"hello refused: {exc}"
-                self.fatal_error = self.last_error if exc.refused else None
+            except _ATTEMPT_FAILED as exc:
+                self.last_error, self.fatal_error, why = _why_failed(exc)
                 # The first attempt's outcome is the caller's to report
                 # (nursery.start returns with is_open() False).
-                log.log(
-                    logging.WARNING if started else logging.INFO, "broker %s: %s", self.url, self.last_error
-                )
-            except (TransportRejected, TransportClosed, OSError, trio.BrokenResourceError) as exc:
-                self.last_error = str(exc) or type(exc).__name__
-                self.fatal_error = (
-                    f"TLS certificate verification failed: {self.last_error}"
-                    if _CERTIFICATE_FAILED.search(self.last_error)
-                    else None
-                )
-                log.log(
-                    logging.WARNING if started else logging.INFO,
-                    "broker %s: connection failed: %s",
-                    self.url,
-                    self.last_error,
-                )
+                log.log(logging.WARNING if started else logging.INFO, "broker %s: %s", self.url, why)
             finally:
                 self._closed()
             if not started:
@@ -319,16 +267,14 @@ class WebSocketBroker:
                 frame = parse_frame(await ws.get_message())
                 if frame is None:
                     continue
-                if frame.get("type") == "hello_ack":
-                    self.presence_id = bounded(str(frame.get("presenceId", "")), 80)
+                answer = hello_answer(frame)
+                if answer is None:
+                    self._push(frame)
+                elif answer[0] == "accepted":
+                    self.presence_id = answer[1]
                     return
-                if frame.get("type") == "error":
-                    code, message = (
-                        bounded(str(frame.get("code", "error")), 64),
-                        bounded(str(frame.get("message", "")), 300),
-                    )
-                    raise HandshakeError(f"{code}: {message}", refused=True)
-                self._push(frame)
+                else:
+                    raise HandshakeError(answer[1], refused=True)
         raise HandshakeError(f"no hello_ack within {self.hello_timeout}s")
 
     async def _read_frames(self, ws: Connection) -> None:
@@ -344,40 +290,30 @@ class WebSocketBroker:
     def _on_frame(self, raw: str | bytes) -> None:
         frame = parse_frame(raw)
         if frame is None:
-            quiet = self._throttle("garbage")
-            if quiet is not None:
-                log.warning(
-                    "broker %s sent a frame that is not a JSON object; ignored%s", self.url, quieted(quiet)
-                )
+            self._log_throttled("garbage", logging.WARNING, "sent a frame that is not a JSON object; ignored")
             return
         kind = frame.get("type")
         if kind == "ack":
-            waiters = self._pending.get(str(frame.get("id")))
-            if not waiters:
-                quiet = self._throttle("unknown ack")
-                if quiet is not None:
-                    log.info(
-                        "broker %s acked an id we are not waiting for: %s%s",
-                        self.url,
-                        bounded(str(frame.get("id")), 80),
-                        quieted(quiet),
-                    )
-                return
-            result = classify_ack(frame)
-            for waiter in list(waiters):  # resolving one removes it
-                waiter.resolve(result)
-        elif kind == "error":
-            quiet = self._throttle("error frame")
-            if quiet is not None:
-                log.warning(
-                    "broker %s error: %s %s%s",
-                    self.url,
-                    bounded(str(frame.get("code")), 64),
-                    bounded(str(frame.get("message")), 300),
-                    quieted(quiet),
+            if self._pending.resolve(str(frame.get("id")), classify_ack(frame)):
+                self._counts.acks_received += 1
+            else:
+                self._counts.unknown_acks += 1
+                id_ = bounded(str(frame.get("id")), 80)
+                self._log_throttled(
+                    "unknown ack", logging.INFO, "acked an id we are not waiting for: %s", id_
                 )
+        elif kind == "error":
+            self._counts.errors_received += 1
+            code, message = bounded(str(frame.get("code")), 64), bounded(str(frame.get("message")), 300)
+            self._log_throttled("error frame", logging.WARNING, "error: %s %s", code, message)
         else:
             self._push(frame)
+
+    def _log_throttled(self, what: str, level: int, message: str, *args: object) -> None:
+        # A broker that keeps sending nonsense must not flood the log.
+        quiet = self._throttle(what)
+        if quiet is not None:
+            log.log(level, "broker %s " + message + "%s", self.url, *args, quieted(quiet))
 
     async def _keepalive(self, ws: Connection, scope: trio.CancelScope) -> None:
         while True:
@@ -388,6 +324,7 @@ class WebSocketBroker:
                 except TransportClosed:
                     return
             if ping_scope.cancelled_caught:
+                self._counts.pongs_missed += 1
                 log.warning(
                     "broker %s: no pong within %ss; dropping the connection", self.url, self.pong_timeout
                 )
@@ -399,13 +336,10 @@ class WebSocketBroker:
         timeout = SendResult.no_answer("ack_timeout")
         while True:
             await trio.sleep(min(1.0, self.ack_timeout / 4))
-            now = trio.current_time()
-            for waiters in list(self._pending.values()):
-                for waiter in list(waiters):  # resolving one removes it
-                    if waiter.deadline <= now:
-                        waiter.resolve(timeout)
+            self._counts.ack_timeouts += self._pending.expire(trio.current_time(), timeout)
 
     def _push(self, frame: dict[str, Any]) -> None:
+        self._counts.pushes_received += 1
         if self.on_push is None:
             return
         try:
@@ -417,35 +351,26 @@ class WebSocketBroker:
         was_open = self._open
         self._open = False
         self._ws = None
-        failure = SendResult.no_answer("broker_disconnected")
-        for waiters in list(self._pending.values()):
-            for waiter in list(waiters):  # resolving one removes it
-                waiter.resolve(failure)
+        if was_open:
+            self._counts.disconnects += 1
+        self._pending.fail_all(SendResult.no_answer("broker_disconnected"))
         stopping = trio.current_effective_deadline() == float("-inf")
         if was_open and not stopping:
             log.warning("broker %s: disconnected", self.url)
 
 
+#: What a failed connection attempt raises; `run` retries after each.
+_ATTEMPT_FAILED = (HandshakeError, TransportRejected, TransportClosed, OSError, trio.BrokenResourceError)
 _CERTIFICATE_FAILED = re.compile(r"certificate verify failed|CERTIFICATE_VERIFY_FAILED", re.I)
 
 
-def check_broker_url(url: object) -> None:
-    """Refuse a broker URL no connection attempt could use.
-
-    Raises:
-        ConfigError: not a string, not ws:// or wss://, no host, or a port
-            outside 1-65535.
-    """
-    if not isinstance(url, str):
-        raise ConfigError(f"broker URL must be a string, got {type(url).__name__}")
-    try:
-        parts = urlsplit(url)
-        port = parts.port  # raises for a port out of range or not a number
-    except ValueError as exc:
-        raise ConfigError(f"broker URL {url!r} is malformed: {exc}") from None
-    if parts.scheme not in ("ws", "wss"):
-        raise ConfigError(f"broker URL {url!r} must start with ws:// or wss://")
-    if not parts.hostname:
-        raise ConfigError(f"broker URL {url!r} has no host")
-    if port == 0:
-        raise ConfigError(f"broker URL {url!r}: port must be between 1 and 65535")
+def _why_failed(exc: BaseException) -> tuple[str, str | None, str]:
+    """A failed attempt's last_error, its fatal_error (None if retrying may
+    mend it: only a refused hello and a failed certificate cannot), and the
+    line to log."""
+    if isinstance(exc, HandshakeError):
+        error = f"hello refused: {exc}"
+        return error, (error if exc.refused else None), error
+    error = str(exc) or type(exc).__name__
+    fatal = f"TLS certificate verification failed: {error}" if _CERTIFICATE_FAILED.search(error) else None
+    return error, fatal, f"connection failed: {error}"

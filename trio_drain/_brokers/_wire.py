@@ -1,9 +1,17 @@
 """The wire protocol's frames, as pure functions (section 5 of the spec).
 
-What a row goes out as (`outgoing_message`, the `send` frame's text), what
-a broker's `ack` means (`classify_ack`), and reading a frame safely
-(`parse_frame`). No I/O: the connection (`_websocket`) and the reference
-broker use these; the hellos are signed in `_identity`.
+Every frame the drain and a broker exchange is built or read here:
+
+- the hellos (`mesh_hello`, `session_hello`, with the parent's
+  `attestation`) and the texts their signatures cover (`mesh_hello_text`,
+  `session_hello_text`, `attestation_text`), and what the broker's answer
+  to a hello says (`hello_answer`);
+- what a row goes out as (`outgoing_message`, the `send` frame's text);
+- what a broker's `ack` means (`classify_ack`);
+- reading any frame safely (`parse_frame`).
+
+No I/O and no keys: the identities (`_identity`) sign the texts, the
+connection (`_websocket`) and the reference broker send and read frames.
 """
 
 from __future__ import annotations
@@ -11,8 +19,8 @@ from __future__ import annotations
 import base64
 import json
 import re
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, Literal
 
 import attrs
 
@@ -258,3 +266,134 @@ def parse_frame(raw: str | bytes) -> dict[str, Any] | None:
 # `json.loads` strips whitespace with two regular expressions around the
 # decode, more than half its time on a frame this size.
 _raw_decode = json.JSONDecoder().raw_decode
+
+
+# -- the hello ------------------------------------------------------------------------------------
+
+#: The first field of the text a parent's attestation of a session key signs.
+ATTEST_PREFIX = "claudemesh-session-attest"
+#: The first field of the text a session's hello signs.
+SESSION_HELLO_PREFIX = "claudemesh-session-hello"
+
+
+def mesh_hello_text(mesh_id: str, member_id: str, pubkey: str, timestamp: int) -> str:
+    """The text a member's `hello` signature covers."""
+    return f"{mesh_id}|{member_id}|{pubkey}|{timestamp}"
+
+
+def attestation_text(parent_pubkey: str, session_pubkey: str, expires_at: int) -> str:
+    """The text a parent's attestation of a session key covers."""
+    return f"{ATTEST_PREFIX}|{parent_pubkey}|{session_pubkey}|{expires_at}"
+
+
+def session_hello_text(mesh_id: str, parent_pubkey: str, session_pubkey: str, timestamp: int) -> str:
+    """The text a session's `session_hello` signature covers."""
+    return f"{SESSION_HELLO_PREFIX}|{mesh_id}|{parent_pubkey}|{session_pubkey}|{timestamp}"
+
+
+def mesh_hello(
+    *,
+    mesh_id: str,
+    member_id: str,
+    pubkey: str,
+    timestamp: int,
+    signature: str,
+    process: Mapping[str, Any],
+    display_name: str | None,
+) -> dict[str, Any]:
+    """A member's `hello` frame.
+
+    Args:
+        mesh_id: the mesh it joins.
+        member_id: the member it is.
+        pubkey: the member's public key (hex).
+        timestamp: when it was made, in ms since the epoch.
+        signature: the member's signature of `mesh_hello_text` (hex).
+        process: the fields about this process every hello carries
+            (``sessionId``, ``pid``, ``hostname``, ``cwd``).
+        display_name: how the mesh shows it; None for ``trio-drain@<hostname>``.
+    """
+    return {
+        "type": "hello",
+        "meshId": mesh_id,
+        "memberId": member_id,
+        "pubkey": pubkey,
+        "timestamp": timestamp,
+        "signature": signature,
+        **process,
+        "peerType": "ai",
+        "channel": "trio-drain",
+        "displayName": display_name or f"trio-drain@{process['hostname']}",
+    }
+
+
+def attestation(
+    *, parent_pubkey: str, session_pubkey: str, expires_at: int, signature: str
+) -> dict[str, Any]:
+    """A parent's attestation of a session key, as a `session_hello` carries it.
+
+    `signature` is the parent's signature of `attestation_text` (hex).
+    """
+    return {
+        "sessionPubkey": session_pubkey,
+        "parentMemberPubkey": parent_pubkey,
+        "expiresAt": expires_at,
+        "signature": signature,
+    }
+
+
+def session_hello(
+    *,
+    mesh_id: str,
+    parent_member_id: str,
+    parent_pubkey: str,
+    session_pubkey: str,
+    parent_attestation: dict[str, Any],
+    timestamp: int,
+    signature: str,
+    process: Mapping[str, Any],
+) -> dict[str, Any]:
+    """A session's `session_hello` frame.
+
+    Args:
+        mesh_id: the mesh it joins.
+        parent_member_id: the member the session belongs to.
+        parent_pubkey: that member's public key (hex).
+        session_pubkey: the session's public key (hex).
+        parent_attestation: the parent's `attestation` of the session key.
+        timestamp: when it was made, in ms since the epoch.
+        signature: the session's signature of `session_hello_text` (hex).
+        process: the fields about this process every hello carries.
+    """
+    return {
+        "type": "session_hello",
+        "meshId": mesh_id,
+        "parentMemberId": parent_member_id,
+        "parentMemberPubkey": parent_pubkey,
+        "sessionPubkey": session_pubkey,
+        "parentAttestation": parent_attestation,
+        "timestamp": timestamp,
+        "signature": signature,
+        **process,
+    }
+
+
+HelloAnswer = tuple[Literal["accepted", "refused"], str]
+
+
+def hello_answer(frame: dict[str, Any]) -> HelloAnswer | None:
+    """What a frame that came after our hello says about it.
+
+    ``("accepted", presence id)`` for a ``hello_ack``, ``("refused", "code:
+    message")`` for an ``error``, None for any other frame (a push that
+    came before the answer). The broker's words are kept inert and bounded:
+    they go into last_error and logs.
+    """
+    kind = frame.get("type")
+    if kind == "hello_ack":
+        return ("accepted", bounded(str(frame.get("presenceId", "")), 80))
+    if kind == "error":
+        code = bounded(str(frame.get("code", "error")), 64)
+        message = bounded(str(frame.get("message", "")), 300)
+        return ("refused", f"{code}: {message}")
+    return None

@@ -125,17 +125,6 @@ class RouteFilter:
         )
 
 
-def only_route_clause(only: RouteKey, mark: str) -> tuple[str, list[Any]]:
-    """SQL (after WHERE ...) keeping rows of route `only` alone; `mark` is
-    the driver's placeholder."""
-    kind, key = only
-    if kind == "session":
-        return f" AND sender_session_pubkey = {mark}", [key]
-    if kind == "mesh":
-        return f" AND sender_session_pubkey IS NULL AND mesh = {mark}", [key]
-    return " AND sender_session_pubkey IS NULL AND mesh IS NULL", []
-
-
 NO_FILTER = RouteFilter()
 
 
@@ -227,29 +216,6 @@ def record_schema_version(conn: Executes, *, mark: str) -> None:
     """Store SCHEMA_VERSION; `mark` is the driver's placeholder (? or %s)."""
     conn.execute("DELETE FROM trio_drain_schema")
     conn.execute(f"INSERT INTO trio_drain_schema (version) VALUES ({mark})", (SCHEMA_VERSION,))
-
-
-def write_aborted(conn: Executes, row: OutboxRow, *, mark: str) -> None:
-    """Persist an operator's abort (from `_lifecycle.requeued` or `dropped`)."""
-    conn.execute(
-        f"UPDATE outbox SET status = 'aborted', aborted_at = {mark}, aborted_by = {mark},"
-        f" superseded_by = {mark}, lease_token = NULL, lease_expires_at = NULL WHERE id = {mark}",
-        (row.aborted_at, row.aborted_by, row.superseded_by, row.id),
-    )
-
-
-def list_query(select: str, *, status: Status | None, before: int | None, mark: str) -> tuple[str, list[Any]]:
-    """The SQL and leading arguments of `list` (the limit is the last mark)."""
-    where: list[str] = []
-    args: list[Any] = []
-    if status is not None:
-        where.append(f"status = {mark}")
-        args.append(status.value)
-    if before is not None:
-        where.append(f"enqueued_at < {mark}")
-        args.append(before)
-    sql = select + (" WHERE " + " AND ".join(where) if where else "")
-    return sql + f" ORDER BY enqueued_at DESC, id DESC LIMIT {mark}", args
 
 
 class OutboxBackend(Protocol):

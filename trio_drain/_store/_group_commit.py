@@ -107,6 +107,21 @@ Joint = Callable[[sqlite3.Connection, list[Any]], "list[Any] | None"]
 _LEAD = object()
 
 
+@attrs.frozen(kw_only=True)
+class CommitStatistics:
+    """What a group committer has done so far (a snapshot).
+
+    Attributes:
+        transactions: batches committed.
+        operations: write operations in them.
+        joint_operations: operations that ran as part of a joint statement.
+    """
+
+    transactions: int
+    operations: int
+    joint_operations: int
+
+
 class GroupCommitter:
     """Runs queued write operations together, one transaction per batch, on
     a writer thread of its own.
@@ -140,6 +155,12 @@ class GroupCommitter:
         self.batches = 0
         self.operations = 0
         self.joint_operations = 0  # operations that ran as part of a joint statement
+
+    def statistics(self) -> CommitStatistics:
+        """A snapshot of the counters."""
+        return CommitStatistics(
+            transactions=self.batches, operations=self.operations, joint_operations=self.joint_operations
+        )
 
     async def submit(
         self,

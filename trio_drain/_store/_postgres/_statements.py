@@ -1,0 +1,172 @@
+"""The PostgreSQL back end's statements: the idempotent insert, the claim, and the
+fenced completion, each a function of a connection inside its transaction."""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import attrs
+import psycopg
+import psycopg.conninfo
+import psycopg.errors
+
+from ..._lifecycle import (
+    CLAIMABLE,
+    Completion,
+)
+from .._base import (
+    COLUMNS,
+    Applied,
+    RouteFilter,
+    Rows,
+    in_claim_order,
+)
+from .._sql import POSTGRES, SERVER_NOW
+from ._pool import Commit
+from ._schema import COLUMN_TYPES
+
+CHANNEL = "trio_drain_outbox"
+
+
+COLS = ", ".join(COLUMNS)
+
+
+RETURNING = ", ".join("outbox." + c for c in COLUMNS)
+
+
+# Columns a new row's insert binds; the two times are the server's.
+STAMPED = ("enqueued_at", "next_attempt_at")
+
+
+BOUND = tuple(c for c in COLUMNS if c not in STAMPED)
+
+
+BOUND_AT = [COLUMNS.index(c) for c in BOUND]
+
+
+# One statement inserts a whole batch: a column of values per array.
+INSERT = (
+    f"INSERT INTO outbox ({COLS}) SELECT "
+    + ", ".join(SERVER_NOW if c in STAMPED else f"u.{c}" for c in COLUMNS)
+    + " FROM unnest("
+    + ", ".join(f"%s::{COLUMN_TYPES[c]}[]" for c in BOUND)
+    + ")"
+    + " AS u("
+    + ", ".join(BOUND)
+    + ")"
+    + " ON CONFLICT (client_message_id) DO NOTHING RETURNING client_message_id, enqueued_at"
+)
+
+
+STATUS_AT = BOUND.index("status")
+
+
+def as_columns(rows: Sequence[tuple[Any, ...]]) -> list[list[Any]]:
+    """Rows' values (in `COLUMNS` order) as one list per bound column (the
+    server stamps the times), Status bound as its text."""
+    columns = [list(c) for c in zip(*rows, strict=True)] if rows else [[] for _ in COLUMNS]
+    bound = [columns[at] for at in BOUND_AT]
+    bound[STATUS_AT] = [str(s) for s in bound[STATUS_AT]]
+    return bound
+
+
+def claim_statement(
+    limit: int, lease_ms: int, max_age_ms: int, token: str, exclude: RouteFilter
+) -> tuple[str, list[Any]]:
+    """The claim, due-ness, age and lease all by the server's clock. The
+    transaction id comes back between the columns and the rank (the last
+    value, which `in_claim_order` sorts by)."""
+    claimable, args = POSTGRES.where(CLAIMABLE, max_age_ms=max_age_ms)
+    routes, route_args = POSTGRES.routes(exclude)
+    sql = (
+        f"WITH picked AS (SELECT id FROM outbox WHERE {claimable}{routes}"
+        " ORDER BY priority_rank, enqueued_at LIMIT %s FOR UPDATE SKIP LOCKED)"
+        " UPDATE outbox SET status = 'inflight', attempts = outbox.attempts + 1,"
+        f" lease_token = %s, lease_expires_at = {SERVER_NOW} + %s FROM picked WHERE outbox.id = picked.id"
+        f" RETURNING {RETURNING}, txid_current(), outbox.priority_rank"
+    )
+    return sql, [*args, *route_args, limit, token, lease_ms]
+
+
+XID_AT = len(COLUMNS)  # where a claimed row's transaction id is
+
+
+def claim_rows(conn: psycopg.Connection[Any], sql: str, args: list[Any], commit: Commit | None) -> Rows:
+    found = conn.execute(sql, args).fetchall()
+    if found and commit is not None:
+        commit.xid = found[0][XID_AT]
+    return in_claim_order(found)
+
+
+# One statement for the whole batch; the fence is in the join. A pending
+# row's retry time is the host's (its now + backoff): it is moved onto the
+# server's timeline by the host's offset, `SERVER_NOW - host_now` when the
+# caller's now is known (first parameter), else the last offset measured
+# (second). A completion that carries its delay (`retry_in_ms`) is simply
+# due that long after the server's now.
+COMPLETE = (
+    "UPDATE outbox SET status = c.status, attempts = c.attempts,"
+    " next_attempt_at = CASE"
+    f"  WHEN c.retry_in IS NOT NULL THEN {SERVER_NOW} + c.retry_in"
+    f"  WHEN c.status = 'pending' THEN c.next_attempt_at + COALESCE({SERVER_NOW} - %s::bigint, %s::bigint)"
+    "  ELSE c.next_attempt_at END,"
+    " last_error = c.last_error, delivered_at = c.delivered_at, broker_message_id = c.broker_message_id,"
+    " lease_token = NULL, lease_expires_at = NULL"
+    " FROM unnest(%s::text[], %s::text[], %s::text[], %s::integer[], %s::bigint[],"
+    "  %s::text[], %s::bigint[], %s::text[], %s::bigint[])"
+    " AS c(id, token, status, attempts, next_attempt_at, last_error, delivered_at,"
+    "  broker_message_id, retry_in)"
+    " WHERE outbox.id = c.id AND outbox.status = 'inflight' AND outbox.lease_token = c.token"
+    " RETURNING c.id, c.token, txid_current()"
+)
+
+
+# Completion may carry the delay before a retry (`retry_in_ms`, relative, so
+# no host clock enters it); until it does, the retry time is translated.
+_retry_in: Callable[[Completion], int | None] | None = (
+    operator.attrgetter("retry_in_ms") if "retry_in_ms" in attrs.fields_dict(Completion) else None
+)
+
+
+def complete_rows(
+    conn: psycopg.Connection[Any],
+    sql: str,
+    completions: Sequence[Completion],
+    *,
+    host_now: int | None,
+    offset: int,
+    commit: Commit | None,
+) -> Applied:
+    """Apply completions (`sql` is `COMPLETE`); `host_now` is the caller's
+    clock now, or None to use `offset` (server minus host) instead."""
+    # Losing an outcome to a server crash is harmless (the lease brings the
+    # row back and the broker dedupes the resend), so these commits do not
+    # wait for the WAL flush.
+    conn.execute("SET LOCAL synchronous_commit = off")
+    retry_in = [None] * len(completions) if _retry_in is None else [_retry_in(c) for c in completions]
+    found = conn.execute(
+        sql,
+        [
+            host_now,
+            offset,
+            [c.row_id for c in completions],
+            [c.lease_token for c in completions],
+            [c.status.value for c in completions],
+            [c.attempts for c in completions],
+            [c.next_attempt_at for c in completions],
+            [c.last_error for c in completions],
+            [c.delivered_at for c in completions],
+            [c.broker_message_id for c in completions],
+            retry_in,
+        ],
+    ).fetchall()
+    if found and commit is not None:
+        commit.xid = found[0][2]
+    applied = {(r[0], r[1]) for r in found}
+    return [(c.row_id, c.lease_token) in applied for c in completions]
+
+
+# Rows a claim took, read back by its lease token, in claim order.
+HELD = f"SELECT {COLS}, outbox.priority_rank FROM outbox WHERE status = 'inflight' AND lease_token = %s"
