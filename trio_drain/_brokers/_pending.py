@@ -97,6 +97,9 @@ class PendingAcks:
         waiters = self._waiters.get(key)
         if not waiters:
             return False
+        if len(waiters) == 1:  # the common case, without copying the list
+            waiters[0].resolve(result)
+            return True
         for waiter in list(waiters):  # resolving one removes it
             waiter.resolve(result)
         return True

@@ -177,13 +177,18 @@ class WebSocketBroker:
         Raises:
             BrokerUnavailable: the connection is not open; nothing was queued.
         """
-        ws = self._open_connection()
+        # The hot path: `_open_connection` and `_expect` written out.
+        ws = self._ws
+        if not self._open or ws is None:
+            raise BrokerUnavailable(f"broker connection to {self.url} is not open")
         try:
             ws.send_message_nowait(message.to_json())
         except TransportClosed:
             raise BrokerUnavailable(f"broker connection to {self.url} closed") from None
         self._counts.frames_sent += 1
-        return self._expect(message.client_message_id, on_result)
+        return self._pending.expect(
+            message.client_message_id, trio.current_time() + self.ack_timeout, on_result
+        )
 
     def _open_connection(self) -> Connection:
         ws = self._ws
