@@ -68,6 +68,7 @@ class WorkerStatistics:
         rate_limited: sends the broker refused for its rate or its load.
         stale: completions that found their lease taken over (changed nothing).
         in_flight: sends outstanding right now.
+        window: how many sends may be outstanding at once right now.
         blocked_routes: routes whose rows are left alone until they reopen.
         per_route: the same counters per route name, read-only.
     """
@@ -82,6 +83,7 @@ class WorkerStatistics:
     rate_limited: int
     stale: int
     in_flight: int
+    window: int
     blocked_routes: tuple[str, ...]
     per_route: Mapping[str, RouteStatistics] = attrs.field(converter=_read_only)
 
@@ -91,7 +93,7 @@ RouteField = Literal["sent", "acked", "duplicates", "retried", "dead", "unavaila
 _ROUTE_FIELDS = tuple(a.name for a in attrs.fields(RouteStatistics) if a.name != "rate")
 # The worker-wide counters: every int field of WorkerStatistics but the live ones.
 _WORKER_COUNTERS = tuple(
-    a.name for a in attrs.fields(WorkerStatistics) if a.type in (int, "int") and a.name != "in_flight"
+    a.name for a in attrs.fields(WorkerStatistics) if a.type in (int, "int") and a.name not in ("in_flight", "window")
 )
 
 
@@ -119,12 +121,13 @@ class Counters:
         per[field] += 1
 
     def snapshot(
-        self, *, in_flight: int, blocked_routes: tuple[str, ...], rate: Callable[[str], float | None]
+        self, *, in_flight: int, window: int, blocked_routes: tuple[str, ...], rate: Callable[[str], float | None]
     ) -> WorkerStatistics:
         """The counts now, frozen, with the live figures the caller reads.
 
         Args:
             in_flight: sends outstanding right now.
+            window: sends that may be outstanding at once.
             blocked_routes: names of the routes that are down.
             rate: a route's paced rate by name (None while it is not paced).
 
@@ -134,6 +137,7 @@ class Counters:
         return WorkerStatistics(
             **self.totals,
             in_flight=in_flight,
+            window=window,
             blocked_routes=blocked_routes,
             per_route={name: RouteStatistics(**c, rate=rate(name)) for name, c in self.per_route.items()},
         )

@@ -169,6 +169,7 @@ class DrainWorker:
         """A frozen snapshot of the worker's counters."""
         return self._counters.snapshot(
             in_flight=self._limiter.borrowed_tokens,
+            window=int(self._limiter.total_tokens),
             blocked_routes=tuple(sorted(self._gates.blocked.values())),
             rate=self._gates.rate,
         )
