@@ -505,6 +505,91 @@ async def processes_rate(target: str, config: Path, n: int, workers: int) -> flo
     return (n - first[1]) / (now - first[0])
 
 
+async def accept_in_cost(folder: str, n: int, chunk: int = 250) -> dict[str, Any]:
+    """`accept_in` against a plain INSERT of the same row on the same
+    connection, one durable transaction each (SPEC section 9): on SQLite
+    (WAL, synchronous=FULL) and, where it is installed, on PostgreSQL
+    (fsync on). The two alternate in chunks, so that the disk's wandering
+    pace lands on both. The plain INSERT binds a row prepared beforehand;
+    `accept_in` validates, fingerprints and mints its own, as it must.
+    Returns, per back end, transactions per second of each and the ratio
+    of their costs."""
+    from trio_drain import accept_in
+    from trio_drain._store._base import NEW_COLUMNS
+    from trio_drain._validate import prepare_row
+
+    from .pg import PostgresServer, find_binaries
+
+    def requests(prefix: str) -> list[SendRequest]:
+        return [
+            SendRequest(mesh="bench", target_spec="#b", payload=b"x" * 64, client_message_id=f"{prefix}-{i}")
+            for i in range(n)
+        ]
+
+    plain_rows = [prepare_row(r, now=int(time.time() * 1000)) for r in requests("plain")]
+    in_tx = requests("in-tx")
+
+    def measure(conn: Any, begin: str | None, insert: str) -> dict[str, float]:
+        spent = {"plain": 0.0, "accept_in": 0.0}
+        for start in range(0, n, chunk):
+            t = time.perf_counter()
+            for row in plain_rows[start : start + chunk]:
+                if begin:
+                    conn.execute(begin)
+                conn.execute(insert, row)
+                conn.commit()
+            spent["plain"] += time.perf_counter() - t
+            t = time.perf_counter()
+            for req in in_tx[start : start + chunk]:
+                if begin:
+                    conn.execute(begin)
+                accept_in(conn, req)
+                conn.commit()
+            spent["accept_in"] += time.perf_counter() - t
+        return {
+            "plain_tps": n / spent["plain"],
+            "accept_in_tps": n / spent["accept_in"],
+            "ratio": spent["accept_in"] / spent["plain"],
+            "target": 1.5,
+        }
+
+    results: dict[str, Any] = {"transactions": n}
+    db = Path(folder) / "app.db"
+    await _create_outbox(str(db))
+    conn = sqlite3.connect(db, isolation_level=None)  # BEGIN IMMEDIATE as an application should
+    conn.execute("PRAGMA synchronous = FULL")
+    marks = ", ".join("?" * len(NEW_COLUMNS))
+    try:
+        results["sqlite"] = measure(
+            conn, "BEGIN IMMEDIATE", f"INSERT INTO outbox ({', '.join(NEW_COLUMNS)}) VALUES ({marks})"
+        )
+    finally:
+        conn.close()
+    bindir = find_binaries()
+    if bindir is None:
+        results["postgresql"] = "skipped: PostgreSQL is not installed"
+        return results
+    import psycopg
+
+    server = PostgresServer(bindir, fsync=True).start()
+    try:
+        url = server.create_database()
+        await _create_outbox(url)
+        with psycopg.connect(url) as pg:
+            marks = ", ".join(["%s"] * len(NEW_COLUMNS))
+            results["postgresql"] = measure(
+                pg, None, f"INSERT INTO outbox ({', '.join(NEW_COLUMNS)}) VALUES ({marks})"
+            )
+    finally:
+        server.destroy()
+    return results
+
+
+async def _create_outbox(target: str) -> None:
+    async with open_outbox(target):
+        pass  # creates the schema
+
+
 async def backends(folder: str, broker_url: str, n: int, runs: int) -> dict[str, Any]:
     """Rows/s with 1, 2 and 4 drain processes, on SQLite and on PostgreSQL."""
     from .pg import PostgresServer, find_binaries
@@ -580,6 +665,11 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         with tempfile.TemporaryDirectory(prefix="trio-drain-bench-") as folder:
             results["rate_limit"] = await rate_limited(folder, **limit)  # type: ignore[arg-type]
         return results
+    n_accept_in = 1000 if quick else 4000
+    if args.only == "accept_in":
+        with tempfile.TemporaryDirectory(prefix="trio-drain-bench-") as folder:
+            results["accept_in"] = await accept_in_cost(folder, n_accept_in)
+        return results
     with tempfile.TemporaryDirectory(prefix="trio-drain-bench-") as folder, BrokerProcess() as broker:
         n_ceiling = 20_000 if quick else 50_000
         ceil, ceil_runs = await median_of(runs, lambda: ceiling(broker.url, n_ceiling))
@@ -645,6 +735,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             "concurrent_target": 5.0,
             "accept_many_target_rps": 50_000,
         }
+        results["accept_in"] = await accept_in_cost(tempfile.mkdtemp(dir=folder), n_accept_in)
 
     with (
         tempfile.TemporaryDirectory(prefix="trio-drain-bench-") as folder,
@@ -740,12 +831,33 @@ def rate_limit_rows(r: dict[str, Any]) -> list[tuple[str, str, str]]:
     ]
 
 
+def accept_in_rows(r: dict[str, Any]) -> list[tuple[str, str, str]]:
+    a = r["accept_in"]
+    rows = []
+    for backend, name in (("sqlite", "SQLite, FULL"), ("postgresql", "PostgreSQL, fsync")):
+        per = a[backend]
+        if isinstance(per, str):
+            rows.append((f"accept_in vs a plain INSERT, {name}", "-", per))
+            continue
+        rows.append(
+            (
+                f"accept_in vs a plain INSERT, {name}, a transaction each (/s)",
+                f"{per['accept_in_tps']:,.0f} / {per['plain_tps']:,.0f}",
+                f"{per['ratio']:.2f}x the cost (target <= 1.5)",
+            )
+        )
+    return rows
+
+
 def print_table(r: dict[str, Any]) -> None:
     if r.get("only") == "backends":
         print_rows(r, backend_rows(r))
         return
     if r.get("only") == "rate_limit":
         print_rows(r, rate_limit_rows(r))
+        return
+    if r.get("only") == "accept_in":
+        print_rows(r, accept_in_rows(r))
         return
     rows = [
         (
@@ -795,6 +907,7 @@ def print_table(r: dict[str, Any]) -> None:
             f"{r['accept']['concurrent_ratio_to_one']:.1f}x one caller (target >= 5)",
         ),
         ("accept_many (rows/s)", f"{r['accept']['accept_many_rps']:,.0f}", "target >= 50,000"),
+        *accept_in_rows(r),
         ("seed schedule, 1 ms ack delay (rows/s)", f"{r['seed_schedule_1ms']['seed_rps']:,.0f}", ""),
         (
             "ours, 1 ms ack delay, max_inflight 64 (rows/s)",
@@ -855,10 +968,10 @@ if __name__ == "__main__":
     parser.add_argument("--out", default="bench-results/bench.json")
     parser.add_argument(
         "--only",
-        choices=["all", "backends", "rate_limit"],
+        choices=["all", "backends", "rate_limit", "accept_in"],
         default="all",
         help="backends: only the drain processes per back end; rate_limit: only the"
-        " drain through the real broker's rate limit",
+        " drain through the real broker's rate limit; accept_in: only accept_in against a plain INSERT",
     )
     ns = parser.parse_args()
     res = trio.run(main, ns)

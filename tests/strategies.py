@@ -41,6 +41,8 @@ priorities = st.sampled_from(["now", "next", "low"])
 meshes = st.sampled_from(["alpha", "beta"]) | st.none()
 targets = st.sampled_from(["*", "#general", "@ops", "a" * 64]) | st.none()
 payloads = st.binary(max_size=64)
+#: Two ordering lanes, so lanes fill and hold often.
+ordering_keys = st.none() | st.sampled_from(["lane-1", "lane-2"])
 #: What a request's meta may hold: JSON with no floats and integers that
 #: survive a round trip through a double.
 json_values = json_like(
@@ -59,6 +61,7 @@ def send_requests(draw: st.DrawFn, *, client_message_id: Any = client_ids) -> Se
         priority=draw(priorities),
         meta=draw(metas),
         client_message_id=draw(client_message_id),
+        ordering_key=draw(ordering_keys),
     )
 
 

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from trio_drain import InvalidTransition, OutcomeKind, Status
+from trio_drain import InvalidTransition, OutboxRow, OutcomeKind, Status
 from trio_drain import _lifecycle as lc
 from trio_drain._idempotency import decide_accept
 
@@ -115,10 +115,48 @@ def test_transitions_out_of_inflight_refuse_an_unclaimed_row() -> None:
 def test_claimability_requires_due_and_unexpired() -> None:
     pol = lc.RetryPolicy(max_age_ms=1000)
     row = claimed_row(status=Status.PENDING, lease_token=None, next_attempt_at=50, enqueued_at=0)
-    assert not lc.is_claimable(row, now=49, policy=pol)
-    assert lc.is_claimable(row, now=50, policy=pol)
-    assert not lc.is_claimable(row, now=1001, policy=pol)
+    world = lc.Table([row])
+    assert not lc.is_claimable(row, now=49, policy=pol, world=world)
+    assert lc.is_claimable(row, now=50, policy=pol, world=world)
+    assert not lc.is_claimable(row, now=1001, policy=pol, world=world)
     assert lc.is_expired(row, now=1001, policy=pol)
+
+
+def test_only_the_first_pending_or_inflight_row_of_a_lane_is_claimable() -> None:
+    pol = lc.RetryPolicy()
+
+    def lane_row(row_id: str, at: int, status: Status = Status.PENDING, key: str | None = "k") -> OutboxRow:
+        return claimed_row(
+            id=row_id, status=status, lease_token=None, next_attempt_at=0, enqueued_at=at, ordering_key=key
+        )
+
+    first, second, third = lane_row("a", 1), lane_row("b", 2), lane_row("c", 2)
+    other, free = lane_row("x", 9, key="other"), lane_row("f", 9, key=None)
+    rows = [third, second, first, other, free]
+    claimable = {r.id for r in rows if lc.is_claimable(r, now=10, policy=pol, world=lc.Table(rows))}
+    assert claimable == {"a", "x", "f"}  # a lane's head, another lane's head, a row with no lane
+    # A head in flight or retrying holds its lane; done, dead or aborted, it lets the next go
+    # (enqueue time, then id: "b" before "c").
+    for status, after in [
+        (Status.INFLIGHT, set()),
+        (Status.DONE, {"b"}),
+        (Status.DEAD, {"b"}),
+        (Status.ABORTED, {"b"}),
+    ]:
+        moved = [attrs.evolve(first, status=status), second, third]
+        assert {r.id for r in moved if lc.is_claimable(r, now=10, policy=pol, world=lc.Table(moved))} == after
+
+
+def test_a_paused_route_is_not_claimable_and_nothing_else_is_affected() -> None:
+    pol = lc.RetryPolicy()
+    mesh_row = claimed_row(id="m", status=Status.PENDING, lease_token=None, next_attempt_at=0, mesh="alpha")
+    session_row = attrs.evolve(mesh_row, id="s", sender_session_pubkey="ab" * 32)
+    world = lc.Table([mesh_row, session_row], paused=frozenset({"mesh:alpha"}))
+    assert not lc.is_claimable(mesh_row, now=10, policy=pol, world=world)
+    assert lc.is_claimable(session_row, now=10, policy=pol, world=world)  # a session is a route of its own
+    assert lc.route_name(session_row) == "session:" + "ab" * 32
+    with pytest.raises(ValueError, match="needs a World"):
+        lc.holds(lc.CLAIMABLE, mesh_row, now=10, policy=pol)
 
 
 @pytest.mark.parametrize("status", list(Status))

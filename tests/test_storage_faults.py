@@ -179,7 +179,11 @@ def test_run_on_a_file_corrupted_while_closed_exits_1_at_once_and_leaves_it(tmp_
         f'broker_url = "ws://127.0.0.1:1/ws"\nsecret_key = "{generate_secret_key()}"\n'
     )
     result = run("run", "--db", str(db), "--config", str(config), timeout=30)
-    assert_clean_error(result, 1, "not a usable SQLite database")
+    # Which of SQLite's two verdicts comes depends on what the scribbled page held.
+    try:
+        assert_clean_error(result, 1, "not a usable SQLite database")
+    except AssertionError:
+        assert_clean_error(result, 1, "failed its integrity check")
     assert db.read_bytes() == bytes(data)
 
 

@@ -1,11 +1,16 @@
 """A hypothesis state machine drives a real outbox (SQLite, then PostgreSQL)
 against a simple model.
 
-Two workers claim and complete rows while accepts, clock jumps (forwards and
-backwards), lease expiry, max-age sweeps, requeues and drops interleave.
-After every step the store must agree with the model, and the invariants
-hold: each row in exactly one state, attempts never above the cap, no
-client_message_id ever freed, a stale lease changing nothing.
+Two workers claim and complete rows while accepts (some in two ordering
+lanes), clock jumps (forwards and backwards), lease expiry, max-age sweeps,
+requeues, drops and route pauses interleave. The model decides what a claim
+may take by asking the state machine (`_lifecycle.CLAIMABLE`, its lane and
+pause terms judged over the model's rows), so the store's SQL and the flags
+it keeps must agree with the pure rules. After every step the store must
+agree with the model, and the invariants hold: each row in exactly one
+state, attempts never above the cap, no client_message_id ever freed, a
+stale lease changing nothing, no two rows of a lane in flight, and a lane's
+rows delivered in accept order.
 """
 
 from __future__ import annotations
@@ -59,6 +64,9 @@ class ModelRow:
     lease_expires_at: int | None = None
     last_error: str | None = None
     broker_message_id: str | None = None
+    ordering_key: str | None = None
+    mesh: str | None = None
+    sender_session_pubkey: str | None = None
 
 
 class OutboxMachine(RuleBasedStateMachine):
@@ -72,6 +80,9 @@ class OutboxMachine(RuleBasedStateMachine):
         self.by_client_id: dict[str, str] = {}
         self.held: dict[str, list[OutboxRow]] = {"A": [], "B": []}
         self.tokens = 0
+        self.paused: set[str] = set()
+        #: Per ordering lane, (enqueued_at, id) of its rows in the order they were delivered.
+        self.delivered: dict[str, list[tuple[int, str]]] = {}
 
     async def open_backend(self) -> OutboxBackend:
         return await SqliteBackend.open(Path(self.folder) / "outbox.db", durability="normal")
@@ -86,6 +97,17 @@ class OutboxMachine(RuleBasedStateMachine):
             return await fn(*args, **kwargs)
 
         return self.portal.run(go)
+
+    def lane_enqueued_at(self, key: str | None) -> int:
+        """A lane's new row is enqueued no earlier than its rows still to go
+        (the clock here steps back; accept order must hold)."""
+        active = [
+            m.enqueued_at for m in self.model.values() if m.ordering_key == key and m.status in lc.ACTIVE
+        ]
+        return max([self.clock.now, *active]) if key is not None else self.clock.now
+
+    def world(self) -> lc.Table:
+        return lc.Table(list(self.model.values()), paused=frozenset(self.paused))
 
     # -- rules
 
@@ -102,8 +124,10 @@ class OutboxMachine(RuleBasedStateMachine):
                 client_message_id=outcome.client_message_id,
                 fingerprint=fingerprint,
                 rank=RANK[request.priority],
-                enqueued_at=self.clock.now,
+                enqueued_at=self.lane_enqueued_at(request.ordering_key),
                 next_attempt_at=self.clock.now,
+                ordering_key=request.ordering_key,
+                mesh=request.mesh,
             )
             self.by_client_id[outcome.client_message_id] = outcome.row_id
         else:
@@ -137,7 +161,12 @@ class OutboxMachine(RuleBasedStateMachine):
         )
         now = self.clock.now
         # The model asks the state machine; the store's SQL must agree with it.
-        eligible = {r.id: r for r in self.model.values() if lc.holds(lc.CLAIMABLE, r, now=now, policy=POLICY)}
+        world = self.world()
+        eligible = {
+            r.id: r
+            for r in self.model.values()
+            if lc.holds(lc.CLAIMABLE, r, now=now, policy=POLICY, world=world)
+        }
         assert len(rows) == min(limit, len(eligible))
         claimed_keys = []
         for row in rows:
@@ -192,6 +221,8 @@ class OutboxMachine(RuleBasedStateMachine):
             )
             m.last_error, m.broker_message_id = completion.last_error, completion.broker_message_id
             m.lease_token = m.lease_expires_at = None
+            if m.status is Status.DONE and m.ordering_key is not None:
+                self.delivered.setdefault(m.ordering_key, []).append((m.enqueued_at, m.id))
 
     @rule(ms=st.sampled_from([1, 60, 400, 999, 1000, 5000, 30_000, -500]))
     def clock_jumps(self, ms: int) -> None:
@@ -249,12 +280,37 @@ class OutboxMachine(RuleBasedStateMachine):
                 client_message_id=result.client_message_id,
                 fingerprint=m.fingerprint,
                 rank=m.rank,
-                enqueued_at=self.clock.now,
+                enqueued_at=self.lane_enqueued_at(m.ordering_key),  # the end of its lane
                 next_attempt_at=self.clock.now,
+                ordering_key=m.ordering_key,
+                mesh=m.mesh,
             )
             self.by_client_id[result.client_message_id] = result.id
 
+    @rule(mesh=st.sampled_from(["alpha", "beta"]), pause=st.booleans())
+    def pause_or_resume(self, mesh: str, pause: bool) -> None:
+        route = f"mesh:{mesh}"
+        if pause:
+            changed = self.call(self.outbox.pause, mesh=mesh, by="tester")
+            assert changed == (route not in self.paused)
+            self.paused.add(route)
+        else:
+            changed = self.call(self.outbox.resume, mesh=mesh)
+            assert changed == (route in self.paused)
+            self.paused.discard(route)
+        assert self.call(self.outbox.paused) == frozenset(self.paused)
+
     # -- invariants
+
+    @invariant()
+    def a_lane_has_at_most_one_row_in_flight_and_delivers_in_accept_order(self) -> None:
+        in_flight: dict[str, int] = {}
+        for m in self.model.values():
+            if m.ordering_key is not None and m.status is Status.INFLIGHT:
+                in_flight[m.ordering_key] = in_flight.get(m.ordering_key, 0) + 1
+        assert all(n == 1 for n in in_flight.values()), in_flight
+        for key, order in self.delivered.items():
+            assert order == sorted(order), key
 
     @invariant()
     def store_matches_model(self) -> None:

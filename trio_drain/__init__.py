@@ -4,6 +4,7 @@ async with trio_drain.open_outbox("outbox.db") as outbox:
     await outbox.accept(trio_drain.SendRequest(mesh="alpha", target_spec="*", payload=b"hi"))
 """
 
+from ._accept_in import accept_in as accept_in
 from ._brokers._identity import MeshIdentity as MeshIdentity
 from ._brokers._identity import SessionIdentity as SessionIdentity
 from ._brokers._identity import generate_secret_key as generate_secret_key
@@ -19,6 +20,7 @@ from ._config import DrainConfig as DrainConfig
 from ._drain import DrainWorker as DrainWorker
 from ._drain import RouteStatistics as RouteStatistics
 from ._drain import WorkerStatistics as WorkerStatistics
+from ._errors import AcceptConflict as AcceptConflict
 from ._errors import BrokerError as BrokerError
 from ._errors import BrokerUnavailable as BrokerUnavailable
 from ._errors import ConfigError as ConfigError

@@ -8,6 +8,11 @@ they occur and never reach callers raw.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ._model import AcceptOutcome
+
 
 class TrioDrainError(Exception):
     """Base class of every error trio-drain raises on purpose."""
@@ -45,6 +50,29 @@ class CorruptDatabase(StoreError):
 
 class SchemaError(StoreError):
     """The database holds a schema this version cannot use (e.g. newer)."""
+
+
+class AcceptConflict(TrioDrainError):
+    """`accept_in` was given a request whose client_message_id is taken: by a
+    different request, or by a dead or aborted row (a ``conflict`` of the
+    idempotency table). Nothing was written, and the caller's transaction is
+    as it was before the call.
+
+    Attributes:
+        outcome: the ``conflict`` outcome `Outbox.accept` answers for the same
+            request, with its `reason`, `fingerprint_prefix` and
+            `broker_message_id`.
+    """
+
+    def __init__(self, outcome: AcceptOutcome) -> None:
+        super().__init__(
+            f"client_message_id {outcome.client_message_id!r} is taken: {outcome.reason}"
+            f" (stored fingerprint {outcome.fingerprint_prefix})"
+        )
+        self.outcome = outcome
+
+    def __reduce__(self) -> tuple[type[AcceptConflict], tuple[AcceptOutcome]]:
+        return (type(self), (self.outcome,))
 
 
 class UnknownRow(TrioDrainError, LookupError):

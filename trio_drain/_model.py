@@ -70,6 +70,9 @@ class SendRequest:
     nonce: str | None = None
     ciphertext: str | None = None
     sender_session_pubkey: str | None = None
+    #: Rows sharing a key go out one at a time, in the order they were
+    #: accepted (an ordering lane). Not part of the fingerprint.
+    ordering_key: str | None = None
 
 
 @attrs.frozen(kw_only=True)
@@ -101,6 +104,7 @@ class OutboxRow:
     sender_session_pubkey: str | None = None
     lease_expires_at: int | None = None
     lease_token: str | None = None
+    ordering_key: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-friendly dict: bytes become hex (fingerprint) or text."""
@@ -141,6 +145,7 @@ class NewRow(NamedTuple):
     ciphertext: str | None
     priority: str | None
     sender_session_pubkey: str | None
+    ordering_key: str | None
 
 
 class OutcomeKind(enum.StrEnum):

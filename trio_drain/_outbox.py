@@ -161,7 +161,9 @@ class Outbox:
             UnknownRow: no such row.
             InvalidTransition: the row is inflight, done or aborted.
         """
-        return await self.backend.drop(row_id, now=self.clock(), by=by)
+        dropped = await self.backend.drop(row_id, now=self.clock(), by=by)
+        self._notify()  # the next row of its ordering lane may go now
+        return dropped
 
     async def prune(self, older_than: float = DEFAULT_RETENTION) -> int:
         """Delete done rows delivered more than `older_than` seconds ago.
@@ -171,6 +173,34 @@ class Outbox:
         if not isinstance(older_than, (int, float)) or older_than < 0:
             raise InvalidRequest(f"older_than must be a non-negative number, got {older_than!r}")
         return await self.backend.prune(delivered_before=self.clock() - int(older_than * 1000))
+
+    # -- paused routes
+
+    async def pause(
+        self, *, mesh: str | None = None, session: str | None = None, by: str = "operator"
+    ) -> bool:
+        """Pause a route: no row of it is claimed until `resume`, by any worker
+        of this outbox (within a second). Nothing else changes: no attempt is
+        spent, and max_age still applies. Give exactly one of `mesh` (a mesh
+        slug: its rows without a session) or `session` (a session public key).
+
+        Returns:
+            False if the route was paused already.
+
+        Raises:
+            InvalidRequest: neither or both of `mesh` and `session`.
+        """
+        return await self.backend.pause(_route(mesh, session), now=self.clock(), by=by)
+
+    async def resume(self, *, mesh: str | None = None, session: str | None = None) -> bool:
+        """Resume a paused route (as `pause` names it); False if it was not paused."""
+        resumed = await self.backend.resume(_route(mesh, session))
+        self._notify()
+        return resumed
+
+    async def paused(self) -> frozenset[str]:
+        """The paused routes, as ``"mesh:<slug>"`` and ``"session:<pubkey>"``."""
+        return frozenset(await self.backend.paused())
 
     # -- the worker's side
 
@@ -316,3 +346,13 @@ async def open_outbox(
         yield outbox
     finally:
         await outbox.aclose()
+
+
+def _route(mesh: str | None, session: str | None) -> str:
+    """A route's name as the paused-routes table keeps it."""
+    if (mesh is None) == (session is None):
+        raise InvalidRequest("name one route: mesh or session")
+    name, value = ("mesh", mesh) if mesh is not None else ("session", session)
+    if not isinstance(value, str) or not value or len(value) > 256:
+        raise InvalidRequest(f"{name} must be a non-empty string of at most 256 characters")
+    return f"{name}:{value}"

@@ -18,6 +18,8 @@ DEFAULT_MAX_PAYLOAD = 1024 * 1024
 #: together exceed this many characters (section 3 of the spec).
 DEFAULT_MAX_MESSAGE_BYTES = 65_536
 MAX_ID_LENGTH = 256
+#: SPEC section 10: an ordering key is any non-empty string up to 256 characters.
+MAX_ORDERING_KEY_LENGTH = 256
 MAX_TARGET_LENGTH = 1024
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 # Controls (C0, DEL, C1), bidi embeddings, overrides, isolates and marks,
@@ -100,6 +102,7 @@ def prepare_row(
     target_spec = _text("target_spec", req.target_spec, max_length=MAX_TARGET_LENGTH)
     reply_to_id = _text("reply_to_id", req.reply_to_id, max_length=MAX_ID_LENGTH)
     client_message_id = _text("client_message_id", req.client_message_id, max_length=MAX_ID_LENGTH)
+    ordering_key = _text("ordering_key", req.ordering_key, max_length=MAX_ORDERING_KEY_LENGTH)
 
     kind, ref = req.destination_kind, req.destination_ref
     if (kind is None) != (ref is None):
@@ -168,5 +171,6 @@ def prepare_row(
             req.ciphertext,
             priority,
             session,
+            ordering_key,
         )
     )

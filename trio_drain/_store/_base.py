@@ -52,15 +52,35 @@ def new_row_values(row: NewRow) -> tuple[Any, ...]:
 Durability = Literal["full", "normal"]
 
 #: The schema both back ends write, kept in the table `trio_drain_schema`.
-SCHEMA_VERSION = 1
+#: 1: the outbox table. 2: ordering lanes (`ordering_key`, `lane_blocked`)
+#: and paused routes (`trio_drain_paused`).
+SCHEMA_VERSION = 2
 
-#: Partial indexes in claim order, due order and lease order, plus the
-#: listing index; the same statements work on SQLite and PostgreSQL.
+#: Version 2's table changes, the same SQL on SQLite and PostgreSQL. A row
+#: with `lane_blocked = 1` waits behind an earlier row of its ordering lane
+#: (`_lifecycle.FirstInLane`); the claim and due indexes leave it out.
+SCHEMA_2 = (
+    "ALTER TABLE outbox ADD COLUMN ordering_key TEXT",
+    "ALTER TABLE outbox ADD COLUMN lane_blocked INTEGER NOT NULL DEFAULT 0",
+    "DROP INDEX IF EXISTS outbox_claim",
+    "DROP INDEX IF EXISTS outbox_due",
+    "CREATE TABLE IF NOT EXISTS trio_drain_paused ("
+    " route TEXT PRIMARY KEY, paused_at BIGINT NOT NULL, paused_by TEXT NOT NULL)",
+)
+
+#: Partial indexes in claim order, due order and lease order, the listing
+#: index, and the lanes' (a lane's rows in order; its head); the same
+#: statements work on SQLite and PostgreSQL.
 INDEXES = (
-    "CREATE INDEX IF NOT EXISTS outbox_claim ON outbox (priority_rank, enqueued_at) WHERE status = 'pending'",
-    "CREATE INDEX IF NOT EXISTS outbox_due ON outbox (next_attempt_at) WHERE status = 'pending'",
+    "CREATE INDEX IF NOT EXISTS outbox_claim ON outbox (priority_rank, enqueued_at)"
+    " WHERE status = 'pending' AND lane_blocked = 0",
+    "CREATE INDEX IF NOT EXISTS outbox_due ON outbox (next_attempt_at) WHERE status = 'pending' AND lane_blocked = 0",
     "CREATE INDEX IF NOT EXISTS outbox_lease ON outbox (lease_expires_at) WHERE status = 'inflight'",
     "CREATE INDEX IF NOT EXISTS outbox_status_enqueued ON outbox (status, enqueued_at)",
+    "CREATE INDEX IF NOT EXISTS outbox_lane ON outbox (ordering_key, enqueued_at, id)"
+    " WHERE status IN ('pending', 'inflight') AND ordering_key IS NOT NULL",
+    "CREATE INDEX IF NOT EXISTS outbox_lane_head ON outbox (ordering_key)"
+    " WHERE status IN ('pending', 'inflight') AND lane_blocked = 0 AND ordering_key IS NOT NULL",
 )
 
 
@@ -153,6 +173,7 @@ assert COLUMNS == (
     "sender_session_pubkey",
     "lease_expires_at",
     "lease_token",
+    "ordering_key",
 ), "OutboxRow's fields moved: update row_from_values"
 
 
@@ -183,6 +204,7 @@ def row_from_values(v: Sequence[Any]) -> OutboxRow:
         sender_session_pubkey=v[19],
         lease_expires_at=v[20],
         lease_token=v[21],
+        ordering_key=v[22],
     )
 
 
@@ -301,5 +323,14 @@ class OutboxBackend(Protocol):
     async def drop(self, row_id: str, *, now: int, by: str) -> OutboxRow: ...
 
     async def prune(self, *, delivered_before: int) -> int: ...
+
+    async def pause(self, route: str, *, now: int, by: str) -> bool:
+        """Pause the route named `route`; False if it already was."""
+
+    async def resume(self, route: str) -> bool:
+        """Resume the route named `route`; False if it was not paused."""
+
+    async def paused(self) -> dict[str, tuple[int, str]]:
+        """Paused routes: name -> (paused_at, paused_by)."""
 
     async def aclose(self) -> None: ...

@@ -10,13 +10,14 @@ those and inherits the rest.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from .. import _lifecycle
 from .._errors import UnknownRow
 from .._model import OutboxRow, Status
 from ._base import COLUMNS, Rows, row_from_values
+from ._lanes import lane_keys, settle
 from ._sql import Dialect
 
 T = TypeVar("T")
@@ -94,9 +95,13 @@ class SqlOperations(ABC):
     async def requeue(
         self, row_id: str, *, now: int, new_id: str, new_client_message_id: str, by: str
     ) -> OutboxRow:
-        """Abort the row and insert its pending successor; return the successor."""
+        """Abort the row and insert its pending successor; return the successor.
+
+        The successor joins the end of the row's ordering lane; the lane's
+        next row goes if the aborted row was its head."""
 
         def op(conn: Any) -> OutboxRow:
+            keys = self._lock_lane_of(conn, row_id)
             aborted, successor = _lifecycle.requeued(
                 self._locked_row(conn, row_id),
                 now=now,
@@ -106,17 +111,76 @@ class SqlOperations(ABC):
             )
             stored = self._insert_successor(conn, successor)
             self._write_aborted(conn, aborted)
+            settle(conn, self.dialect, keys)
             return stored
 
         return await self._write(op)
 
     async def drop(self, row_id: str, *, now: int, by: str) -> OutboxRow:
         def op(conn: Any) -> OutboxRow:
+            keys = self._lock_lane_of(conn, row_id)
             aborted = _lifecycle.dropped(self._locked_row(conn, row_id), now=now, by=by)
             self._write_aborted(conn, aborted)
+            settle(conn, self.dialect, keys)
+            if keys:
+                self._tell_workers(conn)  # the lane's next row may go
             return aborted
 
         return await self._write(op)
+
+    def _lock_lane_of(self, conn: Any, row_id: str) -> Sequence[str]:
+        """The row's lane, its lock taken (PostgreSQL) before the row's own."""
+        found = conn.execute(
+            f"SELECT ordering_key FROM outbox WHERE id = {self.dialect.mark}", (row_id,)
+        ).fetchone()
+        keys = lane_keys([None if found is None else found[0]])
+        self._lock_lanes(conn, keys)
+        return keys
+
+    @abstractmethod
+    def _tell_workers(self, conn: Any) -> None:
+        """Wake the workers of other processes when this transaction commits
+        (PostgreSQL's NOTIFY; SQLite's workers find it at their next poll)."""
+
+    @abstractmethod
+    def _lock_lanes(self, conn: Any, keys: Sequence[str]) -> None:
+        """Serialise the transactions that change these lanes, before any
+        row lock of this transaction's."""
+
+    # -- paused routes
+
+    async def pause(self, route: str, *, now: int, by: str) -> bool:
+        """Pause `route` (``mesh:<slug>`` or ``session:<pubkey>``); False if it already was."""
+        mark = self.dialect.mark
+
+        def op(conn: Any) -> bool:
+            found = conn.execute(
+                f"INSERT INTO trio_drain_paused (route, paused_at, paused_by) VALUES ({mark}, {mark}, {mark})"
+                " ON CONFLICT (route) DO NOTHING",
+                (route, now, by),
+            )
+            return bool(found.rowcount == 1)
+
+        return await self._write(op)
+
+    async def resume(self, route: str) -> bool:
+        """Resume `route`; False if it was not paused."""
+
+        def op(conn: Any) -> bool:
+            found = conn.execute(f"DELETE FROM trio_drain_paused WHERE route = {self.dialect.mark}", (route,))
+            self._tell_workers(conn)
+            return bool(found.rowcount == 1)
+
+        return await self._write(op)
+
+    async def paused(self) -> dict[str, tuple[int, str]]:
+        """Paused routes: name -> (paused_at, paused_by)."""
+
+        def op(conn: Any) -> dict[str, tuple[int, str]]:
+            found = conn.execute("SELECT route, paused_at, paused_by FROM trio_drain_paused").fetchall()
+            return {route: (int(at), by) for route, at, by in found}
+
+        return await self._read(op)
 
     async def prune(self, *, delivered_before: int) -> int:
         sql = f"DELETE FROM outbox WHERE status = 'done' AND delivered_at < {self.dialect.mark}"

@@ -14,7 +14,7 @@ from typing import Any
 
 import attrs
 
-from .._lifecycle import Bound, Either, IsNull, Rule, Term
+from .._lifecycle import Bound, Either, FirstInLane, IsNull, RouteNotPaused, Rule, Term
 from .._model import Status
 from ._base import RouteFilter, RouteKey
 
@@ -66,11 +66,22 @@ class Dialect:
         status = 'pending'``) match. `table` qualifies the columns.
         """
         args: list[Any] = []
+        prefix = f"{table}." if table else ""
+        outbox = table or "outbox"
 
         def term(t: Term) -> str:
             if isinstance(t, Either):
                 return "(" + " OR ".join(term(inner) for inner in t.terms) + ")"
-            column = f"{table}.{t.column}" if table else t.column
+            if isinstance(t, FirstInLane):
+                return f"{prefix}lane_blocked = 0"
+            if isinstance(t, RouteNotPaused):
+                return (
+                    f"NOT EXISTS (SELECT 1 FROM trio_drain_paused WHERE trio_drain_paused.route ="
+                    f" CASE WHEN {outbox}.sender_session_pubkey IS NOT NULL"
+                    f" THEN 'session:' || {outbox}.sender_session_pubkey"
+                    f" WHEN {outbox}.mesh IS NOT NULL THEN 'mesh:' || {outbox}.mesh END)"
+                )
+            column = prefix + t.column
             if isinstance(t, IsNull):
                 return f"{column} IS NULL"
             if isinstance(t.value, Status):

@@ -47,7 +47,6 @@ import psycopg.errors
 
 from ... import _lifecycle
 from ..._errors import ConfigError, StoreUnavailable
-from ..._idempotency import decide_accept
 from ..._lifecycle import (
     AT_ATTEMPT_CAP,
     LEASE_RAN_OUT,
@@ -66,11 +65,10 @@ from .._base import (
     Rows,
     check_durability,
     in_claim_order,
-    new_row_values,
-    row_from_values,
     row_values,
 )
-from .._operations import SELECT, SqlOperations
+from .._lanes import LEAVES_LANE, lane_keys, lock, settle
+from .._operations import SqlOperations
 from .._sql import POSTGRES, SERVER_NOW
 from ._listen import Listener
 from ._pool import Commit, Pool, committed
@@ -84,6 +82,7 @@ from ._statements import (
     claim_rows,
     claim_statement,
     complete_rows,
+    insert_rows,
 )
 
 T = TypeVar("T")
@@ -168,46 +167,11 @@ class PostgresBackend(SqlOperations):
     async def accept_many(self, rows: Sequence[NewRow]) -> Outcomes:
         """Insert new rows; enqueued_at and next_attempt_at are the server's
         now (the rows' own, from the caller's clock, are not stored)."""
-        # The first row of each client_message_id is offered for insert; a
-        # repeat later in the batch is decided against it, like any other
-        # existing row. ON CONFLICT waits for a concurrent insert of the
-        # same id to commit or roll back, so exactly one of them wins and
-        # the others read the winner's row.
-        first_of: dict[str, NewRow] = {}
-        for r in rows:
-            first_of.setdefault(r.client_message_id, r)
-        firsts = list(first_of.values())
+        # The transaction is `insert_rows`, shared with `accept_in`.
         insert = self._sql(INSERT)
 
         def op(conn: psycopg.Connection[Any]) -> Outcomes:
-            inserted = {
-                r[0] for r in conn.execute(insert, as_columns([new_row_values(r) for r in firsts])).fetchall()
-            }
-            existing: dict[str, OutboxRow] = {}
-            others = [r.client_message_id for r in firsts if r.client_message_id not in inserted]
-            if others:
-                for found in conn.execute(SELECT + " WHERE client_message_id = ANY(%s::text[])", (others,)):
-                    prior = row_from_values(found)
-                    existing[prior.client_message_id] = prior
-                missing = set(others) - set(existing)
-                if missing:  # deleted between the conflict and the read (a prune)
-                    raise StoreUnavailable(f"rows {sorted(missing)[:3]} vanished during accept; retry")
-            outcomes = []
-            for row in rows:
-                cid = row.client_message_id
-                # None only for the first row of an id this statement inserted.
-                outcome = decide_accept(
-                    existing.get(cid),
-                    client_message_id=cid,
-                    fingerprint=row.request_fingerprint,
-                    new_row_id=row.id,
-                )
-                if outcome.inserted:  # a repeat later in the batch is decided against it
-                    existing[cid] = row_from_values(new_row_values(row))
-                outcomes.append(outcome)
-            if inserted:
-                conn.execute("SELECT pg_notify(%s, '')", (CHANNEL,))
-            return outcomes
+            return insert_rows(conn, rows, insert)
 
         return await self._pool.run(op)
 
@@ -378,8 +342,12 @@ class PostgresBackend(SqlOperations):
         def due(to: Status) -> str:  # a row put back is due at once
             return SERVER_NOW if to is Status.PENDING else "outbox.next_attempt_at"
 
+        lanes_sql = self._sql(
+            f"SELECT DISTINCT ordering_key FROM outbox WHERE {ran_out} AND ordering_key IS NOT NULL"
+        )
         sql = self._sql(
-            f"WITH expired AS (SELECT id FROM outbox WHERE {ran_out} FOR UPDATE SKIP LOCKED),"
+            f"WITH expired AS (SELECT id FROM outbox WHERE {ran_out}"
+            " AND (ordering_key IS NULL OR ordering_key = ANY(%s::text[])) FOR UPDATE SKIP LOCKED),"
             f" fate AS (SELECT outbox.id, {at_cap} AS at_cap FROM outbox"
             "  JOIN expired ON outbox.id = expired.id)"
             " UPDATE outbox SET"
@@ -387,26 +355,47 @@ class PostgresBackend(SqlOperations):
             " last_error = CASE WHEN fate.at_cap THEN %s ELSE %s END,"
             f" next_attempt_at = CASE WHEN fate.at_cap THEN {due(cap_status)} ELSE {due(status)} END,"
             " lease_token = NULL, lease_expires_at = NULL FROM fate WHERE outbox.id = fate.id"
+            " RETURNING outbox.status, outbox.ordering_key"
         )
         values = [*args, *cap_args, cap_status.value, status.value, cap_error, error]
 
         def op(conn: psycopg.Connection[Any]) -> int:
-            return conn.execute(sql, values).rowcount
+            lanes = self._lock_lanes_found(conn, lanes_sql, args)
+            moved = conn.execute(sql, [*args, lanes, *values[len(args) :]]).fetchall()
+            settle(conn, POSTGRES, lane_keys(key for to, key in moved if Status(to) in LEAVES_LANE))
+            return len(moved)
 
         return await self._pool.run(op)
 
     async def expire_stale(self, *, now: int, max_age_ms: int) -> int:
         """Age by the server's clock (`now` is ignored)."""
         past, args = POSTGRES.where(PAST_MAX_AGE, max_age_ms=max_age_ms)
+        lanes_sql = self._sql(
+            f"SELECT DISTINCT ordering_key FROM outbox WHERE {past} AND ordering_key IS NOT NULL"
+        )
         sql = self._sql(
             "UPDATE outbox SET status = 'dead', last_error = %s"
-            f" WHERE id IN (SELECT id FROM outbox WHERE {past} FOR UPDATE SKIP LOCKED)"
+            f" WHERE id IN (SELECT id FROM outbox WHERE {past}"
+            " AND (ordering_key IS NULL OR ordering_key = ANY(%s::text[])) FOR UPDATE SKIP LOCKED)"
+            " RETURNING ordering_key"
         )
 
         def op(conn: psycopg.Connection[Any]) -> int:
-            return conn.execute(sql, (_lifecycle.EXPIRED, *args)).rowcount
+            lanes = self._lock_lanes_found(conn, lanes_sql, args)
+            moved = conn.execute(sql, (_lifecycle.EXPIRED, *args, lanes)).fetchall()
+            settle(conn, POSTGRES, lane_keys(key for (key,) in moved))
+            return len(moved)
 
         return await self._pool.run(op)
+
+    @staticmethod
+    def _lock_lanes_found(conn: psycopg.Connection[Any], sql: str, args: Sequence[Any]) -> list[str]:
+        """A sweep's lanes, locked before any row is: the lanes of the rows
+        `sql` finds now. The sweep then leaves alone rows of lanes it did not
+        lock (a row that became due since waits for the next sweep)."""
+        keys = lane_keys(key for (key,) in conn.execute(sql, args).fetchall())
+        lock(conn, keys)
+        return keys
 
     async def next_due_at(self, *, now: int, max_age_ms: int, exclude: RouteFilter = NO_FILTER) -> int | None:
         """The next due time on the caller's clock: `now` plus how far in the
@@ -445,6 +434,12 @@ class PostgresBackend(SqlOperations):
 
     async def _write(self, fn: Callable[[psycopg.Connection[Any]], T]) -> T:
         return await self._pool.run(fn)
+
+    def _lock_lanes(self, conn: psycopg.Connection[Any], keys: Sequence[str]) -> None:
+        lock(conn, keys)
+
+    def _tell_workers(self, conn: psycopg.Connection[Any]) -> None:
+        conn.execute("SELECT pg_notify(%s, '')", (CHANNEL,))
 
     def _insert_successor(self, conn: psycopg.Connection[Any], row: OutboxRow) -> OutboxRow:
         """The successor is enqueued (and due) at the server's now, and workers are told."""

@@ -12,6 +12,8 @@ from ..._errors import StoreError
 from .._base import (
     COLUMNS,
     INDEXES,
+    SCHEMA_2,
+    SCHEMA_VERSION,
     record_schema_version,
     schema_version,
 )
@@ -43,6 +45,7 @@ COLUMN_TYPES: dict[str, str] = {
     "sender_session_pubkey": "text",
     "lease_expires_at": "bigint",
     "lease_token": "text",
+    "ordering_key": "text",
 }
 assert tuple(COLUMN_TYPES) == COLUMNS
 
@@ -108,6 +111,10 @@ def migrate(conn: psycopg.Connection[Any]) -> None:
     version = schema_version(conn)
     if version < 1:
         conn.execute(_CREATE_TABLE)
+    if version < 2:
+        for statement in SCHEMA_2:
+            conn.execute(statement)
+    if version < SCHEMA_VERSION:
         for statement in INDEXES:
             conn.execute(statement)
         record_schema_version(conn, mark="%s")

@@ -27,6 +27,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn, TypeVar
 
+import attrs
 import trio
 
 from ... import _lifecycle
@@ -54,6 +55,7 @@ from .._base import (
     row_values,
 )
 from .._group_commit import CommitStatistics, GroupCommitter, Joint
+from .._lanes import LEAVES_LANE, lane_keys, settle
 from .._operations import SqlOperations
 from .._sql import SQLITE
 from ._errors import translated
@@ -218,16 +220,20 @@ class SqliteBackend(SqlOperations):
         ]
 
         def op(conn: sqlite3.Connection) -> int:
-            moved = 0
+            moved: list[str | None] = []
             for (status, error), cap in fates:
                 put_back = status is Status.PENDING  # due at once
-                moved += conn.execute(
+                found = conn.execute(
                     f"UPDATE outbox SET status = ?, last_error = ?, next_attempt_at = {'?' if put_back else 'next_attempt_at'},"
                     f" lease_token = NULL, lease_expires_at = NULL WHERE {ran_out}"
-                    + (f" AND {at_cap}" if cap else ""),
+                    + (f" AND {at_cap}" if cap else "")
+                    + " RETURNING ordering_key",
                     (status.value, error, *([now] if put_back else []), *args, *(cap_args if cap else [])),
-                ).rowcount
-            return moved
+                ).fetchall()
+                moved.extend(key for (key,) in found)
+                if status in LEAVES_LANE:
+                    settle(conn, SQLITE, lane_keys(key for (key,) in found))
+            return len(moved)
 
         return await self._write(op, durable=False)
 
@@ -235,9 +241,12 @@ class SqliteBackend(SqlOperations):
         past, args = SQLITE.where(PAST_MAX_AGE, now=now, max_age_ms=max_age_ms)
 
         def op(conn: sqlite3.Connection) -> int:
-            return conn.execute(
-                f"UPDATE outbox SET status = 'dead', last_error = ? WHERE {past}", (_lifecycle.EXPIRED, *args)
-            ).rowcount
+            found = conn.execute(
+                f"UPDATE outbox SET status = 'dead', last_error = ? WHERE {past} RETURNING ordering_key",
+                (_lifecycle.EXPIRED, *args),
+            ).fetchall()
+            settle(conn, SQLITE, lane_keys(key for (key,) in found))
+            return len(found)
 
         return await self._write(op, durable=False)
 
@@ -256,12 +265,29 @@ class SqliteBackend(SqlOperations):
         return await self._read(op)
 
     async def watch(self, wake: Callable[[], None]) -> NoReturn:
-        """SQLite has no cross-process notifications: the poll interval finds
-        rows other processes write."""
-        await trio.sleep_forever()
+        """Call `wake` when another connection commits to the file (another
+        process's accept, an application's `accept_in`): `_watch`, on Linux;
+        elsewhere the poll interval finds those rows."""
+        from ._watch import watch_commits
+
+        committer = self._committer
+        await watch_commits(self.path, wake, writing=lambda: committer._running is not None)
 
     # -- what SqlOperations needs
 
+    def _lock_lanes(self, conn: sqlite3.Connection, keys: Sequence[str]) -> None:
+        pass  # one writer at a time: nothing to serialise
+
+    def _tell_workers(self, conn: sqlite3.Connection) -> None:
+        pass  # no cross-process notifications: other processes poll
+
     def _insert_successor(self, conn: sqlite3.Connection, row: OutboxRow) -> OutboxRow:
+        if row.ordering_key is not None:  # it joins the end of its lane
+            found = conn.execute(
+                "SELECT max(enqueued_at) FROM outbox WHERE ordering_key = ? AND status IN ('pending', 'inflight')",
+                (row.ordering_key,),
+            ).fetchone()
+            if found[0] is not None and found[0] > row.enqueued_at:
+                row = attrs.evolve(row, enqueued_at=found[0])
         conn.execute(INSERT, row_values(row))
         return row

@@ -11,6 +11,8 @@ from ..._errors import (
 )
 from .._base import (
     INDEXES,
+    SCHEMA_2,
+    SCHEMA_VERSION,
     Durability,
     record_schema_version,
     schema_version,
@@ -110,7 +112,9 @@ def check_integrity(path: Path) -> None:
     finally:
         conn.close()
     if result != ["ok"]:
-        raise CorruptDatabase(f"{path} failed its integrity check: {'; '.join(result[:3])}")
+        # SQLite's report may hold several lines an entry: one line of it.
+        found = [line.strip() for entry in result for line in str(entry).splitlines() if line.strip()]
+        raise CorruptDatabase(f"{path} failed its integrity check: {'; '.join(found[:3])}")
 
 
 def migrate(conn: sqlite3.Connection) -> None:
@@ -130,6 +134,10 @@ def migrate(conn: sqlite3.Connection) -> None:
                     conn.execute(f"ALTER TABLE outbox ADD COLUMN {column} {kind}")
             if "priority_rank" not in present:
                 conn.execute(_ADD_PRIORITY_RANK)
+        if version < 2:
+            for statement in SCHEMA_2:
+                conn.execute(statement)
+        if version < SCHEMA_VERSION:
             for statement in INDEXES:
                 conn.execute(statement)
             record_schema_version(conn, mark="?")

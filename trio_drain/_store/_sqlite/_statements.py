@@ -28,17 +28,25 @@ from .._base import (
     in_claim_order,
     row_from_values,
 )
+from .._lanes import LEAVES_LANE, lane_keys, settle
 from .._operations import SELECT
 from .._sql import SQLITE
 
-INSERT = "INSERT INTO outbox (" + ", ".join(COLUMNS) + ") VALUES (" + ", ".join("?" * len(COLUMNS)) + ")"
+
+def _insert(columns: tuple[str, ...]) -> str:
+    """An INSERT binding `columns`; a row with an ordering key starts
+    blocked behind its lane (`_lanes`), which the same transaction settles."""
+    lane = columns.index("ordering_key") + 1
+    return (
+        f"INSERT INTO outbox ({', '.join(columns)}, lane_blocked)"
+        f" VALUES ({', '.join('?' * len(columns))}, ?{lane} IS NOT NULL)"
+    )
 
 
-# New rows bind only the columns they set (the rest default to NULL).
-INSERT_NEW = (
-    "INSERT INTO outbox (" + ", ".join(NEW_COLUMNS) + ") VALUES (" + ", ".join("?" * len(NEW_COLUMNS)) + ")"
-    " ON CONFLICT (client_message_id) DO NOTHING"
-)
+#: A whole row (a requeued row's successor).
+INSERT = _insert(COLUMNS)
+#: New rows bind only the columns they set (the rest default to NULL).
+INSERT_NEW = _insert(NEW_COLUMNS) + " ON CONFLICT (client_message_id) DO NOTHING"
 
 
 def claim_statement(
@@ -125,6 +133,7 @@ def complete_rows(conn: sqlite3.Connection, completions: Sequence[Completion]) -
             applied.extend(conn.execute(COMPLETE_ONE, row).rowcount == 1 for row in values)
         _crashpoints.reached("completion_mid_batch")
         conn.execute("RELEASE complete")
+    settle(conn, SQLITE, lane_keys(c.ordering_key for c in completions if c.status in LEAVES_LANE))
     return applied
 
 
@@ -174,12 +183,35 @@ class Insert:
         """The inserts of concurrent `accept` calls as one statement (group
         commit's writer-side half). Any id already taken, and they go one by
         one instead (None), so that each caller gets its own answer."""
-        rows = [row for insert in inserts for row in insert.rows]
+        rows = in_lane_order(conn, [row for insert in inserts for row in insert.rows])
         before = conn.total_changes
         conn.executemany(INSERT_NEW, rows)  # NewRows are the parameters as they stand
-        if conn.total_changes - before != len(rows):
+        changed = conn.total_changes - before
+        settle(conn, SQLITE, lane_keys(r.ordering_key for r in rows))
+        if changed != len(rows):
             return None
         return [all_inserted(insert.rows) for insert in inserts]
+
+
+def in_lane_order(conn: sqlite3.Connection, rows: list[NewRow]) -> list[NewRow]:
+    """`rows`, each enqueued no earlier than the rows of its lane still to go,
+    so that a lane's order is its accept order even when the clock steps back."""
+    keys = lane_keys(r.ordering_key for r in rows)
+    if not keys:
+        return rows
+    latest = dict(
+        conn.execute(
+            "SELECT ordering_key, max(enqueued_at) FROM outbox WHERE status IN ('pending', 'inflight')"
+            f" AND ordering_key IN ({', '.join('?' * len(keys))}) GROUP BY ordering_key",
+            keys,
+        ).fetchall()
+    )
+    return [
+        r._replace(enqueued_at=latest[r.ordering_key])
+        if r.ordering_key in latest and latest[r.ordering_key] > r.enqueued_at
+        else r
+        for r in rows
+    ]
 
 
 def all_inserted(rows: Sequence[NewRow]) -> Outcomes:

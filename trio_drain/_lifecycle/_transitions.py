@@ -1,42 +1,14 @@
-"""The row state machine, as pure functions with no I/O.
-
-Every decision about where a row goes next is made here, from the row and
-the event, and returned as a value. Stores persist these decisions (with a
-fenced lease token on every transition out of ``inflight``); the worker
-drives them; transports deliver. Nothing in this module knows about SQL,
-sockets or the clock: times are passed in as integer milliseconds.
-
-    (none)   --accept-------------------------> pending
-    pending  --claim (due, not expired)-------> inflight   attempts + 1, lease
-    inflight --broker ack---------------------> done
-    inflight --transient error----------------> pending    backoff(attempts)
-    inflight --transient error at cap---------> dead       "max_attempts: <error>"
-    inflight --permanent error----------------> dead
-    inflight --route unavailable--------------> pending    attempt given back
-    inflight --rate limited-------------------> pending    attempt given back, route paced
-    inflight --no answer (fate unknown)-------> pending    as a transient error, or dead
-                                                           "unknown_fate: ..." if so configured
-    inflight --no broker for the mesh---------> dead       "no_broker_for_mesh:<mesh>"
-    inflight --lease expired------------------> pending    (store sweep; dead at the cap, or
-                                                           "unknown_fate: ..." if so configured)
-    inflight --cancelled before the send------> pending    attempt given back
-    pending  --older than max_age-------------> dead       "expired" (store sweep)
-    pending, inflight, dead --requeue---------> aborted    + a new pending row
-    pending, dead --drop----------------------> aborted
-    done     --retention passed---------------> (deleted)  (store sweep)
-"""
+"""Where a claimed row goes next: every transition out of ``inflight``, and the
+operator's requeue and drop, as pure functions returning the new state."""
 
 from __future__ import annotations
 
-import enum
-import operator
-from collections.abc import Callable
-from typing import Any, Literal
+from typing import Literal
 
 import attrs
 
-from ._errors import InvalidTransition
-from ._model import OutboxRow, Status
+from .._errors import InvalidTransition
+from .._model import OutboxRow, Status
 
 #: last_error of rows swept to dead by age.
 EXPIRED = "expired"
@@ -121,6 +93,9 @@ class Completion:
     #: (PostgreSQL: the server's) counts from its now, so a worker host's
     #: clock being off moves no retry; None: `next_attempt_at` as it stands.
     retry_in_ms: int | None = None
+    #: The row's ordering lane: a completion that takes the lane's head out
+    #: of pending and inflight lets the next row of the lane go.
+    ordering_key: str | None = None
 
 
 def _dead(row: OutboxRow, error: str) -> Completion:
@@ -132,6 +107,7 @@ def _dead(row: OutboxRow, error: str) -> Completion:
         attempts=row.attempts,
         next_attempt_at=row.next_attempt_at,
         last_error=error,
+        ordering_key=row.ordering_key,
     )
 
 
@@ -152,6 +128,7 @@ def on_ack(row: OutboxRow, *, broker_message_id: str, now: int) -> Completion:
         delivered_at=now,
         broker_message_id=broker_message_id,
         last_error=None,
+        ordering_key=row.ordering_key,
     )
 
 
@@ -175,6 +152,7 @@ def on_error(
         next_attempt_at=now + delay,
         last_error=error,
         retry_in_ms=delay,
+        ordering_key=row.ordering_key,
     )
 
 
@@ -191,6 +169,7 @@ def on_route_unavailable(row: OutboxRow, *, now: int, policy: RetryPolicy) -> Co
         next_attempt_at=now + policy.route_retry_ms,
         last_error=ROUTE_UNAVAILABLE,
         retry_in_ms=policy.route_retry_ms,
+        ordering_key=row.ordering_key,
     )
 
 
@@ -209,6 +188,7 @@ def on_rate_limited(row: OutboxRow, *, error: str, now: int, retry_at: int) -> C
         next_attempt_at=max(now, retry_at),
         last_error=error,
         retry_in_ms=max(0, retry_at - now),
+        ordering_key=row.ordering_key,
     )
 
 
@@ -265,132 +245,8 @@ def on_released(row: OutboxRow, *, sent: bool, now: int, policy: RetryPolicy) ->
         next_attempt_at=now,
         last_error=WORKER_STOPPED if sent else row.last_error,
         retry_in_ms=0,
+        ordering_key=row.ordering_key,
     )
-
-
-# -- the rules a store applies in bulk ----------------------------------------
-#
-# Claims, lease recovery and the max_age sweep judge many rows at once, so the
-# stores run them as SQL. The rules are written here once, as data: `holds`
-# judges a row in Python, and the stores render the same terms into their
-# WHERE clauses (`_store._sql`). A property test holds the two to the same
-# answer on random rows, on both back ends. Ordering lanes and paused routes
-# (SPEC sections 10 and 11) will join CLAIMABLE as terms of their own.
-
-
-class Bound(enum.Enum):
-    """A value a rule compares a column with, known only when it is applied."""
-
-    #: The store's now (PostgreSQL: the server's clock).
-    NOW = "now"
-    #: now - max_age: a pending row enqueued before it has expired.
-    AGE_LIMIT = "age_limit"
-    #: The attempt cap.
-    MAX_ATTEMPTS = "max_attempts"
-
-
-@attrs.frozen
-class Compare:
-    """`column op value`; false when the column is null, as in SQL."""
-
-    column: str
-    op: Literal["=", "<", "<=", ">="]
-    value: Status | Bound
-
-
-@attrs.frozen
-class IsNull:
-    """The column is null."""
-
-    column: str
-
-
-@attrs.frozen
-class Either:
-    """At least one of the terms holds."""
-
-    terms: tuple[Compare | IsNull, ...]
-
-
-Term = Compare | IsNull | Either
-#: A rule holds when every one of its terms does.
-Rule = tuple[Term, ...]
-
-#: A claim may take the row: pending, due, and not past max_age.
-CLAIMABLE: Rule = (
-    Compare("status", "=", Status.PENDING),
-    Compare("next_attempt_at", "<=", Bound.NOW),
-    Compare("enqueued_at", ">=", Bound.AGE_LIMIT),
-)
-#: Pending and not past max_age: claimable now or once due.
-WAITING: Rule = (
-    Compare("status", "=", Status.PENDING),
-    Compare("enqueued_at", ">=", Bound.AGE_LIMIT),
-)
-#: A pending row older than max_age: it must never be sent (swept to dead).
-PAST_MAX_AGE: Rule = (
-    Compare("status", "=", Status.PENDING),
-    Compare("enqueued_at", "<", Bound.AGE_LIMIT),
-)
-#: An inflight row whose lease ran out, or that never had one (seed rows).
-LEASE_RAN_OUT: Rule = (
-    Compare("status", "=", Status.INFLIGHT),
-    Either((IsNull("lease_expires_at"), Compare("lease_expires_at", "<=", Bound.NOW))),
-)
-#: The row has used every attempt it may.
-AT_ATTEMPT_CAP: Rule = (Compare("attempts", ">=", Bound.MAX_ATTEMPTS),)
-
-_OPS: dict[str, Callable[[Any, Any], bool]] = {
-    "=": operator.eq,
-    "<": operator.lt,
-    "<=": operator.le,
-    ">=": operator.ge,
-}
-
-
-#: Lease expiry depends on no policy number.
-_NO_POLICY = RetryPolicy()
-
-
-def bound_value(bound: Bound, *, now: int, policy: RetryPolicy) -> int:
-    """What `bound` stands for at `now` under `policy`."""
-    if bound is Bound.NOW:
-        return now
-    if bound is Bound.AGE_LIMIT:
-        return now - policy.max_age_ms
-    return policy.max_attempts
-
-
-def _term_holds(term: Term, row: object, now: int, policy: RetryPolicy) -> bool:
-    if isinstance(term, Either):
-        return any(_term_holds(t, row, now, policy) for t in term.terms)
-    value = getattr(row, term.column)
-    if isinstance(term, IsNull):
-        return value is None
-    if value is None:
-        return False
-    other = term.value if isinstance(term.value, Status) else bound_value(term.value, now=now, policy=policy)
-    return _OPS[term.op](value, other)
-
-
-def holds(rule: Rule, row: object, *, now: int, policy: RetryPolicy) -> bool:
-    """Whether `row` (anything with the columns as attributes) meets `rule` at `now`."""
-    return all(_term_holds(term, row, now, policy) for term in rule)
-
-
-def is_claimable(row: OutboxRow, *, now: int, policy: RetryPolicy) -> bool:
-    """Whether a claim at `now` may take the row."""
-    return holds(CLAIMABLE, row, now=now, policy=policy)
-
-
-def is_expired(row: OutboxRow, *, now: int, policy: RetryPolicy) -> bool:
-    """A pending row older than max_age must never be sent."""
-    return holds(PAST_MAX_AGE, row, now=now, policy=policy)
-
-
-def lease_is_expired(row: OutboxRow, *, now: int) -> bool:
-    """An inflight row whose lease ran out (or that never had one: seed rows)."""
-    return holds(LEASE_RAN_OUT, row, now=now, policy=_NO_POLICY)
 
 
 # -- operator actions ---------------------------------------------------------

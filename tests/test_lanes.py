@@ -1,0 +1,389 @@
+"""Ordering lanes and paused routes in the stores, on SQLite and PostgreSQL.
+
+A lane's rows go out one at a time in accept order: a claim takes only a
+lane's head; a head that retries, waits out an outage or comes back through
+its lease holds its lane; one that goes done, dead or aborted lets the next
+row go, in the same transaction. A paused route's rows are not claimed, and
+nothing else about them changes.
+"""
+
+from __future__ import annotations
+
+import functools
+import random
+import sqlite3
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+import psycopg
+import pytest
+import trio
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from trio_drain import OutboxRow, Status, open_outbox
+from trio_drain import _lifecycle as lc
+from trio_drain._outbox import Outbox
+from trio_drain._store._base import SCHEMA_VERSION
+
+from .builders import BIG, req
+from .helpers import FakeClock
+from .pg import PostgresServer
+
+POLICY = lc.RetryPolicy(max_attempts=3, backoff_base_ms=100, backoff_cap_ms=100, lease_ms=1000)
+
+
+async def claim(ob: Outbox, limit: int = 50, token: str = "t") -> list[OutboxRow]:
+    return list(await ob.claim(limit=limit, lease_ms=POLICY.lease_ms, max_age_ms=BIG, token=token))
+
+
+def ids(rows: Sequence[OutboxRow]) -> list[str]:
+    return sorted(r.client_message_id for r in rows)
+
+
+async def fill_lane(ob: Outbox, clock: FakeClock, key: str, n: int, prefix: str = "") -> None:
+    for i in range(n):
+        await ob.accept(req(f"{prefix or key}-{i}", ordering_key=key))
+        clock.advance(1)
+
+
+async def test_a_claim_takes_only_the_head_of_each_lane(clocked_outbox: Outbox, clock: FakeClock) -> None:
+    ob = clocked_outbox
+    await fill_lane(ob, clock, "k", 3)
+    await fill_lane(ob, clock, "j", 2)
+    await ob.accept(req("free-0"))
+    await ob.accept(req("free-1"))
+    assert ids(await claim(ob)) == ["free-0", "free-1", "j-0", "k-0"]
+    assert await claim(ob) == []  # the heads are in flight: their lanes wait
+
+
+async def test_each_outcome_of_a_head_holds_or_releases_its_lane_as_the_spec_says(
+    clocked_outbox: Outbox, clock: FakeClock
+) -> None:
+    ob = clocked_outbox
+    await fill_lane(ob, clock, "k", 5)
+    (head,) = await claim(ob)
+    # Transient error: the head is retried first; the lane waits meanwhile.
+    await ob.complete([lc.on_error(head, error="e", permanent=False, now=clock.now, policy=POLICY, jitter=0)])
+    assert await claim(ob) == []
+    clock.advance(1000)
+    (again,) = await claim(ob)
+    assert again.id == head.id
+    # Route down and rate limited: the attempt is given back, the lane still waits.
+    await ob.complete([lc.on_route_unavailable(again, now=clock.now, policy=POLICY)])
+    clock.advance(1000)
+    (again,) = await claim(ob)
+    await ob.complete([lc.on_rate_limited(again, error="rate_limit", now=clock.now, retry_at=clock.now)])
+    (again,) = await claim(ob)
+    assert again.id == head.id
+    # Acked: the next row goes, in the same transaction as the outcome.
+    applied, (second,) = await ob.complete_and_claim(
+        [lc.on_ack(again, broker_message_id="b", now=clock.now)],
+        limit=10,
+        lease_ms=POLICY.lease_ms,
+        max_age_ms=BIG,
+        token="t2",
+    )
+    assert applied == [True] and second.client_message_id == "k-1"
+    # Dead: the next goes.
+    await ob.complete(
+        [lc.on_error(second, error="bad", permanent=True, now=clock.now, policy=POLICY, jitter=0)]
+    )
+    (third,) = await claim(ob)
+    assert third.client_message_id == "k-2"
+    # Its lease runs out: it comes back first, still the head.
+    clock.advance(POLICY.lease_ms)
+    assert await ob.recover_expired_leases(max_attempts=POLICY.max_attempts) == 1
+    (third_again,) = await claim(ob)
+    assert third_again.id == third.id
+
+
+async def test_an_aborted_head_lets_the_next_go_and_a_requeued_row_joins_the_end(
+    clocked_outbox: Outbox, clock: FakeClock
+) -> None:
+    ob = clocked_outbox
+    await fill_lane(ob, clock, "k", 3)
+    first = await ob.get_by_client_id("k-0")
+    assert first is not None
+    successor = await ob.requeue(first.id)  # a pending head, requeued
+    clock.advance(1)
+    (head,) = await claim(ob)
+    assert head.client_message_id == "k-1"  # the lane moved on; the copy waits at the end
+    await ob.complete([lc.on_ack(head, broker_message_id="b", now=clock.now)])
+    second = await ob.get_by_client_id("k-2")
+    assert second is not None
+    await ob.drop(second.id)  # a pending head, dropped
+    (last,) = await claim(ob)
+    assert last.id == successor.id
+
+
+async def test_a_head_lost_to_its_lease_at_the_attempt_cap_or_to_max_age_releases_the_lane(
+    clocked_outbox: Outbox, clock: FakeClock
+) -> None:
+    ob = clocked_outbox
+    await fill_lane(ob, clock, "k", 3)
+    for _ in range(POLICY.max_attempts):
+        (head,) = await claim(ob)
+        assert head.client_message_id == "k-0"
+        clock.advance(POLICY.lease_ms)
+        await ob.recover_expired_leases(max_attempts=POLICY.max_attempts)
+    assert (await ob.get(head.id)).status is Status.DEAD  # type: ignore[union-attr]
+    (head,) = await claim(ob)
+    assert head.client_message_id == "k-1"
+    await ob.complete([lc.on_route_unavailable(head, now=clock.now, policy=POLICY)])
+    # Both waiting rows pass max_age: swept to dead, the lane is empty, a new row goes at once.
+    clock.advance(10_000)
+    assert await ob.expire_stale(max_age_ms=5_000) == 2
+    await ob.accept(req("k-new", ordering_key="k"))
+    (head,) = await claim(ob)
+    assert head.client_message_id == "k-new"
+
+
+async def test_a_paused_route_is_left_alone_and_resumes_as_it_was(
+    clocked_outbox: Outbox, clock: FakeClock
+) -> None:
+    ob = clocked_outbox
+    for i in range(3):
+        await ob.accept(req(f"a-{i}", mesh="alpha"))
+        await ob.accept(req(f"b-{i}", mesh="beta"))
+    assert await ob.pause(mesh="alpha", by="ops")
+    assert not await ob.pause(mesh="alpha")  # already
+    assert await ob.paused() == frozenset({"mesh:alpha"})
+    assert ids(await claim(ob)) == ["b-0", "b-1", "b-2"]
+    assert await ob.next_due_at(max_age_ms=BIG) is None  # nothing claimable: the worker sleeps
+    assert await ob.resume(mesh="alpha")
+    assert not await ob.resume(mesh="alpha")
+    resumed = await claim(ob)
+    assert ids(resumed) == ["a-0", "a-1", "a-2"]
+    assert {r.attempts for r in resumed} == {1}  # the pause spent no attempt
+
+
+async def test_pause_names_one_route(outbox: Outbox) -> None:
+    from trio_drain import InvalidRequest
+
+    with pytest.raises(InvalidRequest, match="one route"):
+        await outbox.pause()
+    with pytest.raises(InvalidRequest, match="one route"):
+        await outbox.pause(mesh="a", session="b")
+
+
+# -- a database written before lanes ------------------------------------------------
+
+
+async def test_a_schema_1_sqlite_outbox_migrates_and_its_rows_still_drain(db_path: Path) -> None:
+    async with open_outbox(db_path) as ob:
+        await ob.accept(req("old-0"))
+    conn = sqlite3.connect(db_path)
+    conn.executescript(
+        """
+        DROP INDEX outbox_lane; DROP INDEX outbox_lane_head; DROP INDEX outbox_claim; DROP INDEX outbox_due;
+        ALTER TABLE outbox DROP COLUMN ordering_key; ALTER TABLE outbox DROP COLUMN lane_blocked;
+        DROP TABLE trio_drain_paused;
+        CREATE INDEX outbox_claim ON outbox (priority_rank, enqueued_at) WHERE status = 'pending';
+        CREATE INDEX outbox_due ON outbox (next_attempt_at) WHERE status = 'pending';
+        UPDATE trio_drain_schema SET version = 1;
+        """
+    )
+    conn.close()
+    async with open_outbox(db_path) as ob:
+        await ob.accept(req("new-0", ordering_key="k"))
+        assert ids(await claim(ob)) == ["new-0", "old-0"]
+    conn = sqlite3.connect(db_path)
+    assert conn.execute("SELECT version FROM trio_drain_schema").fetchone()[0] == SCHEMA_VERSION
+    conn.close()
+
+
+async def test_a_schema_1_postgresql_outbox_migrates_and_its_rows_still_drain(pg_url: str) -> None:
+    async with open_outbox(pg_url) as ob:
+        await ob.accept(req("old-0"))
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        for statement in [
+            "DROP INDEX outbox_lane",
+            "DROP INDEX outbox_lane_head",
+            "DROP INDEX outbox_claim",
+            "DROP INDEX outbox_due",
+            "ALTER TABLE outbox DROP COLUMN ordering_key",
+            "ALTER TABLE outbox DROP COLUMN lane_blocked",
+            "DROP TABLE trio_drain_paused",
+            "CREATE INDEX outbox_claim ON outbox (priority_rank, enqueued_at) WHERE status = 'pending'",
+            "CREATE INDEX outbox_due ON outbox (next_attempt_at) WHERE status = 'pending'",
+            "UPDATE trio_drain_schema SET version = 1",
+        ]:
+            conn.execute(statement)  # type: ignore[arg-type]
+    async with open_outbox(pg_url) as ob:
+        await ob.accept(req("new-0", ordering_key="k"))
+        assert ids(await claim(ob)) == ["new-0", "old-0"]
+    with psycopg.connect(pg_url) as conn:
+        assert conn.execute("SELECT version FROM trio_drain_schema").fetchone() == (SCHEMA_VERSION,)
+
+
+# -- many claimers on PostgreSQL -------------------------------------------------------
+
+
+async def _hammer(url: str, *, acceptors: int, claimers: int, lanes: int, rows: int, seed: int) -> None:
+    """Acceptors and claimers, each on connections of its own, race over a
+    few lanes, every accept, claim and outcome its own transaction, while a
+    watcher reads what is committed. No lane may ever have two rows in
+    flight (nor two heads in the store's bookkeeping), and each acceptor's
+    rows of a lane are acked in the order it accepted them."""
+    rng = random.Random(seed)
+    acked: dict[str, list[str]] = {}
+    done = trio.Event()
+    violations: list[Any] = []
+
+    async def acceptor(n: int) -> None:
+        async with open_outbox(url) as ob:
+            for i in range(rows):
+                await ob.accept_many(
+                    [req(f"{n}-{i:03d}-{lane}", ordering_key=f"lane-{lane}") for lane in range(lanes)]
+                )
+                await trio.sleep(rng.random() * 0.002)
+
+    async def claimer(n: int) -> None:
+        async with open_outbox(url) as ob:
+            while not done.is_set():
+                token = f"c{n}-{rng.random()}"
+                claimed = await ob.claim(
+                    limit=rng.randint(1, 4), lease_ms=60_000, max_age_ms=BIG, token=token
+                )
+                if not claimed:
+                    await trio.sleep(0.001)
+                    continue
+                outcomes = []
+                for row in claimed:
+                    roll = rng.random()
+                    if roll < 0.7:
+                        outcomes.append(lc.on_ack(row, broker_message_id="b", now=0))
+                    elif roll < 0.9:
+                        outcomes.append(lc.on_released(row, sent=False, now=0, policy=POLICY))
+                    else:
+                        outcomes.append(
+                            lc.on_error(row, error="x", permanent=True, now=0, policy=POLICY, jitter=0)
+                        )
+                await trio.sleep(rng.random() * 0.002)
+                applied = await ob.complete(outcomes)
+                for completion, ok, row in zip(outcomes, applied, claimed, strict=True):
+                    if ok and completion.status is Status.DONE:
+                        acked.setdefault(row.ordering_key or "", []).append(row.client_message_id)
+
+    async def watcher() -> None:
+        with psycopg.connect(url, autocommit=True) as conn:
+            while not done.is_set():
+                in_flight = conn.execute(
+                    "SELECT ordering_key, count(*) FROM outbox WHERE status = 'inflight'"
+                    " GROUP BY ordering_key HAVING count(*) > 1"
+                ).fetchall()
+                heads = conn.execute(
+                    "SELECT ordering_key, count(*) FROM outbox WHERE status IN ('pending', 'inflight')"
+                    " AND lane_blocked = 0 GROUP BY ordering_key HAVING count(*) > 1"
+                ).fetchall()
+                if in_flight or heads:
+                    violations.append((in_flight, heads))
+                found = conn.execute(
+                    "SELECT count(*), count(*) FILTER (WHERE status IN ('pending', 'inflight')) FROM outbox"
+                ).fetchone()
+                if found == (acceptors * rows * lanes, 0):
+                    done.set()
+                await trio.sleep(0.005)
+
+    async with open_outbox(url):  # the schema, before anyone reads it
+        pass
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watcher)
+            for n in range(acceptors):
+                nursery.start_soon(acceptor, n)
+            for n in range(claimers):
+                nursery.start_soon(claimer, n)
+    assert violations == []
+    for lane, order in acked.items():
+        for n in range(acceptors):
+            mine = [cid for cid in order if cid.startswith(f"{n}-")]
+            assert mine == sorted(mine), lane
+
+
+async def test_concurrent_claimers_never_have_two_rows_of_a_lane_in_flight(pg_url: str) -> None:
+    await _hammer(pg_url, acceptors=3, claimers=4, lanes=3, rows=15, seed=1)
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    acceptors=st.integers(1, 3),
+    claimers=st.integers(2, 5),
+    lanes=st.integers(1, 4),
+    rows=st.integers(1, 10),
+    seed=st.integers(0, 2**16),
+)
+def test_concurrent_claimers_keep_every_lane_in_order_whatever_the_mix(
+    pg_server: PostgresServer, acceptors: int, claimers: int, lanes: int, rows: int, seed: int
+) -> None:
+    hammer = functools.partial(
+        _hammer, acceptors=acceptors, claimers=claimers, lanes=lanes, rows=rows, seed=seed
+    )
+    trio.run(hammer, pg_server.create_database())
+
+
+def test_lane_keys_are_validated() -> None:
+    from trio_drain import InvalidRequest
+    from trio_drain._validate import prepare_row
+
+    for bad in ["", "   ", "x" * 257, "a\u202eb", 7]:
+        with pytest.raises(InvalidRequest, match="ordering_key"):
+            prepare_row(attrs.evolve(req("m"), ordering_key=bad), now=0)
+    row = prepare_row(attrs.evolve(req("m"), ordering_key="k" * 256), now=0)
+    assert row.ordering_key == "k" * 256
+    # Not part of the fingerprint: the same request in another lane is the same request.
+    other = prepare_row(attrs.evolve(req("m"), ordering_key="other"), now=0)
+    assert other.request_fingerprint == row.request_fingerprint
+
+
+# -- the worker over lanes --------------------------------------------------------------
+
+
+async def test_a_worker_delivers_each_lane_in_accept_order_through_transient_failures(outbox: Outbox) -> None:
+    """Lanes beside free rows, a broker failing one send in five: each lane's
+    first acceptances at the broker are in accept order, and no two sends of
+    a lane were ever out at once."""
+    from trio_drain import SendResult
+
+    from .helpers import FakeBroker, Rig
+
+    rng = random.Random(7)
+    out: dict[str, int] = {}
+    overlaps: list[str] = []
+
+    def script(message: Any) -> SendResult | None:
+        lane = message.client_message_id.split("-")[0]
+        if lane.startswith("lane"):
+            out[lane] = out.get(lane, 0) + 1
+            if out[lane] > 1:
+                overlaps.append(lane)
+        return SendResult.failed("flaky", permanent=False) if rng.random() < 0.2 else None
+
+    class Counting(FakeBroker):
+        async def send(self, message: Any) -> SendResult:
+            try:
+                return await super().send(message)
+            finally:
+                lane = message.client_message_id.split("-")[0]
+                if lane in out:
+                    out[lane] -= 1
+
+    broker = Counting(delay=0.002, script=script)
+    await outbox.accept_many(
+        [req(f"lane{k}-{i:03d}", mesh="alpha", ordering_key=f"k{k}") for i in range(25) for k in range(4)]
+        + [req(f"free-{i:03d}", mesh="alpha") for i in range(50)]
+    )
+    async with trio.open_nursery() as nursery:
+        rig = Rig(outbox, nursery, broker=broker)
+        await rig.start()
+        await rig.settled(150, seconds=60)
+        nursery.cancel_scope.cancel()
+    assert overlaps == []
+    first_accepted = list(broker.accepted)  # in the order the broker first accepted each
+    for k in range(4):
+        lane = [cid for cid in first_accepted if cid.startswith(f"lane{k}-")]
+        assert lane == sorted(lane) and len(lane) == 25
+    assert (await outbox.counts())["done"] == 150
