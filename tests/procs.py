@@ -90,14 +90,24 @@ def counts(db: Path | str) -> dict[str, int]:
     return json.loads(run("outbox", "stats", "--db", str(db), "--json").stdout)  # type: ignore[no-any-return]
 
 
-def start_run(db: Path | str, config: Path, *flags: str) -> subprocess.Popen[str]:
-    """`trio-drain [flags] run` as a background process."""
-    return subprocess.Popen(
-        [*CLI, *flags, "run", "--db", str(db), "--config", str(config)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+def start_run(db: Path | str, config: Path, *flags: str, log: Path | None = None) -> subprocess.Popen[str]:
+    """`trio-drain [flags] run` as a background process. Its stderr is a
+    pipe read at `stop_all`, or, for a run that logs much (faults), the file
+    `log`: a pipe nobody reads blocks the process once it fills."""
+    if log is None:
+        return subprocess.Popen(
+            [*CLI, *flags, "run", "--db", str(db), "--config", str(config)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+    with log.open("a") as stderr:  # the child keeps its own descriptor
+        return subprocess.Popen(
+            [*CLI, *flags, "run", "--db", str(db), "--config", str(config)],
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+        )
 
 
 def wait_for_done(db: Path | str, n: int, seconds: float, *procs: subprocess.Popen[str]) -> None:
@@ -115,7 +125,7 @@ def stop_all(*procs: subprocess.Popen[str]) -> list[str]:
     for proc in procs:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
-    return [proc.communicate(timeout=30)[1] for proc in procs]
+    return [proc.communicate(timeout=30)[1] or "" for proc in procs]
 
 
 def fill(target: str | Path, n: int) -> None:
@@ -133,6 +143,7 @@ class Broker:
         self.port = free_port()
         self.ledger = folder / "broker.db"
         self.receipts = folder / "receipts"
+        self.log = folder / "broker.log"
         self.extra = extra
         self.proc: subprocess.Popen[str] | None = None
         self.kills = 0
@@ -142,7 +153,15 @@ class Broker:
         return f"ws://127.0.0.1:{self.port}/ws"
 
     def start(self) -> Broker:
-        self.proc = subprocess.Popen(
+        with self.log.open("a") as stderr:  # the child keeps its own descriptor
+            self.proc = self._spawn(stderr)
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        assert "listening on" in line, self.log.read_text()
+        return self
+
+    def _spawn(self, stderr: Any) -> subprocess.Popen[str]:
+        return subprocess.Popen(
             [
                 *CLI,
                 "broker",
@@ -157,13 +176,11 @@ class Broker:
                 *self.extra,
             ],
             stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
+            # A file, not a pipe: a broker injecting faults logs more than a
+            # pipe nobody reads holds.
+            stderr=stderr,
             text=True,
         )
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        assert "listening on" in line, self.proc.communicate()[1]
-        return self
 
     def kill(self) -> None:
         assert self.proc is not None
