@@ -56,6 +56,7 @@ from ._transitions import DROPPABLE as DROPPABLE
 from ._transitions import EXPIRED as EXPIRED
 from ._transitions import LEASE_EXPIRED as LEASE_EXPIRED
 from ._transitions import LEASE_EXPIRED_AT_CAP as LEASE_EXPIRED_AT_CAP
+from ._transitions import LEAVES_LANE as LEAVES_LANE
 from ._transitions import REQUEUEABLE as REQUEUEABLE
 from ._transitions import ROUTE_UNAVAILABLE as ROUTE_UNAVAILABLE
 from ._transitions import UNKNOWN_FATE as UNKNOWN_FATE
@@ -75,4 +76,5 @@ from ._transitions import on_no_broker as on_no_broker
 from ._transitions import on_rate_limited as on_rate_limited
 from ._transitions import on_released as on_released
 from ._transitions import on_route_unavailable as on_route_unavailable
+from ._transitions import releases_lane as releases_lane
 from ._transitions import requeued as requeued

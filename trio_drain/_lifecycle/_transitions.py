@@ -37,6 +37,8 @@ UNKNOWN_FATE_LEASE = f"{UNKNOWN_FATE}: {LEASE_EXPIRED}"
 UnknownFate = Literal["resend", "dead"]
 
 REQUEUEABLE = frozenset({Status.PENDING, Status.INFLIGHT, Status.DEAD})
+#: Where a lane's head goes when it lets the next row of its lane go.
+LEAVES_LANE = frozenset({Status.DONE, Status.DEAD, Status.ABORTED})
 DROPPABLE = frozenset({Status.PENDING, Status.DEAD})
 
 
@@ -96,6 +98,12 @@ class Completion:
     #: The row's ordering lane: a completion that takes the lane's head out
     #: of pending and inflight lets the next row of the lane go.
     ordering_key: str | None = None
+
+
+def releases_lane(completion: Completion) -> bool:
+    """Whether the completion takes a lane's head out of pending and
+    inflight, so that the next row of its lane may go."""
+    return completion.ordering_key is not None and completion.status in LEAVES_LANE
 
 
 def _dead(row: OutboxRow, error: str) -> Completion:

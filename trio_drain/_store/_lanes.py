@@ -22,11 +22,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from .._model import Status
+from .._lifecycle import LEAVES_LANE as LEAVES_LANE
 from ._sql import Dialect
-
-#: Where a lane's head goes when it lets the next row go.
-LEAVES_LANE = frozenset({Status.DONE, Status.DEAD, Status.ABORTED})
 
 #: The lane's first pending or inflight row goes, unless one already may.
 _SETTLE = (
