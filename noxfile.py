@@ -11,11 +11,14 @@ nox.options.error_on_missing_interpreters = False
 PYTHON = ["3.11", "3.12", "3.13"]
 
 
-@nox.session(python=False)
+@nox.session
 def tests(session: nox.Session) -> None:
-    """The default suite, in the interpreter nox runs on (as CI does)."""
-    session.run("python", "-m", "pip", "install", "-q", "-e", ".[test]", external=True)
-    session.run("python", "-m", "pytest", *session.posargs, external=True)
+    """The default suite (what CI runs), on the Python that runs nox but in
+    a virtualenv of the session's own (``.nox/tests``): running it installs
+    nothing into the user's environment. Arguments go to pytest
+    (`nox -s tests -- tests/test_cli.py -x`)."""
+    session.install("-e", ".[test]")
+    session.run("python", "-m", "pytest", *session.posargs)
 
 
 @nox.session(python=PYTHON)
@@ -44,7 +47,7 @@ def bench(session: nox.Session) -> None:
 
     `nox -s bench -- --quick --runs 1` for a fast look.
     """
-    session.run("python", "-m", "pip", "install", "-q", "-e", ".[test]", external=True)
+    session.run("python", "-m", "pip", "install", "-q", "-e", ".[test,bench]", external=True)
     session.run("python", "-m", "tests.benchmark", *session.posargs, external=True)
 
 

@@ -14,6 +14,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import signal
 import sqlite3
 import statistics
@@ -36,6 +37,7 @@ from trio_drain import (
     OutgoingMessage,
     SendRequest,
     SendResult,
+    Status,
     WebSocketBroker,
     generate_secret_key,
     open_outbox,
@@ -627,6 +629,520 @@ async def backends(folder: str, broker_url: str, n: int, runs: int) -> dict[str,
     return results
 
 
+# -- the adaptive window (issue 19; SPEC section 9) ------------------------------------------------
+
+#: Broker ack delays (ms) the default config is measured at, against fixed windows.
+ADAPTIVE_DELAYS_MS = (0, 1, 5, 20, 50)
+FIXED_WINDOWS = (16, 64, 256, 1024)
+#: The capacity test: a broker that answers `overloaded` past this many sends waiting.
+CAPACITY, CAPACITY_DELAY = 100, 0.005
+#: The step test: 1 ms, 20 ms from 5 s, 1 ms from 10 s, until 15 s.
+STEP_SCHEDULE, STEP_TIMES, STEP_END = "1@0,20@5,1@10", (5.0, 10.0), 15.0
+
+# A drain in a process of its own that says its window every 20 ms, for the crash test.
+_CRASH_CHILD = """
+import sys, trio
+from trio_drain import BrokerRegistry, DrainConfig, DrainWorker, MeshIdentity, WebSocketBroker
+from trio_drain import generate_secret_key, open_outbox
+async def main(db, url):
+    async with open_outbox(db) as outbox, trio.open_nursery() as nursery:
+        identity = MeshIdentity(mesh_id="mesh-bench", member_id="bench", secret_key=generate_secret_key())
+        broker = WebSocketBroker(url, identity)
+        await nursery.start(broker.run)
+        registry = BrokerRegistry()
+        registry.set_mesh("bench", broker)
+        worker = DrainWorker(outbox, registry, DrainConfig(lease=3.0, ack_timeout=2.0))
+        nursery.start_soon(worker.run)
+        while True:
+            s = worker.statistics()
+            print(s.window, s.in_flight, s.acked, flush=True)
+            await trio.sleep(0.02)
+trio.run(main, sys.argv[1], sys.argv[2])
+"""
+
+# The fault proxy (tests/proxy.py) in a process of its own: a delay on the wire, both ways.
+_PROXY_CHILD = """
+import sys, trio
+from tests.proxy import FaultProxy
+async def main(port, latency):
+    async with trio.open_nursery() as nursery:
+        proxy = await nursery.start(FaultProxy(int(port), latency=float(latency)).run)
+        print("listening on", proxy.url, flush=True)
+trio.run(main, sys.argv[1], sys.argv[2])
+"""
+
+
+def spawn_python(code: str, *args: str) -> subprocess.Popen[str]:
+    """`code` in a Python process of its own, its stdout piped."""
+    return subprocess.Popen(
+        [sys.executable, "-c", code, *args], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+    )
+
+
+def fixed_window(window: int) -> DrainConfig:
+    return DrainConfig(max_inflight=window, adaptive=False)
+
+
+@dataclass
+class Drained:
+    """A timed drain: its pace, the worker's counters, and its window over time."""
+
+    rows_per_s: float
+    done: int
+    elapsed: float
+    sent: int
+    refused: int  # rate_limited: here, `overloaded` answers
+    timeline: list[tuple[float, int, int]]  # (seconds from `t0`, rows acked, window)
+
+
+async def drain_timed(
+    url: str | Callable[[], str],
+    db: str,
+    n: int,
+    config: DrainConfig,
+    *,
+    seconds: float,
+    every: float = 0.05,
+) -> Drained:
+    """Drain a backlog of n rows, for at most `seconds`: rows done a second
+    (slow configurations stop at the time limit, so every one is timed).
+
+    `url` may be a function that starts a broker and returns its URL: it is
+    called once the outbox is open, and the timeline counts from then."""
+    async with open_outbox(db) as outbox, trio.open_nursery() as nursery:
+        t0 = None
+        if callable(url):
+            url = url()
+            t0 = time.perf_counter()
+        broker = await connected(nursery, url)
+        registry = BrokerRegistry()
+        registry.set_mesh("bench", broker)
+        worker = DrainWorker(outbox, registry, config)
+        done = trio.Event()
+        acked = 0
+
+        def on_completion(c: Any) -> None:
+            nonlocal acked
+            if c.status is Status.DONE:
+                acked += 1
+                if acked >= n:
+                    done.set()
+
+        worker.on_completion = on_completion
+        timeline: list[tuple[float, int, int]] = []
+        started = time.perf_counter()
+        origin = started if t0 is None else t0
+
+        async def sample() -> None:
+            while True:
+                timeline.append((time.perf_counter() - origin, acked, worker.statistics().window))
+                await trio.sleep(every)
+
+        nursery.start_soon(worker.run)
+        nursery.start_soon(sample)
+        with trio.move_on_after(seconds):
+            await done.wait()
+        elapsed = time.perf_counter() - started
+        timeline.append((time.perf_counter() - origin, acked, worker.statistics().window))
+        stats = worker.statistics()
+        nursery.cancel_scope.cancel()
+    return Drained(acked / elapsed, acked, elapsed, stats.sent, stats.rate_limited, timeline)
+
+
+class Backlogs:
+    """Outbox files of n pending rows, copied from one filled template (filling takes longer)."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = Path(folder)
+        self._templates: dict[int, Path] = {}
+
+    async def fresh(self, n: int) -> str:
+        template = self._templates.get(n)
+        if template is None:
+            template = self._templates[n] = self.folder / f"template-{n}.db"
+            await fill(str(template), n)
+        db = self.folder / f"run-{time.time_ns()}.db"
+        shutil.copyfile(template, db)
+        return str(db)
+
+
+def _median_ratio(a: list[float], b: list[float]) -> float:
+    return statistics.median(x / y for x, y in zip(a, b, strict=True))
+
+
+async def adaptive_delays(backlogs: Backlogs, n: int, seconds: float, runs: int) -> dict[str, Any]:
+    """The default config against fixed windows at each ack delay: rounds
+    of every delay and every config, one after the other, each ratio taken
+    within its round."""
+    brokers = {d: BrokerProcess("--ack-delay", str(d / 1000)).start() for d in ADAPTIVE_DELAYS_MS}
+    names = ["default", *(str(w) for w in FIXED_WINDOWS)]
+    rates: dict[int, dict[str, list[float]]] = {d: {k: [] for k in names} for d in ADAPTIVE_DELAYS_MS}
+    windows: dict[int, list[int]] = {d: [] for d in ADAPTIVE_DELAYS_MS}
+    try:
+        for _ in range(runs):
+            for d, broker in brokers.items():
+                for name in names:
+                    config = DrainConfig() if name == "default" else fixed_window(int(name))
+                    run = await drain_timed(broker.url, await backlogs.fresh(n), n, config, seconds=seconds)
+                    rates[d][name].append(run.rows_per_s)
+                    if name == "default":
+                        windows[d].append(run.timeline[-1][2])
+    finally:
+        for broker in brokers.values():
+            broker.stop()
+    per_delay: dict[str, Any] = {}
+    for d in ADAPTIVE_DELAYS_MS:
+        r = rates[d]
+        best_per_round = [max(r[str(w)][i] for w in FIXED_WINDOWS) for i in range(runs)]
+        best_name = max((str(w) for w in FIXED_WINDOWS), key=lambda k: statistics.median(r[k]))
+        per_delay[str(d)] = {
+            "rps": {k: statistics.median(v) for k, v in r.items()},
+            "runs": r,
+            "best_fixed": best_name,
+            "ratio_to_best": _median_ratio(r["default"], best_per_round),
+            "window_at_end": statistics.median(windows[d]),
+        }
+    zero = rates[0]["default"]
+    return {
+        "rows": n,
+        "seconds_cap": seconds,
+        "per_delay_ms": per_delay,
+        "target_ratio_to_best": 0.85,
+        "ratio_20ms_to_0ms": _median_ratio(rates[20]["default"], zero),
+        "target_20ms_to_0ms": 0.7,
+    }
+
+
+async def adaptive_seed(backlogs: Backlogs, seed_n: int, n: int, runs: int) -> dict[str, Any]:
+    """At 1 ms: the default config against the seed's schedule, in rounds of
+    one seed run and one of ours (and fixed 1,024 for reference)."""
+    with BrokerProcess("--ack-delay", "0.001") as broker:
+        seed_runs, default_runs, wide_runs = [], [], []
+        for _ in range(runs):
+            seed_runs.append(
+                await drain_rate(
+                    broker.url, await backlogs.fresh(seed_n), seed_n, DrainConfig.seed_schedule()
+                )
+            )
+            default_runs.append(await drain_rate(broker.url, await backlogs.fresh(n), n, DrainConfig()))
+            wide_runs.append(await drain_rate(broker.url, await backlogs.fresh(n), n, fixed_window(1024)))
+    return {
+        "seed_rps": statistics.median(seed_runs),
+        "default_rps": statistics.median(default_runs),
+        "fixed_1024_rps": statistics.median(wide_runs),
+        "ratio": _median_ratio(default_runs, seed_runs),
+        "ratio_fixed_1024": _median_ratio(wide_runs, seed_runs),
+        "target": 40.0,
+        "seed_runs": seed_runs,
+        "default_runs": default_runs,
+        "fixed_1024_runs": wide_runs,
+    }
+
+
+def _settled(timeline: list[tuple[float, int, int]]) -> dict[str, float]:
+    """The window over the second half of a drain: median, least and most."""
+    end = timeline[-1][0]
+    late = [w for t, _, w in timeline if t >= end / 2] or [timeline[-1][2]]
+    return {"median": statistics.median(late), "min": min(late), "max": max(late)}
+
+
+async def adaptive_capacity(backlogs: Backlogs, n: int, seconds: float, runs: int) -> dict[str, Any]:
+    """A broker that answers `overloaded` past CAPACITY sends waiting, 5 ms
+    ack delay: the default config and a fixed window of 1,024, in rounds."""
+    results: dict[str, list[Drained]] = {"default": [], "fixed_1024": []}
+    with BrokerProcess("--ack-delay", str(CAPACITY_DELAY), "--capacity", str(CAPACITY)) as broker:
+        for _ in range(runs):
+            for name, config in (("default", DrainConfig()), ("fixed_1024", fixed_window(1024))):
+                results[name].append(
+                    await drain_timed(broker.url, await backlogs.fresh(n), n, config, seconds=seconds)
+                )
+    out: dict[str, Any] = {"capacity": CAPACITY, "ack_delay_ms": CAPACITY_DELAY * 1000, "rows": n}
+    for name, drained in results.items():
+        out[name] = {
+            "rps": statistics.median(d.rows_per_s for d in drained),
+            "overloaded_share": statistics.median(d.refused / max(1, d.sent) for d in drained),
+            "sent": statistics.median(d.sent for d in drained),
+            "window_settled": statistics.median(_settled(d.timeline)["median"] for d in drained),
+            "window_range": [
+                statistics.median(_settled(d.timeline)["min"] for d in drained),
+                statistics.median(_settled(d.timeline)["max"] for d in drained),
+            ],
+        }
+    out["target_overloaded_share"] = 0.10
+    return out
+
+
+def _rates(timeline: list[tuple[float, int, int]], span: float = 0.5) -> list[tuple[float, float, int]]:
+    """(time, rows a second over the last `span` seconds, window) along a timeline."""
+    out = []
+    j = 0
+    for t, acked, window in timeline:
+        while timeline[j][0] < t - span:
+            j += 1
+        t_j, acked_j, _ = timeline[j]
+        if t > t_j:
+            out.append((t, (acked - acked_j) / (t - t_j), window))
+    return out
+
+
+async def adaptive_step(backlogs: Backlogs, n: int, folder: str) -> dict[str, Any]:
+    """The broker's delay steps 1 -> 20 -> 1 ms (at 5 and 10 s of its life):
+    the default config and a fixed 1,024 each drain through it (a broker
+    started afresh for each, the drain at once after). How long after each
+    step the default's rate reaches 0.85 of what it holds over the last 2 s
+    of that phase (its new level)."""
+    curves: dict[str, list[tuple[float, float, int]]] = {}
+    for name, config in (("default", DrainConfig()), ("fixed_1024", fixed_window(1024))):
+        db = await backlogs.fresh(n)
+        broker = BrokerProcess("--ack-delay-schedule", STEP_SCHEDULE)
+
+        def launch(broker: BrokerProcess = broker) -> str:
+            return broker.start().url
+
+        try:
+            # The schedule counts from the broker's start: the drain begins then.
+            run = await drain_timed(launch, db, n, config, seconds=STEP_END)
+        finally:
+            broker.stop()
+        curves[name] = _rates(run.timeline)
+    phases = [(0.0, STEP_TIMES[0]), (STEP_TIMES[0], STEP_TIMES[1]), (STEP_TIMES[1], STEP_END)]
+
+    def steady(curve: list[tuple[float, float, int]], start: float, end: float) -> float:
+        return statistics.median([r for t, r, _ in curve if end - 2.0 <= t < end] or [0.0])
+
+    out: dict[str, Any] = {"schedule": STEP_SCHEDULE, "rows": n, "target_follow_s": 2.0}
+    for name, curve in curves.items():
+        per = []
+        for start, end in phases:
+            per.append({"from_s": start, "steady_rps": steady(curve, start, end)})
+        out[name] = {"phases": per}
+    follows = []
+    for i, (start, end) in enumerate(phases[1:], start=1):
+        reference = out["default"]["phases"][i]["steady_rps"]
+        after = [t for t, r, _ in curves["default"] if start <= t < end and r >= 0.85 * reference]
+        follows.append(after[0] - start if after else None)
+    out["default"]["follow_s"] = follows
+    out["default"]["phase_ratio_to_fixed_1024"] = [
+        a["steady_rps"] / b["steady_rps"] if b["steady_rps"] else None
+        for a, b in zip(out["default"]["phases"], out["fixed_1024"]["phases"], strict=True)
+    ]
+    out["plot"] = _plot_step(curves)
+    return out
+
+
+def _plot_step(curves: dict[str, list[tuple[float, float, int]]]) -> str | None:
+    """Window and rate over time, as a PNG under bench-results/ (matplotlib:
+    the `bench` extra); None if matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, (rate_ax, window_ax) = plt.subplots(2, 1, sharex=True, figsize=(8, 5.5))
+    for name, curve in curves.items():
+        label = "default (adaptive)" if name == "default" else "fixed window of 1,024"
+        rate_ax.plot([t for t, _, _ in curve], [r for _, r, _ in curve], label=label)
+        window_ax.plot([t for t, _, _ in curve], [w for _, _, w in curve], label=label)
+    for ax in (rate_ax, window_ax):
+        for t in STEP_TIMES:
+            ax.axvline(t, color="grey", linestyle=":")
+    rate_ax.set_ylabel("rows/s (0.5 s mean)")
+    window_ax.set_ylabel("send window")
+    window_ax.set_xlabel("seconds (broker ack delay 1 ms, 20 ms from 5 s, 1 ms from 10 s)")
+    rate_ax.legend(loc="lower left")
+    fig.tight_layout()
+    path = Path("bench-results/adaptive-step.png")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return str(path)
+
+
+async def adaptive_crash(backlogs: Backlogs, n: int, folder: str) -> dict[str, Any]:
+    """SIGKILL a default-config drain mid-way at 20 ms ack delay; drain the
+    rest; rows the broker received twice against the window at the kill."""
+    receipts = Path(folder) / f"receipts-{time.time_ns()}.txt"
+    db = await backlogs.fresh(n)
+    with BrokerProcess(
+        "--ack-delay",
+        "0.02",
+        "--receipts",
+        str(receipts),
+        "--db",
+        str(Path(folder) / f"b-{time.time_ns()}.db"),
+    ) as broker:
+        child = spawn_python(_CRASH_CHILD, db, broker.url)
+        assert child.stdout is not None
+        last = ""
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # until well into the drain
+            line = child.stdout.readline()
+            if not line:
+                break
+            last = line
+            if int(line.split()[2]) >= n // 3:
+                break
+        child.kill()
+        child.communicate(timeout=30)
+        window, in_flight, acked = (int(x) for x in last.split())
+        conn = sqlite3.connect(db)
+        try:
+            inflight_rows = conn.execute("SELECT count(*) FROM outbox WHERE status = 'inflight'").fetchone()[
+                0
+            ]
+        finally:
+            conn.close()
+        await trio.sleep(3.5)  # the killed worker's leases run out
+        async with open_outbox(db) as outbox, trio.open_nursery() as nursery:
+            registry = BrokerRegistry()
+            registry.set_mesh("bench", await connected(nursery, broker.url))
+            await nursery.start(DrainWorker(outbox, registry, DrainConfig(lease=3.0, ack_timeout=2.0)).run)
+
+            async def all_done() -> bool:
+                return (await outbox.counts())["done"] >= n
+
+            await wait_until(all_done, seconds=120)
+            nursery.cancel_scope.cancel()
+    sends: dict[str, int] = {}
+    for line in receipts.read_text().splitlines():
+        cid = line.split("\t")[1]
+        sends[cid] = sends.get(cid, 0) + 1
+    resent = sum(c - 1 for c in sends.values())
+    return {
+        "window_at_kill": window,
+        "in_flight_at_kill": in_flight,
+        "inflight_rows_at_kill": inflight_rows,
+        "acked_before_kill": acked,
+        "resent": resent,
+        "bound_met": resent <= window,
+    }
+
+
+async def adaptive_proxy(backlogs: Backlogs, n: int, seconds: float, runs: int) -> dict[str, Any]:
+    """The same drain through a delay on the wire (the fault proxy, 10 ms
+    each way, in its own process) and against a 20 ms ack delay on loopback:
+    the default config and a fixed 1,024, in rounds."""
+    rates: dict[str, list[float]] = {
+        k: [] for k in ("proxy_default", "proxy_1024", "ack_default", "ack_1024")
+    }
+    with BrokerProcess() as plain, BrokerProcess("--ack-delay", "0.02") as delayed:
+        proxy = spawn_python(_PROXY_CHILD, str(plain.port), "0.01")
+        try:
+            assert proxy.stdout is not None
+            proxy_url = proxy.stdout.readline().split()[-1]
+            for _ in range(runs):
+                for key, url, config in (
+                    ("proxy_default", proxy_url, DrainConfig()),
+                    ("proxy_1024", proxy_url, fixed_window(1024)),
+                    ("ack_default", delayed.url, DrainConfig()),
+                    ("ack_1024", delayed.url, fixed_window(1024)),
+                ):
+                    run = await drain_timed(url, await backlogs.fresh(n), n, config, seconds=seconds)
+                    rates[key].append(run.rows_per_s)
+        finally:
+            proxy.kill()
+            proxy.communicate(timeout=30)
+    return {
+        "proxy_latency_each_way_ms": 10,
+        "ack_delay_ms": 20,
+        "rps": {k: statistics.median(v) for k, v in rates.items()},
+        "runs": rates,
+        "proxy_ratio_to_1024": _median_ratio(rates["proxy_default"], rates["proxy_1024"]),
+        "ack_ratio_to_1024": _median_ratio(rates["ack_default"], rates["ack_1024"]),
+        "proxy_to_ack_default": _median_ratio(rates["proxy_default"], rates["ack_default"]),
+    }
+
+
+async def adaptive(quick: bool, runs: int) -> dict[str, Any]:
+    """Every figure of the adaptive window, each a ratio taken within this run."""
+    n, seconds = (10_000, 2.0) if quick else (30_000, 4.0)
+    out: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="trio-drain-bench-") as folder:
+        backlogs = Backlogs(folder)
+        out["delays"] = await adaptive_delays(backlogs, n, seconds, runs)
+        out["seed_1ms"] = await adaptive_seed(backlogs, 1_000 if quick else 3_000, n, runs)
+        out["capacity"] = await adaptive_capacity(backlogs, n, seconds, runs)
+        out["step"] = await adaptive_step(backlogs, 100_000 if quick else 220_000, folder)
+        out["crash"] = await adaptive_crash(backlogs, 60_000, folder)
+        out["proxy"] = await adaptive_proxy(backlogs, n, seconds, runs)
+    return out
+
+
+def adaptive_rows(r: dict[str, Any]) -> list[tuple[str, str, str]]:
+    a = r["adaptive"]
+    rows = []
+    for d, per in a["delays"]["per_delay_ms"].items():
+        rps = per["rps"]
+        rows.append(
+            (
+                f"ack delay {d} ms: default / fixed 16, 64, 256, 1024 (rows/s)",
+                f"{rps['default']:,.0f}",
+                " / ".join(f"{rps[str(w)]:,.0f}" for w in FIXED_WINDOWS)
+                + f"; {per['ratio_to_best']:.2f} of the best fixed (target >= 0.85); window {per['window_at_end']:.0f}",
+            )
+        )
+    rows.append(
+        (
+            "  default at 20 ms against itself at 0 ms",
+            f"{a['delays']['ratio_20ms_to_0ms']:.2f}",
+            "target >= 0.7",
+        )
+    )
+    s = a["seed_1ms"]
+    rows.append(
+        (
+            "1 ms: default / seed's schedule (rows/s)",
+            f"{s['default_rps']:,.0f} / {s['seed_rps']:,.0f}",
+            f"{s['ratio']:.1f}x the seed (target >= 40); fixed 1024: {s['ratio_fixed_1024']:.1f}x",
+        )
+    )
+    c = a["capacity"]
+    rows.append(
+        (
+            f"capacity {c['capacity']}, {c['ack_delay_ms']:g} ms: default window (settled) / overloaded",
+            f"{c['default']['window_settled']:.0f} / {c['default']['overloaded_share'] * 100:.1f}%",
+            f"range {c['default']['window_range'][0]:.0f}-{c['default']['window_range'][1]:.0f};"
+            f" {c['default']['rps']:,.0f} rows/s (target: near {c['capacity']}, < 10%)",
+        )
+    )
+    rows.append(
+        (
+            "  fixed 1024 on the same broker: overloaded",
+            f"{c['fixed_1024']['overloaded_share'] * 100:.1f}%",
+            f"{c['fixed_1024']['rps']:,.0f} rows/s",
+        )
+    )
+    st = a["step"]
+    follow = ", ".join("-" if f is None else f"{f:.2f}" for f in st["default"]["follow_s"])
+    rows.append(
+        (
+            "delay steps 1 -> 20 -> 1 ms: the rate follows within (s)",
+            follow,
+            "target < 2; phases vs fixed 1024: "
+            + ", ".join("-" if x is None else f"{x:.2f}" for x in st["default"]["phase_ratio_to_fixed_1024"]),
+        )
+    )
+    k = a["crash"]
+    rows.append(
+        (
+            "crash at 20 ms: rows resent / window at the kill",
+            f"{k['resent']} / {k['window_at_kill']}",
+            f"in flight {k['in_flight_at_kill']}; target: resent <= window",
+        )
+    )
+    p = a["proxy"]
+    rows.append(
+        (
+            "10 ms each way through the proxy vs 20 ms ack delay: default/1024",
+            f"{p['proxy_ratio_to_1024']:.2f} / {p['ack_ratio_to_1024']:.2f}",
+            f"default {p['rps']['proxy_default']:,.0f} vs {p['rps']['ack_default']:,.0f} rows/s",
+        )
+    )
+    return rows
+
+
 def percentile(values: list[float], p: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
@@ -666,6 +1182,22 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             results["rate_limit"] = await rate_limited(folder, **limit)  # type: ignore[arg-type]
         return results
     n_accept_in = 1000 if quick else 4000
+    if args.only == "adaptive":
+        results["adaptive"] = await adaptive(quick, runs)
+        return results
+    if args.only == "lanes":
+        from .bench_lanes import lanes
+
+        results["lanes"] = await lanes(quick, runs)
+        return results
+    if args.only == "metrics":
+        from .bench_metrics import metrics_section
+
+        results["metrics"] = await metrics_section(quick, runs)
+        return results
+    if args.only == "peers":
+        results["peers"] = await peers_section(quick, runs)
+        return results
     if args.only == "accept_in":
         with tempfile.TemporaryDirectory(prefix="trio-drain-bench-") as folder:
             results["accept_in"] = await accept_in_cost(folder, n_accept_in)
@@ -690,7 +1222,8 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         async def one_drain() -> float:
             db = str(Path(folder) / f"drain-{time.time_ns()}.db")
             await fill(db, backlog)
-            drains.append(await drain_run(broker, db, backlog, DrainConfig(max_inflight=64, batch_size=128)))
+            config = DrainConfig(max_inflight=64, batch_size=128, adaptive=False)
+            drains.append(await drain_run(broker, db, backlog, config))
             return drains[-1].rows_per_s
 
         rate, rate_runs = await median_of(runs, one_drain)
@@ -751,7 +1284,13 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         async def ours(window: int) -> float:
             db = str(Path(folder) / f"ours-{time.time_ns()}.db")
             await fill(db, ours_n)
-            return await drain_rate(delayed.url, db, ours_n, DrainConfig(max_inflight=window, batch_size=128))
+            config = DrainConfig(max_inflight=window, batch_size=128, adaptive=False)
+            return await drain_rate(delayed.url, db, ours_n, config)
+
+        async def ours_default() -> float:  # the adaptive window, no tuning
+            db = str(Path(folder) / f"ours-{time.time_ns()}.db")
+            await fill(db, ours_n)
+            return await drain_rate(delayed.url, db, ours_n, DrainConfig())
 
         # Rounds of seed, ours and ours with a wide window, one after the
         # other, and each round's ratios: the seed waits out the broker's
@@ -759,11 +1298,12 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         # quarter of its speed, here) moves one and not the other.
         # The default window of 64 was sized for a fast broker; with 1 ms of
         # ack delay more sends must be in flight to cover it (Little's law).
-        seed_runs, our_runs, wide_runs = [], [], []
+        seed_runs, our_runs, wide_runs, default_runs = [], [], [], []
         for _ in range(runs):
             seed_runs.append(await seed())
             our_runs.append(await ours(64))
             wide_runs.append(await ours(WIDE_WINDOW))
+            default_runs.append(await ours_default())
         results["seed_schedule_1ms"] = {
             "seed_rps": statistics.median(seed_runs),
             "ours_rps": statistics.median(our_runs),
@@ -772,9 +1312,13 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             "wide_window": WIDE_WINDOW,
             "ratio_wide": statistics.median(w / s for w, s in zip(wide_runs, seed_runs, strict=True)),
             "target": 30.0,
+            "default_rps": statistics.median(default_runs),
+            "ratio_default": statistics.median(d / s for d, s in zip(default_runs, seed_runs, strict=True)),
+            "target_default": 40.0,
             "seed_runs": seed_runs,
             "our_runs": our_runs,
             "wide_runs": wide_runs,
+            "default_runs": default_runs,
         }
 
         lat = await wake_latency(folder, 100 if quick else 300)
@@ -793,8 +1337,21 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         results["rate_limit"] = await rate_limited(folder, **limit)  # type: ignore[arg-type]
     with tempfile.TemporaryDirectory(prefix="trio-drain-bench-") as folder, BrokerProcess() as broker:
         results["backends"] = await backends(folder, broker.url, 10_000 if quick else 30_000, runs)
+    results["adaptive"] = await adaptive(quick, runs)
     results["max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    from .bench_metrics import metrics_section  # after the memory figure: it fills an outbox of its own
+
+    results["metrics"] = await metrics_section(quick, runs)
+    results["peers"] = await peers_section(quick, runs)
     return results
+
+
+async def peers_section(quick: bool, runs: int) -> dict[str, Any]:
+    """PostgreSQL side by side with PgQueuer (`bench_peers`)."""
+    from .bench_peers import peers
+
+    with tempfile.TemporaryDirectory(prefix="trio-drain-bench-") as folder, BrokerProcess() as broker:
+        return await peers(folder, broker, quick=quick, rounds=runs)
 
 
 def backend_rows(r: dict[str, Any]) -> list[tuple[str, str, str]]:
@@ -859,6 +1416,24 @@ def print_table(r: dict[str, Any]) -> None:
     if r.get("only") == "accept_in":
         print_rows(r, accept_in_rows(r))
         return
+    from .bench_peers import peer_rows
+
+    if r.get("only") == "peers":
+        print_rows(r, peer_rows(r))
+        return
+    if r.get("only") == "lanes":
+        from .bench_lanes import lanes_rows
+
+        print_rows(r, lanes_rows(r))
+        return
+    from .bench_metrics import metrics_rows
+
+    if r.get("only") == "metrics":
+        print_rows(r, metrics_rows(r))
+        return
+    if r.get("only") == "adaptive":
+        print_rows(r, adaptive_rows(r))
+        return
     rows = [
         (
             "ceiling: trio-websocket round trips/s (window 64)",
@@ -910,14 +1485,19 @@ def print_table(r: dict[str, Any]) -> None:
         *accept_in_rows(r),
         ("seed schedule, 1 ms ack delay (rows/s)", f"{r['seed_schedule_1ms']['seed_rps']:,.0f}", ""),
         (
-            "ours, 1 ms ack delay, max_inflight 64 (rows/s)",
+            "ours, 1 ms ack delay, fixed window of 64 (rows/s)",
             f"{r['seed_schedule_1ms']['ours_rps']:,.0f}",
             f"{r['seed_schedule_1ms']['ratio']:.1f}x the seed (target >= 30)",
         ),
         (
-            f"ours, 1 ms ack delay, max_inflight {r['seed_schedule_1ms']['wide_window']} (rows/s)",
+            f"ours, 1 ms ack delay, fixed window of {r['seed_schedule_1ms']['wide_window']} (rows/s)",
             f"{r['seed_schedule_1ms']['ours_wide_rps']:,.0f}",
             f"{r['seed_schedule_1ms']['ratio_wide']:.1f}x the seed (target >= 30)",
+        ),
+        (
+            "ours, 1 ms ack delay, default config: the adaptive window (rows/s)",
+            f"{r['seed_schedule_1ms']['default_rps']:,.0f}",
+            f"{r['seed_schedule_1ms']['ratio_default']:.1f}x the seed (target >= 40)",
         ),
         (
             "wake-to-send p50 / p99 (ms)",
@@ -946,7 +1526,10 @@ def print_table(r: dict[str, Any]) -> None:
             "target < 150 with 1M pending",
         ),
         *rate_limit_rows(r),
+        *adaptive_rows(r),
         *backend_rows(r),
+        *metrics_rows(r),
+        *peer_rows(r),
     ]
     print_rows(r, rows)
 
@@ -968,14 +1551,18 @@ if __name__ == "__main__":
     parser.add_argument("--out", default="bench-results/bench.json")
     parser.add_argument(
         "--only",
-        choices=["all", "backends", "rate_limit", "accept_in"],
+        choices=["all", "backends", "rate_limit", "accept_in", "adaptive", "lanes", "metrics", "peers"],
         default="all",
         help="backends: only the drain processes per back end; rate_limit: only the"
-        " drain through the real broker's rate limit; accept_in: only accept_in against a plain INSERT",
+        " drain through the real broker's rate limit; accept_in: only accept_in against a plain INSERT;"
+        " adaptive: only the adaptive window (ack delays, seed, capacity, delay step, crash, proxy);"
+        " lanes: only ordering lanes (many lanes vs no keys, one lane vs 1/RTT, claim cost);"
+        " metrics: only /metrics (latency with 1,000,000 rows, cost of a scrape a second to a drain);"
+        " peers: only PostgreSQL side by side with PgQueuer (enqueues, drains, claim cost)",
     )
     ns = parser.parse_args()
     res = trio.run(main, ns)
-    print_table(res)
     Path(ns.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(ns.out).write_text(json.dumps(res, indent=2))
+    Path(ns.out).write_text(json.dumps(res, indent=2))  # first: a run's figures outlive a table that fails
+    print_table(res)
     print(f"written to {ns.out}")

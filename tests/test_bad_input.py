@@ -384,3 +384,64 @@ def test_two_meshes_with_one_slug_are_a_config_error(tmp_path: Path) -> None:
     path.write_text(mesh + mesh)
     with pytest.raises(ConfigError, match="alpha"):
         load_config(str(path))
+
+
+MESH = (
+    f'[[mesh]]\nslug = "alpha"\nmesh_id = "m"\nmember_id = "u"\nbroker_url = "ws://h/ws"\n'
+    f'secret_key = "{PARENT}"\n'
+)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (
+            MESH.replace('mesh_id = "m"', "mesh_id = 42"),
+            "[[mesh]] #1 (alpha): mesh_id must be a string, got an integer (42)",
+        ),
+        (
+            MESH.replace('slug = "alpha"', "slug = true"),
+            "[[mesh]] #1: slug must be a string, got a boolean (true)",
+        ),
+        (
+            MESH.replace(f'secret_key = "{PARENT}"', "secret_key = 7"),
+            "secret_key must be a string, got an integer",
+        ),
+        (MESH.replace('member_id = "u"\n', ""), "[[mesh]] #1 (alpha): missing member_id"),
+        (MESH.replace('member_id = "u"', 'member_id = ""'), "member_id must not be empty"),
+        (MESH + 'transport = "wsproto"\n', "[[mesh]] #1 (alpha): unknown key(s) transport"),
+        (
+            '[drain]\nmax_inflight = "64"\n' + MESH,
+            "[drain]: max_inflight must be an integer, got a string ('64')",
+        ),
+        ('[drain]\nlease = "30s"\n' + MESH, "[drain]: lease must be a number, got a string ('30s')"),
+        ('[drain]\nadaptive = "yes"\n' + MESH, "[drain]: adaptive must be true or false, got a string"),
+        ("[drain]\nunknown_fate = 1\n" + MESH, "[drain]: unknown_fate must be one of 'resend', 'dead'"),
+        ("drain = 3\n" + MESH, "[drain] must be a table, got an integer"),
+        ('[mesh]\nslug = "a"\n', "[mesh] must be an array of tables"),
+        (MESH + MESH, "[[mesh]] #2 (alpha): the slug alpha is taken by [[mesh]] #1"),
+    ],
+    ids=[
+        "mesh_id",
+        "slug",
+        "secret",
+        "missing",
+        "empty",
+        "unknown",
+        "int",
+        "float",
+        "bool",
+        "choice",
+        "drain",
+        "one mesh table",
+        "two slugs",
+    ],
+)
+def test_a_config_mistake_says_what_is_wrong_in_one_style(tmp_path: Path, content: str, message: str) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(content)
+    with pytest.raises(ConfigError) as caught:
+        load_config(str(path))
+    assert str(caught.value).startswith(f"config {path}: ")
+    assert message in str(caught.value)
+    assert PARENT not in str(caught.value)

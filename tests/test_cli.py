@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import signal
 import sqlite3
 import stat
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from trio_drain._brokers._identity import generate_secret_key
+from trio_drain._cli._main import build_parser
 
 from .procs import CLI, assert_clean_error, counts, run, start_broker, start_run, wait_for_done, write_config
 
@@ -78,7 +81,7 @@ def test_bad_arguments_are_usage_errors(tmp_path: Path) -> None:
     [
         ("[drain\n", "not valid TOML"),
         ("[drain]\nmax_inflight = 0\n[[mesh]]\n", "max_inflight"),
-        ("[drain]\nbogus = 1\n", "unknown [drain] setting"),
+        ("[drain]\nbogus = 1\n", "[drain]: unknown key(s) bogus"),
         ("", "at least one [[mesh]]"),
         (
             '[[mesh]]\nslug = "a"\nmesh_id = "m"\nmember_id = "u"\nbroker_url = "http://x"\nsecret_key = "ab"\n',
@@ -92,8 +95,21 @@ def test_bad_arguments_are_usage_errors(tmp_path: Path) -> None:
             '[[mesh]]\nslug = "a"\nmesh_id = "m"\nmember_id = "u"\nbroker_url = "ws://x"\nsecret_key_file = "nope"\n',
             "secret_key_file",
         ),
+        (
+            '[[mesh]]\nslug = "a"\nmesh_id = 42\nmember_id = "u"\nbroker_url = "ws://x"\nsecret_key = "ab"\n',
+            "[[mesh]] #1 (a): mesh_id must be a string, got an integer (42)",
+        ),
     ],
-    ids=["malformed", "bad value", "unknown key", "no mesh", "bad url", "bad key", "missing key file"],
+    ids=[
+        "malformed",
+        "bad value",
+        "unknown key",
+        "no mesh",
+        "bad url",
+        "bad key",
+        "missing key file",
+        "wrong type",
+    ],
 )
 def test_bad_configs_are_one_line_and_exit_2(tmp_path: Path, content: str, fragment: str) -> None:
     db = tmp_path / "o.db"
@@ -102,6 +118,7 @@ def test_bad_configs_are_one_line_and_exit_2(tmp_path: Path, content: str, fragm
     config.write_text(content)
     result = run("run", "--db", str(db), "--config", str(config))
     assert_clean_error(result, 2, fragment)
+    assert result.stderr.startswith(f"trio-drain: error: config {config}: ")  # one style for every mistake
     assert secret_not_in(result)
 
 
@@ -234,3 +251,34 @@ def test_a_reader_that_goes_away_is_no_traceback(tmp_path: Path) -> None:
     lister.stdout.close()  # as `| head` does, before the command writes
     _, err = lister.communicate(timeout=60)
     assert b"Traceback" not in err and lister.returncode == 1, err
+
+
+def every_option(
+    parser: argparse.ArgumentParser, path: tuple[str, ...] = ("trio-drain",)
+) -> Iterator[tuple[str, argparse.Action]]:
+    """Every option and argument of the command line, with the command it belongs to."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from every_option(sub, (*path, name))
+        elif action.dest != "help":
+            yield " ".join(path), action
+
+
+def test_every_option_has_help_text_and_db_says_it_takes_a_postgresql_url() -> None:
+    options = list(every_option(build_parser()))
+    silent = [f"{command} {'/'.join(a.option_strings) or a.dest}" for command, a in options if not a.help]
+    assert silent == []
+    dbs = [a.help for _, a in options if "--db" in a.option_strings]
+    assert len(dbs) >= 10
+    for command, action in options:
+        # The demo's and the broker's --db are files of their own, not an outbox to name.
+        if "--db" in action.option_strings and command not in ("trio-drain demo", "trio-drain broker serve"):
+            assert action.help is not None and "postgresql://" in action.help, command
+
+
+def test_a_usage_mistake_is_one_line_naming_the_command() -> None:
+    result = run("outbox", "list", "--db", "o.db", "--limit", "0")
+    assert_clean_error(result, 2, "outbox list: argument --limit: must be between 1 and 10000")
+    assert "see trio-drain outbox list --help" in result.stderr
+    assert_clean_error(run("nonsense"), 2, "invalid choice")

@@ -8,18 +8,19 @@ The store and worker tests already run against PostgreSQL too (see the
 from __future__ import annotations
 
 import logging
+import re
 import sqlite3
-import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import attrs
 import psycopg
 import pytest
 import trio
+import trio.lowlevel
+import trio.testing
 
 from trio_drain import (
     AcceptOutcome,
@@ -37,9 +38,11 @@ from trio_drain import _lifecycle as lc
 from trio_drain._brokers._identity import generate_secret_key
 from trio_drain._store._base import SCHEMA_VERSION, RouteFilter
 from trio_drain._store._postgres._backend import PostgresBackend
+from trio_drain._store._postgres._joint import Joiner
 from trio_drain._store._postgres._pool import Commit, committed
 from trio_drain._store._postgres._schema import MIN_POSTGRES
 from trio_drain._store._postgres._statements import claim_statement
+from trio_drain._store._postgres._wire import Wire
 
 from .builders import BIG, req
 from .helpers import FakeBroker, Rig, wait_settled, wait_until
@@ -138,6 +141,62 @@ async def test_the_claim_by_the_servers_clock_still_uses_the_claim_index(pg_url:
         plan = "\n".join(r[0] for r in cursor.fetchall())
     assert "outbox_claim" in plan and "Sort" not in plan, plan
     assert "statement_timestamp()" in plan
+
+
+@pytest.mark.parametrize(
+    "exclude",
+    [RouteFilter(), RouteFilter(meshes=frozenset({"beta"}))],
+    ids=["every route", "a route left out"],
+)
+async def test_a_claim_on_a_table_never_analyzed_walks_the_claim_index(
+    pg_url: str, exclude: RouteFilter
+) -> None:
+    # A fresh outbox holds a backlog before autovacuum has looked at it: the
+    # planner has no statistics, and must not sort the backlog to claim.
+    async with open_outbox(pg_url, durability="normal") as ob:
+        for start in range(0, 20_000, 5000):
+            await ob.accept_many([req(f"m-{i}") for i in range(start, start + 5000)])
+    sql, args = claim_statement(32, 60_000, BIG, "t", exclude)
+    with psycopg.connect(pg_url) as conn:
+        found = conn.execute("SELECT reltuples FROM pg_class WHERE relname = 'outbox'").fetchone()
+        assert found is not None and found[0] < 0  # never analyzed
+        cursor = psycopg.ClientCursor(conn)
+        cursor.execute("EXPLAIN " + sql, args)
+        plan = "\n".join(r[0] for r in cursor.fetchall())
+        # The wire prepares it: the plan the server may keep for every run.
+        marks = iter(range(1, len(args) + 1))
+        numbered = re.sub("%s", lambda _: f"${next(marks)}", sql)
+        conn.execute(f"PREPARE claim AS {numbered}")
+        conn.execute("SET plan_cache_mode = force_generic_plan")
+        cursor.execute("EXPLAIN EXECUTE claim (" + ", ".join(["%s"] * len(args)) + ")", args)
+        generic = "\n".join(r[0] for r in cursor.fetchall())
+    for p in (plan, generic):
+        assert "outbox_claim" in p and "Sort" not in p, p
+
+
+async def test_concurrent_accepts_share_statements_and_each_keeps_its_answer(pg_url: str) -> None:
+    async with open_outbox(pg_url) as ob:
+        backend = ob.backend
+        assert isinstance(backend, PostgresBackend)
+        outcomes: dict[str, AcceptOutcome] = {}
+
+        async def caller(k: int) -> None:
+            for i in range(5):
+                cid = f"c{k}-{i}" if i != 4 else "shared"
+                outcomes[f"{k}-{i}"] = await ob.accept(
+                    req(cid, payload=b"p" if cid == "shared" else cid.encode())
+                )
+
+        async with trio.open_nursery() as nursery:
+            for k in range(64):
+                nursery.start_soon(caller, k)
+        joiner = backend._joiner
+        assert joiner.calls == 320
+        assert joiner.statements < 160  # shared, most of them
+        shared = [o for key, o in outcomes.items() if key.endswith("-4")]
+        assert sum(o.inserted for o in shared) == 1
+        assert len({o.row_id for o in shared}) == 1
+        assert (await ob.counts())["pending"] == 64 * 4 + 1
 
 
 # -- many connections on one outbox ----------------------------------------------------------
@@ -284,36 +343,29 @@ def test_a_drain_process_killed_mid_drain_loses_nothing(tmp_path: Path, pg_url: 
 def connection_dropped_at_commit(
     monkeypatch: pytest.MonkeyPatch, *, applied: bool = True
 ) -> Iterator[list[int]]:
-    """The next transaction's COMMIT is applied by the server (or, with
-    `applied=False`, never reaches it), then the connection drops before the
-    answer arrives: the caller's psycopg raises OperationalError either way.
+    """The next worker transaction's COMMIT is applied by the server (or,
+    with `applied=False`, never reaches it), then the connection drops
+    before the answer arrives: the wire raises OperationalError either way.
     Yields a list that holds one item once the drop was made."""
-    real_exit = psycopg.Transaction.__exit__
+    real_commit = Wire.commit
     drops: list[int] = []
-    lock = threading.Lock()
 
-    def exit_then_drop(
-        self: psycopg.Transaction,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> bool:
-        with lock:
-            armed = exc_type is None and not drops
-            if armed:
-                drops.append(1)
-        if not armed:
-            return real_exit(self, exc_type, exc, tb)
+    async def commit_then_drop(self: Wire, commit: Commit, value: Any) -> None:
+        if drops:
+            return await real_commit(self, commit, value)
+        drops.append(1)
         if applied:
-            real_exit(self, None, None, None)  # COMMIT: the server applies it
-        self.connection.close()  # and the answer is lost with the connection
+            await real_commit(self, commit, value)  # COMMIT: the server applies it
+        else:
+            commit.value, commit.committing = value, True
+        self.conn.close()  # and the answer is lost with the connection
         raise psycopg.OperationalError("server closed the connection unexpectedly (injected)")
 
-    monkeypatch.setattr(psycopg.Transaction, "__exit__", exit_then_drop)
+    monkeypatch.setattr(Wire, "commit", commit_then_drop)
     try:
         yield drops
     finally:
-        monkeypatch.setattr(psycopg.Transaction, "__exit__", real_exit)
+        monkeypatch.setattr(Wire, "commit", real_commit)
 
 
 async def _acked_batch(ob: Outbox) -> list[lc.Completion]:
@@ -462,3 +514,56 @@ def test_a_transaction_its_client_left_open_is_ended_and_reported_rolled_back(pg
         xid = done.execute("SELECT txid_current()").fetchone()[0]  # type: ignore[index]
         done.commit()
         assert committed(done, Commit(xid=xid)) is True
+
+
+# -- concurrent accepts share a statement (`_joint`)
+
+
+async def test_a_row_the_server_refuses_fails_only_the_accept_it_belongs_to() -> None:
+    statements: list[int] = []
+
+    async def insert(rows: Sequence[Any]) -> list[Any]:
+        statements.append(len(rows))
+        await trio.sleep(0.01)
+        if "bad" in rows:
+            raise StoreError("the server refused a value")
+        return [f"ok:{r}" for r in rows]
+
+    joiner = Joiner(insert, flights=1)
+    answers: dict[str, Any] = {}
+
+    async def accept(rows: list[str]) -> None:
+        try:
+            answers[rows[0]] = await joiner.accept(rows)  # type: ignore[arg-type]
+        except StoreError as exc:
+            answers[rows[0]] = exc
+
+    async with trio.open_nursery() as nursery:
+        for rows in (["first"], ["a", "b"], ["bad"], ["c"]):
+            nursery.start_soon(accept, rows)
+            await trio.lowlevel.checkpoint()
+    assert answers["first"] == ["ok:first"]
+    assert answers["a"] == ["ok:a", "ok:b"] and answers["c"] == ["ok:c"]
+    assert isinstance(answers["bad"], StoreError)
+    # The lone first caller went at once; the three queued behind it shared
+    # a statement, which failed, and then went one by one.
+    assert statements == [1, 4, 2, 1, 1]
+
+
+async def test_an_accept_cancelled_while_queued_writes_nothing(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    written: list[str] = []
+
+    async def insert(rows: Sequence[Any]) -> list[Any]:
+        await trio.sleep(1)
+        written.extend(rows)
+        return list(rows)
+
+    joiner = Joiner(insert, flights=1)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(joiner.accept, ["first"])  # type: ignore[arg-type]
+        await trio.sleep(0.1)
+        with trio.move_on_after(0.1):
+            await joiner.accept(["withdrawn"])  # type: ignore[list-item]
+    assert written == ["first"]

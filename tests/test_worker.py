@@ -84,6 +84,39 @@ async def test_transient_errors_are_retried_with_backoff_until_acked(rig: Rig) -
     assert all(g >= 0.004 for g in gaps), gaps  # at least half the 10 ms backoff step
 
 
+async def test_an_overloaded_broker_narrows_the_window_and_loses_no_attempt(rig: Rig) -> None:
+    refusals = {"count": 0}
+
+    def script(m: OutgoingMessage) -> SendResult | None:
+        if refusals["count"] < 5:
+            refusals["count"] += 1
+            return SendResult.throttled("overloaded: 3 sends waiting", code="overloaded")
+        return None
+
+    rig.broker.delay = 0.01
+    rig.broker.script = script
+    await rig.outbox.accept_many([req(f"m-{i}") for i in range(40)])
+    worker = await rig.start(attrs.evolve(FAST, max_inflight=16, route_retry=0.02))
+    assert (await rig.settled(40))["done"] == 40
+    await wait_until(lambda: worker.statistics().in_flight == 0)
+    s = worker.statistics()
+    assert s.window < 16  # cut, not paced
+    assert s.rate_limited == 5 and s.per_route["mesh:alpha"].rate is None
+    rows = await rig.outbox.list(limit=40)
+    assert {(r.status, r.attempts) for r in rows} == {(Status.DONE, 1)}
+
+
+async def test_a_fixed_window_stays_at_max_inflight(rig: Rig) -> None:
+    rig.broker.delay = 0.01
+    rig.broker.script = lambda m: (
+        SendResult.throttled("overloaded", code="overloaded") if m.client_message_id == "m-0" else None
+    )
+    await rig.outbox.accept_many([req(f"m-{i}") for i in range(20)])
+    worker = await rig.start(attrs.evolve(FAST, adaptive=False, route_retry=0.02))
+    await rig.settled(19)
+    assert worker.statistics().window == FAST.max_inflight
+
+
 async def test_permanent_errors_go_dead_with_the_brokers_error(rig: Rig) -> None:
     rig.broker.script = lambda m: SendResult.failed("payload_too_large", permanent=True)
     await rig.outbox.accept(req("m-1"))

@@ -36,6 +36,7 @@ from ._errors import TrioDrainError as TrioDrainError
 from ._errors import UnknownRow as UnknownRow
 from ._fingerprint import canonical_json as canonical_json
 from ._fingerprint import request_fingerprint as request_fingerprint
+from ._metrics import MetricsCollector as MetricsCollector
 from ._model import AcceptOutcome as AcceptOutcome
 from ._model import OutboxRow as OutboxRow
 from ._model import OutcomeKind as OutcomeKind
@@ -49,4 +50,7 @@ from ._reference_broker import BrokerStatistics as BrokerStatistics
 from ._reference_broker import Faults as Faults
 from ._reference_broker import RateLimit as RateLimit
 from ._reference_broker import serve_broker as serve_broker
+from ._store._overview import DeadRow as DeadRow
+from ._store._overview import Overview as Overview
+from ._store._overview import RouteRows as RouteRows
 from ._version import __version__ as __version__

@@ -37,17 +37,29 @@ def _positive_int(instance: object, attribute: attrs.Attribute[Any], value: int)
         raise ConfigError(f"{attribute.name} must be a positive integer, got {value!r}")
 
 
+def _boolean(instance: object, attribute: attrs.Attribute[Any], value: bool) -> None:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{attribute.name} must be true or false, got {value!r}")
+
+
 @attrs.frozen(kw_only=True)
 class DrainConfig:
     """How a `DrainWorker` schedules, retries and bounds its work.
 
     Attributes:
-        max_inflight: sends outstanding at once (a `trio.CapacityLimiter`).
-            Throughput is at most about this many rows per broker round
-            trip: raise it for a broker slow to ack (a crash may resend up
-            to this many rows).
+        max_inflight: the most sends outstanding at once. With `adaptive`
+            (the default) this is the upper bound of the window the worker
+            sizes itself; without, it is the window. Throughput is at most
+            about a window of rows per broker round trip, and a crash may
+            resend up to the window it had.
+        adaptive: size the window of sends outstanding from what the
+            worker measures (round trips, throughput, ``overloaded``
+            answers), between a small floor and `max_inflight`: wide
+            against a broker far away, narrower where a wider window only
+            adds waiting, under what an overloaded broker takes.
+            ``False`` holds the window at `max_inflight`.
         batch_size: most rows claimed in one statement. A claim also takes
-            at most half of `max_inflight`, so the window moves in two
+            at most half of the window, so the window moves in two
             groups: one is recorded and refilled while the other waits
             for its acks.
         poll_interval: longest sleep between looks at the outbox, the
@@ -79,7 +91,8 @@ class DrainConfig:
             but not yet sent: under ``"dead"`` both go dead for review.
     """
 
-    max_inflight: int = attrs.field(default=64, validator=_positive_int)
+    max_inflight: int = attrs.field(default=1024, validator=_positive_int)
+    adaptive: bool = attrs.field(default=True, validator=_boolean)
     batch_size: int = attrs.field(default=128, validator=_positive_int)
     poll_interval: float = attrs.field(default=0.5, validator=_positive)
     lease: float = attrs.field(default=60.0, validator=_positive)
@@ -105,7 +118,7 @@ class DrainConfig:
     @classmethod
     def seed_schedule(cls, **overrides: Any) -> DrainConfig:
         """The seed daemon's schedule: one send at a time, batches of 32."""
-        return cls(**{"max_inflight": 1, "batch_size": 32, **overrides})
+        return cls(**{"max_inflight": 1, "batch_size": 32, "adaptive": False, **overrides})
 
     @classmethod
     def from_mapping(cls, data: dict[str, Any]) -> DrainConfig:

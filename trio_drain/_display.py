@@ -12,6 +12,7 @@ output passes them as `rich.text.Text`, which is never parsed as markup.
 
 from __future__ import annotations
 
+import datetime
 import re
 import time
 from collections.abc import Callable
@@ -36,6 +37,65 @@ def bounded(text: str, limit: int = 1000) -> str:
     """`visible(text)`, cut to `limit` characters (with a mark where cut)."""
     shown = visible(text)
     return shown if len(shown) <= limit else shown[: limit - 1] + "…"
+
+
+def iso_time(ms: int, *, precise: bool = False) -> str:
+    """A time in milliseconds since the epoch as ISO 8601 in UTC: to the
+    minute (``2026-12-01T21:33Z``), or to the millisecond if `precise`."""
+    moment = datetime.datetime.fromtimestamp(ms / 1000, tz=datetime.UTC)
+    if precise:
+        return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ms % 1000:03d}Z"
+    return moment.strftime("%Y-%m-%dT%H:%MZ")
+
+
+def age(ms: int, now_ms: int) -> str:
+    """How long before `now_ms` the time `ms` is (``4 min ago``), or after
+    it (``in 30 s``), in the largest unit that keeps a whole number."""
+    delta = (now_ms - ms) / 1000
+    seconds = abs(delta)
+    if seconds < 1:
+        return "just now"
+    for unit, size, least in (("days", 86400, 2 * 86400), ("h", 3600, 3600), ("min", 60, 60)):
+        if seconds >= least:
+            amount = f"{int(seconds // size)} {unit}"
+            break
+    else:
+        amount = f"{int(seconds)} s"
+    return f"{amount} ago" if delta > 0 else f"in {amount}"
+
+
+def when(ms: int | None, now_ms: int, *, precise: bool = False) -> str:
+    """A time for a person: ``2026-12-01T21:33Z, 4 min ago``; a dash for None.
+
+    Args:
+        ms: Milliseconds since the epoch, or None.
+        now_ms: Now, on the same clock.
+        precise: To the millisecond rather than the minute.
+    """
+    if ms is None:
+        return "-"
+    return f"{iso_time(ms, precise=precise)}, {age(ms, now_ms)}"
+
+
+def payload_text(payload: bytes, *, limit: int | None = None, more: str = "") -> str:
+    """A payload for a person, with its length: UTF-8 text made inert, or
+    hex for anything else; cut after `limit` bytes (None: whole), saying so.
+
+    Args:
+        payload: The bytes.
+        limit: Show at most this many bytes.
+        more: Said where the payload is cut (how to see the rest).
+    """
+    shown = payload if limit is None else payload[:limit]
+    try:
+        payload.decode("utf-8")
+    except UnicodeDecodeError:
+        text = f"{len(payload):,} bytes, binary (hex): {shown.hex()}"
+    else:  # a cut may split a character: drop its first bytes
+        text = f"{len(payload):,} bytes: {visible(shown.decode('utf-8', errors='ignore'))}"
+    if len(shown) < len(payload):
+        text += f" … ({len(payload):,} bytes in all{more})"
+    return text
 
 
 class Throttle:

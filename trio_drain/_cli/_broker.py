@@ -24,14 +24,32 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     broker = commands.add_parser("broker", help="the reference broker")
     broker_sub = broker.add_subparsers(dest="broker_command", required=True, metavar="ACTION")
     serve = broker_sub.add_parser("serve", help="serve the reference broker")
-    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     serve.add_argument("--port", type=port, default=8765, help="0 picks a free port")
     serve.add_argument("--db", help="SQLite file keeping accepted ids (dedupe survives restarts)")
     who = serve.add_mutually_exclusive_group(required=True)
     who.add_argument("--members", help='JSON file: {"meshId": {"memberId": "pubkey hex"}}')
     who.add_argument("--open", action="store_true", help="accept any correctly signed hello")
-    serve.add_argument("--max-payload", type=positive_int, default=1024 * 1024)
+    serve.add_argument(
+        "--max-payload",
+        type=positive_int,
+        default=1024 * 1024,
+        help="largest frame accepted, in bytes (default: 1 MiB)",
+    )
     serve.add_argument("--ack-delay", type=seconds, default=0.0, help="fault: seconds before each ack")
+    serve.add_argument(
+        "--ack-delay-schedule",
+        metavar="MS@S,...",
+        help="fault: an ack delay that changes while it runs, as 1@0,20@5,1@10 (1 ms from the start,"
+        " 20 ms from 5 s, 1 ms from 10 s); replaces --ack-delay",
+    )
+    serve.add_argument(
+        "--capacity",
+        type=positive_int,
+        metavar="K",
+        help="fault: answer a send at once with a transient overloaded error while K sends of its"
+        " connection wait for their ack",
+    )
     serve.add_argument("--drop-ack-rate", type=rate, default=0.0, help="fault: share of acks never sent")
     serve.add_argument(
         "--transient-error-rate", type=rate, default=0.0, help="fault: share of transient errors"
@@ -76,6 +94,8 @@ async def cmd_broker_serve(args: argparse.Namespace) -> int:
     members = None if args.open else load_members(args.members)
     faults = Faults(
         ack_delay=args.ack_delay,
+        ack_delay_schedule=args.ack_delay_schedule,
+        capacity=args.capacity or 0,
         drop_ack_rate=args.drop_ack_rate,
         transient_error_rate=args.transient_error_rate,
         disconnect_every=args.disconnect_every,

@@ -8,6 +8,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -24,6 +25,7 @@ from .._reference_broker import serve_broker
 from ._args import positive_int
 from ._boundary import UsageError
 
+#: Rows a transaction of the accept phase takes.
 CHUNK = 5_000
 
 
@@ -34,8 +36,15 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         commands: The top-level parser's subcommands.
     """
     demo = commands.add_parser("demo", help="drain N messages to a local reference broker")
-    demo.add_argument("--messages", type=positive_int, default=10_000)
-    demo.add_argument("--max-inflight", type=positive_int, default=64)
+    demo.add_argument(
+        "--messages", type=positive_int, default=10_000, help="how many messages to send (default 10,000)"
+    )
+    demo.add_argument(
+        "--max-inflight",
+        type=positive_int,
+        default=64,
+        help="the most sends outstanding at once; the window adapts up to it (default 64)",
+    )
     demo.add_argument("--db", help="outbox file to create (default: a temp folder)")
 
 
@@ -75,7 +84,6 @@ async def run_demo(*, db: str, messages: int, max_inflight: int, progress: bool)
         0 only if every row is done, else 1.
     """
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
     from rich.table import Table
     from rich.text import Text
 
@@ -93,50 +101,46 @@ async def run_demo(*, db: str, messages: int, max_inflight: int, progress: bool)
         registry.set_mesh("demo", broker)
 
         async with open_outbox(db) as outbox:
-            accept_started = time.perf_counter()
-            for start in range(0, messages, CHUNK):
-                await outbox.accept_many(
-                    [
-                        SendRequest(
-                            mesh="demo",
-                            target_spec="#demo",
-                            payload=f"message {i}".encode(),
-                            client_message_id=f"demo-{i:08d}",
-                        )
-                        for i in range(start, min(start + CHUNK, messages))
-                    ]
-                )
-            accept_seconds = time.perf_counter() - accept_started
+            with _bars(console, progress) as bars:
+                accepting = bars.add_task("accepting", total=messages)
+                accept_started = time.perf_counter()
+                for start in range(0, messages, CHUNK):
+                    await outbox.accept_many(
+                        [
+                            SendRequest(
+                                mesh="demo",
+                                target_spec="#demo",
+                                payload=f"message {i}".encode(),
+                                client_message_id=f"demo-{i:08d}",
+                            )
+                            for i in range(start, min(start + CHUNK, messages))
+                        ]
+                    )
+                    bars.update(accepting, completed=min(start + CHUNK, messages))
+                accept_seconds = time.perf_counter() - accept_started
+                bars.stop_task(accepting)
 
-            finished = trio.Event()
-            settled = 0
+                finished = trio.Event()
+                settled = 0
 
-            def on_completion(c: Completion) -> None:
-                nonlocal settled
-                if c.status is not Status.PENDING:
-                    settled += 1
-                    if settled >= messages:
-                        finished.set()
+                def on_completion(c: Completion) -> None:
+                    nonlocal settled
+                    if c.status is not Status.PENDING:
+                        settled += 1
+                        if settled >= messages:
+                            finished.set()
 
-            worker = DrainWorker(outbox, registry, DrainConfig(max_inflight=max_inflight))
-            worker.on_completion = on_completion
-            started = time.perf_counter()
-            await nursery.start(worker.run)
-            with Progress(
-                TextColumn("draining"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TimeRemainingColumn(),
-                console=console,
-                disable=not progress,
-                transient=False,
-            ) as bar:
-                task = bar.add_task("drain", total=messages)
+                worker = DrainWorker(outbox, registry, DrainConfig(max_inflight=max_inflight))
+                worker.on_completion = on_completion
+                started = time.perf_counter()
+                draining = bars.add_task("draining", total=messages)
+                await nursery.start(worker.run)
                 while not finished.is_set():
                     with trio.move_on_after(0.1):
                         await finished.wait()
-                    bar.update(task, completed=settled)
-            seconds = time.perf_counter() - started
+                    bars.update(draining, completed=settled)
+                seconds = time.perf_counter() - started
+                bars.stop_task(draining)
             counts = await outbox.counts()
             stats = worker.statistics()
         nursery.cancel_scope.cancel()
@@ -156,3 +160,42 @@ async def run_demo(*, db: str, messages: int, max_inflight: int, progress: bool)
     table.add_row("outbox", Text(db))  # a path is not markup
     console.print(table)
     return 0 if counts["done"] == messages else 1
+
+
+def _bars(console: Any, shown: bool) -> Any:
+    """The demo's progress bars (one a phase): description, bar, percent,
+    done of all, messages a second, elapsed and remaining time."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        ProgressColumn,
+        Task,
+        TaskProgressColumn,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+    from rich.text import Text
+
+    class Rate(ProgressColumn):
+        """Messages a second, as rich estimates the task's speed."""
+
+        def render(self, task: Task) -> Text:
+            speed = task.finished_speed or task.speed
+            return Text(
+                "     - msg/s" if speed is None else f"{speed:>6,.0f} msg/s", style="progress.data.speed"
+            )
+
+    return Progress(
+        TextColumn("{task.description:<9}"),
+        BarColumn(),
+        TaskProgressColumn(),
+        MofNCompleteColumn(),
+        Rate(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        disable=not shown,
+        transient=False,
+    )

@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 import threading
+from contextlib import AsyncExitStack
 from typing import Any
 
 import trio
@@ -17,15 +18,19 @@ from .._brokers._registry import BrokerRegistry
 from .._brokers._websocket import WebSocketBroker
 from .._config import DrainConfig
 from .._drain._worker import DrainWorker
-from .._errors import TrioDrainError
+from .._errors import ConfigError, StoreError, TrioDrainError
 from .._outbox import Outbox, open_outbox
-from ._args import existing_db
+from ._args import add_db, existing_db, number
 from ._boundary import EXIT_INTERRUPTED, EXIT_RUNTIME
 from ._config_file import load_config
 from ._logging import log
+from ._progress import PROGRESS_EVERY, RunReport
 
 #: How long past `shutdown_timeout` the watchdog lets a stopping `run` live.
 _WATCHDOG_GRACE = 2.0
+
+#: Seconds between counts of the outbox for `--metrics`, at the least.
+METRICS_REFRESH = 5.0
 
 #: Of `shutdown_timeout`, what is kept for handing back the rows still out.
 _HAND_BACK_RESERVE = 0.5
@@ -38,8 +43,39 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         commands: The top-level parser's subcommands.
     """
     run = commands.add_parser("run", help="drain an outbox until SIGINT/SIGTERM")
-    run.add_argument("--db", required=True)
+    add_db(run)
     run.add_argument("--config", required=True, help="TOML file with [drain] and [[mesh]] tables")
+    run.add_argument(
+        "--metrics",
+        metavar="HOST:PORT",
+        type=_metrics_address,
+        help="serve Prometheus metrics at http://HOST:PORT/metrics ([::1]:PORT for IPv6;"
+        " port 0 picks a free one, and the log says which)",
+    )
+    run.add_argument(
+        "--metrics-refresh",
+        metavar="SECONDS",
+        type=number(float, "a number of seconds", 0.1),
+        default=METRICS_REFRESH,
+        help="how often the outbox is counted for the metrics (default"
+        f" {METRICS_REFRESH:g}; less often when counting takes more than 5%% of the time)",
+    )
+    run.add_argument(
+        "--progress-interval",
+        metavar="SECONDS",
+        type=number(float, "a number of seconds", 0.1),
+        default=PROGRESS_EVERY,
+        help=f"seconds between progress lines while rows move (default {PROGRESS_EVERY:g})",
+    )
+
+
+def _metrics_address(text: str) -> tuple[str, int]:
+    from .._metrics._server import parse_address
+
+    try:
+        return parse_address(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 async def cmd_run(args: argparse.Namespace) -> int:
@@ -59,9 +95,7 @@ async def cmd_run(args: argparse.Namespace) -> int:
     async with trio.open_nursery() as outer:
         await outer.start(signals.watch)  # to the end: a second signal always exits at once
         async with open_outbox(existing_db(args.db)) as outbox:
-            stopped = await _drain_until_signal(outbox, config, meshes, signals)
-            if stopped:
-                log.warning("stopped; outbox now %s", await outbox.counts())
+            stopped = await _drain_until_signal(outbox, config, meshes, signals, args)
         outer.cancel_scope.cancel()
     if not stopped:
         sys.stderr.write("trio-drain: interrupted before draining began\n")
@@ -118,13 +152,74 @@ async def _drain_until_signal(
     config: DrainConfig,
     meshes: list[dict[str, Any]],
     signals: _Signals,
+    args: argparse.Namespace,
 ) -> bool:
     """Run the brokers and the worker until a signal; stop within
-    `shutdown_timeout`. Returns False if the signal came before the worker
-    started."""
+    `shutdown_timeout`, and say what the run did. Returns False if the
+    signal came before the worker started."""
+    registry = BrokerRegistry()
+    worker = DrainWorker(outbox, registry, config)
+    async with AsyncExitStack() as stack:
+        # The metrics address is bound first: one in use stops the start.
+        metrics_at = await _serve_metrics(stack, outbox, worker, args.metrics, args.metrics_refresh)
+        report = await _drain(outbox, config, meshes, signals, registry, worker, metrics_at, args)
+    if report is None:
+        return False
+    counts = None
+    with trio.move_on_after(_HAND_BACK_RESERVE / 2):  # what a stop has left
+        try:
+            counts = await outbox.counts()
+        except StoreError:  # the summary says what the worker did all the same
+            pass
+    log.warning("%s", report.summary(worker.statistics(), counts))
+    return True
+
+
+async def _serve_metrics(
+    stack: AsyncExitStack,
+    outbox: Outbox,
+    worker: DrainWorker,
+    address: tuple[str, int] | None,
+    refresh: float,
+) -> str:
+    """Serve the metrics of `worker` at `address`, and keep their snapshot
+    fresh, in a nursery of their own that lasts as long as `stack`; returns
+    the URL (or "" without `--metrics`)."""
+    if address is None:
+        return ""
+    from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
+
+    from .._metrics import MetricsCollector
+    from .._metrics._server import serve_metrics
+
+    collector = MetricsCollector(outbox, worker, refresh=refresh)
+    metrics = CollectorRegistry()
+    metrics.register(collector)
+    ProcessCollector(registry=metrics)
+    PlatformCollector(registry=metrics)
+    GCCollector(registry=metrics)
+    serving = await stack.enter_async_context(trio.open_nursery())
+    stack.callback(serving.cancel_scope.cancel)  # runs first: the nursery then exits at once
+    host, port = await serving.start(serve_metrics, metrics, *address)
+    await serving.start(collector.run)
+    shown = f"[{host}]" if ":" in host else host
+    return f"http://{shown}:{port}/metrics"
+
+
+async def _drain(
+    outbox: Outbox,
+    config: DrainConfig,
+    meshes: list[dict[str, Any]],
+    signals: _Signals,
+    registry: BrokerRegistry,
+    worker: DrainWorker,
+    metrics_at: str,
+    args: argparse.Namespace,
+) -> RunReport | None:
+    """The brokers and the worker, from the start to the signal and the
+    graceful stop. Returns None if the signal came before the worker started."""
+    brokers: dict[str, tuple[WebSocketBroker, str]] = {}
     async with trio.open_nursery() as nursery:
-        registry = BrokerRegistry()
-        worker = DrainWorker(outbox, registry, config)
         worker_done = trio.Event()
 
         async def run_worker(*, task_status: trio.TaskStatus[None]) -> None:
@@ -152,6 +247,7 @@ async def _drain_until_signal(
                     broker.last_error,
                 )
             registry.set_mesh(m["slug"], broker)
+            brokers[m["slug"]] = (broker, m["broker_url"])
 
         async def start() -> None:
             # Every broker's first attempt at once: one that hangs until its
@@ -160,14 +256,22 @@ async def _drain_until_signal(
                 for m in meshes:
                     attempts.start_soon(connect, m)
             await nursery.start(run_worker)
-            log.warning("draining %s through %d mesh broker(s)", outbox.description, len(meshes))
+            log.warning(
+                "draining %s through %d mesh broker(s), up to %d sends in flight%s",
+                outbox.description,
+                len(meshes),
+                config.max_inflight,
+                f"; metrics at {metrics_at}" if metrics_at else "",
+            )
 
         with trio.CancelScope() as starting:
             nursery.start_soon(_cancel_on, signals.received, starting)
             await start()
         if starting.cancelled_caught:
             nursery.cancel_scope.cancel()
-            return False
+            return None
+        report = RunReport(outbox, worker, brokers, every=args.progress_interval)
+        nursery.start_soon(report.run)
         await signals.received.wait()
         log.warning(
             "received %s; stopping within %gs (again to exit at once)", signals.name, config.shutdown_timeout
@@ -178,7 +282,7 @@ async def _drain_until_signal(
         with trio.move_on_after(max(config.shutdown_timeout - _HAND_BACK_RESERVE, 0)):
             await worker_done.wait()
         nursery.cancel_scope.cancel()
-    return True
+    return report
 
 
 async def _cancel_on(event: trio.Event, scope: trio.CancelScope) -> None:

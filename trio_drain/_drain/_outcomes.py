@@ -4,7 +4,11 @@ A broker's answer, a passed ack deadline, a route that is down or a
 stopping worker each map to one transition of the state machine
 (`_lifecycle`). The completion goes to the batch completer, and the row's
 send slot frees once its batch is written. A refusal for rate paces the
-route and gives the row back with its attempt. A delivery settles once: a
+route and gives the row back with its attempt; an ``overloaded`` answer
+(the broker has too many sends waiting) is a matter of concurrency, not of
+rate: it narrows the window (`_window`) and gives the row back with its
+attempt, to go again shortly. Every other answer is a round-trip sample
+for the window. A delivery settles once: a
 second outcome (an ack racing the sweep that timed it out) changes nothing.
 """
 
@@ -14,7 +18,9 @@ import functools
 import logging
 import math
 import random
+import re
 from collections.abc import Callable
+from typing import Protocol
 
 import trio
 
@@ -30,8 +36,32 @@ from ._completer import BatchCompleter
 from ._delivery import ACK_TIMEOUT, Delivery, Settled
 from ._gates import Gate, Gates
 from ._statistics import Counters
+from ._window import WindowController
 
 log = logging.getLogger("trio_drain.worker")
+
+#: An overload by its text, for brokers whose errors carry no code.
+_OVERLOADED_TEXT = re.compile(r"\boverloaded\b", re.I)
+
+
+def is_overload(result: SendResult) -> bool:
+    """Whether a refusal says the broker has too many sends waiting (code
+    ``overloaded``, or that word in an error without a code), as opposed to
+    a rate limit."""
+    if result.code is not None:
+        return result.code == "overloaded"
+    return _OVERLOADED_TEXT.search((result.error or "").split(" (", 1)[0]) is not None
+
+
+class DeliveryObserver(Protocol):
+    """Told of each answer and each delivered row, for metrics (`_metrics`).
+    Called on the Trio thread, on the hot path: must be quick and not block."""
+
+    def answered(self, route_name: str, seconds: float) -> None:
+        """The broker answered a send on `route_name`, `seconds` after it went."""
+
+    def delivered(self, row: OutboxRow, completion: Completion) -> None:
+        """`row` is done, as `completion` wrote it."""
 
 
 class Outcomes:
@@ -51,6 +81,7 @@ class Outcomes:
         counters: Counters,
         throttle: Throttle,
         wake: Callable[[], None],
+        window: WindowController | None = None,
     ) -> None:
         self._outbox = outbox
         self._config = config
@@ -62,8 +93,11 @@ class Outcomes:
         self._counters = counters
         self._throttle = throttle
         self._wake = wake
+        self._window = window  # None: the window is held at max_inflight
         #: Called with each row that reached a final state or was rescheduled.
         self.on_completion: Callable[[Completion], None] | None = None
+        #: Told of answers and delivered rows (None: nobody asks, no cost).
+        self.observer: DeliveryObserver | None = None
         # The batch of outcomes being written: the slots it frees, and the
         # gates whose held rows may go once it is.
         self._freed: list[object] = []
@@ -79,9 +113,17 @@ class Outcomes:
         assert gate is not None
         now = self._outbox.clock()
         if result.rate_limited:
-            self._rate_limited(delivery, gate, result)
+            if is_overload(result):
+                self._overloaded(delivery, gate, result)
+            else:
+                self._rate_limited(delivery, gate, result)
         else:
-            gate.pacer.answered(trio.current_time(), accepted=result.ok)
+            at = trio.current_time()
+            gate.pacer.answered(at, accepted=result.ok)
+            if self._window is not None and not result.unanswered:
+                self._window.answered(at, at - delivery.sent_at)
+            if self.observer is not None and not result.unanswered:
+                self.observer.answered(delivery.route_name, at - delivery.sent_at)
             if result.ok:
                 completion = _lifecycle.on_ack(row, broker_message_id=result.message_id or "", now=now)
                 if result.duplicate:
@@ -139,6 +181,30 @@ class Outcomes:
                 while sibling.pacer is gate.pacer and sibling.held:
                     self.pace_back(sibling.held.popleft(), sibling, "route_paced")
         self.pace_back(delivery, gate, text)
+
+    def _overloaded(self, delivery: Delivery, gate: Gate, result: SendResult) -> None:
+        """The broker has too many sends waiting: narrow the window, and give
+        the row back (attempt returned) to go again after `route_retry`."""
+        text = result.error or "overloaded"
+        self._counters.count("rate_limited", gate.name)
+        at = trio.current_time()
+        gate.pacer.answered(at, accepted=False)  # an answer all the same: slow start moves on
+        if self._window is not None:
+            self._window.overloaded(at, sent_at=delivery.sent_at, in_flight=self._completer.in_flight())
+        quiet = self._throttle(("overloaded", gate.name))
+        if quiet is not None:
+            log.info(
+                "route %s: the broker is overloaded (%s); %s%s",
+                visible(gate.name),
+                bounded(text, 120),
+                "narrowing the send window" if self._window is not None else "the window is fixed",
+                quieted(quiet),
+            )
+        now = self._outbox.clock()
+        completion = _lifecycle.on_rate_limited(
+            delivery.row, error=text, now=now, retry_at=now + self._policy.route_retry_ms
+        )
+        self.settle(delivery, completion, Settled.GIVEN_BACK, gate.name)
 
     def pace_back(self, delivery: Delivery, gate: Gate, error: str) -> None:
         """Give a row back, attempt returned, until its paced route may send."""
@@ -250,6 +316,8 @@ class Outcomes:
             self._counters.totals["given_back"] += 1
         elif completion.status is Status.DONE:
             self._counters.count("acked", route_name)
+            if self.observer is not None:
+                self.observer.delivered(delivery.row, completion)
         elif completion.status is Status.DEAD:
             self._counters.count("dead", route_name)
         else:

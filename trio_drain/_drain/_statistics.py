@@ -93,7 +93,9 @@ RouteField = Literal["sent", "acked", "duplicates", "retried", "dead", "unavaila
 _ROUTE_FIELDS = tuple(a.name for a in attrs.fields(RouteStatistics) if a.name != "rate")
 # The worker-wide counters: every int field of WorkerStatistics but the live ones.
 _WORKER_COUNTERS = tuple(
-    a.name for a in attrs.fields(WorkerStatistics) if a.type in (int, "int") and a.name not in ("in_flight", "window")
+    a.name
+    for a in attrs.fields(WorkerStatistics)
+    if a.type in (int, "int") and a.name not in ("in_flight", "window")
 )
 
 
@@ -121,7 +123,12 @@ class Counters:
         per[field] += 1
 
     def snapshot(
-        self, *, in_flight: int, window: int, blocked_routes: tuple[str, ...], rate: Callable[[str], float | None]
+        self,
+        *,
+        in_flight: int,
+        window: int,
+        blocked_routes: tuple[str, ...],
+        rate: Callable[[str], float | None],
     ) -> WorkerStatistics:
         """The counts now, frozen, with the live figures the caller reads.
 

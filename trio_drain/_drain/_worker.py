@@ -2,27 +2,31 @@
 
 One loop task claims rows, as many as there are free send slots (at most
 half the window per claim), and starts each row's delivery. Send slots are
-tokens of a `trio.CapacityLimiter` (`max_inflight`) acquired on each
-delivery's behalf, so no row is claimed that cannot be sent at once. When
+tokens of a `trio.CapacityLimiter` acquired on each delivery's behalf, so
+no row is claimed that cannot be sent at once. Its size is the window: with
+`DrainConfig.adaptive` the `_window` controller sets it from round trips,
+throughput and ``overloaded`` answers (between a small floor and
+`max_inflight`), else it stays `max_inflight`. When
 nothing is due, the loop sleeps until the next row is due, a wakeup arrives
 on its memory channel (an accept, a broker connection opening), or
 `poll_interval` passes (the backstop for rows written by other processes).
 
 A slot is free only once its row's outcome is written (so a crash resends
-at most `max_inflight` rows). While rows are due, the transaction that
+at most the window's worth of rows). While rows are due, the transaction that
 writes a batch of outcomes also claims rows for the slots it frees, and
 they go out as soon as it commits: one round trip to the database per
 batch, not two, and no wait for the loop to wake.
 
 The rooms next door: `_sending` routes and sends each row, `_outcomes`
 decides and settles what became of it, `_gates` holds each route's state
-(down, slow start, paced), `_completer` writes outcomes in batches, and
-`_statistics` counts.
+(down, slow start, paced), `_completer` writes outcomes in batches,
+`_window` decides the window, and `_statistics` counts.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import random
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -35,7 +39,7 @@ from .._config import DrainConfig
 from .._display import Throttle
 from .._errors import StoreError, TrioDrainError
 from .._ids import new_token
-from .._lifecycle import Completion
+from .._lifecycle import Completion, releases_lane
 from .._model import OutboxRow
 from .._outbox import Outbox
 from .._store._base import Applied, RouteKey
@@ -45,8 +49,14 @@ from ._gates import Gates
 from ._outcomes import Outcomes
 from ._sending import Sender
 from ._statistics import Counters, WorkerStatistics
+from ._window import WindowController
 
 log = logging.getLogger("trio_drain.worker")
+
+#: The log tells of a window change once it is this factor (or its inverse)
+#: away from the last window it told of, and at most every this many seconds.
+WINDOW_LOG_FACTOR = 2.0
+WINDOW_LOG_EVERY = 10.0
 
 
 class DrainWorker:
@@ -73,12 +83,12 @@ class DrainWorker:
         self.config = config if config is not None else DrainConfig()
         self._policy = self.config.policy
         self._wake_send, self._wake_receive = trio.open_memory_channel[None](1)
-        self._limiter = trio.CapacityLimiter(self.config.max_inflight)
-        # Half the window at most: claiming it all at once makes every row
-        # wait for the slowest of the whole window at each step (claim,
-        # send, ack, record), where two groups overlap one another's waits
-        # (measured: 1.3x the rows per second at a window of 64).
-        self._claim_size = min(self.config.batch_size, max(1, self.config.max_inflight // 2))
+        # The window's policy (None: held at max_inflight), and its mechanism.
+        self._window = WindowController(ceiling=self.config.max_inflight) if self.config.adaptive else None
+        window = self.config.max_inflight if self._window is None else self._window.window
+        self._limiter = trio.CapacityLimiter(window)
+        self._claim_size = self._claim_size_for(window)
+        self._logged_window, self._window_logged_at = window, -math.inf
         self._completer = BatchCompleter(
             outbox,
             in_flight=lambda: self._limiter.borrowed_tokens,
@@ -103,6 +113,7 @@ class DrainWorker:
             counters=self._counters,
             throttle=throttle,
             wake=self.wake,
+            window=self._window,
         )
         self._sender = Sender(
             registry=registry,
@@ -278,6 +289,8 @@ class DrainWorker:
         if free:
             found = await self.outbox.claim(**self._claim_terms(free))
             self._maybe_more_due = len(found) == free
+            if self._window is not None:
+                self._window.claimed(full=self._maybe_more_due)
             rows.extend(found)
 
     def _claim_route(self, limit: int, key: RouteKey) -> Awaitable[list[OutboxRow]]:
@@ -362,12 +375,21 @@ class DrainWorker:
         """The completer's write: record a batch of outcomes and, while rows
         may be due, claim as many as the batch frees slots for, in the same
         transaction (`_after_batch` hands the slots over)."""
-        if self._stopping or not self._maybe_more_due:
+        # No more rows than the window has room for once the batch frees its
+        # slots: when the window shrank, the slots it frees stay free.
+        room = int(self._limiter.total_tokens) - (self._limiter.borrowed_tokens - len(completions))
+        limit = min(len(completions), self._claim_size, room)
+        if not self._maybe_more_due and any(releases_lane(c) for c in completions):
+            # A lane's head leaving lets its next row go, in this very
+            # transaction: claim it here rather than at the next wake.
+            self._maybe_more_due = True
+        if self._stopping or not self._maybe_more_due or limit < 1:
             return await self.outbox.complete(completions)
         self._gates.reopen(self.registry)
-        limit = min(len(completions), self._claim_size)
         applied, self._refill = await self.outbox.complete_and_claim(completions, **self._claim_terms(limit))
         self._maybe_more_due = len(self._refill) == limit
+        if self._window is not None:
+            self._window.claimed(full=self._maybe_more_due)
         return applied
 
     def _after_batch(self) -> None:
@@ -376,6 +398,8 @@ class DrainWorker:
         start lets held rows go as far as the batch's answers allow."""
         freed, unheld = self._outcomes.batch_written()
         rows, self._refill = self._refill, []
+        if self._window is not None:
+            self._resize(self._window)
         tasks = self._tasks
         for gate in unheld:
             if tasks is not None and not self._stopping:
@@ -390,3 +414,29 @@ class DrainWorker:
         else:
             assert tasks is not None
             self._sender.launch(deliveries, tasks)
+
+    # -- the window
+
+    def _claim_size_for(self, window: int) -> int:
+        # Half the window at most: claiming it all at once makes every row
+        # wait for the slowest of the whole window at each step (claim,
+        # send, ack, record), where two groups overlap one another's waits
+        # (measured: 1.3x the rows per second at a window of 64).
+        return min(self.config.batch_size, max(1, window // 2))
+
+    def _resize(self, controller: WindowController) -> None:
+        """Give the limiter the window the controller decided. A narrower
+        window takes effect as sends come back: no slot is taken back."""
+        window = controller.window
+        if window == self._limiter.total_tokens:
+            return
+        self._limiter.total_tokens = window
+        self._claim_size = self._claim_size_for(window)
+        now = trio.current_time()
+        logged = self._logged_window
+        if (
+            max(window, logged) >= WINDOW_LOG_FACTOR * min(window, logged)
+            and now - self._window_logged_at >= WINDOW_LOG_EVERY
+        ):
+            log.info("send window %d -> %d: %s", logged, window, controller.reason)
+            self._logged_window, self._window_logged_at = window, now

@@ -6,7 +6,9 @@ present), enforces a payload limit, rate-limits each member when asked (a
 token bucket: a burst, then so many a minute), dedupes on (meshId,
 client_message_id) with fingerprint comparison, keeps what it accepted in
 SQLite when given a file (so dedupe survives a restart), and can inject
-faults: ack delay, dropped acks, a transient error rate, and a disconnect
+faults: an ack delay (fixed, or on a schedule that changes it while it
+runs), a capacity (more sends waiting on one connection are answered
+``overloaded``), dropped acks, a transient error rate, and a disconnect
 every N sends.
 
 With ``compat="claudemesh"`` it answers like the seed's real broker, as
@@ -30,6 +32,7 @@ from ._acks import encode_ack as encode_ack
 from ._handler import Compat as Compat
 from ._limits import CLAUDEMESH_MAX_MESSAGE_BYTES as CLAUDEMESH_MAX_MESSAGE_BYTES
 from ._limits import DEFAULT_MAX_PAYLOAD as DEFAULT_MAX_PAYLOAD
+from ._limits import AckDelaySchedule as AckDelaySchedule
 from ._limits import Faults as Faults
 from ._limits import RateLimit as RateLimit
 from ._server import BrokerServer as BrokerServer

@@ -6,14 +6,16 @@ written from a template, and delayed acks share one task per connection.
 
 from __future__ import annotations
 
+import bisect
 import collections
+import operator
+from collections.abc import Callable
 from typing import Any
 
 import trio
 
 from .._brokers._wire import encode_json, json_string
 from .._ws import ServerConnection, TransportClosed
-from ._limits import Faults
 
 _ACK_TEMPLATE = '{"type":"ack","id":%s,"messageId":%s,"queued":true}'
 
@@ -49,29 +51,56 @@ def claudemesh_error_ack(ack_id: Any, error: str) -> dict[str, Any]:
     return {"type": "ack", "id": ack_id, "messageId": "", "queued": False, "error": error}
 
 
+_DUE = operator.itemgetter(0)
+
+
 class AckQueue:
     """Acks of one connection, sent at once or after the fault's ack delay.
 
-    Delayed acks wait in a queue served by one task (the delay is the same
-    for every ack, so the queue is in due order), not one task each. Sends
-    are queued on the connection and go out coalesced.
+    Delayed acks wait in a queue served by one task (while the delay holds
+    still the queue is in due order; when a schedule shortens it, an ack is
+    put in its place), not one task each. Sends are queued on the
+    connection and go out coalesced.
+
+    Args:
+        ws: the connection.
+        delay: the ack delay in seconds, or a function giving it now.
     """
 
-    def __init__(self, ws: ServerConnection, faults: Faults) -> None:
+    def __init__(self, ws: ServerConnection, delay: float | Callable[[], float]) -> None:
         self.ws = ws
-        self.faults = faults
+        self._delay = delay
         self._due: collections.deque[tuple[float, str]] = collections.deque()
         self._queued = trio.Event()
+        self._earlier = trio.Event()  # an ack went to the head of the queue
+        #: Answers decided but waiting for something else than the delay
+        #: (a write to the ledger); kept by the connection's handler.
+        self.pending = 0
+
+    @property
+    def waiting(self) -> int:
+        """Sends of this connection whose ack is not written yet."""
+        return len(self._due) + self.pending
 
     def send(self, frame: dict[str, Any]) -> None:
         """Send an ack now, or queue it for the fault's ack delay."""
         text = encode_ack(frame)
-        delay = self.faults.ack_delay
+        delay = self._delay if isinstance(self._delay, float | int) else self._delay()
         if delay > 0:
-            self._due.append((trio.current_time() + delay, text))
+            due = (trio.current_time() + delay, text)
+            if self._due and due[0] < self._due[-1][0]:
+                bisect.insort(self._due, due, key=_DUE)  # the delay shortened: in due order
+                if self._due[0] is due:
+                    self._earlier.set()
+            else:
+                self._due.append(due)
             self._queued.set()
         else:
             self._write(text)
+
+    def send_now(self, frame: dict[str, Any]) -> None:
+        """Send an ack at once, whatever the delay."""
+        self._write(encode_ack(frame))
 
     async def run(self) -> None:
         """Send delayed acks as they fall due, until cancelled."""
@@ -81,8 +110,11 @@ class AckQueue:
             while self._due:
                 due, text = self._due[0]
                 if due > now:
-                    await trio.sleep_until(due)
+                    with trio.move_on_at(due):
+                        await self._earlier.wait()
+                    self._earlier = trio.Event()
                     now = trio.current_time()
+                    continue  # the head may have changed meanwhile
                 self._due.popleft()
                 self._write(text)
             self._queued = trio.Event()

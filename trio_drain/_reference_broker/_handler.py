@@ -2,7 +2,9 @@
 
 A send's answer is decided the moment it arrives, so racing resends
 dedupe; a new acceptance on a persistent broker is written (sharing a
-commit with its neighbours) before its ack goes out. In compat mode the
+commit with its neighbours) before its ack goes out. With a capacity
+(`Faults.capacity`), a send that arrives while that many sends of its
+connection wait for their ack is answered at once: ``overloaded``. In compat mode the
 answers are the seed's real broker's (see the package docstring).
 """
 
@@ -14,7 +16,7 @@ import json
 import logging
 import os
 import random
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 import trio
@@ -26,7 +28,7 @@ from .._ws import ServerConnection, TransportClosed
 from ._acks import AckQueue, claudemesh_error_ack, error_ack
 from ._hello import judge_hello
 from ._ledger import Acceptance, Ledger
-from ._limits import CLAUDEMESH_MAX_MESSAGE_BYTES, Buckets, Faults
+from ._limits import CLAUDEMESH_MAX_MESSAGE_BYTES, AckDelaySchedule, Buckets, Faults
 from ._statistics import Counters
 
 log = logging.getLogger("trio_drain.reference_broker")
@@ -62,6 +64,15 @@ class Handler:
         self.buckets = None if limit is None else Buckets(limit)
         self.rng = random.Random()
         self.receipts_fd: int | None = None
+        # An ack delay schedule counts from here (serve_broker makes the handler as it starts).
+        self.started = trio.current_time()
+        steps = faults.ack_delay_schedule
+        schedule = None if steps is None else AckDelaySchedule(steps)
+        self.ack_delay: float | Callable[[], float] = (
+            faults.ack_delay
+            if schedule is None
+            else (lambda: schedule.delay_at(trio.current_time() - self.started))
+        )
 
     async def handle(self, ws: ServerConnection) -> None:
         """Serve one connection until it closes."""
@@ -100,7 +111,8 @@ class Handler:
 
     async def _serve(self, ws: ServerConnection, mesh: str, member: str) -> None:
         sends = 0
-        acks = AckQueue(ws, self.faults)
+        acks = AckQueue(ws, self.ack_delay)
+        capacity = self.faults.capacity
         async with trio.open_nursery() as nursery:
             nursery.start_soon(acks.run)
             while True:
@@ -115,10 +127,15 @@ class Handler:
                     sends += 1
                     if self.receipts_fd is not None:
                         os.write(self.receipts_fd, f"{mesh}\t{frame.get('client_message_id')}\n".encode())
+                    if capacity and acks.waiting >= capacity:
+                        self.stats.overloaded += 1
+                        acks.send_now(self._overloaded(frame, capacity))
+                        continue
                     ack, record = self._decide(mesh, member, frame)
                     key = (mesh, str(frame.get("client_message_id")))
                     wait_for = key if record is None and key in self.ledger.unwritten else None
                     if record is not None or wait_for is not None:
+                        acks.pending += 1
                         nursery.start_soon(self._finish, acks, ack, record, wait_for)
                     elif ack is not None:
                         acks.send(ack)
@@ -137,7 +154,22 @@ class Handler:
         record: Acceptance | None,
         wait_for: tuple[str, str] | None,
     ) -> None:
-        """Persist an acceptance (sharing commits with concurrent ones), then ack.
+        """Persist an acceptance (or wait for the one it repeats), then ack."""
+        try:
+            ack = await self._persist(ack, record, wait_for)
+        finally:
+            acks.pending -= 1
+        if ack is not None:
+            acks.send(ack)
+
+    async def _persist(
+        self,
+        ack: dict[str, Any] | None,
+        record: Acceptance | None,
+        wait_for: tuple[str, str] | None,
+    ) -> dict[str, Any] | None:
+        """Persist an acceptance (sharing commits with concurrent ones), or
+        wait for the one a resend repeats; return the ack it earns.
 
         The write is shielded: a connection closing must not cancel the
         persistence of something already entered in the dedupe table.
@@ -172,8 +204,14 @@ class Handler:
                     if ack is None
                     else self._error(ack["id"], "storage_unavailable", "unavailable", False)
                 )
-        if ack is not None:
-            acks.send(ack)
+        return ack
+
+    def _overloaded(self, f: dict[str, Any], capacity: int) -> dict[str, Any]:
+        """The answer to a send that finds the connection at its capacity."""
+        ack_id = f.get("id", f.get("client_message_id"))
+        if self.compat and ack_id is None:
+            ack_id = ""
+        return self._error(ack_id, f"overloaded: {capacity} sends waiting for their ack", "overloaded", False)
 
     def _decide(
         self, mesh: str, member: str, f: dict[str, Any]

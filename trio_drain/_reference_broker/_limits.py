@@ -7,6 +7,8 @@ knobs tests and demos turn to make the broker misbehave.
 
 from __future__ import annotations
 
+import bisect
+from collections.abc import Iterable
 from typing import Any
 
 import attrs
@@ -65,6 +67,70 @@ class Buckets:
         return True
 
 
+@attrs.frozen
+class AckDelaySchedule:
+    """An ack delay that changes while the broker runs: `steps` are
+    (seconds since the broker started, the ack delay from then on, in
+    seconds), in order of time; before the first step there is none."""
+
+    steps: tuple[tuple[float, float], ...]
+    _times: tuple[float, ...] = attrs.field(init=False, repr=False, eq=False)
+
+    def __attrs_post_init__(self) -> None:
+        times = [at for at, _ in self.steps]
+        object.__setattr__(self, "_times", tuple(times))
+        if (
+            not self.steps
+            or times != sorted(times)
+            or len(set(times)) != len(times)
+            or any(not 0 <= at < float("inf") or not 0 <= delay < float("inf") for at, delay in self.steps)
+        ):
+            raise ConfigError(
+                "an ack delay schedule needs steps at distinct, increasing times, each with a"
+                f" finite delay of zero or more; got {self.steps!r}"
+            )
+
+    @classmethod
+    def parse(cls, text: str) -> AckDelaySchedule:
+        """``DELAY_MS@SECONDS,...``, as ``1@0,20@5,1@10``: 1 ms from the start,
+        20 ms from 5 s, 1 ms again from 10 s.
+
+        Raises:
+            ConfigError: not of that form, or not in order.
+        """
+        steps = []
+        for part in text.split(","):
+            delay, sep, at = part.strip().partition("@")
+            try:
+                steps.append((float(at), float(delay) / 1000))
+            except ValueError:
+                sep = ""
+            if not sep:
+                raise ConfigError(
+                    f"an ack delay schedule reads DELAY_MS@SECONDS,..., as 1@0,20@5,1@10; got {text!r}"
+                ) from None
+        return cls(tuple(steps))
+
+    def delay_at(self, elapsed: float) -> float:
+        """The ack delay `elapsed` seconds after the broker started."""
+        i = bisect.bisect_right(self._times, elapsed)
+        return self.steps[i - 1][1] if i else 0.0
+
+
+def _schedule(value: str | Iterable[tuple[float, float]] | None) -> tuple[tuple[float, float], ...] | None:
+    """A schedule's steps, checked, from its text or its pairs."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return AckDelaySchedule.parse(value).steps
+    return AckDelaySchedule(tuple((float(at), float(delay)) for at, delay in value)).steps
+
+
+def _capacity(instance: object, attribute: attrs.Attribute[Any], value: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ConfigError(f"capacity must be a whole number of sends (0: no limit), got {value!r}")
+
+
 @attrs.frozen(kw_only=True)
 class Faults:
     """Faults the broker injects, for tests and demos. All off by default.
@@ -72,6 +138,15 @@ class Faults:
     Attributes:
         ack_delay: seconds before each ack is sent (sends are handled
             concurrently, so this adds latency, not a throughput cap).
+        ack_delay_schedule: an ack delay that changes while the broker
+            runs (it replaces `ack_delay`), as (seconds since the broker
+            started, the delay from then on in seconds) pairs in order of
+            time; given as pairs or as text, ``"1@0,20@5,1@10"`` (1 ms from
+            the start, 20 ms from 5 s, 1 ms from 10 s).
+        capacity: the most sends of one connection that may wait for
+            their ack at once (0: no limit). A send that arrives while
+            that many wait is answered at once with a transient error,
+            code ``overloaded``.
         drop_ack_rate: probability that a send is accepted but never acked.
         transient_error_rate: probability of a transient error ack.
         disconnect_every: close a connection abruptly after this many sends.
@@ -79,6 +154,10 @@ class Faults:
     """
 
     ack_delay: float = 0.0
+    ack_delay_schedule: tuple[tuple[float, float], ...] | None = attrs.field(
+        default=None, converter=_schedule
+    )
+    capacity: int = attrs.field(default=0, validator=_capacity)
     drop_ack_rate: float = 0.0
     transient_error_rate: float = 0.0
     disconnect_every: int = 0

@@ -20,6 +20,8 @@ class BrokerStatistics:
         dropped_acks: accepted sends whose ack it dropped (`Faults`).
         disconnects: connections it closed on purpose (`Faults`).
         rate_limited: sends it refused for the member's rate.
+        overloaded: sends it refused at once because as many sends of
+            their connection as its capacity waited for their ack (`Faults`).
         redelivered: sends accepted again under a new message id (compat
             mode: no dedupe).
         unanswered: send frames it could not handle and so never answered
@@ -35,6 +37,7 @@ class BrokerStatistics:
     dropped_acks: int
     disconnects: int
     rate_limited: int
+    overloaded: int
     redelivered: int
     unanswered: int
 
@@ -55,6 +58,7 @@ class Counters:
     dropped_acks: int = 0
     disconnects: int = 0
     rate_limited: int = 0
+    overloaded: int = 0
     redelivered: int = 0
     unanswered: int = 0
 

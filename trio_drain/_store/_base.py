@@ -15,13 +15,16 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, Literal, NoReturn, Protocol
+from typing import TYPE_CHECKING, Any, Literal, NoReturn, Protocol
 
 import attrs
 
 from .._errors import SchemaError, StoreError
 from .._lifecycle import Completion, UnknownFate
 from .._model import AcceptOutcome, NewRow, OutboxRow, Status
+
+if TYPE_CHECKING:
+    from ._operations import Cursor, Requeued, RowFilter
 
 Rows = list[OutboxRow]
 Outcomes = list[AcceptOutcome]
@@ -310,8 +313,28 @@ class OutboxBackend(Protocol):
 
     async def get_by_client_id(self, client_message_id: str) -> OutboxRow | None: ...
 
-    async def list(self, *, status: Status | None, limit: int, before: int | None = None) -> Rows:
-        """Rows newest first (by enqueued_at), optionally of one status."""
+    async def list(
+        self,
+        *,
+        status: Status | None = None,
+        limit: int,
+        before: int | Cursor | None = None,
+        after: int | Cursor | None = None,
+        where: RowFilter = ...,
+        now: int = 0,
+        oldest_first: bool = False,
+    ) -> Rows:
+        """Rows in accept order (newest first unless `oldest_first`) matching
+        `where`, between the cursors (`_operations.SqlOperations.list`)."""
+
+    async def count(self, *, where: RowFilter = ..., now: int = 0) -> int:
+        """How many rows match `where`."""
+
+    async def with_id_prefix(self, prefix: str, *, limit: int) -> Rows:
+        """Rows whose id starts with `prefix`, in id order."""
+
+    async def short_ids(self, row_ids: Sequence[str], *, minimum: int) -> dict[str, str]:
+        """Each id's shortest prefix that no other row's id starts with."""
 
     async def counts(self) -> dict[str, int]: ...
 
@@ -322,7 +345,24 @@ class OutboxBackend(Protocol):
 
     async def drop(self, row_id: str, *, now: int, by: str) -> OutboxRow: ...
 
-    async def prune(self, *, delivered_before: int) -> int: ...
+    async def requeue_many(
+        self,
+        row_ids: Sequence[str],
+        *,
+        now: int,
+        new_ids: Sequence[tuple[str, str]],
+        by: str,
+        where: RowFilter = ...,
+    ) -> Requeued:
+        """Requeue the rows that still may be and still match `where`, in one transaction."""
+
+    async def drop_many(self, row_ids: Sequence[str], *, now: int, by: str, where: RowFilter = ...) -> Rows:
+        """Drop the rows that still may be and still match `where`, in one transaction."""
+
+    async def prune(
+        self, *, older_than_ms: int, now: int, statuses: frozenset[Status] = ..., limit: int = ...
+    ) -> int:
+        """Delete up to `limit` settled rows of `statuses` older than `older_than_ms`."""
 
     async def pause(self, route: str, *, now: int, by: str) -> bool:
         """Pause the route named `route`; False if it already was."""

@@ -70,6 +70,7 @@ from .._base import (
 from .._lanes import LEAVES_LANE, lane_keys, lock, settle
 from .._operations import SqlOperations
 from .._sql import POSTGRES, SERVER_NOW
+from ._joint import Joiner
 from ._listen import Listener
 from ._pool import Commit, Pool, committed
 from ._schema import migrate
@@ -78,12 +79,20 @@ from ._statements import (
     COMPLETE,
     HELD,
     INSERT,
+    NEW_ROW,
+    NEW_ROWS,
+    applied_of,
     as_columns,
-    claim_rows,
+    begin_worker_write,
     claim_statement,
+    claimed_rows,
     complete_rows,
-    insert_rows,
+    completed_lanes,
+    insert_new_rows,
+    send_claim,
+    send_complete,
 )
+from ._wire import Wire
 
 T = TypeVar("T")
 log = logging.getLogger("trio_drain.postgres")
@@ -135,6 +144,7 @@ class PostgresBackend(SqlOperations):
         # The server's clock minus the caller's, as last measured (None: not yet).
         self._offset: int | None = None
         self._lost_writes: dict[OutcomeKey, _LostWrite] = {}
+        self._joiner = Joiner(self._insert, flights=max(1, pool.size // 2))
 
     @classmethod
     async def open(cls, dsn: str, *, durability: Durability = "full", pool_size: int = 8) -> PostgresBackend:
@@ -166,14 +176,18 @@ class PostgresBackend(SqlOperations):
 
     async def accept_many(self, rows: Sequence[NewRow]) -> Outcomes:
         """Insert new rows; enqueued_at and next_attempt_at are the server's
-        now (the rows' own, from the caller's clock, are not stored)."""
-        # The transaction is `insert_rows`, shared with `accept_in`.
-        insert = self._sql(INSERT)
+        now (the rows' own, from the caller's clock, are not stored). One
+        round trip from Trio, durable at its commit (`insert_new_rows`);
+        concurrent calls share it (`Joiner`)."""
+        return await self._joiner.accept(rows)
 
-        def op(conn: psycopg.Connection[Any]) -> Outcomes:
-            return insert_rows(conn, rows, insert)
+    async def _insert(self, rows: Sequence[NewRow]) -> Outcomes:
+        sql = (self._sql(NEW_ROW), self._sql(NEW_ROWS))
 
-        return await self._pool.run(op)
+        async def op(w: Wire) -> Outcomes:
+            return await insert_new_rows(w, rows, sql)
+
+        return await self._pool.exchange(op)
 
     # -- the worker's side
 
@@ -200,10 +214,14 @@ class PostgresBackend(SqlOperations):
         sql = self._sql(sql)
         commit = Commit()
 
-        def op(conn: psycopg.Connection[Any]) -> Rows:
-            return claim_rows(conn, sql, args, commit)
+        async def op(w: Wire) -> Rows:
+            begin_worker_write(w)
+            send_claim(w, sql, args)
+            rows = claimed_rows((await w.exchange())[-1], commit)
+            await w.commit(commit, rows)
+            return rows
 
-        return self._claimed(await self._pool.run(op, commit), now=now, lease_ms=lease_ms)
+        return self._claimed(await self._pool.exchange(op, commit), now=now, lease_ms=lease_ms)
 
     async def complete(self, completions: Sequence[Completion]) -> Applied:
         """Apply completions. A pending row's retry time, the caller's now
@@ -219,11 +237,16 @@ class PostgresBackend(SqlOperations):
         offset = self._offset or 0
         commit = Commit()
 
-        def op(conn: psycopg.Connection[Any]) -> Applied:
-            return complete_rows(conn, sql, completions, host_now=None, offset=offset, commit=commit)
+        async def op(w: Wire) -> Applied:
+            lanes = completed_lanes(completions)
+            begin_worker_write(w, lanes)
+            send_complete(w, sql, completions, host_now=None, offset=offset)
+            applied = applied_of((await w.exchange())[2 + len(lanes)], completions, commit)
+            await w.commit(commit, applied)
+            return applied
 
         try:
-            return await self._pool.run(op, commit)
+            return await self._pool.exchange(op, commit)
         except StoreUnavailable:
             if commit.unsettled:
                 self._remember(completions, commit, applied=commit.value, token=None)
@@ -262,12 +285,20 @@ class PostgresBackend(SqlOperations):
         claim_sql, complete_sql = self._sql(claim_sql), self._sql(COMPLETE)
         commit = Commit()
 
-        def op(conn: psycopg.Connection[Any]) -> tuple[Applied, Rows]:
-            applied = complete_rows(conn, complete_sql, completions, host_now=now, offset=0, commit=commit)
-            return applied, claim_rows(conn, claim_sql, claim_args, commit)
+        async def op(w: Wire) -> tuple[Applied, Rows]:
+            lanes = completed_lanes(completions)
+            begin_worker_write(w, lanes)
+            if completions:
+                send_complete(w, complete_sql, completions, host_now=now, offset=0)
+            send_claim(w, claim_sql, claim_args)
+            results = await w.exchange()
+            applied = applied_of(results[2 + len(lanes)], completions, commit) if completions else []
+            rows = claimed_rows(results[-1], commit)
+            await w.commit(commit, (applied, rows))
+            return applied, rows
 
         try:
-            applied, rows = await self._pool.run(op, commit)
+            applied, rows = await self._pool.exchange(op, commit)
         except StoreUnavailable:
             if commit.unsettled:
                 lost_applied, lost_rows = commit.value

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import attrs
@@ -14,11 +14,13 @@ import psycopg
 import psycopg.conninfo
 import psycopg.errors
 import trio
+from psycopg.pq import TransactionStatus
 
 from ..._errors import StoreClosed, StoreError, StoreUnavailable
 from .._base import (
     Durability,
 )
+from ._wire import ROLLBACK, Wire
 
 T = TypeVar("T")
 log = logging.getLogger("trio_drain.postgres")
@@ -67,12 +69,15 @@ class Commit:
         value: what it returned, had it committed.
         unsettled: its COMMIT went unanswered and nobody could tell yet
             whether it was applied.
+        committing: its COMMIT was sent (set by `Wire.commit`).
     """
 
     xid: int | None = None
     pid: int | None = None
     value: Any = None
     unsettled: bool = False
+    #: COMMIT was sent (on the wire: `Wire.commit`).
+    committing: bool = False
 
 
 def committed(conn: psycopg.Connection[Any], commit: Commit) -> bool:
@@ -123,17 +128,20 @@ def committed(conn: psycopg.Connection[Any], commit: Commit) -> bool:
 
 
 class Pool:
-    """Up to `size` connections, each used by one thread at a time.
+    """Up to `size` connections, each used by one task or thread at a time.
 
     Connections open lazily and are thrown away when they fail, so the next
-    caller reconnects: a server restart needs no special handling.
+    caller reconnects: a server restart needs no special handling. `run`
+    hands one to a function in a worker thread (psycopg's sync API);
+    `exchange` drives one from Trio through its libpq handle (`_wire`).
     """
 
     def __init__(self, dsn: str, *, size: int, durability: Durability) -> None:
         self.dsn = dsn
         self.where = describe(dsn)
         self.durability = durability
-        self._idle: list[psycopg.Connection[Any]] = []
+        self.size = size
+        self._idle: list[Wire] = []
         self._limiter = trio.CapacityLimiter(size)
         self._lost = False  # a connection failed and none has worked since
         self.closed = False
@@ -153,6 +161,10 @@ class Pool:
             )
         except psycopg.Error as exc:
             raise translate(exc, self.where) from None
+        # The wire's statements are prepared on the server under names of
+        # their own; psycopg's (prepared after a few runs) would have it
+        # deallocate every prepared statement at a ROLLBACK.
+        conn.prepare_threshold = None
         if self.durability == "normal":
             conn.execute("SET synchronous_commit = off")
         return conn
@@ -176,22 +188,98 @@ class Pool:
             finally:
                 if box[0] is not None:
                     self._idle.append(box[0])
+        self._reached()
+        return result
+
+    async def exchange(self, fn: Callable[[Wire], Awaitable[T]], commit: Commit | None = None) -> T:
+        """Run `fn` on a pooled connection's wire, from Trio (no thread).
+
+        `fn` sends its statements and reads their answers; it is never
+        abandoned half-way (cancellation waits for it). A transaction it
+        leaves open after an error is rolled back. With `commit`, a COMMIT
+        whose answer is lost (`fn` commits with `Wire.commit`) is settled as
+        `run` does.
+        """
+        if self.closed:
+            raise StoreClosed("the outbox is closed")
+        async with self._limiter:
+            box = [self._idle.pop() if self._idle else None]
+            try:
+                with trio.CancelScope(shield=True):
+                    result = await self._exchange(box, fn, commit)
+            finally:
+                if box[0] is not None:
+                    self._idle.append(box[0])
+        self._reached()
+        return result
+
+    def _reached(self) -> None:
         if self._lost:
             self._lost = False
             log.warning("PostgreSQL outbox at %s is reachable again", self.where)
-        return result
+
+    async def _exchange(
+        self, box: list[Wire | None], fn: Callable[[Wire], Awaitable[T]], commit: Commit | None
+    ) -> T:
+        wire = box[0]
+        try:
+            if wire is None:
+                wire = box[0] = Wire(await trio.to_thread.run_sync(self.connect))
+            if commit is not None:
+                commit.pid = wire.conn.info.backend_pid
+            return await fn(wire)
+        except psycopg.Error as exc:
+            if wire is not None and (wire.broken or isinstance(exc, psycopg.OperationalError)):
+                self._drop(box, exc)
+            elif wire is not None and wire.conn.info.transaction_status != TransactionStatus.IDLE:
+                try:
+                    await wire.run(ROLLBACK, ())
+                except psycopg.Error as again:
+                    self._drop(box, again)
+            if (
+                commit is not None
+                and commit.committing
+                and commit.xid is not None
+                and isinstance(exc, psycopg.OperationalError)
+            ):
+                # COMMIT went unanswered: it may have been applied. Find out.
+                if await trio.to_thread.run_sync(self._committed, box, commit):
+                    return commit.value  # type: ignore[no-any-return]
+                raise StoreUnavailable(
+                    f"the PostgreSQL outbox at {self.where} lost the connection at commit; the"
+                    " transaction rolled back and changed nothing"
+                ) from None
+            raise translate(exc, self.where) from None
+        except StoreUnavailable:
+            self._lost = True
+            raise
+
+    def _drop(self, box: list[Wire | None], exc: BaseException) -> None:
+        """Throw away the connection in `box`, which failed."""
+        wire = box[0]
+        box[0] = None
+        if wire is not None:
+            wire.conn.close()
+        if not self._lost:
+            self._lost = True
+            log.warning(
+                "lost a connection to the PostgreSQL outbox at %s (%s); reconnecting on next use",
+                self.where,
+                first_line(exc),
+            )
 
     def _run_sync(
         self,
-        box: list[psycopg.Connection[Any] | None],
+        box: list[Wire | None],
         fn: Callable[[psycopg.Connection[Any]], T],
         commit: Commit | None,
     ) -> T:
-        conn = box[0]
+        wire = box[0]
         committing = False
         try:
-            if conn is None:
-                conn = box[0] = self.connect()
+            if wire is None:
+                wire = box[0] = Wire(self.connect())
+            conn = wire.conn
             if commit is not None:
                 commit.pid = conn.info.backend_pid
             with conn.transaction():
@@ -199,16 +287,8 @@ class Pool:
                 committing = True  # only COMMIT is left
             return value
         except psycopg.Error as exc:
-            if conn is not None and (conn.broken or isinstance(exc, psycopg.OperationalError)):
-                box[0] = None
-                conn.close()
-                if not self._lost:
-                    self._lost = True
-                    log.warning(
-                        "lost a connection to the PostgreSQL outbox at %s (%s); reconnecting on next use",
-                        self.where,
-                        first_line(exc),
-                    )
+            if wire is not None and (wire.conn.broken or isinstance(exc, psycopg.OperationalError)):
+                self._drop(box, exc)
             if (
                 committing
                 and commit is not None
@@ -228,12 +308,13 @@ class Pool:
             self._lost = True
             raise
 
-    def _committed(self, box: list[psycopg.Connection[Any] | None], commit: Commit) -> bool:
+    def _committed(self, box: list[Wire | None], commit: Commit) -> bool:
         """Whether the transaction `commit.xid` committed, asked on a new
         connection (left in `box`). Raises StoreUnavailable, marking
         `commit.unsettled`, when that cannot be told."""
         try:
-            conn = box[0] = self.connect()
+            conn = self.connect()
+            box[0] = Wire(conn)
             return committed(conn, commit)
         except StoreUnavailable:
             commit.unsettled = True
@@ -241,7 +322,7 @@ class Pool:
         except psycopg.Error as exc:
             commit.unsettled = True
             if box[0] is not None:
-                box[0].close()
+                box[0].conn.close()
                 box[0] = None
             raise translate(exc, self.where) from None
 
@@ -257,7 +338,7 @@ class Pool:
             idle, self._idle = self._idle, []
 
             def close() -> None:
-                for conn in idle:
-                    conn.close()
+                for wire in idle:
+                    wire.conn.close()
 
             await trio.to_thread.run_sync(close)
