@@ -2,9 +2,10 @@
 
 Brokers protect themselves: the real broker lets a member send a burst of
 10 and then 60 a minute, and answers anything faster with a `rate_limit`
-error; the reference broker answers `overloaded` when too many sends wait.
-Such a refusal is back-pressure, not a failure: the row loses no attempt
-(the state machine gives it back) and the route slows down. This module is
+error. Such a refusal is back-pressure, not a failure: the row loses no
+attempt (the state machine gives it back) and the route slows down. (An
+`overloaded` answer, too many sends waiting at the broker, narrows the
+worker's window instead: `_drain/_window.py`.) This module is
 the policy of how much; the worker is the mechanism (which rows it claims
 and when it sends them). It does no I/O and reads no clock: times are
 passed in, in seconds.

@@ -154,7 +154,8 @@ def classify_ack(frame: dict[str, Any]) -> SendResult:
     An ack is an error when it carries an `error` or says `queued: false`.
     An error is permanent if the frame says `"permanent": true`. Otherwise
     a rate limit (`rate_limit`, `overloaded`, by code or by text) is
-    back-pressure; without a `permanent` field (the real broker) an error
+    back-pressure (the worker paces the route for `rate_limit` and narrows
+    its window for `overloaded`); without a `permanent` field (the real broker) an error
     is permanent when its text (before any parenthesis) matches
     `PERMANENT_TEXT`; anything else is transient.
     """
