@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import pytest
 
-import trio_drain._outbox
+import trio_drain._operator
 from trio_drain import InvalidRequest, OutboxRow, Status
 from trio_drain import _lifecycle as lc
 from trio_drain._outbox import Outbox
@@ -149,7 +149,7 @@ async def test_bulk_requeue_in_batches_changes_each_row_once_and_leaves_its_copi
     clocked_outbox: Outbox, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     ob = clocked_outbox
-    monkeypatch.setattr(trio_drain._outbox, "CHANGE_BATCH", 7)
+    monkeypatch.setattr(trio_drain._operator, "CHANGE_BATCH", 7)
     await ob.accept_many([req(f"m-{i:02}") for i in range(40)])  # one enqueued_at, and the clock stands
     assert await ob.requeue_matching("pending", mesh="alpha") == 40
     counts = await ob.counts()
@@ -163,7 +163,7 @@ async def test_bulk_requeue_of_a_lane_keeps_its_order_and_one_row_in_flight(
     clocked_outbox: Outbox, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     ob = clocked_outbox
-    monkeypatch.setattr(trio_drain._outbox, "CHANGE_BATCH", 2)
+    monkeypatch.setattr(trio_drain._operator, "CHANGE_BATCH", 2)
     for i in range(5):
         await ob.accept(req(f"k-{i}", ordering_key="k"))
         clock.advance(1)
@@ -213,7 +213,7 @@ async def test_prune_takes_done_rows_by_default_and_dead_or_aborted_on_request(
     clocked_outbox: Outbox, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     ob = clocked_outbox
-    monkeypatch.setattr(trio_drain._outbox, "PRUNE_BATCH", 2)
+    monkeypatch.setattr(trio_drain._operator, "PRUNE_BATCH", 2)
     await ob.accept_many([req(f"d-{i}") for i in range(5)])
     rows = await ob.claim(limit=5, lease_ms=POLICY.lease_ms, max_age_ms=BIG, token="t")
     await ob.complete([lc.on_ack(r, broker_message_id="b", now=clock.now) for r in rows])
@@ -240,7 +240,7 @@ async def test_bulk_requeue_over_several_statuses_takes_rows_in_accept_order(
     clocked_outbox: Outbox, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     ob = clocked_outbox
-    monkeypatch.setattr(trio_drain._outbox, "CHANGE_BATCH", 2)
+    monkeypatch.setattr(trio_drain._operator, "CHANGE_BATCH", 2)
     for i in range(8):
         await ob.accept(req(f"m-{i}"))
         clock.advance(1)
