@@ -23,10 +23,10 @@ from typing import Any
 
 import trio
 
-from trio_drain import BrokerRegistry, DrainConfig, DrainWorker, OutgoingMessage, SendRequest, open_outbox
+from trio_drain import DrainConfig, OutgoingMessage, SendRequest, open_outbox
 from trio_drain import _lifecycle as lc
 
-from .benchmark import BrokerProcess, connected
+from .benchmark import BrokerProcess, connected, drain_rate
 
 
 def _requests(prefix: str, lanes: int, per_lane: int, keyed: bool) -> list[SendRequest]:
@@ -48,33 +48,6 @@ async def _fill(db: str, requests: list[SendRequest]) -> None:
     async with open_outbox(db, durability="normal") as outbox:
         for start in range(0, len(requests), 10_000):
             await outbox.accept_many(requests[start : start + 10_000])
-
-
-async def _drain(url: str, db: str, n: int, config: DrainConfig) -> float:
-    """Rows a second for the worker draining the n rows of `db`."""
-    async with open_outbox(db) as outbox, trio.open_nursery() as nursery:
-        broker = await connected(nursery, url)
-        registry = BrokerRegistry()
-        registry.set_mesh("bench", broker)
-        worker = DrainWorker(outbox, registry, config)
-        done = trio.Event()
-        settled = 0
-
-        def on_completion(c: Any) -> None:
-            nonlocal settled
-            settled += 1
-            if settled >= n:
-                done.set()
-
-        worker.on_completion = on_completion
-        started = time.perf_counter()
-        nursery.start_soon(worker.run)
-        await done.wait()
-        elapsed = time.perf_counter() - started
-        counts = await outbox.counts()
-        assert counts["done"] == n, counts
-        nursery.cancel_scope.cancel()
-    return n / elapsed
 
 
 async def _round_trips(url: str, n: int) -> float:
@@ -110,7 +83,7 @@ async def many_lanes(folder: str, *, lanes: int, per_lane: int, runs: int) -> di
             for is_keyed, rates in ((True, keyed), (False, free)):
                 db = os.path.join(tempfile.mkdtemp(dir=folder), "o.db")
                 await _fill(db, _requests(f"{r}{is_keyed:d}", lanes, per_lane, is_keyed))
-                rates.append(await _drain(broker.url, db, n, config))
+                rates.append(await drain_rate(broker.url, db, n, config))
     ratios = [k / f for k, f in zip(keyed, free, strict=True)]
     return {
         "lanes": lanes,
@@ -133,7 +106,7 @@ async def one_lane(folder: str, *, rows: int, delays_ms: tuple[int, ...], runs: 
                 rtt.append(await _round_trips(broker.url, rows))
                 db = os.path.join(tempfile.mkdtemp(dir=folder), "o.db")
                 await _fill(db, _requests(f"one{r}", 1, rows, True))
-                lane.append(await _drain(broker.url, db, rows, DrainConfig()))
+                lane.append(await drain_rate(broker.url, db, rows, DrainConfig()))
         ratios = [a / b for a, b in zip(lane, rtt, strict=True)]
         out[f"{delay}ms"] = {
             "lane_rps": lane,
