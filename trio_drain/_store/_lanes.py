@@ -25,8 +25,9 @@ from typing import Any
 from .._lifecycle import LEAVES_LANE as LEAVES_LANE
 from ._sql import Dialect
 
-#: The lane's first pending or inflight row goes, unless one already may.
-_SETTLE = (
+#: The lane's first pending or inflight row goes, unless one already may
+#: (the text is {m}-marked for each dialect; PostgreSQL prepares it once).
+SETTLE_SQL = (
     "UPDATE outbox SET lane_blocked = 0 WHERE id = (SELECT id FROM outbox"
     " WHERE ordering_key = {m} AND status IN ('pending', 'inflight') ORDER BY enqueued_at, id LIMIT 1)"
     " AND lane_blocked = 1 AND NOT EXISTS (SELECT 1 FROM outbox"
@@ -48,7 +49,7 @@ def lane_keys(keys: Iterable[str | None]) -> list[str]:
 def settle(conn: Any, dialect: Dialect, keys: Sequence[str]) -> None:
     """Let the next row of each lane in `keys` go where its lane has none going."""
     if keys:
-        sql = _SETTLE.format(m=dialect.mark)
+        sql = SETTLE_SQL.format(m=dialect.mark)
         conn.cursor().executemany(sql, [(k, k) for k in keys])
 
 

@@ -31,8 +31,7 @@ from .._base import (
     new_row_values,
     row_from_values,
 )
-from .._lanes import _SETTLE as SETTLE_SQL
-from .._lanes import LEAVES_LANE, LOCK_SQL, lane_keys, lock, settle
+from .._lanes import LEAVES_LANE, LOCK_SQL, SETTLE_SQL, lane_keys, lock, settle
 from .._operations import SELECT
 from .._sql import POSTGRES, SERVER_NOW
 from . import _wire as wire
