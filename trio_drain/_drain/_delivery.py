@@ -1,24 +1,29 @@
-"""A delivery: one claimed row on its way out, and the ways that way can end.
+"""A delivery: one claimed row on its way out, the gate of the route it goes
+through, and the ways that way can end.
 
 A delivery is a small record, not a task: per row there is no task, no
 cancel scope and no event (a broker with only `send` gets a task, that is
 all). The worker keeps every delivery in one table from the claim until
 its outcome is handed to the batch completer, so a stopping worker can
 hand back every row still out, sent or not.
+
+A delivery names its route's gate and a gate holds the deliveries that
+wait for it, so the two records live here together; what the gates of all
+routes decide (which are down, paced, what a claim leaves out) is
+`_gates`.
 """
 
 from __future__ import annotations
 
+import collections
 import enum
 import math
-from typing import TYPE_CHECKING
 
+from .._brokers._pacing import RoutePacer
 from .._brokers._registry import Ready, SendHandle
 from .._brokers._wire import SendResult
 from .._model import OutboxRow
-
-if TYPE_CHECKING:
-    from ._gates import Gate
+from .._store._base import RouteKey
 
 #: The answer a send gets when its ack deadline passes first.
 ACK_TIMEOUT = SendResult.no_answer("ack_timeout")
@@ -61,3 +66,18 @@ class Delivery:
         self.route: Ready | None = None
         self.held_since = math.inf  # waiting for its route's slow start (trio time)
         self.counted = False  # in its pacer's unanswered count (from the send until settled)
+
+
+class Gate:
+    """One route's pacing: its pacer, its unanswered sends, and the rows
+    claimed for it that wait for slow start to let them go."""
+
+    __slots__ = ("held", "key", "last_claim", "maybe_more", "name", "pacer")
+
+    def __init__(self, name: str, key: RouteKey, pacer: RoutePacer) -> None:
+        self.name = name
+        self.key = key
+        self.pacer = pacer
+        self.held: collections.deque[Delivery] = collections.deque()
+        self.maybe_more = True  # rows of this route may be due (paced routes)
+        self.last_claim = -math.inf  # trio time of its last claim of its own

@@ -19,11 +19,9 @@ mesh socket, its sessions) share one pacer.
 
 from __future__ import annotations
 
-import collections
 import logging
 import math
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
 
 import trio
 
@@ -33,28 +31,14 @@ from .._display import visible
 from .._model import OutboxRow
 from .._store._base import RouteFilter, RouteKey
 
-if TYPE_CHECKING:
-    from ._delivery import Delivery
+# A gate's record lives with the deliveries it holds (each names the other);
+# the worker's modules take it from here, with the gates.
+from ._delivery import Gate as Gate
 
 log = logging.getLogger("trio_drain.worker")
 
 #: Claims up to a number of rows of one route (a paced route's share).
 ClaimRoute = Callable[[int, RouteKey], Awaitable[list[OutboxRow]]]
-
-
-class Gate:
-    """One route's pacing: its pacer, its unanswered sends, and the rows
-    claimed for it that wait for slow start to let them go."""
-
-    __slots__ = ("held", "key", "last_claim", "maybe_more", "name", "pacer")
-
-    def __init__(self, name: str, key: RouteKey, pacer: RoutePacer) -> None:
-        self.name = name
-        self.key = key
-        self.pacer = pacer
-        self.held: collections.deque[Delivery] = collections.deque()
-        self.maybe_more = True  # rows of this route may be due (paced routes)
-        self.last_claim = -math.inf  # trio time of its last claim of its own
 
 
 class Gates:
