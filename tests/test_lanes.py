@@ -141,6 +141,46 @@ async def test_a_head_lost_to_its_lease_at_the_attempt_cap_or_to_max_age_release
     assert head.client_message_id == "k-new"
 
 
+async def test_a_row_that_leaves_its_lane_while_waiting_lets_nothing_go(
+    clocked_outbox: Outbox, clock: FakeClock
+) -> None:
+    ob = clocked_outbox
+    await fill_lane(ob, clock, "k", 4)
+    (head,) = await claim(ob)
+    waiting = await ob.get_by_client_id("k-1")
+    assert waiting is not None
+    await ob.drop(waiting.id)  # dropped behind a head in flight
+    assert await claim(ob) == []
+    await ob.complete([lc.on_ack(head, broker_message_id="b", now=clock.now)])
+    (head,) = await claim(ob)
+    assert head.client_message_id == "k-2"
+    # k-3 grows too old behind k-2 in flight; k-4 arrives fresh behind it.
+    clock.advance(10_000)
+    await ob.accept(req("k-4", ordering_key="k"))
+    assert await ob.expire_stale(max_age_ms=5_000) == 1
+    assert await claim(ob) == []
+    await ob.complete([lc.on_ack(head, broker_message_id="b", now=clock.now)])
+    (head,) = await claim(ob)
+    assert head.client_message_id == "k-4"
+
+
+async def test_a_clock_that_steps_back_cannot_reorder_a_lane(
+    clocked_outbox: Outbox, clock: FakeClock
+) -> None:
+    ob = clocked_outbox
+    await fill_lane(ob, clock, "k", 2)
+    clock.advance(-60_000)
+    await ob.accept_many([req("k-2", ordering_key="k"), req("k-3", ordering_key="k")])
+    await ob.accept(req("k-4", ordering_key="k"))
+    clock.advance(120_000)
+    delivered = []
+    while rows := await claim(ob):
+        (head,) = rows
+        delivered.append(head.client_message_id)
+        await ob.complete([lc.on_ack(head, broker_message_id="b", now=clock.now)])
+    assert delivered == ["k-0", "k-1", "k-2", "k-3", "k-4"]
+
+
 async def test_a_paused_route_is_left_alone_and_resumes_as_it_was(
     clocked_outbox: Outbox, clock: FakeClock
 ) -> None:
@@ -178,7 +218,7 @@ async def test_a_schema_1_sqlite_outbox_migrates_and_its_rows_still_drain(db_pat
     conn = sqlite3.connect(db_path)
     conn.executescript(
         """
-        DROP INDEX outbox_lane; DROP INDEX outbox_lane_head; DROP INDEX outbox_claim; DROP INDEX outbox_due;
+        DROP INDEX outbox_lane; DROP INDEX outbox_claim; DROP INDEX outbox_due;
         ALTER TABLE outbox DROP COLUMN ordering_key; ALTER TABLE outbox DROP COLUMN lane_blocked;
         DROP TABLE trio_drain_paused;
         CREATE INDEX outbox_claim ON outbox (priority_rank, enqueued_at) WHERE status = 'pending';
@@ -201,7 +241,6 @@ async def test_a_schema_1_postgresql_outbox_migrates_and_its_rows_still_drain(pg
     with psycopg.connect(pg_url, autocommit=True) as conn:
         for statement in [
             "DROP INDEX outbox_lane",
-            "DROP INDEX outbox_lane_head",
             "DROP INDEX outbox_claim",
             "DROP INDEX outbox_due",
             "ALTER TABLE outbox DROP COLUMN ordering_key",
@@ -217,6 +256,60 @@ async def test_a_schema_1_postgresql_outbox_migrates_and_its_rows_still_drain(pg
         assert ids(await claim(ob)) == ["new-0", "old-0"]
     with psycopg.connect(pg_url) as conn:
         assert conn.execute("SELECT version FROM trio_drain_schema").fetchone() == (SCHEMA_VERSION,)
+
+
+_SCHEMA_2_LANE_INDEXES = [
+    "DROP INDEX outbox_lane",
+    "CREATE INDEX outbox_lane ON outbox (ordering_key, enqueued_at, id)"
+    " WHERE status IN ('pending', 'inflight') AND ordering_key IS NOT NULL",
+    "CREATE INDEX outbox_lane_head ON outbox (ordering_key)"
+    " WHERE status IN ('pending', 'inflight') AND lane_blocked = 0 AND ordering_key IS NOT NULL",
+    "UPDATE trio_drain_schema SET version = 2",
+]
+
+
+async def _a_schema_2_lane_drains_in_order(target: str) -> None:
+    async with open_outbox(target) as ob:
+        (head,) = await claim(ob)
+        assert head.client_message_id == "k-0"
+        await ob.complete([lc.on_ack(head, broker_message_id="b", now=0)])
+        (head,) = await claim(ob)
+        assert head.client_message_id == "k-1"
+
+
+async def test_a_schema_2_sqlite_outbox_gets_the_new_lane_index(db_path: Path) -> None:
+    async with open_outbox(db_path) as ob:
+        await ob.accept_many([req("k-0", ordering_key="k"), req("k-1", ordering_key="k")])
+    conn = sqlite3.connect(db_path)
+    for statement in _SCHEMA_2_LANE_INDEXES:
+        conn.execute(statement)
+    conn.commit()
+    conn.close()
+    await _a_schema_2_lane_drains_in_order(str(db_path))
+    conn = sqlite3.connect(db_path)
+    lane_indexes = dict(conn.execute("SELECT name, sql FROM sqlite_master WHERE name LIKE 'outbox_lane%'"))
+    assert conn.execute("SELECT version FROM trio_drain_schema").fetchone()[0] == SCHEMA_VERSION
+    conn.close()
+    assert list(lane_indexes) == ["outbox_lane"]
+    assert "status" not in lane_indexes["outbox_lane"]
+
+
+async def test_a_schema_2_postgresql_outbox_gets_the_new_lane_index(pg_url: str) -> None:
+    async with open_outbox(pg_url) as ob:
+        await ob.accept_many([req("k-0", ordering_key="k"), req("k-1", ordering_key="k")])
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        for statement in _SCHEMA_2_LANE_INDEXES:
+            conn.execute(statement)  # type: ignore[arg-type]
+    await _a_schema_2_lane_drains_in_order(pg_url)
+    with psycopg.connect(pg_url) as conn:
+        lane_indexes = dict(
+            conn.execute(
+                "SELECT indexname, indexdef FROM pg_indexes WHERE indexname LIKE 'outbox_lane%%'"
+            ).fetchall()
+        )
+        assert conn.execute("SELECT version FROM trio_drain_schema").fetchone() == (SCHEMA_VERSION,)
+    assert list(lane_indexes) == ["outbox_lane"]
+    assert "status" not in lane_indexes["outbox_lane"]
 
 
 # -- many claimers on PostgreSQL -------------------------------------------------------

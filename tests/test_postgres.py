@@ -37,12 +37,14 @@ from trio_drain import (
 from trio_drain import _lifecycle as lc
 from trio_drain._brokers._identity import generate_secret_key
 from trio_drain._store._base import SCHEMA_VERSION, RouteFilter
+from trio_drain._store._lanes import release_next_sql, settle_joined_sql
 from trio_drain._store._postgres._backend import PostgresBackend
 from trio_drain._store._postgres._joint import Joiner
 from trio_drain._store._postgres._pool import Commit, committed
 from trio_drain._store._postgres._schema import MIN_POSTGRES
 from trio_drain._store._postgres._statements import claim_statement
 from trio_drain._store._postgres._wire import Wire
+from trio_drain._store._sql import POSTGRES
 
 from .builders import BIG, req
 from .helpers import FakeBroker, Rig, wait_settled, wait_until
@@ -567,3 +569,33 @@ async def test_an_accept_cancelled_while_queued_writes_nothing(
         with trio.move_on_after(0.1):
             await joiner.accept(["withdrawn"])  # type: ignore[list-item]
     assert written == ["first"]
+
+
+async def test_settling_a_lane_walks_the_lane_index_from_the_row_on_a_table_never_analyzed(
+    pg_url: str,
+) -> None:
+    # Settling must cost the same behind a lane of 10 rows or 100,000: each
+    # statement walks the lane index from the row it is given and stops at
+    # the first answer, whatever the planner knows (here: nothing yet).
+    async with open_outbox(pg_url, durability="normal") as ob:
+        for start in range(0, 20_000, 5000):
+            await ob.accept_many(
+                [req(f"m-{i}", ordering_key=f"k{i % 50}") for i in range(start, start + 5000)]
+            )
+    statements = [
+        (release_next_sql(POSTGRES), "text"),
+        (settle_joined_sql(POSTGRES, "= ANY(%s::text[])"), "text[]"),
+    ]
+    with psycopg.connect(pg_url) as conn:
+        found = conn.execute("SELECT reltuples FROM pg_class WHERE relname = 'outbox'").fetchone()
+        assert found is not None and found[0] < 0  # never analyzed
+        conn.execute("SET plan_cache_mode = force_generic_plan")
+        for n, (sql, kind) in enumerate(statements):
+            conn.execute(f"PREPARE settle{n} AS {sql.replace('%s', '$1')}")
+            cursor = psycopg.ClientCursor(conn)
+            cursor.execute(f"EXPLAIN EXECUTE settle{n} (%s::{kind})", ["x" if kind == "text" else ["x"]])
+            plan = "\n".join(r[0] for r in cursor.fetchall())
+            assert (
+                "Index Scan using outbox_lane" in plan or "Index Scan Backward using outbox_lane" in plan
+            ), plan
+            assert "Sort" not in plan.split("SubPlan")[-1] and "Bitmap" not in plan.split("SubPlan")[-1], plan

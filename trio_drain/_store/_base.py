@@ -56,8 +56,9 @@ Durability = Literal["full", "normal"]
 
 #: The schema both back ends write, kept in the table `trio_drain_schema`.
 #: 1: the outbox table. 2: ordering lanes (`ordering_key`, `lane_blocked`)
-#: and paused routes (`trio_drain_paused`).
-SCHEMA_VERSION = 2
+#: and paused routes (`trio_drain_paused`). 3: the lane index holds every row
+#: of a lane (`_lanes`), and a lane's head is no longer indexed apart.
+SCHEMA_VERSION = 3
 
 #: Version 2's table changes, the same SQL on SQLite and PostgreSQL. A row
 #: with `lane_blocked = 1` waits behind an earlier row of its ordering lane
@@ -71,19 +72,23 @@ SCHEMA_2 = (
     " route TEXT PRIMARY KEY, paused_at BIGINT NOT NULL, paused_by TEXT NOT NULL)",
 )
 
+#: Version 3's: the lane indexes of version 2 go (`INDEXES` makes the new one).
+SCHEMA_3 = (
+    "DROP INDEX IF EXISTS outbox_lane",
+    "DROP INDEX IF EXISTS outbox_lane_head",
+)
+
 #: Partial indexes in claim order, due order and lease order, the listing
-#: index, and the lanes' (a lane's rows in order; its head); the same
-#: statements work on SQLite and PostgreSQL.
+#: index, and the lanes' (every row of a lane in order: no status in it, so
+#: a claim or an outcome never writes to it); the same statements work on
+#: SQLite and PostgreSQL.
 INDEXES = (
     "CREATE INDEX IF NOT EXISTS outbox_claim ON outbox (priority_rank, enqueued_at)"
     " WHERE status = 'pending' AND lane_blocked = 0",
     "CREATE INDEX IF NOT EXISTS outbox_due ON outbox (next_attempt_at) WHERE status = 'pending' AND lane_blocked = 0",
     "CREATE INDEX IF NOT EXISTS outbox_lease ON outbox (lease_expires_at) WHERE status = 'inflight'",
     "CREATE INDEX IF NOT EXISTS outbox_status_enqueued ON outbox (status, enqueued_at)",
-    "CREATE INDEX IF NOT EXISTS outbox_lane ON outbox (ordering_key, enqueued_at, id)"
-    " WHERE status IN ('pending', 'inflight') AND ordering_key IS NOT NULL",
-    "CREATE INDEX IF NOT EXISTS outbox_lane_head ON outbox (ordering_key)"
-    " WHERE status IN ('pending', 'inflight') AND lane_blocked = 0 AND ordering_key IS NOT NULL",
+    "CREATE INDEX IF NOT EXISTS outbox_lane ON outbox (ordering_key, enqueued_at, id) WHERE ordering_key IS NOT NULL",
 )
 
 

@@ -26,7 +26,7 @@ from .._errors import UnknownRow
 from .._lifecycle import Bound
 from .._model import OutboxRow, Status
 from ._base import COLUMNS, Rows, row_from_values
-from ._lanes import lane_keys, settle
+from ._lanes import lane_keys, release_next, settle_joined
 from ._sql import Dialect
 
 T = TypeVar("T")
@@ -233,7 +233,7 @@ class SqlOperations(ABC):
         next row goes if the aborted row was its head."""
 
         def op(conn: Any) -> OutboxRow:
-            keys = self._lock_lane_of(conn, row_id)
+            self._lock_lane_of(conn, row_id)
             aborted, successor = _lifecycle.requeued(
                 self._locked_row(conn, row_id),
                 now=now,
@@ -243,7 +243,7 @@ class SqlOperations(ABC):
             )
             stored = self._insert_successor(conn, successor)
             self._write_aborted(conn, aborted)
-            settle(conn, self.dialect, keys)
+            self._settle_lanes(conn, [aborted], [stored])
             return stored
 
         return await self._write(op)
@@ -253,7 +253,7 @@ class SqlOperations(ABC):
             keys = self._lock_lane_of(conn, row_id)
             aborted = _lifecycle.dropped(self._locked_row(conn, row_id), now=now, by=by)
             self._write_aborted(conn, aborted)
-            settle(conn, self.dialect, keys)
+            self._settle_lanes(conn, [aborted], [])
             if keys:
                 self._tell_workers(conn)  # the lane's next row may go
             return aborted
@@ -278,7 +278,7 @@ class SqlOperations(ABC):
         """
 
         def op(conn: Any) -> Requeued:
-            keys = self._lock_lanes_of(conn, row_ids)
+            self._lock_lanes_of(conn, row_ids)
             changed = []
             for row_id, (new_id, new_client_message_id) in zip(row_ids, new_ids, strict=True):
                 row = self._locked_row_or_none(conn, row_id)
@@ -290,7 +290,7 @@ class SqlOperations(ABC):
                 stored = self._insert_successor(conn, successor)
                 self._write_aborted(conn, aborted)
                 changed.append((aborted, stored))
-            settle(conn, self.dialect, keys)
+            self._settle_lanes(conn, [a for a, _ in changed], [s for _, s in changed])
             return changed
 
         return await self._write(op)
@@ -315,12 +315,19 @@ class SqlOperations(ABC):
                 aborted = _lifecycle.dropped(row, now=now, by=by)
                 self._write_aborted(conn, aborted)
                 changed.append(aborted)
-            settle(conn, self.dialect, keys)
+            self._settle_lanes(conn, changed, [])
             if changed and keys:
                 self._tell_workers(conn)  # the next rows of their lanes may go
             return changed
 
         return await self._write(op)
+
+    def _settle_lanes(self, conn: Any, left: Sequence[OutboxRow], joined: Sequence[OutboxRow]) -> None:
+        """Settle the lanes of rows that `left` pending and inflight (the
+        next row goes if one was its lane's head) and of rows that `joined`
+        a lane's end (the first goes if its lane had nothing to go)."""
+        release_next(conn, self.dialect, [r.id for r in left if r.ordering_key is not None])
+        settle_joined(conn, self.dialect, [r.id for r in joined if r.ordering_key is not None])
 
     def _lock_lane_of(self, conn: Any, row_id: str) -> Sequence[str]:
         """The row's lane, its lock taken (PostgreSQL) before the row's own."""

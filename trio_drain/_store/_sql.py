@@ -40,10 +40,17 @@ class Dialect:
         mark: the driver's placeholder (``?`` or ``%s``).
         server_now: SQL for the database server's now in milliseconds, or
             None when the caller's clock decides (bound as a parameter).
+        pins_indexes: whether a statement names the index it must walk
+            (SQLite's planner, with no statistics, often picks another).
     """
 
     mark: str
     server_now: str | None = None
+    pins_indexes: bool = False
+
+    def pin(self, index: str) -> str:
+        """The clause that makes a table reference walk `index`, where the dialect has one."""
+        return f" INDEXED BY {index}" if self.pins_indexes else ""
 
     def bound(
         self, bound: Bound, *, now: int, max_age_ms: int = 0, max_attempts: int = 0
@@ -129,5 +136,5 @@ class Dialect:
         return ", ".join([self.mark] * len(values))
 
 
-SQLITE = Dialect(mark="?")
+SQLITE = Dialect(mark="?", pins_indexes=True)
 POSTGRES = Dialect(mark="%s", server_now=SERVER_NOW)

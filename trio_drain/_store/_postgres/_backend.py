@@ -67,7 +67,7 @@ from .._base import (
     in_claim_order,
     row_values,
 )
-from .._lanes import LEAVES_LANE, lane_keys, lock, settle
+from .._lanes import LEAVES_LANE, lane_keys, lane_rows, lock, release_next
 from .._operations import SqlOperations
 from .._sql import POSTGRES, SERVER_NOW
 from ._joint import Joiner
@@ -386,14 +386,16 @@ class PostgresBackend(SqlOperations):
             " last_error = CASE WHEN fate.at_cap THEN %s ELSE %s END,"
             f" next_attempt_at = CASE WHEN fate.at_cap THEN {due(cap_status)} ELSE {due(status)} END,"
             " lease_token = NULL, lease_expires_at = NULL FROM fate WHERE outbox.id = fate.id"
-            " RETURNING outbox.status, outbox.ordering_key"
+            " RETURNING outbox.status, outbox.id, outbox.ordering_key"
         )
         values = [*args, *cap_args, cap_status.value, status.value, cap_error, error]
 
         def op(conn: psycopg.Connection[Any]) -> int:
             lanes = self._lock_lanes_found(conn, lanes_sql, args)
             moved = conn.execute(sql, [*args, lanes, *values[len(args) :]]).fetchall()
-            settle(conn, POSTGRES, lane_keys(key for to, key in moved if Status(to) in LEAVES_LANE))
+            release_next(
+                conn, POSTGRES, lane_rows((i, key) for to, i, key in moved if Status(to) in LEAVES_LANE)
+            )
             return len(moved)
 
         return await self._pool.run(op)
@@ -408,13 +410,13 @@ class PostgresBackend(SqlOperations):
             "UPDATE outbox SET status = 'dead', last_error = %s"
             f" WHERE id IN (SELECT id FROM outbox WHERE {past}"
             " AND (ordering_key IS NULL OR ordering_key = ANY(%s::text[])) FOR UPDATE SKIP LOCKED)"
-            " RETURNING ordering_key"
+            " RETURNING id, ordering_key"
         )
 
         def op(conn: psycopg.Connection[Any]) -> int:
             lanes = self._lock_lanes_found(conn, lanes_sql, args)
             moved = conn.execute(sql, (_lifecycle.EXPIRED, *args, lanes)).fetchall()
-            settle(conn, POSTGRES, lane_keys(key for (key,) in moved))
+            release_next(conn, POSTGRES, lane_rows(moved))
             return len(moved)
 
         return await self._pool.run(op)

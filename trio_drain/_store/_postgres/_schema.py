@@ -13,6 +13,7 @@ from .._base import (
     COLUMNS,
     INDEXES,
     SCHEMA_2,
+    SCHEMA_3,
     SCHEMA_VERSION,
     record_schema_version,
     schema_version,
@@ -113,6 +114,9 @@ def migrate(conn: psycopg.Connection[Any]) -> None:
         conn.execute(_CREATE_TABLE)
     if version < 2:
         for statement in SCHEMA_2:
+            conn.execute(statement)
+    if version < 3:
+        for statement in SCHEMA_3:
             conn.execute(statement)
     if version < SCHEMA_VERSION:
         for statement in INDEXES:

@@ -18,6 +18,7 @@ from ..._idempotency import decide_accept
 from ..._lifecycle import (
     CLAIMABLE,
     Completion,
+    releases_lane,
 )
 from ..._model import NewRow, OutboxRow
 from .._base import (
@@ -31,7 +32,7 @@ from .._base import (
     new_row_values,
     row_from_values,
 )
-from .._lanes import LEAVES_LANE, LOCK_SQL, SETTLE_SQL, lane_keys, lock, settle
+from .._lanes import LOCK_SQL, lane_keys, lock, release_next, release_next_sql, settle_joined_sql
 from .._operations import SELECT
 from .._sql import POSTGRES, SERVER_NOW
 from . import _wire as wire
@@ -58,11 +59,13 @@ BOUND_AT = [COLUMNS.index(c) for c in BOUND]
 
 
 # One statement inserts a whole batch: a column of values per array.
-# A lane's rows are in accept order: a row is enqueued no earlier than the
-# rows of its lane still to go (the server's clock may step back).
+# A lane's rows are in accept order: a row is enqueued after its lane's last
+# row (`_lanes`), a millisecond after it if the server's clock says
+# otherwise (it stepped back, or another transaction wrote in the same
+# millisecond); the rows of one statement share a time and go by id.
 _LANE_ENQUEUED_AT = (
-    f"GREATEST({SERVER_NOW}, (SELECT max(o.enqueued_at) FROM outbox o"
-    " WHERE o.ordering_key = u.ordering_key AND o.status IN ('pending', 'inflight')))"
+    f"GREATEST({SERVER_NOW}, (SELECT o.enqueued_at + 1 FROM outbox o"
+    " WHERE o.ordering_key = u.ordering_key ORDER BY o.enqueued_at DESC, o.id DESC LIMIT 1))"
 )
 
 
@@ -134,7 +137,8 @@ def insert_rows(conn: psycopg.Connection[Any], rows: Sequence[NewRow], insert: s
     else:
         found = conn.execute(insert, columns).fetchall()
     inserted = {r[0] for r in found}
-    settle(conn, POSTGRES, lanes)
+    for ids in joined_by_lane(firsts):
+        conn.execute(_SETTLE_JOINED_SQL, (ids,))
     existing: dict[str, OutboxRow] = {}
     others = [r.client_message_id for r in firsts if r.client_message_id not in inserted]
     if others:
@@ -235,8 +239,7 @@ def complete_rows(
     # row back and the broker dedupes the resend), so these commits do not
     # wait for the WAL flush.
     conn.execute("SET LOCAL synchronous_commit = off")
-    lanes = lane_keys(c.ordering_key for c in completions if c.status in LEAVES_LANE)
-    lock(conn, lanes)
+    lock(conn, completed_lanes(completions))
     retry_in = [None] * len(completions) if _retry_in is None else [_retry_in(c) for c in completions]
     found = conn.execute(
         sql,
@@ -254,7 +257,7 @@ def complete_rows(
             retry_in,
         ],
     ).fetchall()
-    settle(conn, POSTGRES, lanes)
+    release_next(conn, POSTGRES, released_rows(completions))
     if found and commit is not None:
         commit.xid = found[0][2]
     applied = {(r[0], r[1]) for r in found}
@@ -334,7 +337,9 @@ def _params(args: Sequence[Any]) -> list[bytes | None]:
 
 
 _LOCK = wire.Statement.of(LOCK_SQL, ("text",))
-_SETTLE = wire.Statement.of(SETTLE_SQL.format(m="%s"), ("text", "text"))
+_RELEASE_NEXT = wire.Statement.of(release_next_sql(POSTGRES), ("text",))
+_SETTLE_JOINED_SQL = settle_joined_sql(POSTGRES, "= ANY(%s::text[])")
+_SETTLE_JOINED = wire.Statement.of(_SETTLE_JOINED_SQL, ("text[]",))
 _EXISTING = wire.Statement.of(SELECT + " WHERE client_message_id = ANY(%s::text[])", ("text[]",))
 
 
@@ -343,10 +348,18 @@ def lock_lanes(w: wire.Wire, keys: Sequence[str]) -> None:
         w.send(_LOCK, [key.encode()])
 
 
-def settle_lanes(w: wire.Wire, keys: Sequence[str]) -> None:
-    for key in keys:
-        encoded = key.encode()
-        w.send(_SETTLE, [encoded, encoded])
+def joined_by_lane(rows: Sequence[NewRow]) -> list[list[str]]:
+    """The ids of `rows` that join a lane, a list a lane (in lane-key order)."""
+    by_lane: dict[str, list[str]] = {}
+    for r in rows:
+        if r.ordering_key is not None:
+            by_lane.setdefault(r.ordering_key, []).append(r.id)
+    return [by_lane[key] for key in sorted(by_lane)]
+
+
+def released_rows(completions: Sequence[Completion]) -> list[str]:
+    """The rows that `completions` may take out of their lanes' heads."""
+    return [c.row_id for c in completions if releases_lane(c)]
 
 
 async def insert_new_rows(
@@ -377,7 +390,8 @@ async def insert_new_rows(
             columns = list(zip(*firsts[start : start + CHUNK], strict=True))
             w.send(insert, [_column(t, columns[at]) for at, t in zip(_NEW_BOUND_AT, _NEW_TYPES, strict=True)])
             w.push()
-    settle_lanes(w, lanes)
+    for ids in joined_by_lane(firsts):
+        w.send(_SETTLE_JOINED, [wire.text_array(ids)])
     results = await w.exchange()
     inserted = sum(
         _I(found.get_value(0, 0)) or 0 for found in results[len(lanes) : len(results) - len(lanes)]
@@ -485,9 +499,9 @@ _COMPLETE_TYPES = (
 
 def send_complete(
     w: wire.Wire, sql: str, completions: Sequence[Completion], *, host_now: int | None, offset: int
-) -> list[str]:
+) -> None:
     """Queue the fenced completion (`sql` is `COMPLETE`) and the settling
-    of the lanes it releases; returns those lanes (lock them first)."""
+    of the lanes it releases (`completed_lanes`: lock them first)."""
     retry_in = [None] * len(completions) if _retry_in is None else [_retry_in(c) for c in completions]
     w.send(
         statement(sql, _COMPLETE_TYPES),
@@ -505,13 +519,13 @@ def send_complete(
             wire.int8_array(retry_in),
         ],
     )
-    lanes = completed_lanes(completions)
-    settle_lanes(w, lanes)
-    return lanes
+    for row_id in released_rows(completions):
+        w.send(_RELEASE_NEXT, [row_id.encode()])
 
 
 def completed_lanes(completions: Sequence[Completion]) -> list[str]:
-    return lane_keys(c.ordering_key for c in completions if c.status in LEAVES_LANE)
+    """The lanes whose heads `completions` may release (lock them first)."""
+    return lane_keys(c.ordering_key for c in completions if releases_lane(c))
 
 
 def applied_of(result: Any, completions: Sequence[Completion], commit: Commit | None) -> Applied:

@@ -55,7 +55,7 @@ from .._base import (
     row_values,
 )
 from .._group_commit import CommitStatistics, GroupCommitter, Joint
-from .._lanes import LEAVES_LANE, lane_keys, settle
+from .._lanes import LEAVES_LANE, after_last, lane_rows, last_in_lane_sql, release_next
 from .._operations import SqlOperations
 from .._sql import SQLITE
 from ._errors import translated
@@ -220,20 +220,20 @@ class SqliteBackend(SqlOperations):
         ]
 
         def op(conn: sqlite3.Connection) -> int:
-            moved: list[str | None] = []
+            moved = 0
             for (status, error), cap in fates:
                 put_back = status is Status.PENDING  # due at once
                 found = conn.execute(
                     f"UPDATE outbox SET status = ?, last_error = ?, next_attempt_at = {'?' if put_back else 'next_attempt_at'},"
                     f" lease_token = NULL, lease_expires_at = NULL WHERE {ran_out}"
                     + (f" AND {at_cap}" if cap else "")
-                    + " RETURNING ordering_key",
+                    + " RETURNING id, ordering_key",
                     (status.value, error, *([now] if put_back else []), *args, *(cap_args if cap else [])),
                 ).fetchall()
-                moved.extend(key for (key,) in found)
+                moved += len(found)
                 if status in LEAVES_LANE:
-                    settle(conn, SQLITE, lane_keys(key for (key,) in found))
-            return len(moved)
+                    release_next(conn, SQLITE, lane_rows(found))
+            return moved
 
         return await self._write(op, durable=False)
 
@@ -242,10 +242,10 @@ class SqliteBackend(SqlOperations):
 
         def op(conn: sqlite3.Connection) -> int:
             found = conn.execute(
-                f"UPDATE outbox SET status = 'dead', last_error = ? WHERE {past} RETURNING ordering_key",
+                f"UPDATE outbox SET status = 'dead', last_error = ? WHERE {past} RETURNING id, ordering_key",
                 (_lifecycle.EXPIRED, *args),
             ).fetchall()
-            settle(conn, SQLITE, lane_keys(key for (key,) in found))
+            release_next(conn, SQLITE, lane_rows(found))
             return len(found)
 
         return await self._write(op, durable=False)
@@ -283,11 +283,7 @@ class SqliteBackend(SqlOperations):
 
     def _insert_successor(self, conn: sqlite3.Connection, row: OutboxRow) -> OutboxRow:
         if row.ordering_key is not None:  # it joins the end of its lane
-            found = conn.execute(
-                "SELECT max(enqueued_at) FROM outbox WHERE ordering_key = ? AND status IN ('pending', 'inflight')",
-                (row.ordering_key,),
-            ).fetchone()
-            if found[0] is not None and found[0] > row.enqueued_at:
-                row = attrs.evolve(row, enqueued_at=found[0])
+            last = conn.execute(last_in_lane_sql(SQLITE), (row.ordering_key,)).fetchone()
+            row = attrs.evolve(row, enqueued_at=after_last(row.enqueued_at, row.id, last))
         conn.execute(INSERT, row_values(row))
         return row

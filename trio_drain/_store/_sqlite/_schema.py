@@ -12,6 +12,7 @@ from ..._errors import (
 from .._base import (
     INDEXES,
     SCHEMA_2,
+    SCHEMA_3,
     SCHEMA_VERSION,
     Durability,
     record_schema_version,
@@ -136,6 +137,9 @@ def migrate(conn: sqlite3.Connection) -> None:
                 conn.execute(_ADD_PRIORITY_RANK)
         if version < 2:
             for statement in SCHEMA_2:
+                conn.execute(statement)
+        if version < 3:
+            for statement in SCHEMA_3:
                 conn.execute(statement)
         if version < SCHEMA_VERSION:
             for statement in INDEXES:

@@ -16,6 +16,7 @@ from ..._idempotency import decide_accept
 from ..._lifecycle import (
     CLAIMABLE,
     Completion,
+    releases_lane,
 )
 from ..._model import NewRow, OutboxRow
 from .._base import (
@@ -28,7 +29,7 @@ from .._base import (
     in_claim_order,
     row_from_values,
 )
-from .._lanes import LEAVES_LANE, lane_keys, settle
+from .._lanes import after_last, last_in_lane_sql, release_next, settle_joined
 from .._operations import SELECT
 from .._sql import SQLITE
 
@@ -133,7 +134,7 @@ def complete_rows(conn: sqlite3.Connection, completions: Sequence[Completion]) -
             applied.extend(conn.execute(COMPLETE_ONE, row).rowcount == 1 for row in values)
         _crashpoints.reached("completion_mid_batch")
         conn.execute("RELEASE complete")
-    settle(conn, SQLITE, lane_keys(c.ordering_key for c in completions if c.status in LEAVES_LANE))
+    release_next(conn, SQLITE, [c.row_id for c in completions if releases_lane(c)])
     return applied
 
 
@@ -187,31 +188,41 @@ class Insert:
         before = conn.total_changes
         conn.executemany(INSERT_NEW, rows)  # NewRows are the parameters as they stand
         changed = conn.total_changes - before
-        settle(conn, SQLITE, lane_keys(r.ordering_key for r in rows))
         if changed != len(rows):
+            # Some rows did not go in: any of a lane's may be its first.
+            settle_joined(conn, SQLITE, [r.id for r in rows if r.ordering_key is not None])
             return None
+        settle_joined(conn, SQLITE, list(firsts_in_lanes(rows).values()))
         return [all_inserted(insert.rows) for insert in inserts]
 
 
+def firsts_in_lanes(rows: Sequence[NewRow]) -> dict[str, str]:
+    """Each lane's first row among `rows` (in order): its id, by lane."""
+    firsts: dict[str, str] = {}
+    for r in rows:
+        if r.ordering_key is not None:
+            firsts.setdefault(r.ordering_key, r.id)
+    return firsts
+
+
 def in_lane_order(conn: sqlite3.Connection, rows: list[NewRow]) -> list[NewRow]:
-    """`rows`, each enqueued no earlier than the rows of its lane still to go,
+    """`rows`, each enqueued after its lane's last row (`_lanes.after_last`),
     so that a lane's order is its accept order even when the clock steps back."""
-    keys = lane_keys(r.ordering_key for r in rows)
-    if not keys:
+    if not any(r.ordering_key is not None for r in rows):
         return rows
-    latest = dict(
-        conn.execute(
-            "SELECT ordering_key, max(enqueued_at) FROM outbox WHERE status IN ('pending', 'inflight')"
-            f" AND ordering_key IN ({', '.join('?' * len(keys))}) GROUP BY ordering_key",
-            keys,
-        ).fetchall()
-    )
-    return [
-        r._replace(enqueued_at=latest[r.ordering_key])
-        if r.ordering_key in latest and latest[r.ordering_key] > r.enqueued_at
-        else r
-        for r in rows
-    ]
+    last: dict[str, tuple[int, str] | None] = {}
+    ordered = []
+    for r in rows:
+        key = r.ordering_key
+        if key is not None:
+            if key not in last:
+                last[key] = conn.execute(last_in_lane_sql(SQLITE), (key,)).fetchone()
+            enqueued_at = after_last(r.enqueued_at, r.id, last[key])
+            if enqueued_at != r.enqueued_at:
+                r = r._replace(enqueued_at=enqueued_at)
+            last[key] = (r.enqueued_at, r.id)
+        ordered.append(r)
+    return ordered
 
 
 def all_inserted(rows: Sequence[NewRow]) -> Outcomes:
