@@ -98,6 +98,9 @@ class Completion:
     #: The row's ordering lane: a completion that takes the lane's head out
     #: of pending and inflight lets the next row of the lane go.
     ordering_key: str | None = None
+    #: The row's enqueue time: with `row_id`, its place in its lane, from
+    #: which the store finds the next row.
+    enqueued_at: int = 0
 
 
 def releases_lane(completion: Completion) -> bool:
@@ -116,6 +119,7 @@ def _dead(row: OutboxRow, error: str) -> Completion:
         next_attempt_at=row.next_attempt_at,
         last_error=error,
         ordering_key=row.ordering_key,
+        enqueued_at=row.enqueued_at,
     )
 
 
@@ -137,6 +141,7 @@ def on_ack(row: OutboxRow, *, broker_message_id: str, now: int) -> Completion:
         broker_message_id=broker_message_id,
         last_error=None,
         ordering_key=row.ordering_key,
+        enqueued_at=row.enqueued_at,
     )
 
 
@@ -161,6 +166,7 @@ def on_error(
         last_error=error,
         retry_in_ms=delay,
         ordering_key=row.ordering_key,
+        enqueued_at=row.enqueued_at,
     )
 
 
@@ -178,6 +184,7 @@ def on_route_unavailable(row: OutboxRow, *, now: int, policy: RetryPolicy) -> Co
         last_error=ROUTE_UNAVAILABLE,
         retry_in_ms=policy.route_retry_ms,
         ordering_key=row.ordering_key,
+        enqueued_at=row.enqueued_at,
     )
 
 
@@ -197,6 +204,7 @@ def on_rate_limited(row: OutboxRow, *, error: str, now: int, retry_at: int) -> C
         last_error=error,
         retry_in_ms=max(0, retry_at - now),
         ordering_key=row.ordering_key,
+        enqueued_at=row.enqueued_at,
     )
 
 
@@ -254,6 +262,7 @@ def on_released(row: OutboxRow, *, sent: bool, now: int, policy: RetryPolicy) ->
         last_error=WORKER_STOPPED if sent else row.last_error,
         retry_in_ms=0,
         ordering_key=row.ordering_key,
+        enqueued_at=row.enqueued_at,
     )
 
 

@@ -42,6 +42,7 @@ empty lane and release two rows: they take the lane's advisory lock first
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -55,29 +56,48 @@ from ._sql import Dialect
 # tests/test_postgres.py fails on the other spelling).
 _TO_GO = "NOT IN ('done', 'dead', 'aborted')"
 
-#: The lane's first row still to go after row {m}, if that row left the
-#: lane as its head (the text is {m}-marked and {pin}-hinted for a
-#: dialect; PostgreSQL prepares it once). The next row is a subquery of the
-#: row's own, so that each database walks the lane index from the row and
-#: stops at the first row still to go.
+#: A row's place in its lane: (ordering_key, enqueued_at, id).
+Place = tuple[str, int, str]
+
+#: The lane's first row still to go after a place, if the row there (its
+#: id bound again) left the lane as its head; {m}-marked and {pin}-hinted
+#: for a dialect (PostgreSQL prepares it once). The place is bound rather
+#: than read from the row in the statement: SQLite seeks an index by a row
+#: value only when its values are bound, and otherwise walks every row of
+#: the lane enqueued in the same millisecond (a batch's rows share one).
 RELEASE_NEXT_SQL = (
-    "UPDATE outbox SET lane_blocked = 0 WHERE id = (SELECT (SELECT o.id FROM outbox AS o{pin}"
-    " WHERE o.ordering_key = x.ordering_key AND (o.enqueued_at, o.id) > (x.enqueued_at, x.id)"
+    "UPDATE outbox SET lane_blocked = 0 WHERE id = (SELECT o.id FROM outbox AS o{pin}"
+    " WHERE o.ordering_key = {m} AND (o.enqueued_at, o.id) > ({m}, {m})"
     f" AND o.status {_TO_GO} ORDER BY o.enqueued_at, o.id LIMIT 1)"
-    " FROM outbox AS x WHERE x.id = {m} AND x.lane_blocked = 0 AND x.status IN ('done', 'dead', 'aborted'))"
-    " AND lane_blocked = 1"
+    " AND lane_blocked = 1 AND EXISTS (SELECT 1 FROM outbox AS x"
+    " WHERE x.id = {m} AND x.lane_blocked = 0 AND x.status IN ('done', 'dead', 'aborted'))"
 )
 
-#: The first of rows {ids} that joined a lane goes if the lane had nothing
-#: still to go: walking back from it past rows that left while blocked, the
-#: first row found is not one still to go (it left as head), or there is none.
+#: A row that joined its lane ({row}) goes if the lane had nothing still to
+#: go: walking back from its place ({key}, {at}, {id}) past rows that left
+#: while blocked, the first row found is not one still to go (it left as
+#: head), or there is none.
 SETTLE_JOINED_SQL = (
-    "UPDATE outbox SET lane_blocked = 0 WHERE id = (SELECT x.id FROM outbox AS x"
-    " WHERE x.id {ids} ORDER BY x.enqueued_at, x.id LIMIT 1)"
-    f" AND lane_blocked = 1 AND NOT coalesce((SELECT p.status {_TO_GO} FROM outbox AS p{{pin}}"
-    " WHERE p.ordering_key = outbox.ordering_key AND (p.enqueued_at, p.id) < (outbox.enqueued_at, outbox.id)"
+    "UPDATE outbox SET lane_blocked = 0 WHERE id = {row} AND lane_blocked = 1"
+    f" AND NOT coalesce((SELECT p.status {_TO_GO} FROM outbox AS p{{pin}}"
+    " WHERE p.ordering_key = {key} AND (p.enqueued_at, p.id) < ({at}, {id})"
     f" AND (p.status {_TO_GO} OR p.lane_blocked = 0)"
     " ORDER BY p.enqueued_at DESC, p.id DESC LIMIT 1), FALSE)"
+)
+
+#: SQLite binds the joined row's place (its clock, the caller's, stamped
+#: it); PostgreSQL's server stamps the time, so the statement reads the
+#: place from the first of a lane's joined rows (bound as an array of ids),
+#: which PostgreSQL's planner seeks by as well as by bound values.
+SETTLE_JOINED_BOUND = SETTLE_JOINED_SQL.format(
+    row="?", key="?", at="?", id="?", pin=" INDEXED BY outbox_lane"
+)
+SETTLE_JOINED_FIRST_OF = SETTLE_JOINED_SQL.format(
+    row="(SELECT x.id FROM outbox AS x WHERE x.id = ANY(%s::text[]) ORDER BY x.enqueued_at, x.id LIMIT 1)",
+    key="outbox.ordering_key",
+    at="outbox.enqueued_at",
+    id="outbox.id",
+    pin="",
 )
 
 #: The lane's last row (whatever its status): a row joining the lane is
@@ -95,12 +115,6 @@ def release_next_sql(dialect: Dialect) -> str:
     return RELEASE_NEXT_SQL.format(m=dialect.mark, pin=dialect.pin("outbox_lane"))
 
 
-def settle_joined_sql(dialect: Dialect, ids: str) -> str:
-    """`SETTLE_JOINED_SQL` with `ids` the test on the joined rows' ids
-    (``= ?`` for one, ``= ANY(%s::text[])`` for a lane's batch)."""
-    return SETTLE_JOINED_SQL.format(ids=ids, pin=dialect.pin("outbox_lane"))
-
-
 def last_in_lane_sql(dialect: Dialect) -> str:
     return LAST_IN_LANE_SQL.format(m=dialect.mark, pin=dialect.pin("outbox_lane"))
 
@@ -110,24 +124,27 @@ def lane_keys(keys: Iterable[str | None]) -> list[str]:
     return sorted({k for k in keys if k is not None})
 
 
-def lane_rows(found: Iterable[Sequence[Any]]) -> list[str]:
-    """The ids of the lane rows among `found`, rows read as (id, ordering_key)."""
-    return [row_id for row_id, key in found if key is not None]
+def places(found: Iterable[Sequence[Any]]) -> list[Place]:
+    """The places of the lane rows among `found`, rows read as (id,
+    ordering_key, enqueued_at)."""
+    return [(key, at, row_id) for row_id, key, at in found if key is not None]
 
 
-def release_next(conn: Any, dialect: Dialect, row_ids: Sequence[str]) -> None:
-    """Let the next row of each lane go whose head was among `row_ids` and
-    has left it (any other row is left be: the statement checks)."""
-    if row_ids:
-        conn.cursor().executemany(release_next_sql(dialect), [(i,) for i in row_ids])
+def release_next(conn: Any, dialect: Dialect, left: Iterable[Place]) -> None:
+    """Let the next row of each lane go whose head was at one of the places
+    `left` and has left it (any other row is left be: the statement checks)."""
+    params = [(key, at, row_id, row_id) for key, at, row_id in left]
+    if params:
+        conn.cursor().executemany(release_next_sql(dialect), params)
 
 
-def settle_joined(conn: Any, dialect: Dialect, row_ids: Sequence[str]) -> None:
-    """Let each of `row_ids`, rows that just joined their lanes, go if its
-    lane has nothing earlier still to go. Pass a lane's joined rows in
-    order (the first one that went in is the one that may go)."""
-    if row_ids:
-        conn.cursor().executemany(settle_joined_sql(dialect, f"= {dialect.mark}"), [(i,) for i in row_ids])
+def settle_joined(conn: sqlite3.Connection, joined: Iterable[Place]) -> None:
+    """SQLite: let each row at a place `joined`, rows that just joined their
+    lanes, go if its lane has nothing earlier still to go. Pass a lane's
+    joined rows in order (the first one that went in is the one that may go)."""
+    params = [(row_id, key, at, row_id) for key, at, row_id in joined]
+    if params:
+        conn.executemany(SETTLE_JOINED_BOUND, params)
 
 
 def after_last(enqueued_at: int, row_id: str, last: tuple[int, str] | None) -> int:

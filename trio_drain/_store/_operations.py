@@ -26,7 +26,7 @@ from .._errors import UnknownRow
 from .._lifecycle import Bound
 from .._model import OutboxRow, Status
 from ._base import COLUMNS, Rows, row_from_values
-from ._lanes import lane_keys, release_next, settle_joined
+from ._lanes import lane_keys, release_next
 from ._sql import Dialect
 
 T = TypeVar("T")
@@ -243,7 +243,7 @@ class SqlOperations(ABC):
             )
             stored = self._insert_successor(conn, successor)
             self._write_aborted(conn, aborted)
-            self._settle_lanes(conn, [aborted], [stored])
+            self._release_next(conn, [aborted])
             return stored
 
         return await self._write(op)
@@ -253,7 +253,7 @@ class SqlOperations(ABC):
             keys = self._lock_lane_of(conn, row_id)
             aborted = _lifecycle.dropped(self._locked_row(conn, row_id), now=now, by=by)
             self._write_aborted(conn, aborted)
-            self._settle_lanes(conn, [aborted], [])
+            self._release_next(conn, [aborted])
             if keys:
                 self._tell_workers(conn)  # the lane's next row may go
             return aborted
@@ -290,7 +290,7 @@ class SqlOperations(ABC):
                 stored = self._insert_successor(conn, successor)
                 self._write_aborted(conn, aborted)
                 changed.append((aborted, stored))
-            self._settle_lanes(conn, [a for a, _ in changed], [s for _, s in changed])
+            self._release_next(conn, [aborted for aborted, _ in changed])
             return changed
 
         return await self._write(op)
@@ -315,19 +315,20 @@ class SqlOperations(ABC):
                 aborted = _lifecycle.dropped(row, now=now, by=by)
                 self._write_aborted(conn, aborted)
                 changed.append(aborted)
-            self._settle_lanes(conn, changed, [])
+            self._release_next(conn, changed)
             if changed and keys:
                 self._tell_workers(conn)  # the next rows of their lanes may go
             return changed
 
         return await self._write(op)
 
-    def _settle_lanes(self, conn: Any, left: Sequence[OutboxRow], joined: Sequence[OutboxRow]) -> None:
-        """Settle the lanes of rows that `left` pending and inflight (the
-        next row goes if one was its lane's head) and of rows that `joined`
-        a lane's end (the first goes if its lane had nothing to go)."""
-        release_next(conn, self.dialect, [r.id for r in left if r.ordering_key is not None])
-        settle_joined(conn, self.dialect, [r.id for r in joined if r.ordering_key is not None])
+    def _release_next(self, conn: Any, left: Sequence[OutboxRow]) -> None:
+        """Rows `left` pending and inflight: the next row of a lane goes
+        where one of them was its head. (A successor settles its own lane
+        as it joins it: `_insert_successor`.)"""
+        release_next(
+            conn, self.dialect, [(r.ordering_key, r.enqueued_at, r.id) for r in left if r.ordering_key]
+        )
 
     def _lock_lane_of(self, conn: Any, row_id: str) -> Sequence[str]:
         """The row's lane, its lock taken (PostgreSQL) before the row's own."""

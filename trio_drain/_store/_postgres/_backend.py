@@ -67,7 +67,7 @@ from .._base import (
     in_claim_order,
     row_values,
 )
-from .._lanes import LEAVES_LANE, lane_keys, lane_rows, lock, release_next
+from .._lanes import LEAVES_LANE, SETTLE_JOINED_FIRST_OF, lane_keys, lock, places, release_next
 from .._operations import SqlOperations
 from .._sql import POSTGRES, SERVER_NOW
 from ._joint import Joiner
@@ -386,16 +386,14 @@ class PostgresBackend(SqlOperations):
             " last_error = CASE WHEN fate.at_cap THEN %s ELSE %s END,"
             f" next_attempt_at = CASE WHEN fate.at_cap THEN {due(cap_status)} ELSE {due(status)} END,"
             " lease_token = NULL, lease_expires_at = NULL FROM fate WHERE outbox.id = fate.id"
-            " RETURNING outbox.status, outbox.id, outbox.ordering_key"
+            " RETURNING outbox.status, outbox.id, outbox.ordering_key, outbox.enqueued_at"
         )
         values = [*args, *cap_args, cap_status.value, status.value, cap_error, error]
 
         def op(conn: psycopg.Connection[Any]) -> int:
             lanes = self._lock_lanes_found(conn, lanes_sql, args)
             moved = conn.execute(sql, [*args, lanes, *values[len(args) :]]).fetchall()
-            release_next(
-                conn, POSTGRES, lane_rows((i, key) for to, i, key in moved if Status(to) in LEAVES_LANE)
-            )
+            release_next(conn, POSTGRES, places(found for to, *found in moved if Status(to) in LEAVES_LANE))
             return len(moved)
 
         return await self._pool.run(op)
@@ -410,13 +408,13 @@ class PostgresBackend(SqlOperations):
             "UPDATE outbox SET status = 'dead', last_error = %s"
             f" WHERE id IN (SELECT id FROM outbox WHERE {past}"
             " AND (ordering_key IS NULL OR ordering_key = ANY(%s::text[])) FOR UPDATE SKIP LOCKED)"
-            " RETURNING id, ordering_key"
+            " RETURNING id, ordering_key, enqueued_at"
         )
 
         def op(conn: psycopg.Connection[Any]) -> int:
             lanes = self._lock_lanes_found(conn, lanes_sql, args)
             moved = conn.execute(sql, (_lifecycle.EXPIRED, *args, lanes)).fetchall()
-            release_next(conn, POSTGRES, lane_rows(moved))
+            release_next(conn, POSTGRES, places(moved))
             return len(moved)
 
         return await self._pool.run(op)
@@ -478,5 +476,7 @@ class PostgresBackend(SqlOperations):
         """The successor is enqueued (and due) at the server's now, and workers are told."""
         found = conn.execute(self._sql(INSERT), as_columns([row_values(row)])).fetchone()
         assert found is not None  # a fresh client_message_id
+        if row.ordering_key is not None:  # it joined the end of its lane
+            conn.execute(SETTLE_JOINED_FIRST_OF, ([row.id],))
         conn.execute("SELECT pg_notify(%s, '')", (CHANNEL,))
         return attrs.evolve(row, enqueued_at=found[1], next_attempt_at=found[1])

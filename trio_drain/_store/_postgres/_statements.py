@@ -32,7 +32,7 @@ from .._base import (
     new_row_values,
     row_from_values,
 )
-from .._lanes import LOCK_SQL, lane_keys, lock, release_next, release_next_sql, settle_joined_sql
+from .._lanes import LOCK_SQL, SETTLE_JOINED_FIRST_OF, Place, lane_keys, lock, release_next, release_next_sql
 from .._operations import SELECT
 from .._sql import POSTGRES, SERVER_NOW
 from . import _wire as wire
@@ -138,7 +138,7 @@ def insert_rows(conn: psycopg.Connection[Any], rows: Sequence[NewRow], insert: s
         found = conn.execute(insert, columns).fetchall()
     inserted = {r[0] for r in found}
     for ids in joined_by_lane(firsts):
-        conn.execute(_SETTLE_JOINED_SQL, (ids,))
+        conn.execute(SETTLE_JOINED_FIRST_OF, (ids,))
     existing: dict[str, OutboxRow] = {}
     others = [r.client_message_id for r in firsts if r.client_message_id not in inserted]
     if others:
@@ -337,9 +337,8 @@ def _params(args: Sequence[Any]) -> list[bytes | None]:
 
 
 _LOCK = wire.Statement.of(LOCK_SQL, ("text",))
-_RELEASE_NEXT = wire.Statement.of(release_next_sql(POSTGRES), ("text",))
-_SETTLE_JOINED_SQL = settle_joined_sql(POSTGRES, "= ANY(%s::text[])")
-_SETTLE_JOINED = wire.Statement.of(_SETTLE_JOINED_SQL, ("text[]",))
+_RELEASE_NEXT = wire.Statement.of(release_next_sql(POSTGRES), ("text", "bigint", "text", "text"))
+_SETTLE_JOINED = wire.Statement.of(SETTLE_JOINED_FIRST_OF, ("text[]",))
 _EXISTING = wire.Statement.of(SELECT + " WHERE client_message_id = ANY(%s::text[])", ("text[]",))
 
 
@@ -357,9 +356,11 @@ def joined_by_lane(rows: Sequence[NewRow]) -> list[list[str]]:
     return [by_lane[key] for key in sorted(by_lane)]
 
 
-def released_rows(completions: Sequence[Completion]) -> list[str]:
-    """The rows that `completions` may take out of their lanes' heads."""
-    return [c.row_id for c in completions if releases_lane(c)]
+def released_rows(completions: Sequence[Completion]) -> list[Place]:
+    """The places of the rows that `completions` may take out of their lanes' heads."""
+    return [
+        (c.ordering_key, c.enqueued_at, c.row_id) for c in completions if c.ordering_key and releases_lane(c)
+    ]
 
 
 async def insert_new_rows(
@@ -519,8 +520,8 @@ def send_complete(
             wire.int8_array(retry_in),
         ],
     )
-    for row_id in released_rows(completions):
-        w.send(_RELEASE_NEXT, [row_id.encode()])
+    for key, at, row_id in released_rows(completions):
+        w.send(_RELEASE_NEXT, [key.encode(), wire.int8(at), row_id.encode(), row_id.encode()])
 
 
 def completed_lanes(completions: Sequence[Completion]) -> list[str]:

@@ -55,7 +55,7 @@ from .._base import (
     row_values,
 )
 from .._group_commit import CommitStatistics, GroupCommitter, Joint
-from .._lanes import LEAVES_LANE, after_last, lane_rows, last_in_lane_sql, release_next
+from .._lanes import LEAVES_LANE, after_last, last_in_lane_sql, places, release_next, settle_joined
 from .._operations import SqlOperations
 from .._sql import SQLITE
 from ._errors import translated
@@ -227,12 +227,12 @@ class SqliteBackend(SqlOperations):
                     f"UPDATE outbox SET status = ?, last_error = ?, next_attempt_at = {'?' if put_back else 'next_attempt_at'},"
                     f" lease_token = NULL, lease_expires_at = NULL WHERE {ran_out}"
                     + (f" AND {at_cap}" if cap else "")
-                    + " RETURNING id, ordering_key",
+                    + " RETURNING id, ordering_key, enqueued_at",
                     (status.value, error, *([now] if put_back else []), *args, *(cap_args if cap else [])),
                 ).fetchall()
                 moved += len(found)
                 if status in LEAVES_LANE:
-                    release_next(conn, SQLITE, lane_rows(found))
+                    release_next(conn, SQLITE, places(found))
             return moved
 
         return await self._write(op, durable=False)
@@ -242,10 +242,10 @@ class SqliteBackend(SqlOperations):
 
         def op(conn: sqlite3.Connection) -> int:
             found = conn.execute(
-                f"UPDATE outbox SET status = 'dead', last_error = ? WHERE {past} RETURNING id, ordering_key",
+                f"UPDATE outbox SET status = 'dead', last_error = ? WHERE {past} RETURNING id, ordering_key, enqueued_at",
                 (_lifecycle.EXPIRED, *args),
             ).fetchall()
-            release_next(conn, SQLITE, lane_rows(found))
+            release_next(conn, SQLITE, places(found))
             return len(found)
 
         return await self._write(op, durable=False)
@@ -286,4 +286,6 @@ class SqliteBackend(SqlOperations):
             last = conn.execute(last_in_lane_sql(SQLITE), (row.ordering_key,)).fetchone()
             row = attrs.evolve(row, enqueued_at=after_last(row.enqueued_at, row.id, last))
         conn.execute(INSERT, row_values(row))
+        if row.ordering_key is not None:
+            settle_joined(conn, [(row.ordering_key, row.enqueued_at, row.id)])
         return row

@@ -29,7 +29,7 @@ from .._base import (
     in_claim_order,
     row_from_values,
 )
-from .._lanes import after_last, last_in_lane_sql, release_next, settle_joined
+from .._lanes import Place, after_last, last_in_lane_sql, release_next, settle_joined
 from .._operations import SELECT
 from .._sql import SQLITE
 
@@ -134,7 +134,7 @@ def complete_rows(conn: sqlite3.Connection, completions: Sequence[Completion]) -
             applied.extend(conn.execute(COMPLETE_ONE, row).rowcount == 1 for row in values)
         _crashpoints.reached("completion_mid_batch")
         conn.execute("RELEASE complete")
-    release_next(conn, SQLITE, [c.row_id for c in completions if releases_lane(c)])
+    release_next(conn, SQLITE, [place_of(c) for c in completions if releases_lane(c)])
     return applied
 
 
@@ -190,19 +190,29 @@ class Insert:
         changed = conn.total_changes - before
         if changed != len(rows):
             # Some rows did not go in: any of a lane's may be its first.
-            settle_joined(conn, SQLITE, [r.id for r in rows if r.ordering_key is not None])
+            settle_joined(conn, [place for place in map(new_place, rows) if place is not None])
             return None
-        settle_joined(conn, SQLITE, list(firsts_in_lanes(rows).values()))
+        settle_joined(conn, firsts_in_lanes(rows))
         return [all_inserted(insert.rows) for insert in inserts]
 
 
-def firsts_in_lanes(rows: Sequence[NewRow]) -> dict[str, str]:
-    """Each lane's first row among `rows` (in order): its id, by lane."""
-    firsts: dict[str, str] = {}
+def place_of(c: Completion) -> Place:
+    assert c.ordering_key is not None
+    return (c.ordering_key, c.enqueued_at, c.row_id)
+
+
+def new_place(r: NewRow) -> Place | None:
+    return None if r.ordering_key is None else (r.ordering_key, r.enqueued_at, r.id)
+
+
+def firsts_in_lanes(rows: Sequence[NewRow]) -> list[Place]:
+    """Each lane's first row among `rows` (in order): its place."""
+    firsts: dict[str, Place] = {}
     for r in rows:
-        if r.ordering_key is not None:
-            firsts.setdefault(r.ordering_key, r.id)
-    return firsts
+        place = new_place(r)
+        if place is not None:
+            firsts.setdefault(place[0], place)
+    return list(firsts.values())
 
 
 def in_lane_order(conn: sqlite3.Connection, rows: list[NewRow]) -> list[NewRow]:
