@@ -14,7 +14,7 @@ import trio_drain._operator
 from trio_drain import InvalidRequest, OutboxRow, Status
 from trio_drain import _lifecycle as lc
 from trio_drain._outbox import Outbox
-from trio_drain._store._operations import RowFilter
+from trio_drain._store._reads import RowFilter
 
 from .builders import BIG, req
 from .helpers import FakeClock

@@ -21,7 +21,8 @@ from ._ids import uuid7, uuid7s
 from ._lifecycle import DROPPABLE, REQUEUEABLE
 from ._model import OutboxRow, Status
 from ._store._base import OutboxBackend, Rows
-from ._store._operations import CHANGE_BATCH, PRUNE_BATCH, SETTLED_AT, Cursor, RowFilter
+from ._store._operations import CHANGE_BATCH, PRUNE_BATCH
+from ._store._reads import SETTLED_AT, Cursor, RowFilter
 
 #: Operator actions (requeue, drop, prune, pause, resume) log a line here,
 #: saying who did what: an audit trail beside the rows' ``aborted_by``.

@@ -19,8 +19,8 @@ from ._lifecycle import Completion, UnknownFate
 from ._model import AcceptOutcome, OutboxRow, SendRequest
 from ._operator import OperatorActions, Statuses, row_filter
 from ._store._base import NO_FILTER, Applied, Durability, OutboxBackend, Outcomes, RouteFilter, Rows
-from ._store._operations import Cursor
 from ._store._overview import Overview, read_overview
+from ._store._reads import Cursor
 from ._store._sqlite._backend import SqliteBackend
 from ._validate import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_MAX_PAYLOAD, prepare_row
 

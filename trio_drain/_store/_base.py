@@ -24,7 +24,8 @@ from .._lifecycle import Completion, UnknownFate
 from .._model import AcceptOutcome, NewRow, OutboxRow, Status
 
 if TYPE_CHECKING:
-    from ._operations import Cursor, Requeued, RowFilter
+    from ._operations import Requeued
+    from ._reads import Cursor, RowFilter
 
 Rows = list[OutboxRow]
 Outcomes = list[AcceptOutcome]
@@ -330,7 +331,7 @@ class OutboxBackend(Protocol):
         oldest_first: bool = False,
     ) -> Rows:
         """Rows in accept order (newest first unless `oldest_first`) matching
-        `where`, between the cursors (`_operations.SqlOperations.list`)."""
+        `where`, between the cursors (`_reads.SqlReads.list`)."""
 
     async def count(self, *, where: RowFilter = ..., now: int = 0) -> int:
         """How many rows match `where`."""

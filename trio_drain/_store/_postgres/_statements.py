@@ -33,7 +33,7 @@ from .._base import (
     row_from_values,
 )
 from .._lanes import LOCK_SQL, SETTLE_JOINED_FIRST_OF, Place, lane_keys, lock, release_next, release_next_sql
-from .._operations import SELECT
+from .._reads import SELECT
 from .._sql import POSTGRES, SERVER_NOW
 from . import _wire as wire
 from ._pool import Commit

@@ -30,7 +30,7 @@ from .._base import (
     row_from_values,
 )
 from .._lanes import Place, after_last, last_in_lane_sql, release_next, settle_joined
-from .._operations import SELECT
+from .._reads import SELECT
 from .._sql import SQLITE
 
 
