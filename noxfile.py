@@ -41,23 +41,24 @@ def typecheck(session: nox.Session) -> None:
     session.run("mypy")
 
 
-@nox.session(python=False)
+@nox.session
 def bench(session: nox.Session) -> None:
     """The section 9 benchmark: prints a table, writes bench-results/bench.json.
 
-    `nox -s bench -- --quick --runs 1` for a fast look.
+    `nox -s bench -- --quick --runs 1` for a fast look. Like every session,
+    in a virtualenv of its own (``.nox/bench``).
     """
-    session.run("python", "-m", "pip", "install", "-q", "-e", ".[test,bench]", external=True)
-    session.run("python", "-m", "tests.benchmark", *session.posargs, external=True)
+    session.install("-e", ".[test,bench]")
+    session.run("python", "-m", "tests.benchmark", *session.posargs)
 
 
-@nox.session(python=False)
+@nox.session
 def crash(session: nox.Session) -> None:
     """The long crash loop: `trio-drain run` SIGKILLed many times (30 by
     default; `nox -s crash -- 50` for more), the broker killed now and then,
     every id accounted for."""
     kills = session.posargs[0] if session.posargs else "30"
-    session.run("python", "-m", "pip", "install", "-q", "-e", ".[test]", external=True)
+    session.install("-e", ".[test]")
     session.run(
         "python",
         "-m",
@@ -66,34 +67,32 @@ def crash(session: nox.Session) -> None:
         "-k",
         "long_crash_loop",
         "tests/test_crashes.py",
-        external=True,
         env={"TRIO_DRAIN_CRASH_LOOPS": kills},
     )
 
 
-@nox.session(python=False)
+@nox.session
 def soak(session: nox.Session) -> None:
     """Ten minutes of steady accepts and drains through a faulty broker,
     watching file descriptors, Trio tasks and memory (`-- --seconds N`)."""
-    session.run("python", "-m", "pip", "install", "-q", "-e", ".[test]", external=True)
-    session.run("python", "-m", "tests.soak", *session.posargs, external=True)
+    session.install("-e", ".[test]")
+    session.run("python", "-m", "tests.soak", *session.posargs)
 
 
-@nox.session(python=False)
+@nox.session
 def durability(session: nox.Session) -> None:
     """The long durability check: about 1,800 accepts traced with strace, then
     power cuts simulated at 3,000 points of the trace (`nox -s durability --
     10000` for more; TRIO_DRAIN_DURABILITY_SEED=N for other cut points).
     Needs strace, and permission to ptrace."""
     cuts = session.posargs[0] if session.posargs else "3000"
-    session.run("python", "-m", "pip", "install", "-q", "-e", ".[test]", external=True)
+    session.install("-e", ".[test]")
     session.run(
         "python",
         "-m",
         "pytest",
         "-s",
         "tests/test_durability.py",
-        external=True,
         env={"TRIO_DRAIN_DURABILITY_CUTS": cuts, "TRIO_DRAIN_REQUIRE_STRACE": "1"},
     )
 
