@@ -27,6 +27,8 @@ from ._boundary import UsageError
 
 #: Rows a transaction of the accept phase takes.
 CHUNK = 5_000
+#: The demo's window cap: the worker's own default, as a user's would be.
+DEFAULT_WINDOW = DrainConfig().max_inflight
 
 
 def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -42,8 +44,9 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     demo.add_argument(
         "--max-inflight",
         type=positive_int,
-        default=64,
-        help="the most sends outstanding at once; the window adapts up to it (default 64)",
+        default=DEFAULT_WINDOW,
+        help=f"the most sends outstanding at once; the window adapts up to it (default {DEFAULT_WINDOW:,},"
+        " the worker's own default)",
     )
     demo.add_argument("--db", help="outbox file to create (default: a temp folder)")
 
