@@ -12,6 +12,8 @@ processes and the broker) and the server's (every PostgreSQL process).
 - enqueue one at a time: `Outbox.accept` (durable: synchronous_commit on)
   against PgQueuer's `Queries.enqueue` of one job;
 - enqueue in batches of 1,000: `accept_many` against `enqueue` of lists;
+  and ours once more for batches whose every id is taken (a producer
+  retrying whole batches: no peer has the idempotency table to compare);
 - 64 concurrent `accept` callers against one;
 - drain a backlog with one and with two processes, each with its
   defaults: `trio-drain run` (a WebSocket frame per row to the reference
@@ -85,12 +87,17 @@ def _figure(n: int, wall: float, client: float, server: float) -> dict[str, floa
 
 
 async def ours_enqueue(
-    url: str, srv: Callable[[], float], n: int, *, batch: int, callers: int = 1
+    url: str, srv: Callable[[], float], n: int, *, batch: int, callers: int = 1, again: bool = False
 ) -> dict[str, float]:
-    """`accept` one at a time (batch 1, `callers` at once) or `accept_many`."""
+    """`accept` one at a time (batch 1, `callers` at once) or `accept_many`;
+    `again`: batches accepted once before, untimed, so that every id is
+    taken (a producer retrying whole batches)."""
     requests = _requests(f"e{time.time_ns()}", n)
     async with open_outbox(url) as outbox:
         await outbox.accept(_requests(f"w{time.time_ns()}", 1)[0])  # connected, statements known
+        if again:
+            for start in range(0, n, batch):
+                await outbox.accept_many(requests[start : start + batch])
         s0, c0, t0 = srv(), time.process_time(), time.perf_counter()
         if batch > 1:
             for start in range(0, n, batch):
@@ -416,6 +423,7 @@ async def peers(folder: str, broker: Any, *, quick: bool, rounds: int) -> dict[s
                 await trio.to_thread.run_sync(functools.partial(pgq_enqueue, pgq_db, srv, n_one, batch=1)),
             )
             note("many_ours", await ours_enqueue(ours_db, srv, n_many, batch=1000))
+            note("again_ours", await ours_enqueue(ours_db, srv, n_many // 5, batch=1000, again=True))
             note(
                 "many_pgq",
                 await trio.to_thread.run_sync(
@@ -445,6 +453,7 @@ async def peers(folder: str, broker: Any, *, quick: bool, rounds: int) -> dict[s
                 "one": _ratio(got["one_ours"], got["one_pgq"]),
                 "many": _ratio(got["many_ours"], got["many_pgq"]),
                 "concurrent_to_one": _ratio(got["concurrent_ours"], got["one_ours"]),
+                "again_to_many": _ratio(got["again_ours"], got["many_ours"]),
                 "drain1": _ratio(got["drain1_ours"], got["drain1_pgq"]),
                 "drain2": _ratio(got["drain2_ours"], got["drain2_pgq"]),
                 "drain2_to_their_1": _ratio(got["drain2_ours"], got["drain1_pgq"]),
@@ -481,6 +490,11 @@ def peer_rows(r: dict[str, Any]) -> list[tuple[str, str, str]]:
             "  enqueue in batches of 1,000 (rows/s)",
             f"{cell('many_ours')} / {cell('many_pgq')}",
             f"{x['many']:.2f}x (target >= {t['many']}); {cpu('many_ours')} vs {cpu('many_pgq')}",
+        ),
+        (
+            "  the same batches again, every id taken (rows/s)",
+            cell("again_ours"),
+            f"{x['again_to_many']:.2f}x a fresh batch; {cpu('again_ours')}",
         ),
         (
             "  accept, 64 concurrent callers (/s)",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import sqlite3
 import sys
+import tempfile
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,8 @@ from trio_drain import (
     open_outbox,
 )
 from trio_drain._outbox import Outbox
+from trio_drain._store._postgres import _accept_in as _accept_in_pg
+from trio_drain._store._postgres import _wire
 
 from .conftest import BACKENDS
 from .helpers import FakeBroker, Rig, start_server, wait_until
@@ -526,6 +529,167 @@ async def test_without_the_outboxs_schema_it_says_to_open_the_outbox_first(
             accept_in(pg, SendRequest(payload=b"hi"))
         pg.commit()
         assert pg.execute("SELECT id FROM orders").fetchall() == [(1,)]
+
+
+# -- PostgreSQL: one round trip on the caller's connection
+
+
+@pytest.fixture
+async def pg_app(pg_url: str) -> AsyncIterator[App]:
+    """The application beside a PostgreSQL outbox."""
+    async with open_outbox(pg_url):
+        yield App("postgresql", pg_url)
+
+
+@pytest.fixture
+def pg_connect(pg_app: App) -> Iterator[Callable[[], psycopg.Connection[Any]]]:
+    """The application's psycopg connections (autocommit off), closed at the end."""
+    opened: list[psycopg.Connection[Any]] = []
+
+    def connect() -> psycopg.Connection[Any]:
+        opened.append(psycopg.connect(pg_app.target))
+        return opened[-1]
+
+    yield connect
+    for conn in opened:
+        conn.close()
+
+
+def round_trips(conn: psycopg.Connection[Any], call: Callable[[], object]) -> int:
+    """How many times `call` sends the server something and then waits for
+    its answer on `conn`, read from libpq's trace of the protocol."""
+    with tempfile.TemporaryFile(mode="w+") as trace:
+        conn.pgconn.trace(trace.fileno())
+        conn.pgconn.set_trace_flags(psycopg.pq.Trace.SUPPRESS_TIMESTAMPS | psycopg.pq.Trace.REGRESS_MODE)
+        try:
+            call()
+        finally:
+            conn.pgconn.untrace()
+        trace.seek(0)
+        directions = [line.split("\t", 1)[0] for line in trace.read().splitlines() if line.strip()]
+    return sum(1 for i, d in enumerate(directions) if d == "F" and (i == 0 or directions[i - 1] != "F"))
+
+
+async def test_on_postgresql_accept_in_is_one_round_trip_savepoint_and_release_included(
+    pg_app: App, pg_connect: Callable[[], psycopg.Connection[Any]]
+) -> None:
+    """The savepoint, the insert (its NOTIFY inside), the release: one
+    pipeline. A plain INSERT is one round trip too; four statements one
+    after the other were four."""
+    conn = pg_connect()
+    pg_app.place_order(conn, 1)
+    assert round_trips(conn, lambda: pg_app.place_order(conn, 2)) == 1
+    assert round_trips(conn, lambda: accept_in(conn, request())) == 1
+    assert round_trips(conn, lambda: accept_in(conn, request("order-2", ordering_key="lane"))) == 1
+    # Its id taken (here by itself): a second round trip reads the row holding it.
+    assert round_trips(conn, lambda: accept_in(conn, request())) == 2
+    conn.commit()
+    assert pg_app.outbox_rows() == [("order-1", "pending"), ("order-2", "pending")]
+
+
+async def test_on_postgresql_a_transaction_not_begun_yet_is_begun_in_the_same_round_trip_as_psycopg_would(
+    pg_app: App, pg_connect: Callable[[], psycopg.Connection[Any]]
+) -> None:
+    conn = pg_connect()
+    conn.isolation_level = psycopg.IsolationLevel.SERIALIZABLE
+    status = conn.info.transaction_status
+    assert status == psycopg.pq.TransactionStatus.IDLE
+    assert round_trips(conn, lambda: accept_in(conn, request())) == 1
+    status = conn.info.transaction_status
+    assert status == psycopg.pq.TransactionStatus.INTRANS
+    assert conn.execute("SHOW transaction_isolation").fetchone() == ("serializable",)
+    conn.rollback()
+    assert pg_app.outbox_rows() == []
+    conn.read_only = True  # the insert fails; the transaction stays usable
+    with pytest.raises(StoreError, match="read-only transaction"):
+        accept_in(conn, request())
+    assert conn.execute("SELECT 1").fetchone() == (1,)
+    conn.rollback()
+
+
+@pytest.mark.parametrize("dropped_by", ["DEALLOCATE ALL", "psycopg at a rollback", "another session"])
+async def test_on_postgresql_statements_dropped_behind_its_back_are_prepared_again(
+    pg_app: App, pg_connect: Callable[[], psycopg.Connection[Any]], dropped_by: str
+) -> None:
+    """accept_in prepares its statements on the caller's connection once.
+    psycopg deallocates every prepared statement at a rollback once it has
+    prepared some of its own; DISCARD ALL or a pooler handing the caller
+    another server session lose them too; and a session may hold them
+    although this process does not know it (the pooler again)."""
+    conn = pg_connect()
+    conn.prepare_threshold = 0  # psycopg prepares everything it runs
+    accept_in(conn, request("order-1"))
+    conn.commit()
+    if dropped_by == "DEALLOCATE ALL":
+        conn.execute("DEALLOCATE ALL")
+    elif dropped_by == "psycopg at a rollback":
+        pg_app.place_order(conn, 1)
+        conn.rollback()
+        assert conn.execute("SELECT count(*) FROM pg_prepared_statements").fetchone() == (1,)  # its new one
+    else:
+        _accept_in_pg._PREPARED.pop(conn)  # as if the pooler handed over a session that has them
+    pg_app.place_order(conn, 2)
+    assert accepted(accept_in(conn, request("order-2")))
+    assert accepted(accept_in(conn, request("order-3")))
+    conn.commit()
+    assert pg_app.orders() == [2]
+    assert pg_app.outbox_rows() == [("order-1", "pending"), ("order-2", "pending"), ("order-3", "pending")]
+
+
+async def test_on_postgresql_ctrl_c_while_it_waits_leaves_nothing_and_the_connection_usable(
+    pg_app: App, pg_connect: Callable[[], psycopg.Connection[Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As psycopg does: the server's statement is cancelled, the exchange
+    read to its end, then KeyboardInterrupt raised (here the first wait on
+    the socket is interrupted)."""
+    conn = pg_connect()
+    pg_app.place_order(conn, 1)
+    block = _wire._block
+    interrupted: list[int] = []
+
+    def interrupt_once(fd: int, wait: str) -> None:
+        if not interrupted:
+            interrupted.append(1)
+            raise KeyboardInterrupt
+        block(fd, wait)
+
+    monkeypatch.setattr(_wire, "_block", interrupt_once)
+    with pytest.raises(KeyboardInterrupt):
+        accept_in(conn, request())
+    monkeypatch.undo()
+    assert interrupted
+    assert accepted(accept_in(conn, request("order-2")))
+    conn.commit()
+    assert pg_app.orders() == [1]
+    assert pg_app.outbox_rows() == [("order-2", "pending")]
+
+
+async def test_on_postgresql_in_psycopgs_pipeline_mode_it_joins_the_transaction_too(
+    pg_app: App, pg_connect: Callable[[], psycopg.Connection[Any]]
+) -> None:
+    conn = pg_connect()
+    with conn.pipeline():
+        pg_app.place_order(conn, 1)
+        assert accepted(accept_in(conn, request()))
+        with pytest.raises(AcceptConflict):
+            accept_in(conn, request(payload=b"another body"))
+        pg_app.place_order(conn, 2)
+    conn.commit()
+    assert pg_app.orders() == [1, 2]
+    assert pg_app.outbox_rows() == [("order-1", "pending")]
+
+
+async def test_on_postgresql_a_connection_busy_with_a_copy_is_refused(
+    pg_app: App, pg_connect: Callable[[], psycopg.Connection[Any]]
+) -> None:
+    conn = pg_connect()
+    with conn.cursor().copy("COPY orders (id, what) FROM STDIN") as copy:
+        with pytest.raises(InvalidRequest, match="busy with another statement"):
+            accept_in(conn, request())
+        copy.write_row((1, "an order"))
+    conn.commit()
+    assert pg_app.orders() == [1]
+    assert pg_app.outbox_rows() == []
 
 
 # -- the tutorial's program

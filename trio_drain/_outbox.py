@@ -9,14 +9,15 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
+from itertools import islice
 from pathlib import Path
-from typing import NoReturn
+from typing import NoReturn, Protocol, cast
 
 from ._clock import wall_clock_ms
 from ._errors import ConfigError, InvalidRequest
 from ._ids import uuid7s
 from ._lifecycle import Completion, UnknownFate
-from ._model import AcceptOutcome, OutboxRow, SendRequest
+from ._model import AcceptOutcome, NewRow, OutboxRow, SendRequest
 from ._operator import OperatorActions, Statuses, row_filter
 from ._store._base import NO_FILTER, Applied, Durability, OutboxBackend, Outcomes, RouteFilter, Rows
 from ._store._overview import Overview, read_overview
@@ -26,6 +27,18 @@ from ._validate import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_MAX_PAYLOAD, prepare_r
 
 #: Most rows `list` returns at once.
 MAX_LIST_LIMIT = 10_000
+
+
+class _ValidatesAsItWrites(Protocol):
+    """A back end that takes a big batch (of `stream_from` rows or more) as
+    it is validated: `take(k)` validates and returns the next `k` rows
+    (fewer at the end, none once done), raising InvalidRequest for a
+    malformed request, and the back end writes each chunk while the next is
+    validated (the PostgreSQL store), committing once all are in."""
+
+    stream_from: int
+
+    async def accept_prepared(self, take: Callable[[int], list[NewRow]]) -> Outcomes: ...
 
 
 class Outbox(OperatorActions):
@@ -76,19 +89,39 @@ class Outbox(OperatorActions):
     async def accept_many(self, requests: Sequence[SendRequest]) -> Outcomes:
         """Accept several requests in one transaction: all are written or none.
 
-        Every request is validated before anything is written.
+        Every request is validated before anything is committed: a malformed
+        one raises InvalidRequest and nothing is written.
         """
         now = self.clock()
         max_payload, max_message_bytes = self.max_payload, self.max_message_bytes
-        rows = [
-            prepare_row(
-                r, now=now, max_payload=max_payload, max_message_bytes=max_message_bytes, row_id=row_id
-            )
-            for r, row_id in zip(requests, uuid7s(len(requests)), strict=True)
-        ]
-        if not rows:
-            return []
-        outcomes = await self.backend.accept_many(rows)
+        stream_from = getattr(self.backend, "stream_from", None)
+        if stream_from is not None and len(requests) >= stream_from:
+            # A big batch is validated chunk by chunk as the back end writes it.
+            pending = zip(requests, uuid7s(len(requests)), strict=True)
+
+            def take(count: int) -> list[NewRow]:
+                return [
+                    prepare_row(
+                        r,
+                        now=now,
+                        max_payload=max_payload,
+                        max_message_bytes=max_message_bytes,
+                        row_id=row_id,
+                    )
+                    for r, row_id in islice(pending, count)
+                ]
+
+            outcomes = await cast(_ValidatesAsItWrites, self.backend).accept_prepared(take)
+        else:
+            rows = [
+                prepare_row(
+                    r, now=now, max_payload=max_payload, max_message_bytes=max_message_bytes, row_id=row_id
+                )
+                for r, row_id in zip(requests, uuid7s(len(requests)), strict=True)
+            ]
+            if not rows:
+                return []
+            outcomes = await self.backend.accept_many(rows)
         if any(o.inserted for o in outcomes):
             self._notify()
         return outcomes

@@ -31,7 +31,8 @@ ran out.
 
 Wakeups across processes are `_listen`'s; connections, the pool and
 translated errors are `_pool`'s; the table is `_schema`'s; the SQL of the
-hot path (insert, claim, completion) is `_statements`'.
+hot path (insert, claim, completion) is `_statements`', and a big batch's
+COPY `_copy`'s.
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ from .._base import (
 from .._lanes import LEAVES_LANE, SETTLE_JOINED_FIRST_OF, lane_keys, lock, places, release_next
 from .._operations import SqlOperations
 from .._sql import POSTGRES, SERVER_NOW
+from ._copy import COPY_SQL, FIRST_CHUNK, copy_new_rows, in_lanes, take_rest
 from ._joint import Joiner
 from ._listen import Listener
 from ._pool import Commit, Pool, committed
@@ -132,6 +134,10 @@ class PostgresBackend(SqlOperations):
     dialect = POSTGRES
     lock_for_update = " FOR UPDATE"
 
+    #: Batches of at least this many rows `Outbox.accept_many` hands over
+    #: to `accept_prepared`, which validates them as it copies them in.
+    stream_from = 64
+
     def __init__(self, pool: Pool) -> None:
         self._pool = pool
         self.where = pool.where
@@ -180,6 +186,25 @@ class PostgresBackend(SqlOperations):
         round trip from Trio, durable at its commit (`insert_new_rows`);
         concurrent calls share it (`Joiner`)."""
         return await self._joiner.accept(rows)
+
+    async def accept_prepared(self, take: Callable[[int], list[NewRow]]) -> Outcomes:
+        """`accept_many` of a big batch whose rows `take(k)` validates and
+        returns `k` at a time (fewer at the end, none once done), so that
+        the server writes each chunk while the next is validated: a binary
+        COPY into the table (`copy_new_rows`) when no row of the first chunk
+        is in a lane, else the insert. A malformed request raises
+        InvalidRequest from `take`, and nothing is written. Not shared with
+        concurrent accepts (`Joiner`): a batch this big fills its own
+        statement."""
+        first = take(FIRST_CHUNK)
+        if in_lanes(first):
+            return await self.accept_many(first + take_rest(take))
+        copy, sql = self._sql(COPY_SQL), (self._sql(NEW_ROW), self._sql(NEW_ROWS))
+
+        async def op(w: Wire) -> Outcomes:
+            return await copy_new_rows(w, take, first, copy, sql)
+
+        return await self._pool.exchange(op)
 
     async def _insert(self, rows: Sequence[NewRow]) -> Outcomes:
         sql = (self._sql(NEW_ROW), self._sql(NEW_ROWS))

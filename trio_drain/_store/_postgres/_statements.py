@@ -114,11 +114,13 @@ def one_row(insert: str) -> str | None:
 
 
 def insert_rows(conn: psycopg.Connection[Any], rows: Sequence[NewRow], insert: str = INSERT) -> Outcomes:
-    """`accept`'s write, inside the transaction open on `conn` (the pool's,
-    or the application's for `accept_in`): insert new rows, each decided
-    against the row that holds its client_message_id, and tell the workers
-    (NOTIFY, delivered when the transaction commits). `insert` is `INSERT`,
-    or its copy under a test's stand-in for the server's clock."""
+    """`accept`'s write through psycopg's API, statement by statement,
+    inside the transaction open on `conn` (`accept_in` on a connection in
+    psycopg's pipeline mode; everything else sends `NewRows` on the wire):
+    insert new rows, each decided against the row that holds its
+    client_message_id, and tell the workers (NOTIFY, delivered when the
+    transaction commits). `insert` is `INSERT`, or its copy under a test's
+    stand-in for the server's clock."""
     # The first row of each client_message_id is offered for insert; a
     # repeat later in the batch is decided against it, like any other
     # existing row. ON CONFLICT waits for a concurrent insert of the
@@ -363,73 +365,127 @@ def released_rows(completions: Sequence[Completion]) -> list[Place]:
     ]
 
 
+@attrs.define(eq=False)
+class NewRows:
+    """`accept`'s write of `rows` as steps that any driver of a wire runs
+    (the pool's, from Trio; `accept_in`'s, blocking): `send` queues the
+    lanes' locks, the insert (with its NOTIFY) and the lanes' settling;
+    `inserted` reads from their answers how many rows went in; if fewer
+    than `firsts`, some client_message_id was taken, and `send_read` queues
+    the read of the rows that hold the batch's ids; `outcomes` decides each
+    row from those answers by the idempotency table."""
+
+    rows: Sequence[NewRow]
+    #: The first row of each client_message_id, which alone is offered for
+    #: insert: a repeat later in the batch is decided against it, like any
+    #: other existing row. ON CONFLICT waits for a concurrent insert of the
+    #: same id to commit or roll back, so exactly one of them wins and the
+    #: others read the winner's row.
+    first_of: dict[str, NewRow]
+    lanes: list[str]
+
+    @classmethod
+    def of(cls, rows: Sequence[NewRow]) -> NewRows:
+        first_of: dict[str, NewRow] = {}
+        for r in rows:
+            first_of.setdefault(r.client_message_id, r)
+        return cls(rows, first_of, lane_keys(r.ordering_key for r in first_of.values()))
+
+    @property
+    def firsts(self) -> list[NewRow]:
+        return list(self.first_of.values())
+
+    def send(self, w: wire.Wire, sql: tuple[str, str] = (NEW_ROW, NEW_ROWS)) -> None:
+        """Queue the write (`sql` is (`NEW_ROW`, `NEW_ROWS`), or their copies
+        under a test's stand-in for the server's clock). A big batch goes in
+        chunks, each sent as soon as it is encoded, so that the server
+        inserts one while the next is prepared (all in one transaction)."""
+        firsts = self.firsts
+        lock_lanes(w, self.lanes)
+        if len(firsts) == 1:
+            (row,) = firsts
+            w.send(statement(sql[0], tuple(_NEW_TYPES)), [dump(row[at]) for at, dump in _NEW_SCALARS])
+        else:
+            insert = statement(sql[1], tuple(f"{t}[]" for t in _NEW_TYPES))
+            for start in range(0, len(firsts), CHUNK):
+                columns = list(zip(*firsts[start : start + CHUNK], strict=True))
+                w.send(
+                    insert, [_column(t, columns[at]) for at, t in zip(_NEW_BOUND_AT, _NEW_TYPES, strict=True)]
+                )
+                w.push()
+        for ids in joined_by_lane(firsts):
+            w.send(_SETTLE_JOINED, [wire.text_array(ids)])
+
+    def inserted(self, results: Sequence[Any]) -> int:
+        """How many rows the write inserted, from the answers of `send`'s statements."""
+        lanes = len(self.lanes)
+        return sum(_I(found.get_value(0, 0)) or 0 for found in results[lanes : len(results) - lanes])
+
+    def all_in(self, results: Sequence[Any]) -> bool:
+        """Whether every first row went in (else `send_read`, then `outcomes`)."""
+        return self.inserted(results) == len(self.first_of)
+
+    def send_read(self, w: wire.Wire) -> None:
+        """Queue the read of the rows holding the batch's ids."""
+        w.send(_EXISTING, [wire.text_array(list(self.first_of))])
+
+    def outcomes(self, read: Any = None) -> Outcomes:
+        """Each row's outcome: every first row inserted, or decided against
+        the rows `read` (the answer of `send_read`) found."""
+        first_of = self.first_of
+        existing: dict[str, OutboxRow] = {}
+        if read is not None:
+            # The rows this write inserted carry its row ids.
+            new_id = {cid: r.id for cid, r in first_of.items()}
+            for values in wire.rows(read):
+                prior = row_from_wire(values)
+                if new_id.pop(prior.client_message_id) != prior.id:
+                    existing[prior.client_message_id] = prior
+            if new_id:  # deleted between the conflict and the read (a prune)
+                raise StoreUnavailable(f"rows {sorted(new_id)[:3]} vanished during accept; retry")
+        if not existing:
+            return [
+                decide_accept(
+                    None,
+                    client_message_id=r.client_message_id,
+                    fingerprint=r.request_fingerprint,
+                    new_row_id=r.id,
+                )
+                if r is first_of[r.client_message_id]
+                else _repeat(r, first_of[r.client_message_id])
+                for r in self.rows
+            ]
+        outcomes = []
+        for row in self.rows:
+            cid = row.client_message_id
+            outcome = decide_accept(
+                existing.get(cid),
+                client_message_id=cid,
+                fingerprint=row.request_fingerprint,
+                new_row_id=row.id,
+            )
+            if outcome.inserted:  # a repeat later in the batch is decided against it
+                existing[cid] = row_from_values(new_row_values(row))
+            outcomes.append(outcome)
+        return outcomes
+
+
 async def insert_new_rows(
     w: wire.Wire, rows: Sequence[NewRow], sql: tuple[str, str] = (NEW_ROW, NEW_ROWS)
 ) -> Outcomes:
     """`accept`'s write on the wire: one round trip, one implicit
     transaction (the lanes' locks, the insert and its NOTIFY, the lanes'
     settling), unless some client_message_id was taken (then a second
-    reads the rows holding them). `sql` is (`NEW_ROW`, `NEW_ROWS`), or
-    their copies under a test's stand-in for the server's clock."""
+    reads the rows holding them)."""
     if not rows:
         return []
-    first_of: dict[str, NewRow] = {}
-    for r in rows:
-        first_of.setdefault(r.client_message_id, r)
-    firsts = list(first_of.values())
-    lanes = lane_keys(r.ordering_key for r in firsts)
-    lock_lanes(w, lanes)
-    if len(firsts) == 1:
-        (row,) = firsts
-        w.send(statement(sql[0], tuple(_NEW_TYPES)), [dump(row[at]) for at, dump in _NEW_SCALARS])
-    else:
-        # A big batch goes in chunks, each sent as soon as it is encoded, so
-        # that the server inserts one while the next is prepared (all in
-        # the one transaction).
-        insert = statement(sql[1], tuple(f"{t}[]" for t in _NEW_TYPES))
-        for start in range(0, len(firsts), CHUNK):
-            columns = list(zip(*firsts[start : start + CHUNK], strict=True))
-            w.send(insert, [_column(t, columns[at]) for at, t in zip(_NEW_BOUND_AT, _NEW_TYPES, strict=True)])
-            w.push()
-    for ids in joined_by_lane(firsts):
-        w.send(_SETTLE_JOINED, [wire.text_array(ids)])
-    results = await w.exchange()
-    inserted = sum(
-        _I(found.get_value(0, 0)) or 0 for found in results[len(lanes) : len(results) - len(lanes)]
-    )
-    existing: dict[str, OutboxRow] = {}
-    if inserted < len(firsts):
-        # Some id was taken: read the rows that hold the batch's ids (the
-        # ones this insert wrote carry its row ids).
-        new_id = {r.client_message_id: r.id for r in firsts}
-        for values in wire.rows(await w.run(_EXISTING, [wire.text_array(list(new_id))])):
-            prior = row_from_wire(values)
-            if new_id.pop(prior.client_message_id) != prior.id:
-                existing[prior.client_message_id] = prior
-        if new_id:  # deleted between the conflict and the read (a prune)
-            raise StoreUnavailable(f"rows {sorted(new_id)[:3]} vanished during accept; retry")
-    if not existing:
-        return [
-            decide_accept(
-                None,
-                client_message_id=r.client_message_id,
-                fingerprint=r.request_fingerprint,
-                new_row_id=r.id,
-            )
-            if r is first_of[r.client_message_id]
-            else _repeat(r, first_of[r.client_message_id])
-            for r in rows
-        ]
-    outcomes = []
-    for row in rows:
-        cid = row.client_message_id
-        outcome = decide_accept(
-            existing.get(cid), client_message_id=cid, fingerprint=row.request_fingerprint, new_row_id=row.id
-        )
-        if outcome.inserted:  # a repeat later in the batch is decided against it
-            existing[cid] = row_from_values(new_row_values(row))
-        outcomes.append(outcome)
-    return outcomes
+    write = NewRows.of(rows)
+    write.send(w, sql)
+    if write.all_in(await w.exchange()):
+        return write.outcomes()
+    write.send_read(w)
+    (read,) = await w.exchange()
+    return write.outcomes(read)
 
 
 def _repeat(row: NewRow, first: NewRow) -> Any:

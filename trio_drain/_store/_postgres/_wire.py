@@ -16,16 +16,23 @@ PostgreSQL runs the statements up to a Sync in one implicit transaction,
 so an accept (its lanes' locks, the insert, the lanes' settling) is one
 round trip and one commit, and a worker's write is two: its statements,
 then COMMIT once their answers (and so its transaction id) are in hand.
+
+An exchange is written once, as steps that say what they wait for (the
+socket readable, or writable): `drive` runs them from Trio, and
+`drive_blocking` in the calling thread, for `accept_in` on the caller's
+own connection. A big batch is a COPY (`_copy`), which libpq runs outside
+pipeline mode: `copy_in`, `copy_ready`, `copy_data`, `copy_end`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
+import select
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Iterable, Sequence
 from itertools import chain
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import attrs
 import psycopg
@@ -35,6 +42,8 @@ from psycopg import pq
 
 if TYPE_CHECKING:
     from ._pool import Commit
+
+T = TypeVar("T")
 
 #: Type OIDs of what the statements bind.
 OIDS: dict[str, int] = {
@@ -154,24 +163,42 @@ def as_text(value: bytes | None) -> str | None:
 
 # -- the exchange
 
+#: What an exchange waits for between its steps (`Wire.steps`): the socket
+#: readable, or (while libpq still has bytes to send) writable or readable.
+READ, WRITE = "read", "write"
+Wait = str
+Steps = Generator[Wait, None, T]
+
 
 class Wire:
-    """The libpq handle of one pooled connection, driven from Trio.
+    """The libpq handle of one psycopg connection, driven from Trio or, for
+    a caller's own connection (`accept_in`), blocking.
 
-    Used by one task at a time (the pool's), never abandoned half-way: the
-    pool runs every exchange shielded from cancellation, so the connection
-    is always handed back between statements.
+    A pooled connection's wire is used by one task at a time (the pool's),
+    never abandoned half-way: the pool runs every exchange shielded from
+    cancellation, so the connection is always handed back between
+    statements. `prepared` is the set of statement names this connection
+    already has (the pool's wire keeps its own; `accept_in` keeps one per
+    caller's connection).
     """
 
-    def __init__(self, conn: psycopg.Connection[Any]) -> None:
+    def __init__(self, conn: psycopg.Connection[Any], prepared: set[bytes] | None = None) -> None:
         self.conn = conn
         self._pg = conn.pgconn
-        self._prepared: set[bytes] = set()
+        self._prepared: set[bytes] = set() if prepared is None else prepared
         self._queued: list[Statement | None] = []  # None: a Sync
 
     @property
     def broken(self) -> bool:
         return self.conn.closed or self._pg.status != pq.ConnStatus.OK
+
+    def forget_prepared(self) -> None:
+        """Forget which statements the server has."""
+        self._prepared.clear()
+
+    def know_prepared(self, names: Iterable[bytes]) -> None:
+        """Note statements the server has (as the session lists them)."""
+        self._prepared.update(names)
 
     def send(self, statement: Statement, params: Sequence[bytes | None]) -> None:
         """Queue `statement` (prepared on first use) with binary `params`."""
@@ -199,19 +226,27 @@ class Wire:
         result of each statement in order. Raises the first statement's
         error (the server skipped the rest and rolled back an implicit
         transaction) once all the answers are in."""
+        return await self.drive(self.steps())
+
+    def exchange_blocking(self) -> list[pq.abc.PGresult]:
+        """`exchange`, blocking the calling thread (a caller's connection)."""
+        return self.drive_blocking(self.steps())
+
+    def steps(self) -> Steps[list[pq.abc.PGresult]]:
+        """The exchange as steps, each waiting for the socket (`drive` or
+        `drive_blocking` runs them)."""
         pg = self._pg
         queued, self._queued = self._queued, []
         pg.pipeline_sync()
         results: list[pq.abc.PGresult] = []
         failure: pq.abc.PGresult | None = None
         try:
-            await self._flush()
-            fd = pg.socket
+            yield from self._flush()
             for expected in [*queued, "sync"]:
                 last = None
                 while True:
                     while pg.is_busy():
-                        await trio.lowlevel.wait_readable(fd)
+                        yield READ
                         pg.consume_input()
                     result = pg.get_result()
                     if result is None:
@@ -237,18 +272,62 @@ class Wire:
             self._prepared.clear()  # the connection is not reused
             raise
         if failure is not None:
-            raise psycopg.errors.error_from_result(failure, encoding="utf-8")
+            raise _error(failure)
         return results
 
-    async def _flush(self) -> None:
+    def _flush(self) -> Steps[None]:
         pg = self._pg
-        fd = pg.socket
         while pg.flush():
             # Read what the server already answered, so that it never
             # waits to send while we wait to write.
             pg.consume_input()
-            with trio.move_on_after(0.05):
-                await trio.lowlevel.wait_writable(fd)
+            yield WRITE
+
+    async def drive(self, steps: Steps[T]) -> T:
+        """Run `steps` from Trio, waiting on the socket between them."""
+        fd = self._pg.socket
+        try:
+            wait = next(steps)
+            while True:
+                if wait == READ:
+                    await trio.lowlevel.wait_readable(fd)
+                else:
+                    with trio.move_on_after(0.05):
+                        await trio.lowlevel.wait_writable(fd)
+                wait = steps.send(None)
+        except StopIteration as done:
+            return done.value  # type: ignore[no-any-return]
+        finally:
+            steps.close()
+
+    def drive_blocking(self, steps: Steps[T]) -> T:
+        """Run `steps` in the calling thread, blocking on the socket. A
+        KeyboardInterrupt cancels the server's statement, as psycopg does,
+        and is raised once the exchange has ended (the connection stays
+        usable)."""
+        fd = self._pg.socket
+        interrupted = False
+        try:
+            wait = next(steps)
+            while True:
+                try:
+                    _block(fd, wait)
+                except KeyboardInterrupt:
+                    if interrupted:
+                        raise
+                    interrupted = True
+                    self._pg.get_cancel().cancel()
+                wait = steps.send(None)
+        except StopIteration as done:
+            if interrupted:
+                raise KeyboardInterrupt from None
+            return done.value  # type: ignore[no-any-return]
+        except psycopg.Error:
+            if interrupted:
+                raise KeyboardInterrupt from None
+            raise
+        finally:
+            steps.close()
 
     async def run(self, statement: Statement, params: Sequence[bytes | None]) -> pq.abc.PGresult:
         """One statement, in a transaction of its own unless one is open."""
@@ -263,6 +342,91 @@ class Wire:
         commit.value = value
         commit.committing = True
         await self.run(COMMIT, ())
+
+    # -- COPY (outside the pipeline: libpq runs no COPY in pipeline mode)
+
+    def literal(self, text: str) -> bytes:
+        """`text` as a quoted SQL literal for this connection (a simple
+        query, which a COPY needs, takes no parameters)."""
+        return pq.Escaping(self._pg).escape_literal(text.encode())
+
+    def copy_in(self, sql: bytes) -> None:
+        """Send `sql`, a simple query whose last statement is a ``COPY ...
+        FROM STDIN``, without waiting (`copy_ready` waits)."""
+        self._pg.send_query(sql)
+        self._pg.flush()
+
+    async def copy_ready(self) -> list[pq.abc.PGresult]:
+        """Wait until the server takes the COPY's data; returns the results
+        of the statements before it. Raises a statement's error (the query
+        then ended, nothing is left open)."""
+        return await self.drive(self._answers(until_copy=True))
+
+    def copy_data(self, data: bytes) -> None:
+        """Queue `data` for the COPY in progress and start sending it
+        without waiting (libpq buffers what the socket does not take yet)."""
+        pg = self._pg
+        if pg.put_copy_data(data) != 1:
+            raise psycopg.OperationalError(f"COPY data not sent: {_message(pg)}")
+        pg.flush()
+
+    async def copy_end(self, error: str | None = None) -> list[pq.abc.PGresult]:
+        """End the COPY in progress (`error`: abandon it, so that its
+        transaction rolls back) and read the answers of the rest of its
+        query: every result, in order. Raises the first error once the query
+        has ended."""
+        pg = self._pg
+        if pg.put_copy_end(None if error is None else error.encode()) != 1:
+            raise psycopg.OperationalError(f"COPY not ended: {_message(pg)}")
+        return await self.drive(self._answers(until_copy=False))
+
+    def _answers(self, *, until_copy: bool) -> Steps[list[pq.abc.PGresult]]:
+        """Read a simple query's answers to its end, or (`until_copy`) until
+        the server takes its COPY's data: every result but the errors, in
+        order. Raises the first error once the query has ended."""
+        pg = self._pg
+        yield from self._flush()
+        results: list[pq.abc.PGresult] = []
+        failure: pq.abc.PGresult | None = None
+        while True:
+            while pg.is_busy():
+                yield READ
+                pg.consume_input()
+            result = pg.get_result()
+            if result is None:
+                break
+            if until_copy and result.status == pq.ExecStatus.COPY_IN:
+                return results
+            if result.status == pq.ExecStatus.FATAL_ERROR:
+                failure = failure or result
+            else:
+                results.append(result)
+        if failure is not None:
+            raise _error(failure)
+        if until_copy:
+            raise psycopg.OperationalError("the query ended without starting its COPY")
+        return results
+
+
+def _message(pg: pq.abc.PGconn) -> str:
+    return pg.error_message.decode(errors="replace").strip()
+
+
+def _error(result: pq.abc.PGresult) -> psycopg.Error:
+    return psycopg.errors.error_from_result(result, encoding="utf-8")
+
+
+def _block(fd: int, wait: Wait) -> None:
+    """Wait for `fd` readable (READ), or writable or readable (WRITE)."""
+    if _poll is None:  # (no poll(2): Windows)
+        select.select([fd], [fd] if wait == WRITE else [], [])
+        return
+    poller = _poll()
+    poller.register(fd, select.POLLIN | select.POLLOUT if wait == WRITE else select.POLLIN)
+    poller.poll()
+
+
+_poll = getattr(select, "poll", None)
 
 
 def rows(result: pq.abc.PGresult) -> list[list[bytes | None]]:
