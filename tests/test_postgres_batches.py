@@ -19,7 +19,7 @@ import trio
 
 from trio_drain import AcceptOutcome, InvalidRequest, Outbox, OutcomeKind, SendRequest, Status, open_outbox
 from trio_drain import _lifecycle as lc
-from trio_drain._store._postgres import _copy, _statements
+from trio_drain._store._postgres import _copy, _pipelines
 from trio_drain._store._postgres._backend import PostgresBackend
 from trio_drain._store._postgres._wire import Wire
 
@@ -195,7 +195,7 @@ async def test_a_repeat_inside_a_copied_batch_is_copied_once_and_answered_from_t
     pg_url: str, copies: list[int], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     inserts: list[int] = []
-    insert_new_rows = _statements.insert_new_rows
+    insert_new_rows = _pipelines.insert_new_rows
 
     async def counted(*args: Any) -> Any:
         inserts.append(1)

@@ -45,8 +45,9 @@ from psycopg.rows import tuple_row
 from ..._errors import InvalidRequest, SchemaError, StoreError
 from ..._model import AcceptOutcome, NewRow
 from . import _wire as wire
+from ._pipelines import NewRows
 from ._pool import describe, translate
-from ._statements import NewRows, insert_rows
+from ._statements import insert_rows
 
 SAVEPOINT = "SAVEPOINT trio_drain_accept"
 ROLLBACK_TO = "ROLLBACK TO SAVEPOINT trio_drain_accept"

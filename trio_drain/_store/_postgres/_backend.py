@@ -74,6 +74,16 @@ from .._sql import POSTGRES, SERVER_NOW
 from ._copy import COPY_SQL, FIRST_CHUNK, copy_new_rows, in_lanes, take_rest
 from ._joint import Joiner
 from ._listen import Listener
+from ._pipelines import (
+    NEW_ROW,
+    NEW_ROWS,
+    applied_of,
+    begin_worker_write,
+    claimed_rows,
+    insert_new_rows,
+    send_claim,
+    send_complete,
+)
 from ._pool import Commit, Pool, committed
 from ._schema import migrate
 from ._statements import (
@@ -81,18 +91,10 @@ from ._statements import (
     COMPLETE,
     HELD,
     INSERT,
-    NEW_ROW,
-    NEW_ROWS,
-    applied_of,
     as_columns,
-    begin_worker_write,
     claim_statement,
-    claimed_rows,
     complete_rows,
     completed_lanes,
-    insert_new_rows,
-    send_claim,
-    send_complete,
 )
 from ._wire import Wire
 

@@ -37,8 +37,9 @@ from ..._model import NewRow
 from .._base import NEW_COLUMNS, Outcomes
 from .._sql import SERVER_NOW
 from . import _wire as wire
+from ._pipelines import NewRows, insert_new_rows
 from ._schema import COLUMN_TYPES
-from ._statements import CHANNEL, STAMPED, NewRows, insert_new_rows
+from ._statements import CHANNEL, STAMPED
 
 # Columns the same in every row of a chunk (the two times always; the
 # others often) come first, so that their cells merge into one run of
