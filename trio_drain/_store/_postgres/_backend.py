@@ -65,7 +65,6 @@ from .._base import (
     RouteFilter,
     Rows,
     check_durability,
-    in_claim_order,
     row_values,
 )
 from .._lanes import LEAVES_LANE, SETTLE_JOINED_FIRST_OF, lane_keys, lock, places, release_next
@@ -74,6 +73,7 @@ from .._sql import POSTGRES, SERVER_NOW
 from ._copy import COPY_SQL, FIRST_CHUNK, copy_new_rows, in_lanes, take_rest
 from ._joint import Joiner
 from ._listen import Listener
+from ._lost_writes import LostWrites
 from ._pipelines import (
     NEW_ROW,
     NEW_ROWS,
@@ -84,12 +84,11 @@ from ._pipelines import (
     send_claim,
     send_complete,
 )
-from ._pool import Commit, Pool, committed
+from ._pool import Commit, Pool
 from ._schema import migrate
 from ._statements import (
     CHANNEL,
     COMPLETE,
-    HELD,
     INSERT,
     as_columns,
     claim_statement,
@@ -104,25 +103,6 @@ log = logging.getLogger("trio_drain.postgres")
 
 # Only `sent=False` of `on_released` is used, which reads no policy field.
 _GIVE_BACK_POLICY = _lifecycle.RetryPolicy()
-# Outcome writes whose commit went unanswered and could not be settled, kept
-# for the caller's retry (the completer retries with the same completions).
-_MAX_LOST = 16
-
-OutcomeKey = tuple[tuple[str, str], ...]
-
-
-def _outcome_key(completions: Sequence[Completion]) -> OutcomeKey:
-    return tuple((c.row_id, c.lease_token) for c in completions)
-
-
-@attrs.define(eq=False)
-class _LostWrite:
-    """An outcome write (complete or complete_and_claim) whose COMMIT went
-    unanswered, not yet settled."""
-
-    commit: Commit
-    applied: Applied  # its answer, had it committed
-    token: str | None  # its claim's lease token, if it claimed rows
 
 
 class PostgresBackend(SqlOperations):
@@ -151,7 +131,7 @@ class PostgresBackend(SqlOperations):
         self.server_clock: Callable[[], int] | None = None
         # The server's clock minus the caller's, as last measured (None: not yet).
         self._offset: int | None = None
-        self._lost_writes: dict[OutcomeKey, _LostWrite] = {}
+        self._lost_writes = LostWrites()
         self._joiner = Joiner(self._insert, flights=max(1, pool.size // 2))
 
     @classmethod
@@ -254,7 +234,7 @@ class PostgresBackend(SqlOperations):
         """Apply completions. A pending row's retry time, the caller's now
         plus a delay, is moved onto the server's clock by the offset last
         measured between the two."""
-        recovered = await self._settle_lost_write(completions)
+        recovered = await self._lost_writes.settle(completions, self._pool)
         if recovered is not None:
             applied, rows = recovered
             if rows:  # it claimed rows this call cannot hand over: give them back
@@ -276,7 +256,7 @@ class PostgresBackend(SqlOperations):
             return await self._pool.exchange(op, commit)
         except StoreUnavailable:
             if commit.unsettled:
-                self._remember(completions, commit, applied=commit.value, token=None)
+                self._lost_writes.remember(completions, commit, applied=commit.value, token=None)
             raise
 
     async def complete_and_claim(
@@ -292,7 +272,7 @@ class PostgresBackend(SqlOperations):
     ) -> tuple[Applied, Rows]:
         """`complete` then `claim`, in one transaction. `now` decides
         nothing: it moves pending retry times onto the server's clock."""
-        recovered = await self._settle_lost_write(completions)
+        recovered = await self._lost_writes.settle(completions, self._pool)
         if recovered is not None:
             applied, rows = recovered
             if len(rows) > limit:
@@ -329,49 +309,11 @@ class PostgresBackend(SqlOperations):
         except StoreUnavailable:
             if commit.unsettled:
                 lost_applied, lost_rows = commit.value
-                self._remember(completions, commit, applied=lost_applied, token=token if lost_rows else None)
+                self._lost_writes.remember(
+                    completions, commit, applied=lost_applied, token=token if lost_rows else None
+                )
             raise
         return applied, self._claimed(rows, now=now, lease_ms=lease_ms)
-
-    def _remember(
-        self, completions: Sequence[Completion], commit: Commit, *, applied: Applied, token: str | None
-    ) -> None:
-        """Keep an outcome write whose commit went unanswered for the retry."""
-        while len(self._lost_writes) >= _MAX_LOST:
-            del self._lost_writes[next(iter(self._lost_writes))]
-        self._lost_writes[_outcome_key(completions)] = _LostWrite(commit, applied, token)
-
-    async def _settle_lost_write(self, completions: Sequence[Completion]) -> tuple[Applied, Rows] | None:
-        """If an earlier write of these same completions went unanswered at
-        commit and is still unsettled, find out what it did: its answer and
-        the rows it claimed that are still held under its lease, if it
-        committed; None if it did not (write them afresh)."""
-        if not self._lost_writes:
-            return None
-        key = _outcome_key(completions)
-        lost = self._lost_writes.pop(key, None)
-        if lost is None:
-            return None
-
-        def op(conn: psycopg.Connection[Any]) -> tuple[bool, Rows]:
-            if not committed(conn, lost.commit):
-                return False, []
-            if lost.token is None:
-                return True, []
-            return True, in_claim_order(conn.execute(HELD, (lost.token,)).fetchall())
-
-        try:
-            done, rows = await self._pool.run(op)
-        except StoreUnavailable:
-            self._lost_writes[key] = lost
-            raise
-        if not done:
-            return None
-        log.info(
-            "an outcome write whose commit went unanswered was applied; %d row(s) it claimed are still held",
-            len(rows),
-        )
-        return lost.applied, rows
 
     async def _give_back(self, rows: Rows) -> None:
         """Hand claimed rows nobody will send back to pending, due at once,
