@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from itertools import islice
 from pathlib import Path
-from typing import NoReturn, Protocol, cast
+from typing import NoReturn, Protocol, runtime_checkable
 
 from ._clock import wall_clock_ms
 from ._errors import ConfigError, InvalidRequest
@@ -29,6 +29,7 @@ from ._validate import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_MAX_PAYLOAD, prepare_r
 MAX_LIST_LIMIT = 10_000
 
 
+@runtime_checkable
 class _ValidatesAsItWrites(Protocol):
     """A back end that takes a big batch (of `stream_from` rows or more) as
     it is validated: `take(k)` validates and returns the next `k` rows
@@ -94,8 +95,8 @@ class Outbox(OperatorActions):
         """
         now = self.clock()
         max_payload, max_message_bytes = self.max_payload, self.max_message_bytes
-        stream_from = getattr(self.backend, "stream_from", None)
-        if stream_from is not None and len(requests) >= stream_from:
+        backend = self.backend
+        if isinstance(backend, _ValidatesAsItWrites) and len(requests) >= backend.stream_from:
             # A big batch is validated chunk by chunk as the back end writes it.
             pending = zip(requests, uuid7s(len(requests)), strict=True)
 
@@ -111,7 +112,7 @@ class Outbox(OperatorActions):
                     for r, row_id in islice(pending, count)
                 ]
 
-            outcomes = await cast(_ValidatesAsItWrites, self.backend).accept_prepared(take)
+            outcomes = await backend.accept_prepared(take)
         else:
             rows = [
                 prepare_row(
