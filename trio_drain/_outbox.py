@@ -67,6 +67,9 @@ class Outbox(OperatorActions):
         self.max_message_bytes = max_message_bytes
         self.description = description
         self._listeners: list[Callable[[], None]] = []
+        # Asked once: a runtime protocol check costs about 20 µs, a tenth of
+        # a single accept's CPU on PostgreSQL.
+        self._streamer = backend if isinstance(backend, _ValidatesAsItWrites) else None
 
     def __repr__(self) -> str:
         return f"<Outbox {self.description}>"
@@ -95,8 +98,8 @@ class Outbox(OperatorActions):
         """
         now = self.clock()
         max_payload, max_message_bytes = self.max_payload, self.max_message_bytes
-        backend = self.backend
-        if isinstance(backend, _ValidatesAsItWrites) and len(requests) >= backend.stream_from:
+        streamer = self._streamer
+        if streamer is not None and len(requests) >= streamer.stream_from:
             # A big batch is validated chunk by chunk as the back end writes it.
             pending = zip(requests, uuid7s(len(requests)), strict=True)
 
@@ -112,7 +115,7 @@ class Outbox(OperatorActions):
                     for r, row_id in islice(pending, count)
                 ]
 
-            outcomes = await backend.accept_prepared(take)
+            outcomes = await streamer.accept_prepared(take)
         else:
             rows = [
                 prepare_row(
