@@ -712,3 +712,44 @@ async def test_the_tutorials_orders_program_runs(tmp_path: Path, capsys: pytest.
     assert "order 1002 failed" in out
     assert "order-placed-1001: done as" in out
     assert "order-placed-1002 in the outbox: None" in out
+
+
+@pytest.mark.parametrize(
+    "level", [psycopg.IsolationLevel.REPEATABLE_READ, psycopg.IsolationLevel.SERIALIZABLE]
+)
+async def test_on_postgresql_a_lane_row_is_refused_outside_read_committed_and_nothing_is_left(
+    pg_app: App, pg_connect: Callable[[], psycopg.Connection[Any]], level: psycopg.IsolationLevel
+) -> None:
+    # A snapshot taken at the transaction's first statement could see an
+    # empty lane another transaction has just filled, and release a second
+    # row of it: a lane's row is refused there; a row without a lane is not.
+    conn = pg_connect()
+    conn.isolation_level = level
+    pg_app.place_order(conn, 1)
+    with pytest.raises(InvalidRequest, match="READ COMMITTED"):
+        accept_in(conn, request("order-1", ordering_key="lane"))
+    accept_in(conn, request("order-1"))  # the transaction is still usable
+    conn.commit()
+    assert pg_app.outbox_rows() == [("order-1", "pending")]
+    conn.isolation_level = psycopg.IsolationLevel.READ_COMMITTED
+    pg_app.place_order(conn, 2)
+    accept_in(conn, request("order-2", ordering_key="lane"))
+    conn.commit()
+    assert pg_app.outbox_rows() == [("order-1", "pending"), ("order-2", "pending")]
+
+
+async def test_on_postgresql_the_stores_own_transactions_are_read_committed_whatever_the_default(
+    pg_url: str,
+) -> None:
+    with psycopg.connect(pg_url, autocommit=True) as admin:
+        database = admin.info.dbname
+        admin.execute(f"ALTER DATABASE \"{database}\" SET default_transaction_isolation = 'serializable'")
+    try:
+        async with open_outbox(pg_url) as ob:
+            for i in range(3):
+                await ob.accept(request(f"m-{i}", ordering_key="lane"))
+            rows = await ob.claim(limit=10, lease_ms=60_000, max_age_ms=10**12, token="t")
+            assert [r.client_message_id for r in rows] == ["m-0"]
+    finally:
+        with psycopg.connect(pg_url, autocommit=True) as admin:
+            admin.execute(f'ALTER DATABASE "{database}" RESET default_transaction_isolation')

@@ -104,11 +104,28 @@ SETTLE_JOINED_FIRST_OF = SETTLE_JOINED_SQL.format(
 #: enqueued after it.
 LAST_IN_LANE_SQL = "SELECT enqueued_at, id FROM outbox{pin} WHERE ordering_key = {m} ORDER BY enqueued_at DESC, id DESC LIMIT 1"
 
-#: PostgreSQL's advisory lock of one lane, for the rest of the transaction.
-#: The first key is a constant that keeps the project's locks apart from
-#: anyone else's; the second is the lane key's hash (a collision only makes
-#: two lanes take turns).
-LOCK_SQL = "SELECT pg_advisory_xact_lock(1953653108, hashtext(%s))"
+#: PostgreSQL's advisory lock of one lane, for the rest of the transaction:
+#: the lane key's 64-bit hash, seeded with a constant of the project's. The
+#: locks are taken in key order; two keys whose hashes collide would take
+#: one lock in two places of that order, and two transactions could wait on
+#: each other (PostgreSQL would break it and one would fail): with 64 bits
+#: that needs about 4 billion lanes to be likely (with `hashtext`'s 32 bits,
+#: a million lanes held about a hundred colliding pairs).
+#:
+#: It also refuses a transaction that is not READ COMMITTED (an
+#: application's, in `accept_in`): the lanes' statements must each see what
+#: committed before the lock was granted, where a snapshot taken at the
+#: transaction's first statement could see an empty lane another
+#: transaction has just filled and release a second row. The refusal is a
+#: failed cast whose text carries `ISOLATION_REFUSED` (the store's own
+#: connections are pinned to READ COMMITTED).
+LOCK_SQL = (
+    "SELECT pg_advisory_xact_lock(hashtextextended(%s, 1953653108)),"
+    " CASE WHEN current_setting('transaction_isolation') <> 'read committed'"
+    " THEN ('trio-drain: ordering lanes need READ COMMITTED transactions, not '"
+    " || current_setting('transaction_isolation'))::integer END"
+)
+ISOLATION_REFUSED = "ordering lanes need READ COMMITTED transactions"
 
 
 def release_next_sql(dialect: Dialect) -> str:

@@ -158,7 +158,9 @@ class SqlOperations(SqlReads):
         where one of them was its head. (A successor settles its own lane
         as it joins it: `_insert_successor`.)"""
         release_next(
-            conn, self.dialect, [(r.ordering_key, r.enqueued_at, r.id) for r in left if r.ordering_key]
+            conn,
+            self.dialect,
+            [(r.ordering_key, r.enqueued_at, r.id) for r in left if r.ordering_key is not None],
         )
 
     def _lock_lane_of(self, conn: Any, row_id: str) -> Sequence[str]:

@@ -44,6 +44,7 @@ from psycopg.rows import tuple_row
 
 from ..._errors import InvalidRequest, SchemaError, StoreError
 from ..._model import AcceptOutcome, NewRow
+from .._lanes import ISOLATION_REFUSED
 from . import _wire as wire
 from ._pipelines import NewRows
 from ._pool import describe, translate
@@ -214,7 +215,16 @@ def undo(conn: psycopg.Connection[Any]) -> None:
             pass  # the error being raised says more
 
 
-def _error(conn: psycopg.Connection[Any], exc: psycopg.Error) -> StoreError:
+def _error(conn: psycopg.Connection[Any], exc: psycopg.Error) -> InvalidRequest | StoreError:
+    if isinstance(exc, psycopg.errors.InvalidTextRepresentation) and ISOLATION_REFUSED in str(exc):
+        level = (
+            str(exc).partition(ISOLATION_REFUSED + ", not ")[2].strip('"').split('"')[0] or "another level"
+        )
+        return InvalidRequest(
+            "a row with an ordering_key needs the caller's transaction at READ COMMITTED (PostgreSQL's"
+            f" default), not {level}: its lane's order rests on each statement seeing what committed"
+            " before the lane's lock was granted"
+        )
     if isinstance(exc, psycopg.errors.UndefinedTable):
         return SchemaError(f"this database has no outbox table: {MIGRATE}")
     if isinstance(exc, psycopg.errors.UndefinedColumn):

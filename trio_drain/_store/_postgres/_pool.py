@@ -165,6 +165,12 @@ class Pool:
         # their own; psycopg's (prepared after a few runs) would have it
         # deallocate every prepared statement at a ROLLBACK.
         conn.prepare_threshold = None
+        # Ordering lanes rely on each statement seeing what committed
+        # before its lane's lock was granted: READ COMMITTED, whatever the
+        # server's or the role's default (a snapshot taken at the
+        # transaction's first statement could see an empty lane that
+        # another transaction has just filled).
+        conn.execute("SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL READ COMMITTED")
         if self.durability == "normal":
             conn.execute("SET synchronous_commit = off")
         return conn

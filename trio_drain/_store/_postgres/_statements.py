@@ -276,7 +276,9 @@ def joined_by_lane(rows: Sequence[NewRow]) -> list[list[str]]:
 def released_rows(completions: Sequence[Completion]) -> list[Place]:
     """The places of the rows that `completions` may take out of their lanes' heads."""
     return [
-        (c.ordering_key, c.enqueued_at, c.row_id) for c in completions if c.ordering_key and releases_lane(c)
+        (c.ordering_key, c.enqueued_at, c.row_id)
+        for c in completions
+        if c.ordering_key is not None and releases_lane(c)
     ]
 
 
