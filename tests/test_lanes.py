@@ -312,6 +312,57 @@ async def test_a_schema_2_postgresql_outbox_gets_the_new_lane_index(pg_url: str)
     assert "status" not in lane_indexes["outbox_lane"]
 
 
+def _raw(target: str) -> Any:
+    """A DB-API connection of the test's own to `target`, committing each statement."""
+    if target.startswith("postgresql://"):
+        return psycopg.connect(target, autocommit=True)
+    return sqlite3.connect(target, isolation_level=None)
+
+
+def _as_schema_2(conn: Any, mark: str, *changes: tuple[str, Sequence[Any]]) -> None:
+    """Apply `changes` (SQL with `?` marks, arguments) and make the outbox a schema 2 one."""
+    for sql, args in changes:
+        conn.execute(sql.replace("?", mark), args)
+    for statement in _SCHEMA_2_LANE_INDEXES:
+        conn.execute(statement)
+
+
+async def test_schema_2_lanes_placed_out_of_order_are_repaired_as_they_migrate(outbox_target: str) -> None:
+    # Schema 2 placed a row only after its lane's rows still to go: in the
+    # same millisecond under a smaller id (another process's), a row could
+    # sit before the lane's head; and a row stamped by a clock that stepped
+    # back before a row that had left as head. Both shapes, made by hand.
+    target = outbox_target
+    mark = "%s" if target.startswith("postgresql://") else "?"
+    async with open_outbox(target) as ob:
+        await ob.accept_many([req(f"a-{i}", ordering_key="a") for i in range(2)])
+        await ob.accept_many([req(f"b-{i}", ordering_key="b") for i in range(2)])
+        heads = {r.client_message_id: r for r in await claim(ob)}
+        await ob.complete([lc.on_ack(heads["b-0"], broker_message_id="m", now=0)])
+    head_a, done_b = heads["a-0"], heads["b-0"]
+    conn = _raw(target)
+    try:
+        _as_schema_2(
+            conn,
+            mark,
+            # a-1: same millisecond as the head in flight, a smaller id.
+            (
+                "UPDATE outbox SET id = ?, enqueued_at = ? WHERE client_message_id = 'a-1'",
+                ["00000000-0000-7000-8000-000000000000", head_a.enqueued_at],
+            ),
+            # b-1 (released when b-0 went done) moves before it.
+            ("UPDATE outbox SET enqueued_at = ? WHERE client_message_id = 'b-1'", [done_b.enqueued_at - 10]),
+        )
+    finally:
+        conn.close()
+    async with open_outbox(target) as ob:
+        await ob.accept(req("b-2", ordering_key="b"))
+        assert ids(await claim(ob)) == ["b-1"]  # not b-2 as well
+        await ob.complete([lc.on_ack(head_a, broker_message_id="m", now=0)])
+        (next_a,) = await claim(ob)
+        assert next_a.client_message_id == "a-1"  # not stuck before the head
+
+
 # -- many claimers on PostgreSQL -------------------------------------------------------
 
 

@@ -55,6 +55,7 @@ from ._sql import Dialect
 # leaves it walking the lane index to the first match (the plan test in
 # tests/test_postgres.py fails on the other spelling).
 _TO_GO = "NOT IN ('done', 'dead', 'aborted')"
+_LIVE = "('pending', 'inflight')"
 
 #: A row's place in its lane: (ordering_key, enqueued_at, id).
 Place = tuple[str, int, str]
@@ -134,6 +135,42 @@ def release_next_sql(dialect: Dialect) -> str:
 
 def last_in_lane_sql(dialect: Dialect) -> str:
     return LAST_IN_LANE_SQL.format(m=dialect.mark, pin=dialect.pin("outbox_lane"))
+
+
+def repair(conn: Any, mark: str) -> None:
+    """Make a schema 2 outbox's lanes what this module relies on (its
+    migration to 3, in the migration's transaction; `mark` the driver's
+    placeholder). Schema 2 placed a new row only after its lane's rows still
+    to go, and could place it in the same millisecond under a smaller id
+    (another process's), before the lane's head; and a row stamped by a
+    clock that stepped back could go before a row that had left as head.
+    For each lane with rows still to go: rows still to go ahead of an
+    inflight row move behind the lane's last row, in their order (they were
+    accepted after that head went out); then the first row still to go is
+    the lane's one unblocked row, and every row after it is blocked (a row
+    there that has left is one that left while blocked)."""
+    keys = [
+        key
+        for (key,) in conn.execute(
+            f"SELECT DISTINCT ordering_key FROM outbox WHERE ordering_key IS NOT NULL AND status IN {_LIVE}"
+        ).fetchall()
+    ]
+    select = f"SELECT id, enqueued_at, status, lane_blocked FROM outbox WHERE ordering_key = {mark} ORDER BY enqueued_at, id"
+    for key in sorted(keys):
+        rows = [list(r) for r in conn.execute(select, (key,)).fetchall()]
+        inflight = next((i for i, r in enumerate(rows) if r[2] == "inflight"), None)
+        if inflight is not None:
+            ahead = [r for r in rows[:inflight] if r[2] in ("pending", "inflight")]
+            last_at = rows[-1][1]
+            for n, r in enumerate(ahead, 1):
+                conn.execute(f"UPDATE outbox SET enqueued_at = {mark} WHERE id = {mark}", (last_at + n, r[0]))
+                r[1] = last_at + n
+            rows = [r for r in rows if r not in ahead] + ahead
+        head = next(i for i, r in enumerate(rows) if r[2] in ("pending", "inflight"))
+        for i, r in enumerate(rows[head:], head):
+            blocked = 0 if i == head else 1
+            if r[3] != blocked:
+                conn.execute(f"UPDATE outbox SET lane_blocked = {mark} WHERE id = {mark}", (blocked, r[0]))
 
 
 def lane_keys(keys: Iterable[str | None]) -> list[str]:

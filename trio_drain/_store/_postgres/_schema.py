@@ -18,6 +18,7 @@ from .._base import (
     record_schema_version,
     schema_version,
 )
+from .._lanes import repair as repair_lanes
 
 # Any constant: serialises schema migrations of processes starting together.
 _MIGRATION_LOCK = 0x7472696F647261  # "triodra"
@@ -118,6 +119,8 @@ def migrate(conn: psycopg.Connection[Any]) -> None:
     if version < 3:
         for statement in SCHEMA_3:
             conn.execute(statement)
+    if version == 2:
+        repair_lanes(conn, mark="%s")
     if version < SCHEMA_VERSION:
         for statement in INDEXES:
             conn.execute(statement)

@@ -18,6 +18,7 @@ from .._base import (
     record_schema_version,
     schema_version,
 )
+from .._lanes import repair as repair_lanes
 
 # The table as the seed's daemon wrote it, plus the lease columns.
 _CREATE_TABLE = """
@@ -141,6 +142,8 @@ def migrate(conn: sqlite3.Connection) -> None:
         if version < 3:
             for statement in SCHEMA_3:
                 conn.execute(statement)
+        if version == 2:
+            repair_lanes(conn, mark="?")
         if version < SCHEMA_VERSION:
             for statement in INDEXES:
                 conn.execute(statement)
