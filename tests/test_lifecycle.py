@@ -136,14 +136,16 @@ def test_only_the_first_pending_or_inflight_row_of_a_lane_is_claimable() -> None
     claimable = {r.id for r in rows if lc.is_claimable(r, now=10, policy=pol, world=lc.Table(rows))}
     assert claimable == {"a", "x", "f"}  # a lane's head, another lane's head, a row with no lane
     # A head in flight or retrying holds its lane; done, dead or aborted, it lets the next go
-    # (enqueue time, then id: "b" before "c").
-    for status, after in [
-        (Status.INFLIGHT, set()),
-        (Status.DONE, {"b"}),
-        (Status.DEAD, {"b"}),
-        (Status.ABORTED, {"b"}),
+    # (enqueue time, then id: "b" before "c"); aborted in flight, it holds its lane until
+    # its lease has run out (`recover_expired_leases` clears it).
+    for status, lease, after in [
+        (Status.INFLIGHT, 100, set()),
+        (Status.DONE, None, {"b"}),
+        (Status.DEAD, None, {"b"}),
+        (Status.ABORTED, None, {"b"}),
+        (Status.ABORTED, 100, set()),
     ]:
-        moved = [attrs.evolve(first, status=status), second, third]
+        moved = [attrs.evolve(first, status=status, lease_expires_at=lease), second, third]
         assert {r.id for r in moved if lc.is_claimable(r, now=10, policy=pol, world=lc.Table(moved))} == after
 
 

@@ -38,6 +38,7 @@ RULES = {
     "waiting": lc.WAITING,
     "past_max_age": lc.PAST_MAX_AGE,
     "lease_ran_out": lc.LEASE_RAN_OUT,
+    "lane_hold_ran_out": lc.LANE_HOLD_RAN_OUT,
     "at_attempt_cap": lc.AT_ATTEMPT_CAP,
 }
 COLUMNS = (

@@ -250,6 +250,8 @@ class OutboxMachine(RuleBasedStateMachine):
                 if m.status is Status.PENDING:
                     m.next_attempt_at = now
                 m.lease_token = m.lease_expires_at = None
+            elif lc.holds(lc.LANE_HOLD_RAN_OUT, m, now=now, policy=POLICY):
+                m.lease_expires_at = None
         assert moved == expected
 
     @rule()
@@ -273,7 +275,10 @@ class OutboxMachine(RuleBasedStateMachine):
             assert m.status not in allowed
             return
         assert m.status in allowed
-        m.status, m.lease_token, m.lease_expires_at = Status.ABORTED, None, None
+        # A row aborted in flight in a lane holds it until its lease runs out.
+        held = m.status is Status.INFLIGHT and m.ordering_key is not None
+        m.status, m.lease_token = Status.ABORTED, None
+        m.lease_expires_at = m.lease_expires_at if held else None
         if action == "requeue":
             self.model[result.id] = ModelRow(
                 id=result.id,

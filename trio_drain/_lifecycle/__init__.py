@@ -33,6 +33,7 @@ at once (claims, sweeps) are data in `_rules`.
 from ._rules import ACTIVE as ACTIVE
 from ._rules import AT_ATTEMPT_CAP as AT_ATTEMPT_CAP
 from ._rules import CLAIMABLE as CLAIMABLE
+from ._rules import LANE_HOLD_RAN_OUT as LANE_HOLD_RAN_OUT
 from ._rules import LEASE_RAN_OUT as LEASE_RAN_OUT
 from ._rules import PAST_MAX_AGE as PAST_MAX_AGE
 from ._rules import WAITING as WAITING
@@ -48,6 +49,7 @@ from ._rules import Term as Term
 from ._rules import World as World
 from ._rules import bound_value as bound_value
 from ._rules import holds as holds
+from ._rules import holds_lane as holds_lane
 from ._rules import is_claimable as is_claimable
 from ._rules import is_expired as is_expired
 from ._rules import lease_is_expired as lease_is_expired
@@ -68,6 +70,7 @@ from ._transitions import RetryPolicy as RetryPolicy
 from ._transitions import UnknownFate as UnknownFate
 from ._transitions import backoff_ms as backoff_ms
 from ._transitions import dropped as dropped
+from ._transitions import holds_lane_once_aborted as holds_lane_once_aborted
 from ._transitions import on_ack as on_ack
 from ._transitions import on_error as on_error
 from ._transitions import on_lease_expired as on_lease_expired

@@ -61,13 +61,15 @@ class Either:
 @attrs.frozen
 class FirstInLane:
     """No earlier row of the row's ordering lane (by enqueue time, then id)
-    is pending or inflight. A row without a lane is always first.
+    holds it: is pending or inflight, or was aborted in flight and its lease
+    has not yet run out (`holds_lane`). A row without a lane is always first.
 
     The stores keep the answer as a flag on the row (``lane_blocked``): set
-    at accept while the lane has a row pending or inflight, cleared for the
-    lane's next row in the transaction that takes its head out of pending
-    and inflight (done, dead, aborted). Judging it with a scan of the lane
-    instead would cost a claim time in proportion to the lane's depth.
+    when a row joins a lane that something holds, cleared for the lane's
+    next row in the transaction that ends its head's hold (done, dead,
+    aborted; a row aborted in flight, when its lease runs out or its worker
+    reports). Judging it with a scan of the lane instead would cost a claim
+    time in proportion to the lane's depth (`_store/_lanes.py`).
     """
 
 
@@ -105,6 +107,12 @@ PAST_MAX_AGE: Rule = (
 LEASE_RAN_OUT: Rule = (
     Compare("status", "=", Status.INFLIGHT),
     Either((IsNull("lease_expires_at"), Compare("lease_expires_at", "<=", Bound.NOW))),
+)
+#: A row aborted while inflight in a lane whose lease has run out: its send
+#: can no longer be on its way, and its lane's next row may go.
+LANE_HOLD_RAN_OUT: Rule = (
+    Compare("status", "=", Status.ABORTED),
+    Compare("lease_expires_at", "<=", Bound.NOW),
 )
 #: The row has used every attempt it may.
 AT_ATTEMPT_CAP: Rule = (Compare("attempts", ">=", Bound.MAX_ATTEMPTS),)
@@ -148,7 +156,7 @@ class World(Protocol):
     paused: frozenset[str]
 
     def first_in_lane(self, row: Any) -> bool:
-        """Whether no earlier row of `row`'s lane is pending or inflight."""
+        """Whether no earlier row of `row`'s lane holds it (`holds_lane`)."""
 
 
 @attrs.frozen
@@ -164,10 +172,17 @@ class Table:
         place = (row.enqueued_at, row.id)
         return not any(
             other.ordering_key == row.ordering_key
-            and other.status in ACTIVE
+            and holds_lane(other)
             and (other.enqueued_at, other.id) < place
             for other in self.rows
         )
+
+
+def holds_lane(row: Any) -> bool:
+    """Whether `row` holds its lane: pending or inflight, or aborted while
+    inflight with its lease still recorded (its send may be on its way;
+    `LANE_HOLD_RAN_OUT` ends the hold)."""
+    return row.status in ACTIVE or (row.status is Status.ABORTED and row.lease_expires_at is not None)
 
 
 #: The states that hold a lane: a row in either is its lane's head or waits behind it.

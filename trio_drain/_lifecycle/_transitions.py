@@ -275,6 +275,11 @@ def requeued(
     """Abort `row` and make its pending successor (fresh client_message_id,
     same payload, fingerprint and routing). Returns (aborted row, successor).
 
+    An inflight row of an ordering lane keeps its lease's expiry once
+    aborted: the send already on its way may still reach the broker, so its
+    lane is held (`_rules.holds_lane`) until the worker that sent it reports
+    or the lease runs out, lest a later row of the lane overtake it.
+
     Raises:
         InvalidTransition: the row is done or already aborted.
     """
@@ -303,10 +308,16 @@ def requeued(
         aborted_at=now,
         aborted_by=by,
         superseded_by=new_id,
-        lease_expires_at=None,
+        lease_expires_at=row.lease_expires_at if holds_lane_once_aborted(row) else None,
         lease_token=None,
     )
     return aborted, successor
+
+
+def holds_lane_once_aborted(row: OutboxRow) -> bool:
+    """Whether `row`, aborted now, goes on holding its lane until its lease
+    runs out: an inflight row of a lane (its send may be on its way)."""
+    return row.status is Status.INFLIGHT and row.ordering_key is not None
 
 
 def dropped(row: OutboxRow, *, now: int, by: str = "operator") -> OutboxRow:

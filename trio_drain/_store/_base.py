@@ -90,6 +90,10 @@ INDEXES = (
     "CREATE INDEX IF NOT EXISTS outbox_lease ON outbox (lease_expires_at) WHERE status = 'inflight'",
     "CREATE INDEX IF NOT EXISTS outbox_status_enqueued ON outbox (status, enqueued_at)",
     "CREATE INDEX IF NOT EXISTS outbox_lane ON outbox (ordering_key, enqueued_at, id) WHERE ordering_key IS NOT NULL",
+    # Rows aborted in flight that hold their lanes until their leases run
+    # out (`_lifecycle.LANE_HOLD_RAN_OUT`): nearly always empty.
+    "CREATE INDEX IF NOT EXISTS outbox_lane_hold ON outbox (lease_expires_at)"
+    " WHERE status = 'aborted' AND lease_expires_at IS NOT NULL",
 )
 
 

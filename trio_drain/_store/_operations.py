@@ -155,12 +155,18 @@ class SqlOperations(SqlReads):
 
     def _release_next(self, conn: Any, left: Sequence[OutboxRow]) -> None:
         """Rows `left` pending and inflight: the next row of a lane goes
-        where one of them was its head. (A successor settles its own lane
-        as it joins it: `_insert_successor`.)"""
+        where one of them was its head, unless it still holds its lane
+        (aborted in flight: `recover_expired_leases` lets the next go when
+        its lease runs out, or the worker that sent it when it reports). A
+        successor settles its own lane as it joins it (`_insert_successor`)."""
         release_next(
             conn,
             self.dialect,
-            [(r.ordering_key, r.enqueued_at, r.id) for r in left if r.ordering_key is not None],
+            [
+                (r.ordering_key, r.enqueued_at, r.id)
+                for r in left
+                if r.ordering_key is not None and r.lease_expires_at is None
+            ],
         )
 
     def _lock_lane_of(self, conn: Any, row_id: str) -> Sequence[str]:
@@ -272,6 +278,6 @@ class SqlOperations(SqlReads):
         mark = self.dialect.mark
         conn.execute(
             f"UPDATE outbox SET status = 'aborted', aborted_at = {mark}, aborted_by = {mark},"
-            f" superseded_by = {mark}, lease_token = NULL, lease_expires_at = NULL WHERE id = {mark}",
-            (row.aborted_at, row.aborted_by, row.superseded_by, row.id),
+            f" superseded_by = {mark}, lease_token = NULL, lease_expires_at = {mark} WHERE id = {mark}",
+            (row.aborted_at, row.aborted_by, row.superseded_by, row.lease_expires_at, row.id),
         )

@@ -50,6 +50,7 @@ from ... import _lifecycle
 from ..._errors import ConfigError, StoreUnavailable
 from ..._lifecycle import (
     AT_ATTEMPT_CAP,
+    LANE_HOLD_RAN_OUT,
     LEASE_RAN_OUT,
     PAST_MAX_AGE,
     WAITING,
@@ -342,8 +343,14 @@ class PostgresBackend(SqlOperations):
         def due(to: Status) -> str:  # a row put back is due at once
             return SERVER_NOW if to is Status.PENDING else "outbox.next_attempt_at"
 
+        hold, hold_args = POSTGRES.where(LANE_HOLD_RAN_OUT)
         lanes_sql = self._sql(
-            f"SELECT DISTINCT ordering_key FROM outbox WHERE {ran_out} AND ordering_key IS NOT NULL"
+            f"SELECT DISTINCT ordering_key FROM outbox WHERE ({ran_out} OR {hold}) AND ordering_key IS NOT NULL"
+        )
+        # Rows aborted in flight whose leases ran out stop holding their lanes.
+        holds_sql = self._sql(
+            f"UPDATE outbox SET lease_expires_at = NULL WHERE id IN (SELECT id FROM outbox WHERE {hold}"
+            " AND ordering_key = ANY(%s::text[]) FOR UPDATE SKIP LOCKED) RETURNING id, ordering_key, enqueued_at"
         )
         sql = self._sql(
             f"WITH expired AS (SELECT id FROM outbox WHERE {ran_out}"
@@ -360,9 +367,10 @@ class PostgresBackend(SqlOperations):
         values = [*args, *cap_args, cap_status.value, status.value, cap_error, error]
 
         def op(conn: psycopg.Connection[Any]) -> int:
-            lanes = self._lock_lanes_found(conn, lanes_sql, args)
+            lanes = self._lock_lanes_found(conn, lanes_sql, [*args, *hold_args])
             moved = conn.execute(sql, [*args, lanes, *values[len(args) :]]).fetchall()
             release_next(conn, POSTGRES, places(found for to, *found in moved if Status(to) in LEAVES_LANE))
+            release_next(conn, POSTGRES, places(conn.execute(holds_sql, [*hold_args, lanes]).fetchall()))
             return len(moved)
 
         return await self._pool.run(op)

@@ -37,6 +37,7 @@ from ..._errors import (
 )
 from ..._lifecycle import (
     AT_ATTEMPT_CAP,
+    LANE_HOLD_RAN_OUT,
     LEASE_RAN_OUT,
     PAST_MAX_AGE,
     WAITING,
@@ -214,6 +215,7 @@ class SqliteBackend(SqlOperations):
     ) -> int:
         ran_out, args = SQLITE.where(LEASE_RAN_OUT, now=now)
         at_cap, cap_args = SQLITE.where(AT_ATTEMPT_CAP, max_attempts=max_attempts)
+        hold, hold_args = SQLITE.where(LANE_HOLD_RAN_OUT, now=now)
         # The state machine's two answers, at the attempt cap and below it.
         fates = [
             (_lifecycle.on_lease_expired(unknown_fate=unknown_fate, at_cap=cap), cap) for cap in (True, False)
@@ -233,6 +235,12 @@ class SqliteBackend(SqlOperations):
                 moved += len(found)
                 if status in LEAVES_LANE:
                     release_next(conn, SQLITE, places(found))
+            # Rows aborted in flight whose leases ran out stop holding their lanes.
+            found = conn.execute(
+                f"UPDATE outbox SET lease_expires_at = NULL WHERE {hold} RETURNING id, ordering_key, enqueued_at",
+                hold_args,
+            ).fetchall()
+            release_next(conn, SQLITE, places(found))
             return moved
 
         return await self._write(op, durable=False)
