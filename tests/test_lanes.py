@@ -119,7 +119,7 @@ async def test_an_aborted_head_lets_the_next_go_and_a_requeued_row_joins_the_end
     assert last.id == successor.id
 
 
-async def test_a_head_requeued_in_flight_holds_its_lane_until_its_lease_runs_out_or_its_worker_reports(
+async def test_a_head_requeued_in_flight_holds_its_lane_until_its_lease_runs_out(
     clocked_outbox: Outbox, clock: FakeClock
 ) -> None:
     # Its send may still be on its way to the broker: a later row of the
@@ -133,12 +133,15 @@ async def test_a_head_requeued_in_flight_holds_its_lane_until_its_lease_runs_out
     await ob.recover_expired_leases(max_attempts=POLICY.max_attempts)
     (second,) = await claim(ob)
     assert second.client_message_id == "k-1"
-    # The worker reporting (its answer came back: nothing is on its way) lets the next go too.
+    # Its worker's late answer changes nothing (the row is no longer its): the hold ends with the lease.
     await ob.complete([lc.on_ack(second, broker_message_id="b", now=clock.now)])
     (held,) = await claim(ob)
     assert held.id == copy.id
     await ob.requeue(held.id)
-    await ob.complete([lc.on_ack(held, broker_message_id="b", now=clock.now)])  # stale, but the answer is in
+    assert await ob.complete([lc.on_ack(held, broker_message_id="b", now=clock.now)]) == [False]
+    assert await claim(ob) == []
+    clock.advance(POLICY.lease_ms)
+    await ob.recover_expired_leases(max_attempts=POLICY.max_attempts)
     (last,) = await claim(ob)
     assert last.ordering_key == "k" and last.id not in (head.id, copy.id)
 

@@ -67,8 +67,8 @@ class FirstInLane:
     The stores keep the answer as a flag on the row (``lane_blocked``): set
     when a row joins a lane that something holds, cleared for the lane's
     next row in the transaction that ends its head's hold (done, dead,
-    aborted; a row aborted in flight, when its lease runs out or its worker
-    reports). Judging it with a scan of the lane instead would cost a claim
+    aborted; a row aborted in flight, when its lease runs out). Judging it
+    with a scan of the lane instead would cost a claim
     time in proportion to the lane's depth (`_store/_lanes.py`).
     """
 

@@ -277,8 +277,9 @@ def requeued(
 
     An inflight row of an ordering lane keeps its lease's expiry once
     aborted: the send already on its way may still reach the broker, so its
-    lane is held (`_rules.holds_lane`) until the worker that sent it reports
-    or the lease runs out, lest a later row of the lane overtake it.
+    lane is held (`_rules.holds_lane`) until the lease runs out (a late
+    answer from its worker no longer applies to it), lest a later row of
+    the lane overtake it.
 
     Raises:
         InvalidTransition: the row is done or already aborted.

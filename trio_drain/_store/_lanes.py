@@ -71,7 +71,8 @@ RELEASE_NEXT_SQL = (
     " WHERE o.ordering_key = {m} AND (o.enqueued_at, o.id) > ({m}, {m})"
     f" AND o.status {_TO_GO} ORDER BY o.enqueued_at, o.id LIMIT 1)"
     " AND lane_blocked = 1 AND EXISTS (SELECT 1 FROM outbox AS x"
-    " WHERE x.id = {m} AND x.lane_blocked = 0 AND x.status IN ('done', 'dead', 'aborted'))"
+    " WHERE x.id = {m} AND x.lane_blocked = 0 AND x.status IN ('done', 'dead', 'aborted')"
+    " AND x.lease_expires_at IS NULL)"
 )
 
 #: A row that joined its lane ({row}) goes if the lane had nothing still to

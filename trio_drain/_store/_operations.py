@@ -157,8 +157,8 @@ class SqlOperations(SqlReads):
         """Rows `left` pending and inflight: the next row of a lane goes
         where one of them was its head, unless it still holds its lane
         (aborted in flight: `recover_expired_leases` lets the next go when
-        its lease runs out, or the worker that sent it when it reports). A
-        successor settles its own lane as it joins it (`_insert_successor`)."""
+        its lease runs out). A successor settles its own lane as it joins it
+        (`_insert_successor`)."""
         release_next(
             conn,
             self.dialect,
