@@ -11,6 +11,7 @@ import importlib.util
 import sqlite3
 import sys
 import tempfile
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -640,24 +641,32 @@ async def test_on_postgresql_ctrl_c_while_it_waits_leaves_nothing_and_the_connec
     pg_app: App, pg_connect: Callable[[], psycopg.Connection[Any]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """As psycopg does: the server's statement is cancelled, the exchange
-    read to its end, then KeyboardInterrupt raised (here the first wait on
-    the socket is interrupted)."""
+    read to its end, then KeyboardInterrupt raised. Here the accept waits
+    for its lane's lock, which another session holds, and the first wait on
+    the socket is interrupted once the server is surely waiting (inside the
+    savepoint: a cancel that came before the savepoint would fail the
+    caller's transaction, as any cancelled statement does)."""
     conn = pg_connect()
     pg_app.place_order(conn, 1)
+    holder = pg_connect()
+    holder.execute("SELECT pg_advisory_lock(hashtextextended('lane', 1953653108))")
     block = _wire._block
     interrupted: list[int] = []
 
     def interrupt_once(fd: int, wait: str) -> None:
         if not interrupted:
             interrupted.append(1)
+            time.sleep(0.3)
             raise KeyboardInterrupt
         block(fd, wait)
 
     monkeypatch.setattr(_wire, "_block", interrupt_once)
     with pytest.raises(KeyboardInterrupt):
-        accept_in(conn, request())
+        accept_in(conn, request(ordering_key="lane"))
     monkeypatch.undo()
     assert interrupted
+    holder.execute("SELECT pg_advisory_unlock(hashtextextended('lane', 1953653108))")
+    holder.rollback()
     assert accepted(accept_in(conn, request("order-2")))
     conn.commit()
     assert pg_app.orders() == [1]
