@@ -245,10 +245,7 @@ class Wire:
             for expected in [*queued, "sync"]:
                 last = None
                 while True:
-                    while pg.is_busy():
-                        yield READ
-                        pg.consume_input()
-                    result = pg.get_result()
+                    result = yield from self._result()
                     if result is None:
                         break
                     last = result
@@ -274,6 +271,15 @@ class Wire:
         if failure is not None:
             raise _error(failure)
         return results
+
+    def _result(self) -> Steps[pq.abc.PGresult | None]:
+        """The next result, once the server has sent it whole (None: the
+        current query's results are all in)."""
+        pg = self._pg
+        while pg.is_busy():
+            yield READ
+            pg.consume_input()
+        return pg.get_result()
 
     def _flush(self) -> Steps[None]:
         pg = self._pg
@@ -384,15 +390,11 @@ class Wire:
         """Read a simple query's answers to its end, or (`until_copy`) until
         the server takes its COPY's data: every result but the errors, in
         order. Raises the first error once the query has ended."""
-        pg = self._pg
         yield from self._flush()
         results: list[pq.abc.PGresult] = []
         failure: pq.abc.PGresult | None = None
         while True:
-            while pg.is_busy():
-                yield READ
-                pg.consume_input()
-            result = pg.get_result()
+            result = yield from self._result()
             if result is None:
                 break
             if until_copy and result.status == pq.ExecStatus.COPY_IN:
