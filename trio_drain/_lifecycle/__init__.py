@@ -70,7 +70,6 @@ from ._transitions import RetryPolicy as RetryPolicy
 from ._transitions import UnknownFate as UnknownFate
 from ._transitions import backoff_ms as backoff_ms
 from ._transitions import dropped as dropped
-from ._transitions import holds_lane_once_aborted as holds_lane_once_aborted
 from ._transitions import on_ack as on_ack
 from ._transitions import on_error as on_error
 from ._transitions import on_lease_expired as on_lease_expired

@@ -55,7 +55,6 @@ from ._sql import Dialect
 # leaves it walking the lane index to the first match (the plan test in
 # tests/test_postgres.py fails on the other spelling).
 _TO_GO = "NOT IN ('done', 'dead', 'aborted')"
-_LIVE = "('pending', 'inflight')"
 
 #: A row's place in its lane: (ordering_key, enqueued_at, id).
 Place = tuple[str, int, str]
@@ -153,7 +152,7 @@ def repair(conn: Any, mark: str) -> None:
     keys = [
         key
         for (key,) in conn.execute(
-            f"SELECT DISTINCT ordering_key FROM outbox WHERE ordering_key IS NOT NULL AND status IN {_LIVE}"
+            f"SELECT DISTINCT ordering_key FROM outbox WHERE ordering_key IS NOT NULL AND status {_TO_GO}"
         ).fetchall()
     ]
     select = f"SELECT id, enqueued_at, status, lane_blocked FROM outbox WHERE ordering_key = {mark} ORDER BY enqueued_at, id"

@@ -251,14 +251,19 @@ class Pool:
                 # COMMIT went unanswered: it may have been applied. Find out.
                 if await trio.to_thread.run_sync(self._committed, box, commit):
                     return commit.value  # type: ignore[no-any-return]
-                raise StoreUnavailable(
-                    f"the PostgreSQL outbox at {self.where} lost the connection at commit; the"
-                    " transaction rolled back and changed nothing"
-                ) from None
+                raise self._rolled_back_at_commit() from None
             raise translate(exc, self.where) from None
         except StoreUnavailable:
             self._lost = True
             raise
+
+    def _rolled_back_at_commit(self) -> StoreUnavailable:
+        """What a transaction whose COMMIT went unanswered, and which did not
+        commit, is reported as."""
+        return StoreUnavailable(
+            f"the PostgreSQL outbox at {self.where} lost the connection at commit; the"
+            " transaction rolled back and changed nothing"
+        )
 
     def _drop(self, box: list[Wire | None], exc: BaseException) -> None:
         """Throw away the connection in `box`, which failed."""
@@ -305,10 +310,7 @@ class Pool:
                 commit.value = value
                 if self._committed(box, commit):
                     return value
-                raise StoreUnavailable(
-                    f"the PostgreSQL outbox at {self.where} lost the connection at commit; the"
-                    " transaction rolled back and changed nothing"
-                ) from None
+                raise self._rolled_back_at_commit() from None
             raise translate(exc, self.where) from None
         except StoreUnavailable:
             self._lost = True

@@ -11,14 +11,9 @@ import psycopg.errors
 from ..._errors import StoreError
 from .._base import (
     COLUMNS,
-    INDEXES,
-    SCHEMA_2,
-    SCHEMA_3,
-    SCHEMA_VERSION,
-    record_schema_version,
     schema_version,
 )
-from .._lanes import repair as repair_lanes
+from .._upgrade import upgrade
 
 # Any constant: serialises schema migrations of processes starting together.
 _MIGRATION_LOCK = 0x7472696F647261  # "triodra"
@@ -113,15 +108,4 @@ def migrate(conn: psycopg.Connection[Any]) -> None:
     version = schema_version(conn)
     if version < 1:
         conn.execute(_CREATE_TABLE)
-    if version < 2:
-        for statement in SCHEMA_2:
-            conn.execute(statement)
-    if version < 3:
-        for statement in SCHEMA_3:
-            conn.execute(statement)
-    if version == 2:
-        repair_lanes(conn, mark="%s")
-    if version < SCHEMA_VERSION:
-        for statement in INDEXES:
-            conn.execute(statement)
-        record_schema_version(conn, mark="%s")
+    upgrade(conn, version, mark="%s")

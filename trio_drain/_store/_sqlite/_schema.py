@@ -10,15 +10,10 @@ from ..._errors import (
     StoreError,
 )
 from .._base import (
-    INDEXES,
-    SCHEMA_2,
-    SCHEMA_3,
-    SCHEMA_VERSION,
     Durability,
-    record_schema_version,
     schema_version,
 )
-from .._lanes import repair as repair_lanes
+from .._upgrade import upgrade
 
 # The table as the seed's daemon wrote it, plus the lease columns.
 _CREATE_TABLE = """
@@ -136,18 +131,7 @@ def migrate(conn: sqlite3.Connection) -> None:
                     conn.execute(f"ALTER TABLE outbox ADD COLUMN {column} {kind}")
             if "priority_rank" not in present:
                 conn.execute(_ADD_PRIORITY_RANK)
-        if version < 2:
-            for statement in SCHEMA_2:
-                conn.execute(statement)
-        if version < 3:
-            for statement in SCHEMA_3:
-                conn.execute(statement)
-        if version == 2:
-            repair_lanes(conn, mark="?")
-        if version < SCHEMA_VERSION:
-            for statement in INDEXES:
-                conn.execute(statement)
-            record_schema_version(conn, mark="?")
+        upgrade(conn, version, mark="?")
         conn.execute("COMMIT")
     except BaseException:
         conn.rollback()
