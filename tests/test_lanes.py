@@ -146,6 +146,25 @@ async def test_a_head_requeued_in_flight_holds_its_lane_until_its_lease_runs_out
     assert last.ordering_key == "k" and last.id not in (head.id, copy.id)
 
 
+async def test_a_row_joining_a_lane_held_by_a_head_requeued_in_flight_waits_for_the_hold(
+    clocked_outbox: Outbox, clock: FakeClock
+) -> None:
+    # Found by the store state machine in CI: the joining row walked back
+    # past the dropped copy to the aborted head, took "left as head" for
+    # "holds nothing" and went while the head's send could be on its way.
+    ob = clocked_outbox
+    await fill_lane(ob, clock, "k", 1)
+    (head,) = await claim(ob)
+    copy = await ob.requeue(head.id)
+    await ob.drop(copy.id)
+    await ob.accept(req("k-late", ordering_key="k"))
+    assert await claim(ob) == []  # the aborted head's lease still runs
+    clock.advance(POLICY.lease_ms)
+    await ob.recover_expired_leases(max_attempts=POLICY.max_attempts)
+    (late,) = await claim(ob)
+    assert late.client_message_id == "k-late"
+
+
 async def test_a_head_lost_to_its_lease_at_the_attempt_cap_or_to_max_age_releases_the_lane(
     clocked_outbox: Outbox, clock: FakeClock
 ) -> None:

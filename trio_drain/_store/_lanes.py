@@ -74,13 +74,15 @@ RELEASE_NEXT_SQL = (
     " AND x.lease_expires_at IS NULL)"
 )
 
-#: A row that joined its lane ({row}) goes if the lane had nothing still to
-#: go: walking back from its place ({key}, {at}, {id}) past rows that left
-#: while blocked, the first row found is not one still to go (it left as
-#: head), or there is none.
+#: A row that joined its lane ({row}) goes if nothing holds the lane:
+#: walking back from its place ({key}, {at}, {id}) past rows that left
+#: while blocked, the first row found left as head and holds nothing more
+#: (it is not still to go, nor aborted in flight with its lease still
+#: running), or there is none.
 SETTLE_JOINED_SQL = (
     "UPDATE outbox SET lane_blocked = 0 WHERE id = {row} AND lane_blocked = 1"
-    f" AND NOT coalesce((SELECT p.status {_TO_GO} FROM outbox AS p{{pin}}"
+    f" AND NOT coalesce((SELECT p.status {_TO_GO} OR p.lease_expires_at IS NOT NULL"
+    " FROM outbox AS p{pin}"
     " WHERE p.ordering_key = {key} AND (p.enqueued_at, p.id) < ({at}, {id})"
     f" AND (p.status {_TO_GO} OR p.lane_blocked = 0)"
     " ORDER BY p.enqueued_at DESC, p.id DESC LIMIT 1), FALSE)"
