@@ -26,7 +26,8 @@ So a lane is settled from a row's neighbours in the lane index
   after it still to go;
 - when rows join a lane, `settle_joined` clears the flag of the first of
   them if the nearest earlier row that is still to go or left as head is
-  not still to go (the lane was empty).
+  neither still to go nor holding its lane (a head aborted in flight holds
+  it until its lease runs out; `_lifecycle.holds_lane`): the lane was free.
 
 Neither statement writes to the lane index (its columns never change), so
 a claim and an outcome cost no more in a lane than outside one: the index
