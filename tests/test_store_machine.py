@@ -98,13 +98,23 @@ class OutboxMachine(RuleBasedStateMachine):
 
         return self.portal.run(go)
 
-    def lane_enqueued_at(self, key: str | None) -> int:
-        """A lane's new row is enqueued no earlier than its rows still to go
-        (the clock here steps back; accept order must hold)."""
-        active = [
-            m.enqueued_at for m in self.model.values() if m.ordering_key == key and m.status in lc.ACTIVE
-        ]
-        return max([self.clock.now, *active]) if key is not None else self.clock.now
+    def enqueued_at(self, row_id: str, key: str | None) -> int:
+        """When the new row `row_id` was enqueued: now, or, in a lane, now or
+        the first millisecond that puts it after every row of its lane,
+        whatever their status (the clock here steps back; accept order must
+        hold). SQLite may keep now when the row's id sorts after a row of
+        the same millisecond, PostgreSQL moves on a millisecond: the store's
+        time is checked against those bounds and taken."""
+        now = self.clock.now
+        if key is None:
+            return now
+        stored = self.call(self.outbox.get, row_id)
+        assert stored is not None
+        lane = [(m.enqueued_at, m.id) for m in self.model.values() if m.ordering_key == key]
+        last = max(lane, default=None)
+        assert (stored.enqueued_at, row_id) > (last or (now - 1, "")), "a row joined its lane before its end"
+        assert now <= stored.enqueued_at <= max(now, last[0] + 1 if last else now)
+        return int(stored.enqueued_at)
 
     def world(self) -> lc.Table:
         return lc.Table(list(self.model.values()), paused=frozenset(self.paused))
@@ -124,7 +134,7 @@ class OutboxMachine(RuleBasedStateMachine):
                 client_message_id=outcome.client_message_id,
                 fingerprint=fingerprint,
                 rank=RANK[request.priority],
-                enqueued_at=self.lane_enqueued_at(request.ordering_key),
+                enqueued_at=self.enqueued_at(outcome.row_id, request.ordering_key),
                 next_attempt_at=self.clock.now,
                 ordering_key=request.ordering_key,
                 mesh=request.mesh,
@@ -285,7 +295,7 @@ class OutboxMachine(RuleBasedStateMachine):
                 client_message_id=result.client_message_id,
                 fingerprint=m.fingerprint,
                 rank=m.rank,
-                enqueued_at=self.lane_enqueued_at(m.ordering_key),  # the end of its lane
+                enqueued_at=self.enqueued_at(result.id, m.ordering_key),  # the end of its lane
                 next_attempt_at=self.clock.now,
                 ordering_key=m.ordering_key,
                 mesh=m.mesh,
