@@ -11,6 +11,7 @@ import importlib.util
 import sqlite3
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -671,6 +672,82 @@ async def test_on_postgresql_ctrl_c_while_it_waits_leaves_nothing_and_the_connec
     conn.commit()
     assert pg_app.orders() == [1]
     assert pg_app.outbox_rows() == [("order-2", "pending")]
+
+
+async def test_on_postgresql_ctrl_c_before_the_savepoint_is_in_cancels_nothing_until_it_is(
+    pg_app: App, pg_connect: Callable[[], psycopg.Connection[Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Ctrl-C at the very start of the round trip: a cancel then could
+    land on the SAVEPOINT and fail the caller's transaction, so it waits for
+    the savepoint's answer, then cancels the accept waiting for its lane."""
+    conn = pg_connect()
+    pg_app.place_order(conn, 1)  # the transaction is open: the savepoint comes first
+    holder = pg_connect()
+    holder.execute("SELECT pg_advisory_lock(hashtextextended('lane', 1953653108))")
+    # Should the savepoint's answer never come back while the accept waits
+    # (the server holds answers until a pipeline's end unless asked), the
+    # lock goes after a while, and the cancel comes too late: a failure, not a hang.
+    letting_go = threading.Timer(10, holder.execute, ("SELECT pg_advisory_unlock_all()",))
+    letting_go.start()
+    block, cancel = _wire._block, _wire.Wire.cancel
+    interrupted: list[int] = []
+    answered_at_cancel: list[int] = []
+
+    def interrupt_at_once(fd: int, wait: str) -> None:
+        if not interrupted:
+            interrupted.append(1)
+            raise KeyboardInterrupt
+        block(fd, wait)
+
+    def spy(self: _wire.Wire) -> None:
+        answered_at_cancel.append(self.answered)
+        cancel(self)
+
+    monkeypatch.setattr(_wire, "_block", interrupt_at_once)
+    monkeypatch.setattr(_wire.Wire, "cancel", spy)
+    with pytest.raises(KeyboardInterrupt):
+        accept_in(conn, request(ordering_key="lane"))
+    monkeypatch.undo()
+    letting_go.cancel()
+    letting_go.join()
+    assert answered_at_cancel == [1]  # once, with the savepoint's answer in and nothing after it
+    holder.execute("SELECT pg_advisory_unlock_all()")
+    holder.rollback()
+    assert accepted(accept_in(conn, request("order-2")))
+    conn.commit()
+    assert pg_app.orders() == [1]
+    assert pg_app.outbox_rows() == [("order-2", "pending")]
+
+
+def test_a_blocking_exchange_interrupted_cancels_once_the_answers_it_must_wait_for_are_in(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The mechanism alone, on a stand-in exchange: a Ctrl-C at the first
+    wait sends the cancel only after `cancel_after` answers, then the
+    exchange is read to its end and KeyboardInterrupt raised."""
+    w = _wire.Wire.__new__(_wire.Wire)
+    w._pg = type("StandIn", (), {"socket": -1})()
+    w.answered = 0
+    seen: list[int] = []
+    monkeypatch.setattr(w, "cancel", lambda: seen.append(w.answered))
+    waits = iter([KeyboardInterrupt, None, None, None])
+
+    def block(fd: int, wait: str) -> None:
+        interrupt = next(waits)
+        if interrupt is not None:
+            raise interrupt
+
+    monkeypatch.setattr(_wire, "_block", block)
+
+    def steps() -> _wire.Steps[str]:
+        for _ in range(3):
+            yield _wire.READ
+            w.answered += 1
+        return "done"
+
+    with pytest.raises(KeyboardInterrupt):
+        w.drive_blocking(steps(), cancel_after=2)
+    assert seen == [2]
 
 
 async def test_on_postgresql_in_psycopgs_pipeline_mode_it_joins_the_transaction_too(

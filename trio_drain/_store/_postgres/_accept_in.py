@@ -108,10 +108,12 @@ def _exchange(w: wire.Wire, send: Callable[[wire.Wire], None]) -> list[Any]:
             conn = w.conn
             w.send(_begin(conn.isolation_level, conn.read_only, conn.deferrable), ())
         w.send(_SAVEPOINT, ())
+        w.ask_flush()  # its answer comes back at once, for a Ctrl-C to wait for
         send(w)
         w.send(_RELEASE, ())
         try:
-            results = w.exchange_blocking()
+            # A Ctrl-C cancels nothing before the savepoint is in place.
+            results = w.exchange_blocking(cancel_after=1 + begin)
         except _PREPARED_ELSEWHERE:
             _undo(w)
             if last_try:

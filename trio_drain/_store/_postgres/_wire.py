@@ -187,6 +187,9 @@ class Wire:
         self._pg = conn.pgconn
         self._prepared: set[bytes] = set() if prepared is None else prepared
         self._queued: list[Statement | None] = []  # None: a Sync
+        #: Answers read so far in the exchange under way (a PREPARE's
+        #: counts), for `drive_blocking`'s cancel.
+        self.answered = 0
 
     @property
     def broken(self) -> bool:
@@ -216,6 +219,12 @@ class Wire:
             pg.send_query_prepared(statement.name, params, formats, BINARY)
         self._queued.append(None)
 
+    def ask_flush(self) -> None:
+        """Ask the server to send its answers so far at once (it holds them
+        until the pipeline's end otherwise): a statement queued before this
+        is answered even while a later one waits for a lock."""
+        self._pg.send_flush_request()
+
     def push(self) -> None:
         """Start sending what was queued, without waiting: the server gets
         on with it while the caller prepares the next statement."""
@@ -228,9 +237,11 @@ class Wire:
         transaction) once all the answers are in."""
         return await self.drive(self.steps())
 
-    def exchange_blocking(self) -> list[pq.abc.PGresult]:
-        """`exchange`, blocking the calling thread (a caller's connection)."""
-        return self.drive_blocking(self.steps())
+    def exchange_blocking(self, *, cancel_after: int = 0) -> list[pq.abc.PGresult]:
+        """`exchange`, blocking the calling thread (a caller's connection).
+        A KeyboardInterrupt cancels the server's statement only once the
+        first `cancel_after` answers are in (see `drive_blocking`)."""
+        return self.drive_blocking(self.steps(), cancel_after=cancel_after)
 
     def steps(self) -> Steps[list[pq.abc.PGresult]]:
         """The exchange as steps, each waiting for the socket (`drive` or
@@ -240,6 +251,7 @@ class Wire:
         pg.pipeline_sync()
         results: list[pq.abc.PGresult] = []
         failure: pq.abc.PGresult | None = None
+        self.answered = 0
         try:
             yield from self._flush()
             for expected in [*queued, "sync"]:
@@ -258,6 +270,7 @@ class Wire:
                     if status != pq.ExecStatus.PIPELINE_SYNC:
                         raise psycopg.OperationalError(f"expected the end of a pipeline, got {status!r}")
                     break
+                self.answered += 1
                 if isinstance(expected, Statement) and status != pq.ExecStatus.COMMAND_OK:
                     self._prepared.discard(expected.name)  # a PREPARE that did not go through
                 if status == pq.ExecStatus.FATAL_ERROR:
@@ -306,23 +319,28 @@ class Wire:
         finally:
             steps.close()
 
-    def drive_blocking(self, steps: Steps[T]) -> T:
+    def drive_blocking(self, steps: Steps[T], *, cancel_after: int = 0) -> T:
         """Run `steps` in the calling thread, blocking on the socket. A
         KeyboardInterrupt cancels the server's statement, as psycopg does,
         and is raised once the exchange has ended (the connection stays
-        usable)."""
+        usable). The cancel waits for the first `cancel_after` answers:
+        `accept_in` cancels nothing before its savepoint is in place, since
+        a cancelled BEGIN or SAVEPOINT would fail the caller's transaction
+        where one inside the savepoint only undoes the accept."""
         fd = self._pg.socket
-        interrupted = False
+        interrupted = cancelled = False
         try:
             wait = next(steps)
             while True:
+                if interrupted and not cancelled and self.answered >= cancel_after:
+                    cancelled = True
+                    self.cancel()
                 try:
                     _block(fd, wait)
                 except KeyboardInterrupt:
                     if interrupted:
                         raise
                     interrupted = True
-                    self._pg.get_cancel().cancel()
                 wait = steps.send(None)
         except StopIteration as done:
             if interrupted:
@@ -334,6 +352,10 @@ class Wire:
             raise
         finally:
             steps.close()
+
+    def cancel(self) -> None:
+        """Ask the server to cancel the statement it runs for this connection."""
+        self._pg.get_cancel().cancel()
 
     async def run(self, statement: Statement, params: Sequence[bytes | None]) -> pq.abc.PGresult:
         """One statement, in a transaction of its own unless one is open."""
