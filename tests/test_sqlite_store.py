@@ -441,7 +441,7 @@ async def test_leaders_cancelled_mid_write_still_hand_on_every_later_batch(db_pa
 async def test_the_writers_doorbell_wakes_its_waiter_once_per_ring(
     kind: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from trio_drain._store._group_commit import Doorbell as _Doorbell
+    from trio_drain._store._doorbell import Doorbell as _Doorbell
 
     if kind == "socketpair":  # what other systems than Linux get
         monkeypatch.delattr(os, "eventfd")

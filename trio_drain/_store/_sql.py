@@ -9,6 +9,7 @@ property test can hold the SQL and `_lifecycle.holds` to the same answer.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -70,9 +71,20 @@ class Dialect:
         """`rule` as SQL (its terms joined by AND) and the arguments it binds, in order.
 
         Statuses are written as literals so the partial indexes (``WHERE
-        status = 'pending'``) match. `table` qualifies the columns.
+        status = 'pending'``) match. `table` qualifies the columns. The text
+        is rendered once per rule (the claim's is on the hot path); only
+        the arguments are worked out each time.
         """
+        sql, bounds = self._rendered(rule, table)
         args: list[Any] = []
+        for bound in bounds:
+            args.extend(self.bound(bound, now=now, max_age_ms=max_age_ms, max_attempts=max_attempts)[1])
+        return sql, args
+
+    @functools.lru_cache(maxsize=64)  # noqa: B019 (a few frozen dialects, kept for the process's life)
+    def _rendered(self, rule: Rule, table: str) -> tuple[str, tuple[Bound, ...]]:
+        """`rule` as SQL, and the bounds whose arguments it takes, in order."""
+        bounds: list[Bound] = []
         prefix = f"{table}." if table else ""
         outbox = table or "outbox"
 
@@ -93,11 +105,10 @@ class Dialect:
                 return f"{column} IS NULL"
             if isinstance(t.value, Status):
                 return f"{column} {t.op} '{t.value.value}'"
-            sql, bound_args = self.bound(t.value, now=now, max_age_ms=max_age_ms, max_attempts=max_attempts)
-            args.extend(bound_args)
-            return f"{column} {t.op} {sql}"
+            bounds.append(t.value)
+            return f"{column} {t.op} {self.bound(t.value, now=0)[0]}"
 
-        return " AND ".join(term(t) for t in rule), args
+        return " AND ".join(term(t) for t in rule), tuple(bounds)
 
     def routes(self, exclude: RouteFilter) -> tuple[str, list[Any]]:
         """SQL (``AND ...`` terms) leaving out rows of blocked routes, or

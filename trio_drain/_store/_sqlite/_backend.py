@@ -1,10 +1,11 @@
 """The SQLite back end: one file, WAL, group commit, no blocking call on Trio.
 
-Threading model: one write connection, used only by a writer thread of
-the store's own, and one read connection, used only through
-`trio.to_thread.run_sync` under a limiter of one; so a connection is never
-used by two threads at once (`check_same_thread=False` is safe under that
-rule). Writes are never abandoned on cancellation.
+Threading model: one write connection, used by a writer thread of the
+store's own or, for a quick write while that thread is idle, by the Trio
+thread (`_group_commit`), never by both at once; and one read connection,
+used only through `trio.to_thread.run_sync` under a limiter of one
+(`check_same_thread=False` is safe under those rules). Writes are never
+abandoned on cancellation.
 
 Group commit (`_group_commit`): every write is an operation queued for
 the writer thread, and what is queued while it is busy goes in the next
@@ -64,6 +65,10 @@ from ._schema import check_integrity, check_sqlite_version, connect, migrate
 from ._statements import INSERT, Insert, claim_rows, claim_statement, complete_rows
 
 T = TypeVar("T")
+
+#: A write of at most this many rows (outcomes, or rows claimed) is quick:
+#: it may run on the Trio thread when the writer thread is idle.
+QUICK_ROWS = 4
 
 
 class SqliteBackend(SqlOperations):
@@ -127,10 +132,18 @@ class SqliteBackend(SqlOperations):
             raise StoreClosed("the outbox is closed")
 
     async def _write(
-        self, fn: Callable[[sqlite3.Connection], T], *, durable: bool = True, joint: Joint | None = None
+        self,
+        fn: Callable[[sqlite3.Connection], T],
+        *,
+        durable: bool = True,
+        joint: Joint | None = None,
+        rows: int | None = None,
     ) -> T:
+        """`rows`: how many rows the write touches at most, when known; a
+        write of a few may run on the Trio thread (`_group_commit`)."""
         self._check_open()
-        return await self._committer.submit(fn, durable=durable, joint=joint)
+        quick = rows is not None and rows <= QUICK_ROWS
+        return await self._committer.submit(fn, durable=durable, joint=joint, quick=quick)
 
     async def on_writer(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run `fn` with the write connection on the writer thread, between
@@ -184,13 +197,13 @@ class SqliteBackend(SqlOperations):
         def op(conn: sqlite3.Connection) -> Rows:
             return claim_rows(conn, *claim)
 
-        return await self._write(op, durable=False)
+        return await self._write(op, durable=False, rows=limit)
 
     async def complete(self, completions: Sequence[Completion]) -> Applied:
         def op(conn: sqlite3.Connection) -> Applied:
             return complete_rows(conn, completions)
 
-        return await self._write(op, durable=False)
+        return await self._write(op, durable=False, rows=len(completions))
 
     async def complete_and_claim(
         self,
@@ -208,7 +221,7 @@ class SqliteBackend(SqlOperations):
         def op(conn: sqlite3.Connection) -> tuple[Applied, Rows]:
             return complete_rows(conn, completions), claim_rows(conn, *claim)
 
-        return await self._write(op, durable=False)
+        return await self._write(op, durable=False, rows=max(len(completions), limit))
 
     async def recover_expired_leases(
         self, *, now: int, max_attempts: int, unknown_fate: UnknownFate = "resend"

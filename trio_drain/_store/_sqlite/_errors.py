@@ -34,6 +34,11 @@ def _primary_code(exc: sqlite3.Error) -> str:
     return name.removeprefix("SQLITE_").partition("_")[0]
 
 
+def is_busy(exc: sqlite3.Error) -> bool:
+    """Whether `exc` says another connection holds a lock (SQLITE_BUSY)."""
+    return _primary_code(exc) == "BUSY"
+
+
 def translate(exc: sqlite3.Error) -> StoreError:
     """The store error for `exc`: a new exception object on every call (so no
     two callers share one), caused by `exc`."""

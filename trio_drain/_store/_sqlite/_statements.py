@@ -124,6 +124,10 @@ def complete_rows(conn: sqlite3.Connection, completions: Sequence[Completion]) -
             )
             for c in chunk
         ]
+        if len(values) == 1:  # a lone outcome (a lane's head): its statement says if it took
+            applied.append(conn.execute(COMPLETE_ONE, values[0]).rowcount == 1)
+            _crashpoints.reached("completion_mid_batch")
+            continue
         conn.execute("SAVEPOINT complete")
         before = conn.total_changes
         conn.execute(complete_many_sql(len(chunk)), [v for row in values for v in row])
