@@ -296,7 +296,7 @@ async def test_a_schema_1_postgresql_outbox_migrates_and_its_rows_still_drain(pg
             "CREATE INDEX outbox_due ON outbox (next_attempt_at) WHERE status = 'pending'",
             "UPDATE trio_drain_schema SET version = 1",
         ]:
-            conn.execute(statement)  # type: ignore[arg-type]
+            conn.execute(statement)
     async with open_outbox(pg_url) as ob:
         await ob.accept(req("new-0", ordering_key="k"))
         assert ids(await claim(ob)) == ["new-0", "old-0"]
@@ -345,10 +345,10 @@ async def test_a_schema_2_postgresql_outbox_gets_the_new_lane_index(pg_url: str)
         await ob.accept_many([req("k-0", ordering_key="k"), req("k-1", ordering_key="k")])
     with psycopg.connect(pg_url, autocommit=True) as conn:
         for statement in _SCHEMA_2_LANE_INDEXES:
-            conn.execute(statement)  # type: ignore[arg-type]
+            conn.execute(statement)
     await _a_schema_2_lane_drains_in_order(pg_url)
     with psycopg.connect(pg_url) as conn:
-        lane_indexes = dict(
+        lane_indexes: dict[str, str] = dict(
             conn.execute(
                 "SELECT indexname, indexdef FROM pg_indexes WHERE indexname LIKE 'outbox_lane%%'"
             ).fetchall()
@@ -519,7 +519,8 @@ def test_lane_keys_are_validated() -> None:
     from trio_drain import InvalidRequest
     from trio_drain._validate import prepare_row
 
-    for bad in ["", "   ", "x" * 257, "a\u202eb", 7]:
+    bad_keys: list[Any] = ["", "   ", "x" * 257, "a\u202eb", 7]
+    for bad in bad_keys:
         with pytest.raises(InvalidRequest, match="ordering_key"):
             prepare_row(attrs.evolve(req("m"), ordering_key=bad), now=0)
     row = prepare_row(attrs.evolve(req("m"), ordering_key="k" * 256), now=0)

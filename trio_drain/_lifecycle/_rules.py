@@ -152,8 +152,9 @@ def route_name(row: object) -> str | None:
 class World(Protocol):
     """What the terms that look beyond one row need to know."""
 
-    #: Names of the paused routes (`route_name`).
-    paused: frozenset[str]
+    @property
+    def paused(self) -> frozenset[str]:
+        """Names of the paused routes (`route_name`)."""
 
     def first_in_lane(self, row: Any) -> bool:
         """Whether no earlier row of `row`'s lane holds it (`holds_lane`)."""
