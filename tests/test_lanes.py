@@ -165,6 +165,46 @@ async def test_a_row_joining_a_lane_held_by_a_head_requeued_in_flight_waits_for_
     assert late.client_message_id == "k-late"
 
 
+@pytest.mark.parametrize("then", ["drop the dead head", "requeue the dead head", "a late answer for it"])
+async def test_an_earlier_head_leaving_again_cannot_release_past_a_head_that_holds_the_lane(
+    clocked_outbox: Outbox, clock: FakeClock, then: str
+) -> None:
+    # k-0 went dead, k-1 went out and was requeued in flight (its send may
+    # be on its way). Whatever k-0 does now, k-1's copy waits for the hold.
+    ob = clocked_outbox
+    await fill_lane(ob, clock, "k", 2)
+    (dead,) = await claim(ob)
+    await ob.complete([lc.on_error(dead, error="no", permanent=True, now=clock.now, policy=POLICY, jitter=0)])
+    (head,) = await claim(ob)
+    assert head.client_message_id == "k-1"
+    copy = await ob.requeue(head.id)
+    if then == "drop the dead head":
+        await ob.drop(dead.id)
+    elif then == "requeue the dead head":
+        await ob.requeue(dead.id)
+    else:
+        assert await ob.complete([lc.on_ack(dead, broker_message_id="b", now=clock.now)]) == [False]
+    assert await claim(ob) == []
+    clock.advance(POLICY.lease_ms)
+    await ob.recover_expired_leases(max_attempts=POLICY.max_attempts)
+    (after,) = await claim(ob)
+    assert after.id == copy.id
+
+
+async def test_prune_leaves_a_row_that_holds_its_lane(clocked_outbox: Outbox, clock: FakeClock) -> None:
+    ob = clocked_outbox
+    await fill_lane(ob, clock, "k", 1)
+    (head,) = await claim(ob)
+    copy = await ob.requeue(head.id)
+    clock.advance(10)
+    assert await ob.prune(0.001, status=Status.ABORTED) == 0
+    clock.advance(POLICY.lease_ms)
+    await ob.recover_expired_leases(max_attempts=POLICY.max_attempts)
+    (after,) = await claim(ob)
+    assert after.id == copy.id
+    assert await ob.prune(0.001, status=Status.ABORTED) == 1  # its hold is over
+
+
 async def test_a_head_lost_to_its_lease_at_the_attempt_cap_or_to_max_age_releases_the_lane(
     clocked_outbox: Outbox, clock: FakeClock
 ) -> None:

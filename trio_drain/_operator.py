@@ -226,8 +226,10 @@ class OperatorActions:
         By default only done rows (by ``delivered_at``); dead and aborted
         rows are kept for audit unless named in `status` (an aborted row by
         ``aborted_at``; a dead row by its last due time, ``next_attempt_at``,
-        as the outbox keeps no time of death). Deletes in batches of a
-        transaction each. Returns the rows deleted.
+        as the outbox keeps no time of death). A row aborted in flight in an
+        ordering lane is kept while it holds its lane (until its lease runs
+        out). Deletes in batches of a transaction each. Returns the rows
+        deleted.
 
         Raises:
             InvalidRequest: a negative age, or a status that is not done,

@@ -61,7 +61,9 @@ _TO_GO = "NOT IN ('done', 'dead', 'aborted')"
 Place = tuple[str, int, str]
 
 #: The lane's first row still to go after a place, if the row there (its
-#: id bound again) left the lane as its head; {m}-marked and {pin}-hinted
+#: id bound again) left the lane as its head and no row between holds the
+#: lane (a head aborted in flight, its lease running: the walk stops at it,
+#: and its flag is clear, so nothing changes); {m}-marked and {pin}-hinted
 #: for a dialect (PostgreSQL prepares it once). The place is bound rather
 #: than read from the row in the statement: SQLite seeks an index by a row
 #: value only when its values are bound, and otherwise walks every row of
@@ -69,7 +71,7 @@ Place = tuple[str, int, str]
 RELEASE_NEXT_SQL = (
     "UPDATE outbox SET lane_blocked = 0 WHERE id = (SELECT o.id FROM outbox AS o{pin}"
     " WHERE o.ordering_key = {m} AND (o.enqueued_at, o.id) > ({m}, {m})"
-    f" AND o.status {_TO_GO} ORDER BY o.enqueued_at, o.id LIMIT 1)"
+    f" AND (o.status {_TO_GO} OR o.lease_expires_at IS NOT NULL) ORDER BY o.enqueued_at, o.id LIMIT 1)"
     " AND lane_blocked = 1 AND EXISTS (SELECT 1 FROM outbox AS x"
     " WHERE x.id = {m} AND x.lane_blocked = 0 AND x.status IN ('done', 'dead', 'aborted')"
     " AND x.lease_expires_at IS NULL)"

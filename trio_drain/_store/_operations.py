@@ -248,7 +248,9 @@ class SqlOperations(SqlReads):
         for status in sorted(statuses):
             column = SETTLED_AT[status]
             bound, bound_args = self._age_limit(column, older_than_ms, now=now)
-            terms.append(f"(status = '{status.value}' AND {column} < {bound})")
+            # Never a row that still holds its lane (aborted in flight, its
+            # lease running): the sweep that ends the hold releases the next.
+            terms.append(f"(status = '{status.value}' AND {column} < {bound} AND lease_expires_at IS NULL)")
             args.extend(bound_args)
         if not terms:
             return 0
