@@ -111,7 +111,7 @@ async def test_a_quick_write_finding_another_process_writing_waits_on_the_writer
                 nursery.start_soon(ticker)
                 nursery.start_soon(claim)
                 await trio.sleep(0.3)
-                assert not claimed and ticks >= 10  # it waits, and the loop runs on
+                assert not claimed and ticks >= 3  # it waits, and the loop runs on
                 other.rollback()
         assert len(claimed) == 1
         other.close()
@@ -129,6 +129,45 @@ async def test_a_quick_write_that_fails_is_undone_and_raises_its_own_error(commi
         return int(conn.execute("SELECT count(*) FROM t").fetchone()[0])
 
     assert await committer.submit(count, durable=False, quick=True) == 0
+    assert committer._thread is None  # both ran here
+
+
+async def test_a_quick_write_bigger_than_its_budget_goes_to_the_writer_thread(
+    committer: GroupCommitter,
+) -> None:
+    threads: list[str] = []
+
+    def big(conn: sqlite3.Connection) -> int:
+        threads.append(threading.current_thread().name)
+        return int(
+            conn.execute(
+                "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 100000)"
+                " SELECT count(*) FROM n"
+            ).fetchone()[0]
+        )
+
+    assert await committer.submit(big, durable=False, quick=True) == 100_000
+    here = threading.current_thread().name
+    assert threads == [here, "trio-drain sqlite writer"]  # begun here, undone, done there
+
+
+async def test_quick_writes_are_schedule_points(committer: GroupCommitter) -> None:
+    threads: list[str] = []
+    others = 0
+
+    async def other() -> None:
+        nonlocal others
+        while True:
+            others += 1
+            await trio.lowlevel.checkpoint()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(other)
+        await trio.lowlevel.checkpoint()
+        for _ in range(20):
+            await committer.submit(insert_on(threads), durable=False, quick=True)
+        nursery.cancel_scope.cancel()
+    assert others >= 10
 
 
 async def test_a_lane_moves_through_quick_writes_as_before(db_path: Path) -> None:

@@ -58,6 +58,11 @@ _SAVEPOINT = wire.Statement.of(SAVEPOINT, (), prepare=False)
 _ROLLBACK_TO = wire.Statement.of(ROLLBACK_TO, (), prepare=False)
 _RELEASE = wire.Statement.of(RELEASE, (), prepare=False)
 
+#: Statements outside the savepoint are never cancelled (a cancel there
+#: would fail the caller's transaction); none of them waits for a lock, so
+#: a Ctrl-C is raised once they are answered.
+NEVER = 1 << 30
+
 MIGRATE = "open it once with trio_drain.open_outbox, which creates or migrates the schema"
 
 #: The statement names prepared on each caller's connection.
@@ -119,7 +124,7 @@ def _exchange(w: wire.Wire, send: Callable[[wire.Wire], None]) -> list[Any]:
             if last_try:
                 raise
             w.send(_OURS_PREPARED, ())
-            (found,) = w.exchange_blocking()
+            (found,) = w.exchange_blocking(cancel_after=NEVER)
             w.forget_prepared()
             w.know_prepared(name for (name,) in wire.rows(found) if name is not None)
             continue
@@ -153,7 +158,7 @@ def _undo(w: wire.Wire) -> None:
     try:
         w.send(_ROLLBACK_TO, ())
         w.send(_RELEASE, ())
-        w.exchange_blocking()
+        w.exchange_blocking(cancel_after=NEVER)
     except psycopg.Error:
         pass  # the error being raised says more
 
