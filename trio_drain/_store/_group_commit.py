@@ -14,8 +14,8 @@ finds the writer idle and nobody waiting runs on the Trio thread instead
 (`GroupCommitter._run_here`): the hand-over to the writer thread and back
 is most of such a write's time from call to answer, and a lane moves one
 row per outcome written. It never waits there: a lock held by another
-process, an fsync or a WAL checkpoint each send it, or the writes after
-it, to the writer thread.
+process, an fsync, a WAL checkpoint or more work than a quick write's
+budget each send it, or the writes after it, to the writer thread.
 """
 
 from __future__ import annotations
