@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from trio_drain import Outbox, open_outbox
+from trio_drain import Outbox, StoreError, open_outbox
 from trio_drain import _lifecycle as lc
 from trio_drain._store._group_commit import HERE_STREAK, GroupCommitter
 
@@ -139,6 +139,7 @@ async def test_a_quick_write_bigger_than_its_budget_goes_to_the_writer_thread(
 
     def big(conn: sqlite3.Connection) -> int:
         threads.append(threading.current_thread().name)
+        conn.execute("INSERT INTO t VALUES (1)")  # undone on the Trio thread, then done once
         return int(
             conn.execute(
                 "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 100000)"
@@ -149,6 +150,28 @@ async def test_a_quick_write_bigger_than_its_budget_goes_to_the_writer_thread(
     assert await committer.submit(big, durable=False, quick=True) == 100_000
     here = threading.current_thread().name
     assert threads == [here, "trio-drain sqlite writer"]  # begun here, undone, done there
+
+    def count(conn: sqlite3.Connection) -> int:
+        return int(conn.execute("SELECT count(*) FROM t").fetchone()[0])
+
+    assert await committer.submit(count, durable=False) == 1
+
+
+async def test_a_quick_write_that_swallows_the_end_of_its_transaction_fails_and_is_not_run_again(
+    committer: GroupCommitter,
+) -> None:
+    def swallows(conn: sqlite3.Connection) -> None:
+        conn.execute("INSERT INTO t VALUES (1)")
+        conn.rollback()  # as a swallowed error that ended the transaction would
+        conn.execute("INSERT INTO t VALUES (2)")  # in autocommit: kept, whatever happens next
+
+    with pytest.raises(StoreError, match="lost its transaction"):
+        await committer.submit(swallows, durable=False, quick=True)
+
+    def values(conn: sqlite3.Connection) -> list[int]:
+        return [v for (v,) in conn.execute("SELECT x FROM t")]
+
+    assert await committer.submit(values, durable=False) == [2]  # not run again on the writer thread
 
 
 async def test_quick_writes_are_schedule_points(committer: GroupCommitter) -> None:

@@ -20,6 +20,8 @@ budget each send it, or the writes after it, to the writer thread.
 
 from __future__ import annotations
 
+import functools
+import itertools
 import queue
 import sqlite3
 import threading
@@ -32,7 +34,7 @@ import trio
 
 from .._errors import StoreError
 from ._doorbell import Doorbell
-from ._sqlite._errors import is_busy, own_error, translate
+from ._sqlite._errors import is_busy, is_interrupted, own_error, translate
 
 T = TypeVar("T")
 
@@ -225,26 +227,25 @@ class GroupCommitter:
                 return False
             op.error = translate(exc)
             return True
-        spent = 0
-
-        def spend() -> bool:  # SQLite calls it every HERE_STEP instructions; True stops the statement
-            nonlocal spent
-            spent += HERE_STEP
-            return spent > HERE_BUDGET
-
-        conn.set_progress_handler(spend, HERE_STEP)
+        # The budget as a C-level callable (0 until spent, then 1): no
+        # Python runs inside SQLite's callback, so no signal handler can
+        # run there and have its exception swallowed by the sqlite3 module.
+        budget = itertools.chain(itertools.repeat(0, HERE_BUDGET // HERE_STEP), itertools.repeat(1))
+        conn.set_progress_handler(functools.partial(next, budget), HERE_STEP)
         try:
             try:
                 op.value = op.fn(conn)
             finally:
                 conn.set_progress_handler(None, 0)
+            if not conn.in_transaction:  # the operation swallowed an error that ended it
+                raise StoreError("a write lost its transaction part-way (an error it swallowed ended it)")
             conn.execute("COMMIT")
         except Exception as exc:
             if conn.in_transaction:
                 conn.rollback()
             op.value = None
-            if spent > HERE_BUDGET:  # more work than a quick write: the writer thread has time for it
-                return False
+            if isinstance(exc, sqlite3.Error) and is_interrupted(exc):
+                return False  # more work than a quick write: the writer thread has time for it
             op.error = translate(exc) if isinstance(exc, sqlite3.Error) else exc
         except BaseException:
             if conn.in_transaction:

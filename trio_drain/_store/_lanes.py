@@ -23,7 +23,9 @@ So a lane is settled from a row's neighbours in the lane index
 (``outbox_lane``: every row of a lane, in order, whatever its status):
 
 - when a row leaves as head, `release_next` clears the flag of the first row
-  after it still to go;
+  after it still to go, unless a row before that one holds the lane (a head
+  aborted in flight, its lease running: its own release comes when the
+  lease runs out);
 - when rows join a lane, `settle_joined` clears the flag of the first of
   them if the nearest earlier row that is still to go or left as head is
   neither still to go nor holding its lane (a head aborted in flight holds

@@ -39,6 +39,11 @@ def is_busy(exc: sqlite3.Error) -> bool:
     return _primary_code(exc) == "BUSY"
 
 
+def is_interrupted(exc: sqlite3.Error) -> bool:
+    """Whether `exc` says a statement was interrupted (SQLITE_INTERRUPT)."""
+    return _primary_code(exc) == "INTERRUPT"
+
+
 def translate(exc: sqlite3.Error) -> StoreError:
     """The store error for `exc`: a new exception object on every call (so no
     two callers share one), caused by `exc`."""
