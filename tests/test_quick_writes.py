@@ -14,7 +14,8 @@ import trio
 
 from trio_drain import Outbox, StoreError, open_outbox
 from trio_drain import _lifecycle as lc
-from trio_drain._store._group_commit import HERE_STREAK, GroupCommitter
+from trio_drain._store._group_commit import GroupCommitter
+from trio_drain._store._quick_writes import HERE_STREAK
 
 from .builders import BIG, req
 

@@ -11,7 +11,7 @@ ledger both write through it.
 
 A quick write (a lone outcome, a small claim: the caller says so) that
 finds the writer idle and nobody waiting runs on the Trio thread instead
-(`GroupCommitter._run_here`): the hand-over to the writer thread and back
+(`_quick_writes`): the hand-over to the writer thread and back
 is most of such a write's time from call to answer, and a lane moves one
 row per outcome written. It never waits there: a lock held by another
 process, an fsync, a WAL checkpoint or more work than a quick write's
@@ -20,8 +20,6 @@ budget each send it, or the writes after it, to the writer thread.
 
 from __future__ import annotations
 
-import functools
-import itertools
 import queue
 import sqlite3
 import threading
@@ -34,7 +32,8 @@ import trio
 
 from .._errors import StoreError
 from ._doorbell import Doorbell
-from ._sqlite._errors import is_busy, is_interrupted, own_error, translate
+from ._quick_writes import QuickWrites
+from ._sqlite._errors import own_error, translate
 
 T = TypeVar("T")
 
@@ -66,17 +65,6 @@ Joint = Callable[[sqlite3.Connection, list[Any]], "list[Any] | None"]
 # What a parked caller is woken with when its batch has gone to the writer
 # and it is the one to wait for the writer's doorbell.
 _LEAD = object()
-
-#: At most this many quick writes run on the Trio thread in a row; the next
-#: goes to the writer thread, where the WAL may be checkpointed (the writes
-#: run here never do it: it fsyncs).
-HERE_STREAK = 64
-#: A quick write that takes more than this many SQLite instructions (a claim
-#: walking rows that wait out a backoff, say: 25,000 and 0.7 ms for 4,000
-#: such rows here) is undone and goes to the writer thread; a lane's outcome
-#: with its next claim takes about 600, a claim of 4 about 1,000.
-HERE_BUDGET = 20_000
-HERE_STEP = 1_000
 
 
 @attrs.frozen(kw_only=True)
@@ -124,10 +112,7 @@ class GroupCommitter:
         self._done: list[_Op[Any]] | None = None  # the batch the writer finished last
         self._bell = Doorbell()
         self._thread: threading.Thread | None = None
-        # The connection's own busy_timeout and wal_autocheckpoint while it
-        # is set for quick writes on the Trio thread (both 0 there), else None.
-        self._set_aside: tuple[int, int] | None = None
-        self._here_streak = 0  # quick writes run here since the writer thread's last batch
+        self._here = QuickWrites(conn)
         self.batches = 0
         self.operations = 0
         self.joint_operations = 0  # operations that ran as part of a joint statement
@@ -150,10 +135,14 @@ class GroupCommitter:
         """Run `fn(conn)` in a transaction of the next batch and return its
         value (or raise its error). `durable`: the commit must survive power
         loss (an fsync). `quick`: a write of a few rows, which may run on the
-        calling thread when the writer is idle (see `_run_here`)."""
+        calling thread when the writer is idle (`_quick_writes`)."""
         await trio.lowlevel.checkpoint_if_cancelled()
         op: _Op[T] = _Op(fn, durable and self._durable, trio.lowlevel.current_task(), joint, bare)
-        if quick and not op.durable and self._may_run_here() and self._run_here(op):
+        if quick and not op.durable and self._idle_here() and self._here.run(op):
+            op.taken = True
+            self._last_batch = 1
+            self.batches += 1
+            self.operations += 1
             # A schedule point, as every write through the writer thread has
             # (its caller parks): a loop of quick writes starves no task.
             await trio.lowlevel.cancel_shielded_checkpoint()
@@ -187,86 +176,15 @@ class GroupCommitter:
             await self._lead(self._running)
         return op.result()
 
-    def _may_run_here(self) -> bool:
+    def _idle_here(self) -> bool:
+        """Nothing queued or running, and the quick path open."""
         return (
             not self._queue
             and not self._busy
             and not self._closed
             and not self._gathering
-            and self._here_streak < HERE_STREAK
+            and self._here.open
         )
-
-    @trio.lowlevel.enable_ki_protection  # a Ctrl-C waits for the write's end, as on the writer thread
-    def _run_here(self, op: _Op[Any]) -> bool:
-        """Run the quick write `op` alone on this (the Trio) thread, nothing
-        queued or running (a lone outcome with its lane's next claim: 0.35
-        ms from call to answer through the writer thread, 0.20 here). Not to
-        stall the loop, the connection then waits for no lock (busy_timeout
-        0) and checkpoints nothing at commit (wal_autocheckpoint 0); the
-        writer thread sets both back before its next batch, and gets every
-        `HERE_STREAK`-th quick write in a row. False, nothing done, when
-        another connection holds the write lock or the write outgrows
-        `HERE_BUDGET`: it then queues for the writer thread."""
-        conn = self._conn
-        try:
-            if self._set_aside is None:
-                self._set_aside = (
-                    conn.execute("PRAGMA busy_timeout").fetchone()[0],
-                    conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0],
-                )
-                conn.execute("PRAGMA busy_timeout = 0")
-                conn.execute("PRAGMA wal_autocheckpoint = 0")
-            if self._synchronous != "NORMAL":
-                conn.execute("PRAGMA synchronous = NORMAL")
-                self._synchronous = "NORMAL"
-            conn.execute("BEGIN IMMEDIATE")
-        except sqlite3.Error as exc:
-            if conn.in_transaction:
-                conn.rollback()
-            if is_busy(exc):
-                return False
-            op.error = translate(exc)
-            return True
-        # The budget as a C-level callable (0 until spent, then 1): no
-        # Python runs inside SQLite's callback, so no signal handler can
-        # run there and have its exception swallowed by the sqlite3 module.
-        budget = itertools.chain(itertools.repeat(0, HERE_BUDGET // HERE_STEP), itertools.repeat(1))
-        conn.set_progress_handler(functools.partial(next, budget), HERE_STEP)
-        try:
-            try:
-                op.value = op.fn(conn)
-            finally:
-                conn.set_progress_handler(None, 0)
-            if not conn.in_transaction:  # the operation swallowed an error that ended it
-                raise StoreError("a write lost its transaction part-way (an error it swallowed ended it)")
-            conn.execute("COMMIT")
-        except Exception as exc:
-            if conn.in_transaction:
-                conn.rollback()
-            op.value = None
-            if isinstance(exc, sqlite3.Error) and is_interrupted(exc):
-                return False  # more work than a quick write: the writer thread has time for it
-            op.error = translate(exc) if isinstance(exc, sqlite3.Error) else exc
-        except BaseException:
-            if conn.in_transaction:
-                conn.rollback()
-            raise
-        op.taken = True
-        self._last_batch = 1
-        self._here_streak += 1
-        self.batches += 1
-        self.operations += 1
-        return True
-
-    def _restore(self) -> None:
-        """On the writer thread: the connection's own settings, set aside
-        while quick writes ran on the Trio thread."""
-        self._here_streak = 0
-        if self._set_aside is not None:
-            busy_timeout, autocheckpoint = self._set_aside
-            self._set_aside = None
-            self._conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout)}")
-            self._conn.execute(f"PRAGMA wal_autocheckpoint = {int(autocheckpoint)}")
 
     @property
     def _busy(self) -> bool:
@@ -321,7 +239,8 @@ class GroupCommitter:
                 self._conn.close()
                 return
             try:
-                self._restore()
+                if self._here.writer_resumes():
+                    self._synchronous = None  # set again before the next batch
                 self._run_bare([op for op in batch if op.bare])
                 self._run_batch([op for op in batch if not op.bare])
             except BaseException as exc:  # never leave a caller parked forever
