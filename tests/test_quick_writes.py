@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -156,6 +156,35 @@ async def test_a_quick_write_bigger_than_its_budget_goes_to_the_writer_thread(
         return int(conn.execute("SELECT count(*) FROM t").fetchone()[0])
 
     assert await committer.submit(count, durable=False) == 1
+
+
+async def test_while_quick_writes_outgrow_their_budget_ever_more_of_them_go_straight_to_the_writer(
+    committer: GroupCommitter,
+) -> None:
+    tried_here: list[int] = []
+    here = threading.current_thread().name
+
+    def big(k: int) -> Callable[[sqlite3.Connection], None]:
+        def op(conn: sqlite3.Connection) -> None:
+            if threading.current_thread().name == here:
+                tried_here.append(k)
+            conn.execute(
+                "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 100000)"
+                " SELECT count(*) FROM n"
+            ).fetchone()
+
+        return op
+
+    for k in range(12):
+        await committer.submit(big(k), durable=False, quick=True)
+    assert tried_here == [0, 2, 5, 10]  # 1, 2, then 4 declined in between
+    # One that fits its budget ends the backoff: the next big one is tried here again.
+    threads: list[str] = []
+    for _ in range(9):  # the 8 still declined, then one here
+        await committer.submit(insert_on(threads), durable=False, quick=True)
+    assert threads[-1] == here
+    await committer.submit(big(99), durable=False, quick=True)
+    assert tried_here[-1] == 99
 
 
 async def test_a_quick_write_that_swallows_the_end_of_its_transaction_fails_and_is_not_run_again(

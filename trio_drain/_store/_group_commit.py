@@ -183,7 +183,7 @@ class GroupCommitter:
             and not self._busy
             and not self._closed
             and not self._gathering
-            and self._here.open
+            and self._here.may_run()  # last: it counts the turns it declines
         )
 
     @property

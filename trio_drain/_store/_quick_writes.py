@@ -56,11 +56,22 @@ class QuickWrites:
         # is set for writes here (both 0), else None.
         self._set_aside: tuple[int, int] | None = None
         self._streak = 0  # quick writes run here since the writer thread's last batch
+        # After a quick write outgrew its budget, the next this many go to the
+        # writer thread (doubling while they keep outgrowing it, up to
+        # HERE_STREAK): a backlog that makes every small claim long wastes a
+        # budget's time on the loop now and then, not at every claim.
+        self._declined = 0
+        self._backoff = 1
 
-    @property
-    def open(self) -> bool:
-        """Whether the next quick write may run here (else the writer thread's turn)."""
-        return self._streak < HERE_STREAK
+    def may_run(self) -> bool:
+        """Whether this quick write may run here (else it is the writer
+        thread's turn). Asked once per quick write the writer is idle for."""
+        if self._streak >= HERE_STREAK:
+            return False
+        if self._declined:
+            self._declined -= 1
+            return False
+        return True
 
     @trio.lowlevel.enable_ki_protection  # a Ctrl-C waits for the write's end, as on the writer thread
     def run(self, op: Op) -> bool:
@@ -104,13 +115,16 @@ class QuickWrites:
                 conn.rollback()
             op.value = None
             if isinstance(exc, sqlite3.Error) and is_interrupted(exc):
-                return False  # more work than a quick write: the writer thread has time for it
+                # More work than a quick write: the writer thread has time for it.
+                self._declined, self._backoff = self._backoff, min(2 * self._backoff, HERE_STREAK)
+                return False
             op.error = translate(exc) if isinstance(exc, sqlite3.Error) else exc
         except BaseException:
             if conn.in_transaction:
                 conn.rollback()
             raise
         self._streak += 1
+        self._backoff = 1
         return True
 
     def writer_resumes(self) -> bool:
