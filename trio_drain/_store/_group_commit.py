@@ -138,7 +138,7 @@ class GroupCommitter:
         calling thread when the writer is idle (`_quick_writes`)."""
         await trio.lowlevel.checkpoint_if_cancelled()
         op: _Op[T] = _Op(fn, durable and self._durable, trio.lowlevel.current_task(), joint, bare)
-        if quick and not op.durable and self._idle_here() and self._here.run(op):
+        if quick and not op.durable and self._quick_turn() and self._here.run(op):
             op.taken = True
             self._last_batch = 1
             self.batches += 1
@@ -176,14 +176,15 @@ class GroupCommitter:
             await self._lead(self._running)
         return op.result()
 
-    def _idle_here(self) -> bool:
-        """Nothing queued or running, and the quick path open."""
+    def _quick_turn(self) -> bool:
+        """Whether this quick write runs on the Trio thread: nothing queued
+        or running, and the quick path takes it (which counts the turn)."""
         return (
             not self._queue
             and not self._busy
             and not self._closed
             and not self._gathering
-            and self._here.may_run()  # last: it counts the turns it declines
+            and self._here.take_turn()  # last: it counts the turns it declines
         )
 
     @property

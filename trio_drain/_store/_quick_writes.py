@@ -63,9 +63,10 @@ class QuickWrites:
         self._declined = 0
         self._backoff = 1
 
-    def may_run(self) -> bool:
-        """Whether this quick write may run here (else it is the writer
-        thread's turn). Asked once per quick write the writer is idle for."""
+    def take_turn(self) -> bool:
+        """Whether this quick write runs here, else it is the writer
+        thread's turn (a turn declined counts down the backoff). Asked once
+        per quick write the writer is idle for."""
         if self._streak >= HERE_STREAK:
             return False
         if self._declined:
